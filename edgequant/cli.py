@@ -1,0 +1,192 @@
+"""The ``edgequant`` command line: a thin layer over the Python API."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+import torch
+
+from .config.spec import PRESETS
+
+
+def _batches(x: torch.Tensor, batch_size: int):
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+@torch.no_grad()
+def _logits(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(b) for b in _batches(x, batch_size)])
+
+
+def _write_report(out: Path, rows: list[dict], header: dict) -> None:
+    from .export.encodings import atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps({**header, "results": rows}, indent=2))
+    lines = [f"# edgequant report: {header['model']}", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items() if k != "model"]
+    lines += ["", "| config | top-1 agreement | top-1 (confident) | top-5 overlap | logit SQNR (dB) | KL | size (MB) | calibration (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['top1']:.1%} | {r['top1_confident']:.1%} | {r['top5']:.1%} | {r['sqnr_db']:.2f} | "
+                     f"{r['kl']:.4f} | {r['size_mb']:.2f} | {r['calibration_s']:.1f} |")
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _print_table(rows: list[dict]) -> None:
+    click.echo(f"{'config':<18} {'top-1':>7} {'top-1 conf':>10} {'top-5':>7} {'SQNR dB':>8} {'KL':>8} {'size MB':>8} {'calib s':>8}")
+    for r in rows:
+        click.echo(f"{r['config']:<18} {r['top1']:>7.1%} {r['top1_confident']:>10.1%} {r['top5']:>7.1%} {r['sqnr_db']:>8.2f} "
+                   f"{r['kl']:>8.4f} {r['size_mb']:>8.2f} {r['calibration_s']:>8.1f}")
+
+
+def evaluate_configs(model, calib: torch.Tensor, evalset: torch.Tensor, configs, batch_size: int = 32, progress: bool = True):
+    """Quantize ``model`` with each config, calibrate on ``calib``, compare with FP32 on ``evalset``."""
+    from .analysis.fidelity import fidelity
+    from .sim.quantsim import QuantSim
+
+    ref = _logits(model, evalset, batch_size)
+    float_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    rows = [{"config": "fp32", **fidelity(ref, ref).as_dict(), "size_mb": float_mb, "calibration_s": 0.0}]
+    sims = {}
+    for cfg in configs:
+        sim = QuantSim(model, calib[:1], config=cfg)
+        rep = sim.calibrate(_batches(calib, batch_size), progress=progress)
+        out = _logits(sim, evalset, batch_size)
+        rows.append({"config": cfg, **fidelity(ref, out).as_dict(), "size_mb": sim.size_bytes()["quantized"] / 1e6,
+                     "calibration_s": rep.seconds})
+        sims[cfg] = sim
+    return rows, sims
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edgequant")
+def main():
+    """edgequant: quantize trained PyTorch networks to low-precision integers (INT8, INT4, mixed).
+
+    \b
+    edgequant demo                 real MobileNetV2, real photos: FP32 vs W8A8 fidelity report
+    edgequant quantize ...         quantize your own model, calibrated on a folder of images
+    """
+
+
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/demo"), show_default=True,
+              help="Folder for report.md, report.json and the encodings files.")
+@click.option("--calib", "n_calib", type=click.IntRange(1), default=128, show_default=True, help="Calibration crops.")
+@click.option("--eval", "n_eval", type=click.IntRange(1), default=256, show_default=True, help="Evaluation crops (other photos).")
+@click.option("--config", "configs", multiple=True, default=("w8a8", "w8a8_per_tensor"), show_default=True,
+              type=click.Choice(sorted(PRESETS)), help="Presets to compare (repeat the option for several).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: torch's choice).")
+def demo(out: Path, n_calib: int, n_eval: int, configs, threads):
+    """Quantize MobileNetV2 (real ImageNet weights) calibrated on real photo crops and report its fidelity
+    to FP32 on crops of other photos: top-1 agreement, top-5 overlap, logit SQNR, KL, size, time."""
+    from .data.photos import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, calibration_crops, evaluation_crops
+    from .models.mobilenet import mobilenet_v2_imagenet
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    model = mobilenet_v2_imagenet()
+    click.echo(f"MobileNetV2 (ImageNet weights); {n_calib} calibration crops from {len(CALIBRATION_PHOTOS)} photos, "
+               f"{n_eval} evaluation crops from {len(EVALUATION_PHOTOS)} other photos")
+    calib, evalset = calibration_crops(n_calib), evaluation_crops(n_eval)
+    rows, sims = evaluate_configs(model, calib, evalset, configs)
+    _print_table(rows)
+    header = {"model": "MobileNetV2 (torchvision IMAGENET1K_V1)", "calibration_crops": n_calib, "evaluation_crops": n_eval,
+              "calibration_photos": list(CALIBRATION_PHOTOS), "evaluation_photos": list(EVALUATION_PHOTOS),
+              "batch_norm": "not folded (conv weights are quantized before the BN)",
+              "torch_threads": torch.get_num_threads(), "total_seconds": round(time.perf_counter() - t0, 1)}
+    _write_report(out, rows, header)
+    for cfg, sim in sims.items():
+        sim.save_encodings(out / f"mobilenet_v2.{cfg}.encodings.json")
+    click.echo(f"report written to {out}/report.md ({header['total_seconds']} s)")
+
+
+def _load_images(folder: Path, size: int) -> torch.Tensor:
+    import numpy as np
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from .data.photos import IMAGENET_MEAN, IMAGENET_STD
+
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+    if not files:
+        raise click.BadParameter(f"no .jpg/.png/.bmp/.webp images in {folder}", param_hint="--calib")
+    out = []
+    for f in files:
+        img = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        h, w = img.shape[1:]
+        s = min(h, w)
+        img = img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+        out.append((img - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
+    return torch.stack(out)
+
+
+def _load_factory(spec: str):
+    if ":" not in spec:
+        raise click.BadParameter("use MODULE:FACTORY, e.g. torchvision.models:resnet18", param_hint="--model")
+    mod_name, attr = spec.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise click.BadParameter(f"cannot import {mod_name!r}: {e}", param_hint="--model") from None
+    factory = getattr(mod, attr, None)
+    if factory is None:
+        raise click.BadParameter(f"{mod_name!r} has no attribute {attr!r}", param_hint="--model")
+    return factory
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True, help="MODULE:FACTORY that returns the float nn.Module, e.g. torchvision.models:mobilenet_v2.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A state_dict file to load (strict).")
+@click.option("--calib", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Folder of calibration images.")
+@click.option("--recipe", default="w8a8", show_default=True, type=click.Choice(sorted(PRESETS)), help="Quantization preset.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A QuantConfig JSON file (overrides --recipe).")
+@click.option("--input-size", type=click.IntRange(8), default=224, show_default=True, help="Square input size the images are resized to.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: encodings (edgequant and AIMET formats), sim state_dict, summary, config.")
+def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_size, out):
+    """Quantize your own image model, calibrated on a folder of images."""
+    from .config.spec import QuantConfig
+    from .export.encodings import atomic_write_text
+    from .sim.quantsim import QuantSim
+
+    model = _load_factory(model_spec)()
+    if weights:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    model.eval()
+    config = QuantConfig.from_json(config_file.read_text()) if config_file else QuantConfig.preset(recipe)
+    images = _load_images(calib, input_size)
+    click.echo(f"{len(images)} calibration images from {calib}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sim = QuantSim(model, images[:1], config=config)
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    rep = sim.calibrate(_batches(images, batch_size))
+    out.mkdir(parents=True, exist_ok=True)
+    sim.save_encodings(out / "encodings.json")
+    sim.save_encodings(out / "encodings.aimet.json", format="aimet")
+    atomic_write_text(out / "config.json", config.to_json())
+    atomic_write_text(out / "summary.txt", sim.summary() + "\n")
+    tmp = out / ".sim_state_dict.pt.tmp"
+    torch.save(sim.state_dict(), tmp)
+    tmp.replace(out / "sim_state_dict.pt")
+    sizes = sim.size_bytes()
+    click.echo(f"calibrated {rep.quantizers} quantizers on {rep.batches} batches in {rep.seconds:.1f} s; "
+               f"weights {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB")
+    click.echo(f"wrote {out}/encodings.json, encodings.aimet.json, config.json, summary.txt, sim_state_dict.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Typed, validated quantization configuration.
+
+A :class:`QuantSpec` says how one tensor role is quantized; a :class:`QuantConfig` gives defaults for
+weights and activations plus overrides per module type and per module name (glob patterns). Presets
+(``"w8a8"``, ``"w4a8"``, ...) are ready-made configs. Everything round-trips through JSON with a schema
+version.
+
+>>> cfg = QuantConfig.preset("w4a8")
+>>> cfg.weight.bits, cfg.weight.granularity, cfg.activation.bits
+(4, PerChannel(axis=None), 8)
+>>> QuantConfig.from_json(cfg.to_json()) == cfg
+True
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Mapping, Optional
+
+from ..core.encoding import granularity_from_dict, granularity_to_dict
+from ..core.granularity import Granularity, PerBlock, PerChannel, PerTensor, check_granularity
+from ..core.quant import qrange
+from ..observers.ranges import RANGE_METHODS
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor.
+
+    Args:
+        bits: integer bit-width, 2..16.
+        symmetric: symmetric grid (zero_point fixed) or asymmetric (zero_point chosen from the range).
+        signed: signed grid (``[-2**(b-1), 2**(b-1)-1]``) or unsigned (``[0, 2**b-1]``). ``None`` means
+            "auto": unsigned where the producer is ReLU-like (ReLU, ReLU6, sigmoid, softmax), signed
+            elsewhere (QuantSim resolves it per tensor).
+        narrow_range: drop the most negative code of a signed grid (``[-127, 127]`` at 8 bits).
+        granularity: ``PerTensor()``, ``PerChannel(axis)`` or ``PerBlock(block_size, axis)``.
+        range_method: one of ``minmax``, ``ema``, ``percentile``, ``mse``, ``sqnr``.
+        percentile: for ``range_method="percentile"``, in (50, 100].
+        bins: histogram bins for the histogram-based methods.
+    """
+
+    bits: int = 8
+    symmetric: bool = False
+    signed: Optional[bool] = None
+    narrow_range: bool = False
+    granularity: Granularity = field(default_factory=PerTensor)
+    range_method: str = "minmax"
+    percentile: float = 99.99
+    bins: int = 2048
+
+    def __post_init__(self):
+        for name in ("symmetric", "narrow_range"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.signed is not None and not isinstance(self.signed, bool):
+            raise TypeError(f"QuantSpec.signed must be True, False or None (auto), got {self.signed!r}")
+        qrange(self.bits, True if self.signed is None else self.signed, self.narrow_range and self.signed is not False)
+        if self.narrow_range and self.signed is False:
+            raise ValueError("narrow_range needs a signed grid")
+        check_granularity(self.granularity)
+        if self.range_method not in RANGE_METHODS:
+            raise ValueError(f"range_method must be one of {RANGE_METHODS}, got {self.range_method!r}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not isinstance(self.bins, int) or self.bins < 8:
+            raise ValueError(f"bins must be an int >= 8, got {self.bins!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["granularity"] = granularity_to_dict(self.granularity)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "QuantSpec":
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a QuantSpec must be a JSON object, got {d!r}")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown QuantSpec field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        d = dict(d)
+        if "granularity" in d:
+            d["granularity"] = granularity_from_dict(d["granularity"])
+        return cls(**d)
+
+
+_UNSET = "unset"
+
+
+@dataclass(frozen=True)
+class Override:
+    """Per-type or per-name override. A field left at ``"unset"`` keeps the default; ``None`` disables
+    that quantizer (e.g. ``Override(output=None)`` leaves a layer's output in float)."""
+
+    weight: object = _UNSET
+    output: object = _UNSET
+
+    def __post_init__(self):
+        for name in ("weight", "output"):
+            v = getattr(self, name)
+            if not (v == _UNSET or v is None or isinstance(v, QuantSpec)):
+                raise TypeError(f"Override.{name} must be a QuantSpec, None (disable) or left unset, got {v!r}")
+
+    def to_dict(self) -> dict:
+        out = {}
+        for name in ("weight", "output"):
+            v = getattr(self, name)
+            if v != _UNSET:
+                out[name] = None if v is None else v.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Override":
+        unknown = set(d) - {"weight", "output"}
+        if unknown:
+            raise ValueError(f"unknown override field(s) {sorted(unknown)}; use 'weight' and/or 'output'")
+        return cls(**{k: (None if v is None else QuantSpec.from_dict(v)) for k, v in d.items()})
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Defaults for weights and activations, with overrides.
+
+    Args:
+        weight: spec for weights of Conv/ConvTranspose/Linear/Embedding (``None``: weights stay float).
+        activation: spec for activations: model inputs and op outputs (``None``: activations stay float).
+        module_types: ``{"Linear": Override(...)}``, keyed by class name; matches subclasses too.
+        module_names: ``{"classifier.*": Override(...)}``, glob patterns on module names; these win
+            over ``module_types``, and later patterns win over earlier ones.
+        supergroups: give conv/linear/bn/add followed by ReLU-like activations one output quantizer
+            after the activation (as a fused kernel would compute them).
+        quantize_inputs: quantize the model's float inputs.
+    """
+
+    weight: Optional[QuantSpec] = field(default_factory=lambda: QuantSpec(bits=8, symmetric=True, signed=True, granularity=PerChannel()))
+    activation: Optional[QuantSpec] = field(default_factory=lambda: QuantSpec(bits=8, symmetric=False))
+    module_types: Mapping[str, Override] = field(default_factory=dict)
+    module_names: Mapping[str, Override] = field(default_factory=dict)
+    supergroups: bool = True
+    quantize_inputs: bool = True
+
+    def __post_init__(self):
+        for name in ("weight", "activation"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, QuantSpec):
+                raise TypeError(f"QuantConfig.{name} must be a QuantSpec or None, got {v!r}")
+        if self.weight is not None and self.weight.signed is None:
+            object.__setattr__(self, "weight", replace(self.weight, signed=True))
+        for name in ("module_types", "module_names"):
+            m = getattr(self, name)
+            if not isinstance(m, Mapping):
+                raise TypeError(f"QuantConfig.{name} must be a dict of name -> Override")
+            for k, v in m.items():
+                if isinstance(k, type):
+                    raise TypeError(f"QuantConfig.{name} keys are strings: use {k.__name__!r} instead of {k.__name__}")
+                if not isinstance(k, str) or not isinstance(v, Override):
+                    raise TypeError(f"QuantConfig.{name}[{k!r}] must map a string to an Override, got {v!r}")
+            object.__setattr__(self, name, dict(m))
+
+    # ---- lookup ----
+    def spec_for(self, role: str, module_name: str, module_type_names: tuple[str, ...]) -> Optional[QuantSpec]:
+        """The spec for ``role`` ("weight" or "output") of the module ``module_name`` whose class and
+        base classes are named ``module_type_names`` (most specific first)."""
+        spec = self.weight if role == "weight" else self.activation
+        for tname in reversed(module_type_names):  # base classes first, the class itself last
+            o = self.module_types.get(tname)
+            if o is not None and getattr(o, role) != _UNSET:
+                spec = getattr(o, role)
+        for pattern, o in self.module_names.items():
+            if fnmatch.fnmatchcase(module_name, pattern) and getattr(o, role) != _UNSET:
+                spec = getattr(o, role)
+        return spec
+
+    # ---- presets ----
+    @classmethod
+    def preset(cls, name: str) -> "QuantConfig":
+        """A named preset: ``w8a8``, ``w4a8``, ``w8a16``, ``w4a16`` (per-channel symmetric weights),
+        ``w8a8_per_tensor``, ``w4a8_per_tensor`` (per-tensor symmetric weights)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    @classmethod
+    def coerce(cls, config) -> "QuantConfig":
+        """Accept a preset name, a QuantConfig, or a dict/JSON string of one."""
+        if config is None:
+            return cls()
+        if isinstance(config, QuantConfig):
+            return config
+        if isinstance(config, str):
+            if config.lstrip().startswith("{"):
+                return cls.from_json(config)
+            return cls.preset(config)
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        raise TypeError(f"config must be a preset name, a QuantConfig or a dict, got {type(config).__name__}")
+
+    # ---- JSON ----
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "weight": None if self.weight is None else self.weight.to_dict(),
+            "activation": None if self.activation is None else self.activation.to_dict(),
+            "module_types": {k: v.to_dict() for k, v in self.module_types.items()},
+            "module_names": {k: v.to_dict() for k, v in self.module_names.items()},
+            "supergroups": self.supergroups,
+            "quantize_inputs": self.quantize_inputs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "QuantConfig":
+        d = dict(d)
+        version = d.pop("schema_version", None)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"config schema_version is {version!r}; this edgequant reads version {SCHEMA_VERSION}")
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {sorted(unknown)}")
+        kw = dict(d)
+        for role in ("weight", "activation"):
+            if role in kw and kw[role] is not None:
+                kw[role] = QuantSpec.from_dict(kw[role])
+        for name in ("module_types", "module_names"):
+            if name in kw:
+                kw[name] = {k: Override.from_dict(v) for k, v in kw[name].items()}
+        return cls(**kw)
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config is not valid JSON: {e}") from None
+        return cls.from_dict(d)
+
+
+def _preset(wbits: int, abits: int, per_channel: bool, w_method: str = "minmax", a_method: str = "sqnr") -> QuantConfig:
+    gran = PerChannel() if per_channel else PerTensor()
+    return QuantConfig(
+        weight=QuantSpec(bits=wbits, symmetric=True, signed=True, granularity=gran, range_method=w_method),
+        activation=QuantSpec(bits=abits, symmetric=False, range_method=a_method),
+    )
+
+
+PRESETS: dict[str, QuantConfig] = {
+    "w8a8": _preset(8, 8, True),
+    "w4a8": _preset(4, 8, True, w_method="mse"),
+    "w8a16": _preset(8, 16, True, a_method="minmax"),
+    "w4a16": _preset(4, 16, True, w_method="mse", a_method="minmax"),
+    "w8a8_per_tensor": _preset(8, 8, False),
+    "w4a8_per_tensor": _preset(4, 8, False, w_method="mse"),
+}

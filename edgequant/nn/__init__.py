@@ -1,0 +1,5 @@
+"""Quantizer modules and quantized twins of torch layers."""
+from .modules import QuantizedModuleMixin, quantize_module, quantized_class
+from .quantizer import NotCalibratedError, Quantizer
+
+__all__ = ["Quantizer", "NotCalibratedError", "QuantizedModuleMixin", "quantize_module", "quantized_class"]

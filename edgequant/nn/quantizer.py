@@ -1,0 +1,139 @@
+"""The ``Quantizer`` module: fake quantization with its state in buffers."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..config.spec import QuantSpec
+from ..core.encoding import Encoding
+from ..core.granularity import PerTensor, from_groups
+from ..core.quant import fake_quantize, qrange
+from ..observers.ranges import compute_qparams, make_observer
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer was used before it had an encoding."""
+
+
+class Quantizer(nn.Module):
+    r"""Fake-quantizes a tensor on a fixed integer grid.
+
+    .. math::
+        \hat x = (\mathrm{clamp}(\mathrm{round}(x / s) + z, q_{min}, q_{max}) - z) \cdot s
+
+    ``scale`` (``s``), ``zero_point`` (``z``) and ``initialized`` are buffers, so they live in
+    ``state_dict``. A quantizer that is present is enabled; ``with q.calibrating(): ...`` makes it
+    observe its inputs (and pass them through unchanged) and sets the encoding on exit.
+
+    Args:
+        spec: a resolved :class:`QuantSpec` (``signed`` set, granularity axis concrete).
+        tensor_shape: shape of the tensor it quantizes (sets the shape of ``scale``).
+        name: the tensor's name, used in encodings files and error messages.
+
+    >>> q = Quantizer(QuantSpec(bits=8, symmetric=True, signed=True), torch.Size([4]), "x")
+    >>> with q.calibrating():
+    ...     _ = q(torch.tensor([-1.0, 0.5, 2.54, 0.0]))
+    >>> q(torch.tensor([1.0, 3.0])).tolist()
+    [1.0, 2.5399999618530273]
+    """
+
+    def __init__(self, spec: QuantSpec, tensor_shape: torch.Size, name: str, role: str = "activation", owner_type: str = ""):
+        super().__init__()
+        if spec.signed is None:
+            raise ValueError(f"{name}: QuantSpec.signed must be resolved before building a Quantizer")
+        self.spec = spec
+        self.tensor_name = name
+        self.role = role
+        self.owner_type = owner_type
+        self.tensor_shape = torch.Size(tensor_shape)
+        self.qmin, self.qmax = qrange(spec.bits, spec.signed, spec.narrow_range)
+        shape = spec.granularity.param_shape(self.tensor_shape)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # mirror of `initialized`, avoids a device sync per forward
+        self._observer = None
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        g = type(s.granularity).__name__
+        return (f"{self.tensor_name!r}, bits={s.bits}, {'symmetric' if s.symmetric else 'asymmetric'}, "
+                f"{'signed' if s.signed else 'unsigned'}, {g}, range={s.range_method}")
+
+    # ---- use ----
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observer is not None:
+            self._observer.update(x)
+            return x
+        if not self._ready:
+            raise NotCalibratedError(
+                f"quantizer for {self.tensor_name!r} has no encoding yet: call sim.calibrate(data) "
+                "or sim.load_encodings(path) before running the sim"
+            )
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.granularity)
+
+    # ---- calibration ----
+    @contextlib.contextmanager
+    def calibrating(self):
+        """Observe inputs inside the block; compute and set the encoding when it exits normally."""
+        self._observer = make_observer(self.spec.range_method, self.spec.granularity, self.tensor_name, self.spec.bins)
+        try:
+            yield self
+            observer = self._observer
+        finally:
+            self._observer = None
+        if not observer.empty:
+            self.set_from_observer(observer)
+
+    @torch.no_grad()
+    def set_from_observer(self, observer) -> None:
+        s = self.spec
+        scale, zp = compute_qparams(observer, s.range_method, self.qmin, self.qmax, s.symmetric, percentile=s.percentile)
+        shape = observer.shape if observer.shape is not None else self.tensor_shape
+        self._set(from_groups(scale, shape, s.granularity), from_groups(zp, shape, s.granularity))
+
+    @torch.no_grad()
+    def calibrate_from(self, x: torch.Tensor) -> None:
+        """Set the encoding from one tensor (used for weights)."""
+        obs = make_observer(self.spec.range_method, self.spec.granularity, self.tensor_name, self.spec.bins, exact=True)
+        obs.update(x)
+        self.set_from_observer(obs)
+
+    def _set(self, scale, zero_point):
+        if tuple(scale.shape) != tuple(self.scale.shape):
+            raise ValueError(f"{self.tensor_name}: encoding shape {tuple(scale.shape)} does not match the quantizer's {tuple(self.scale.shape)}")
+        self.scale.copy_(scale.to(self.scale))
+        self.zero_point.copy_(zero_point.to(self.zero_point))
+        self.initialized.fill_(True)
+        self._ready = True
+
+    # ---- encodings ----
+    @property
+    def is_initialized(self) -> bool:
+        return self._ready
+
+    def encoding(self) -> Encoding:
+        if not self._ready:
+            raise NotCalibratedError(f"quantizer for {self.tensor_name!r} has no encoding yet")
+        s = self.spec
+        return Encoding(self.scale.detach().clone(), self.zero_point.detach().clone(), bits=s.bits, signed=s.signed,
+                        symmetric=s.symmetric, narrow_range=s.narrow_range, granularity=s.granularity)
+
+    @torch.no_grad()
+    def set_encoding(self, enc: Encoding) -> None:
+        """Set scale and zero point from ``enc``; its grid and granularity must match this quantizer's."""
+        s = self.spec
+        mine = (s.bits, s.signed, s.symmetric, s.narrow_range, s.granularity)
+        theirs = (enc.bits, enc.signed, enc.symmetric, enc.narrow_range, enc.granularity)
+        if mine != theirs:
+            raise ValueError(
+                f"{self.tensor_name}: encoding (bits, signed, symmetric, narrow_range, granularity)={theirs} "
+                f"does not match this quantizer's {mine}; build the sim with the config the encodings came from"
+            )
+        self._set(enc.scale, enc.zero_point)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)

@@ -1,0 +1,249 @@
+"""Observers: collect statistics of a tensor across calibration batches.
+
+An observer only accumulates (``update``) and combines (``merge``, e.g. across processes); turning
+statistics into an encoding is the job of :mod:`edgequant.observers.ranges`. Statistics are kept per
+group -- one group per (scale, zero_point) pair of the granularity (see
+:func:`edgequant.core.granularity.to_groups`).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..core.granularity import Granularity, PerTensor, to_groups
+
+
+def _check_finite(x: torch.Tensor, name: str, lo=None, hi=None) -> None:
+    """Raise if ``x`` has NaN/Inf. Given its per-group min/max (NaN and Inf propagate into them), only
+    those are checked, which saves a pass over ``x``."""
+    if lo is not None and bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        return
+    if not torch.isfinite(x).all():
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(torch.isinf(x).sum())
+        raise ValueError(
+            f"{name}: found {n_nan} NaN and {n_inf} Inf values during calibration; "
+            "check the calibration data and the float model (run it on the same batch) before quantizing"
+        )
+
+
+class MinMaxObserver:
+    """Running minimum and maximum per group.
+
+    >>> obs = MinMaxObserver(); obs.update(torch.tensor([1.0, -2.0])); obs.update(torch.tensor([3.0]))
+    >>> obs.min.tolist(), obs.max.tolist()
+    ([-2.0], [3.0])
+    """
+
+    def __init__(self, granularity: Granularity = PerTensor(), name: str = "tensor"):
+        self.granularity = granularity
+        self.name = name
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.shape = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        g = to_groups(x.float(), self.granularity)
+        lo, hi = torch.aminmax(g, dim=1)
+        _check_finite(x, self.name, lo, hi)
+        self._fold(lo, hi, x.shape)
+
+    def _fold(self, lo, hi, shape):
+        if self.min is None:
+            self.min, self.max, self.shape = lo, hi, shape
+        else:
+            if lo.shape != self.min.shape:
+                raise ValueError(f"{self.name}: tensor shape changed between batches in a way that changes "
+                                 f"the number of quantization groups ({self.min.numel()} -> {lo.numel()})")
+            self.min, self.max = torch.minimum(self.min, lo), torch.maximum(self.max, hi)
+
+    @property
+    def empty(self) -> bool:
+        return self.min is None
+
+    def merge(self, other: "MinMaxObserver") -> "MinMaxObserver":
+        """Combine with another observer of the same tensor (e.g. from another process)."""
+        if not other.empty:
+            self._fold(other.min, other.max, other.shape)
+        return self
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    """Exponential moving average of per-batch minima and maxima (``momentum`` weights the old value)."""
+
+    def __init__(self, granularity: Granularity = PerTensor(), name: str = "tensor", momentum: float = 0.9):
+        super().__init__(granularity, name)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.count = 0
+
+    def _fold(self, lo, hi, shape):
+        if self.min is None:
+            self.min, self.max, self.shape = lo, hi, shape
+        else:
+            m = self.momentum
+            self.min = m * self.min + (1 - m) * lo
+            self.max = m * self.max + (1 - m) * hi
+        self.count += 1
+
+    def merge(self, other: "MovingAverageMinMaxObserver") -> "MovingAverageMinMaxObserver":
+        """Average of the two running estimates, weighted by how many batches each saw."""
+        if other.empty:
+            return self
+        if self.empty:
+            self.min, self.max, self.shape, self.count = other.min, other.max, other.shape, other.count
+            return self
+        a, b = self.count, other.count
+        self.min = (a * self.min + b * other.min) / (a + b)
+        self.max = (a * self.max + b * other.max) / (a + b)
+        self.count = a + b
+        return self
+
+
+class HistogramObserver:
+    """A histogram of ``bins`` equal bins per group over the running ``[min, max]``.
+
+    When a batch widens the range, the old counts are redistributed onto the new bins (linear
+    interpolation of the cumulative counts), so the result does not depend much on batch order.
+    Min and max are exact.
+    """
+
+    #: per batch and group, about this many elements enter the histogram (every k-th, k a prime, so the
+    #: sample does not alias with power-of-two or 7-multiple feature-map sizes); min and max use every element
+    max_samples: int = 1 << 20
+
+    def __init__(self, granularity: Granularity = PerTensor(), name: str = "tensor", bins: int = 2048):
+        if bins < 8:
+            raise ValueError(f"bins must be >= 8, got {bins}")
+        self.granularity = granularity
+        self.name = name
+        self.bins = bins
+        self._offset = 0
+        self.hist: torch.Tensor | None = None  # (G, bins) float64 counts
+        self.min: torch.Tensor | None = None  # (G,) exact data minimum
+        self.max: torch.Tensor | None = None
+        self.lo: torch.Tensor | None = None  # (G,) histogram edges
+        self.hi: torch.Tensor | None = None
+        self.shape = None
+
+    @property
+    def empty(self) -> bool:
+        return self.hist is None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        g = to_groups(x.float(), self.granularity)
+        dmin, dmax = torch.aminmax(g, dim=1)
+        _check_finite(x, self.name, dmin, dmax)
+        if self.hist is None:
+            self.shape = x.shape
+            self.min, self.max = dmin, dmax
+            lo, hi = dmin, torch.maximum(dmax, dmin + 1e-12)
+            self.hist = torch.zeros(g.shape[0], self.bins, dtype=torch.float64, device=g.device)
+            self.lo, self.hi = lo, hi
+        else:
+            if dmin.shape != self.min.shape:
+                raise ValueError(f"{self.name}: number of quantization groups changed between batches")
+            self.min, self.max = torch.minimum(self.min, dmin), torch.maximum(self.max, dmax)
+            self._widen(torch.minimum(self.lo, dmin), torch.maximum(self.hi, dmax))
+        self.hist += self._histc(self._sample(g), self.lo, self.hi)
+        self._offset += 1
+
+    def _sample(self, g):
+        if g.shape[1] <= 2 * self.max_samples:
+            return g
+        k = _next_prime(g.shape[1] // self.max_samples)
+        return g[:, self._offset % k::k]
+
+    def _histc(self, g, lo, hi):
+        """Per-row histogram of ``g`` (G, N) over per-row edges ``[lo, hi]``."""
+        G = g.shape[0]
+        if G == 1:
+            return torch.histc(g, self.bins, min=float(lo[0]), max=float(hi[0])).double()[None]
+        width = (hi - lo).clamp(min=1e-12)
+        idx = ((g - lo[:, None]) / width[:, None] * self.bins).floor_().clamp_(0, self.bins - 1).long()
+        idx += torch.arange(G, device=g.device)[:, None] * self.bins
+        return torch.bincount(idx.reshape(-1), minlength=G * self.bins).double().reshape(G, self.bins)
+
+    def _widen(self, new_lo, new_hi):
+        if torch.equal(new_lo, self.lo) and torch.equal(new_hi, self.hi):
+            return
+        self.hist = _rebin(self.hist, self.lo, self.hi, new_lo, new_hi)
+        self.lo, self.hi = new_lo, new_hi
+
+    def merge(self, other: "HistogramObserver") -> "HistogramObserver":
+        """Combine with another histogram of the same tensor (e.g. from another process)."""
+        if other.empty:
+            return self
+        if self.empty:
+            self.hist, self.min, self.max = other.hist.clone(), other.min, other.max
+            self.lo, self.hi, self.shape = other.lo, other.hi, other.shape
+            return self
+        lo, hi = torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi)
+        self._widen(lo, hi)
+        self.hist = self.hist + _rebin(other.hist, other.lo, other.hi, lo, hi)
+        self.min, self.max = torch.minimum(self.min, other.min), torch.maximum(self.max, other.max)
+        return self
+
+    def bin_centers(self) -> torch.Tensor:
+        """(G, bins) centre of each bin."""
+        w = (self.hi - self.lo) / self.bins
+        k = torch.arange(self.bins, dtype=torch.float64, device=self.hist.device)
+        return self.lo.double()[:, None] + (k[None, :] + 0.5) * w.double()[:, None]
+
+
+def _next_prime(n: int) -> int:
+    n = max(n, 11)
+    while any(n % p == 0 for p in range(2, int(n**0.5) + 1)):
+        n += 1
+    return n
+
+
+def _rebin(hist, lo, hi, new_lo, new_hi):
+    """Redistribute (G, B) counts over ``[lo, hi]`` onto B bins over ``[new_lo, new_hi]``."""
+    G, B = hist.shape
+    cdf = torch.cat([torch.zeros(G, 1, dtype=hist.dtype, device=hist.device), hist.cumsum(dim=1)], dim=1)  # (G, B+1)
+    k = torch.arange(B + 1, dtype=torch.float64, device=hist.device)
+    new_edges = new_lo.double()[:, None] + k[None, :] * ((new_hi - new_lo).double() / B)[:, None]
+    # position of each new edge in old-bin units
+    pos = (new_edges - lo.double()[:, None]) / ((hi - lo).double().clamp(min=1e-300) / B)[:, None]
+    pos = pos.clamp(0, B)
+    i0 = pos.floor().long().clamp(max=B - 1)
+    frac = pos - i0
+    c0 = cdf.gather(1, i0)
+    c1 = cdf.gather(1, i0 + 1)
+    new_cdf = c0 + frac * (c1 - c0)
+    return new_cdf.diff(dim=1).clamp_(min=0)
+
+
+class TensorObserver:
+    """Keeps the observed values themselves (for one-shot tensors such as weights), so range searches
+    can measure the exact error instead of a histogram estimate. ``update`` may be called once."""
+
+    def __init__(self, granularity: Granularity = PerTensor(), name: str = "tensor"):
+        self.granularity = granularity
+        self.name = name
+        self.values: torch.Tensor | None = None  # (G, N)
+        self.min = self.max = None
+        self.shape = None
+
+    @property
+    def empty(self) -> bool:
+        return self.values is None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if self.values is not None:
+            raise RuntimeError(f"{self.name}: a TensorObserver observes one tensor; use a HistogramObserver for batches")
+        x = x.detach()
+        _check_finite(x, self.name)
+        self.values = to_groups(x.float(), self.granularity)
+        self.min, self.max = torch.aminmax(self.values, dim=1)
+        self.shape = x.shape

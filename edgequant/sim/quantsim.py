@@ -1,0 +1,392 @@
+"""``QuantSim``: a copy of the user's model with quantizers, calibrated on data."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config.spec import QuantConfig
+from ..core.encoding import Encoding
+from ..export import encodings as enc_io
+from ..graph.capture import GraphCaptureError
+from ..nn.modules import QuantizedModuleMixin
+from ..nn.quantizer import Quantizer
+from .prepare import prepare_graph, prepare_leaf
+
+
+class QuantSimWarning(UserWarning):
+    """Something was left unquantized or could not be done as asked; the message says what."""
+
+
+@dataclass
+class CalibrationReport:
+    batches: int
+    seconds: float
+    quantizers: int
+    unobserved: list[str] = field(default_factory=list)
+
+
+def _as_args(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _shapes(x):
+    if torch.is_tensor(x):
+        return list(x.shape)
+    if isinstance(x, dict):
+        return {k: _shapes(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return [_shapes(v) for v in x]
+    return type(x).__name__
+
+
+def _to_device(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to_device(v, device) for v in x)
+    return x
+
+
+def _check_finite(x, where: str):
+    if torch.is_tensor(x):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"{where} contains {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} Inf "
+                             "values; clean the calibration data before quantizing")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _check_finite(v, f"{where}[{k!r}]")
+    elif isinstance(x, (tuple, list)):
+        for i, v in enumerate(x):
+            _check_finite(v, f"{where}[{i}]")
+
+
+class QuantSim(nn.Module):
+    """A quantization simulation of ``model``: the same computation with fake quantizers inserted.
+
+    Args:
+        model: the float model. It is not modified unless ``inplace=True`` (the sim owns a deep copy).
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs, shaped
+            like real inputs; used to capture the graph and size the quantizers.
+        config: a preset name (``"w8a8"``, ``"w4a8"``, ``"w8a16"``, ``"w4a16"``, ``"w8a8_per_tensor"``,
+            ``"w4a8_per_tensor"``), a :class:`~edgequant.config.QuantConfig`, or its dict/JSON.
+        inplace: quantize ``model`` itself instead of a copy.
+        allow_fallback: when graph capture fails, warn and quantize leaf modules only (else raise
+            :class:`~edgequant.graph.GraphCaptureError`).
+
+    The sim is an ``nn.Module``: call it like the original, train it, ``state_dict()`` it (all
+    quantizer state is in buffers).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    >>> sim = QuantSim(model, torch.randn(1, 3, 8, 8), config="w8a8")
+    >>> report = sim.calibrate([torch.randn(4, 3, 8, 8) for _ in range(3)], progress=False)
+    >>> sorted(sim.quantizers())
+    ['0.weight', '1', '3', '3.weight', 'input']
+    >>> sim(torch.randn(2, 3, 8, 8)).shape
+    torch.Size([2, 10])
+    """
+
+    def __init__(self, model: nn.Module, example_inputs, config="w8a8", *, inplace: bool = False,
+                 allow_fallback: bool = True):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"QuantSim needs a torch.nn.Module, got {type(model).__name__}")
+        self.config = QuantConfig.coerce(config)
+        args, kwargs = _as_args(example_inputs)
+        net = model if inplace else copy.deepcopy(model)
+        device = next((t.device for t in list(net.parameters()) + list(net.buffers())), torch.device("cpu"))
+        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                net(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(
+                f"the model does not run on example_inputs (shapes {_shapes(example_inputs)}): "
+                f"{type(e).__name__}: {e}. Pass inputs shaped like real ones, e.g. torch.randn(1, 3, 224, 224)"
+            ) from e
+        try:
+            with torch.no_grad():
+                prepared = prepare_graph(net, args, kwargs, self.config)
+        except GraphCaptureError as e:
+            if not allow_fallback:
+                raise
+            warnings.warn(
+                f"{e}. Falling back to leaf-module quantization: layers get weight and output quantizers, "
+                "but functional ops (add, cat, matmul, ...) stay in float and conv/bn/relu are not fused. "
+                "Make that code traceable by torch.fx to quantize the whole graph.",
+                QuantSimWarning, stacklevel=2,
+            )
+            with torch.no_grad():
+                prepared = prepare_leaf(net, args, kwargs, self.config)
+        self.model = prepared.model
+        self.model.train(was_training)
+        self.train(was_training)
+        self.capture_mode = prepared.mode
+        self.unsupported = prepared.unsupported
+        self._n_positional = len(args)
+        if prepared.mode == "leaf":
+            self._leaf_activation_quantizers = prepared.activation_quantizers
+        self._disabled: dict[str, Quantizer] = {}
+        self._slot_table = self._build_slot_table()
+        if self.unsupported:
+            warnings.warn(
+                f"{len(self.unsupported)} op(s) have no quantized implementation and stay in float "
+                f"(their outputs are quantized where quantized ops consume them): {', '.join(self.unsupported)}",
+                QuantSimWarning, stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ use
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    @property
+    def activation_quantizers(self) -> nn.ModuleDict:
+        if self.capture_mode == "graph":
+            return self.model.activation_quantizers
+        return self._leaf_activation_quantizers
+
+    def _slots(self):
+        """``[(tensor name, container ModuleDict, key)]`` for every quantizer, enabled or not."""
+        return self._slot_table
+
+    def _build_slot_table(self):
+        table = [(q.tensor_name, self.activation_quantizers, key) for key, q in self.activation_quantizers.items()]
+        for mname, m in self.model.named_modules():
+            if isinstance(m, QuantizedModuleMixin):
+                table += [(f"{mname}.{pname}", m.param_quantizers, pname) for pname in m.param_quantizers]
+        return table
+
+    def quantizers(self, include_disabled: bool = False) -> dict[str, Quantizer]:
+        """``{tensor name: Quantizer}`` of the enabled quantizers (all of them with ``include_disabled``)."""
+        out = {}
+        for name, container, key in self._slots():
+            q = container[key]
+            if isinstance(q, Quantizer):
+                out[name] = q
+            elif include_disabled:
+                out[name] = self._disabled[name]
+        return out
+
+    # ------------------------------------------------------------------ enable / disable
+    def _select(self, names, module_type, role):
+        if isinstance(names, str):
+            names = [names]
+        for name, container, key in self._slots():
+            q = container[key] if isinstance(container[key], Quantizer) else self._disabled[name]
+            if names is not None and not any(fnmatch.fnmatchcase(name, p) for p in names):
+                continue
+            if module_type is not None and q.owner_type != module_type:
+                continue
+            if role is not None and q.role != role:
+                continue
+            yield name, container, key, q
+
+    def disable(self, names=None, module_type: Optional[str] = None, role: Optional[str] = None) -> list[str]:
+        """Disable quantizers matching all given filters; returns their names.
+
+        ``names``: tensor names or glob patterns (``"features.1*"``); ``module_type``: the owning
+        layer's class name or functional op (``"Conv2d"``, ``"add"``); ``role``: ``"weight"`` or
+        ``"activation"``. A disabled quantizer is removed from the forward pass (its slot holds
+        ``nn.Identity``) and kept aside until :meth:`enable`.
+        """
+        done = []
+        for name, container, key, q in list(self._select(names, module_type, role)):
+            if isinstance(container[key], Quantizer):
+                self._disabled[name] = q
+                container[key] = nn.Identity()
+                done.append(name)
+        return done
+
+    def enable(self, names=None, module_type: Optional[str] = None, role: Optional[str] = None) -> list[str]:
+        """Re-enable disabled quantizers matching the filters (see :meth:`disable`)."""
+        done = []
+        for name, container, key, q in list(self._select(names, module_type, role)):
+            if not isinstance(container[key], Quantizer):
+                container[key] = self._disabled.pop(name)
+                done.append(name)
+        return done
+
+    @contextlib.contextmanager
+    def quantization_disabled(self):
+        """Run the sim in float inside the block (every quantizer disabled), then restore."""
+        names = self.disable()
+        try:
+            yield self
+        finally:
+            self.enable(names)
+
+    # ------------------------------------------------------------------ calibration
+    def _device(self):
+        return next((t.device for t in list(self.parameters()) + list(self.buffers())), torch.device("cpu"))
+
+    def _run_batch(self, batch):
+        if isinstance(batch, dict):
+            return self(**batch)
+        if isinstance(batch, (tuple, list)):
+            n = max(self._n_positional, 1)
+            return self(*batch[:n])
+        return self(batch)
+
+    def calibrate(self, data: Iterable, forward_fn: Optional[Callable] = None, num_batches: Optional[int] = None,
+                  progress: bool = True) -> CalibrationReport:
+        """Set every quantizer's encoding.
+
+        Weights are calibrated from the weights themselves. Activations: each batch of ``data`` is run
+        through the sim with the activation quantizers observing (and passing values through in
+        float); each then chooses its range by its ``range_method``.
+
+        Args:
+            data: an iterable of batches (a DataLoader, a list of tensors, ...). A batch is a tensor, a
+                dict of keyword inputs, or a tuple/list whose first items are the positional inputs
+                (extra trailing items, such as labels, are ignored).
+            forward_fn: ``forward_fn(sim, batch)`` runs one batch, for batches of another form.
+            num_batches: stop after this many batches.
+            progress: show a progress bar.
+        """
+        t0 = time.perf_counter()
+        device = self._device()
+        qs = self.quantizers()
+        for mname, m in self.model.named_modules():
+            if isinstance(m, QuantizedModuleMixin):
+                for pname, q in m.param_quantizers.items():
+                    if isinstance(q, Quantizer):
+                        q.calibrate_from(getattr(m, pname))
+        acts = [q for q in qs.values() if q.role == "activation"]
+        was_training = self.training
+        self.eval()
+        n = 0
+        try:
+            with contextlib.ExitStack() as stack, torch.no_grad():
+                for q in acts:
+                    stack.enter_context(q.calibrating())
+                total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
+                for i, batch in enumerate(tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress)):
+                    if num_batches is not None and i >= num_batches:
+                        break
+                    _check_finite(batch, f"calibration batch {i}")
+                    batch = _to_device(batch, device)
+                    try:
+                        forward_fn(self, batch) if forward_fn is not None else self._run_batch(batch)
+                    except ValueError:
+                        raise
+                    except Exception as e:  # noqa: BLE001
+                        raise RuntimeError(f"calibration batch {i} (shapes {_shapes(batch)}) failed in the model: "
+                                           f"{type(e).__name__}: {e}") from e
+                    n += 1
+                if n == 0:
+                    raise ValueError("calibration data yielded no batches: pass a non-empty iterable or DataLoader")
+        finally:
+            self.train(was_training)
+        unobserved = [q.tensor_name for q in acts if not q.is_initialized]
+        if unobserved:
+            warnings.warn(f"{len(unobserved)} activation quantizer(s) saw no data during calibration and have no "
+                          f"encoding (their code path never ran): {', '.join(unobserved)}", QuantSimWarning, stacklevel=2)
+        return CalibrationReport(batches=n, seconds=time.perf_counter() - t0, quantizers=len(qs), unobserved=unobserved)
+
+    # ------------------------------------------------------------------ encodings
+    def encodings(self) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
+        """``(activations, params)``: ``{tensor name: Encoding}`` of the enabled, calibrated quantizers."""
+        acts, params = {}, {}
+        for name, q in self.quantizers().items():
+            if q.is_initialized:
+                (params if q.role == "weight" else acts)[name] = q.encoding()
+        return acts, params
+
+    def save_encodings(self, path, format: str = "edgequant") -> None:
+        """Write the encodings as JSON (atomically): ``format="edgequant"`` or ``"aimet"`` (1.0.0)."""
+        missing = [n for n, q in self.quantizers().items() if not q.is_initialized]
+        if missing:
+            raise RuntimeError(f"{len(missing)} quantizer(s) have no encoding ({', '.join(missing[:5])}"
+                               f"{', ...' if len(missing) > 5 else ''}): call sim.calibrate(data) first")
+        acts, params = self.encodings()
+        if format == "edgequant":
+            doc = enc_io.to_edgequant(acts, params)
+        elif format == "aimet":
+            doc = enc_io.to_aimet(acts, params)
+        else:
+            raise ValueError(f"format must be 'edgequant' or 'aimet', got {format!r}")
+        enc_io.atomic_write_text(path, json.dumps(doc, indent=1))
+
+    def load_encodings(self, source, strict: bool = True) -> None:
+        """Set encodings from a file (either format) or a dict.
+
+        With ``strict`` every enabled quantizer must get an encoding. Nothing is changed unless the
+        whole file is valid; errors name the offending entry.
+        """
+        doc, where = enc_io.read_encodings(source)
+        qs = self.quantizers()
+        templates = {n: Encoding(q.scale, q.zero_point, q.spec.bits, q.spec.signed, q.spec.symmetric,
+                                 q.spec.narrow_range, q.spec.granularity) for n, q in qs.items()}
+        acts, params = enc_io.parse_encodings(doc, where, templates)
+        staged = []
+        for section, entries, role in (("activations", acts, "activation"), ("params", params, "weight")):
+            for name, enc in entries.items():
+                q = qs.get(name)
+                if q is None or q.role != role:
+                    close = [n for n, q2 in qs.items() if q2.role == role][:3]
+                    raise ValueError(f"{where}: {section}[{name!r}] does not match any {role} quantizer of this sim "
+                                     f"(names look like {close}); was the file made for another model or config?")
+                if tuple(enc.scale.shape) != tuple(q.scale.shape):
+                    raise ValueError(f"{where}: {section}[{name!r}] has shape {list(enc.scale.shape)}, "
+                                     f"the quantizer needs {list(q.scale.shape)}")
+                staged.append((name, q, enc))
+        if strict:
+            missing = sorted(set(qs) - {n for n, _, _ in staged})
+            if missing:
+                raise ValueError(f"{where}: no encoding for {len(missing)} quantizer(s): {', '.join(missing[:10])}"
+                                 f"{', ...' if len(missing) > 10 else ''} (pass strict=False to load a partial file)")
+        for name, q, enc in staged:
+            try:
+                q.set_encoding(enc)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+
+    # ------------------------------------------------------------------ reporting
+    def size_bytes(self) -> dict[str, int]:
+        """Bytes of the float parameters and of the quantized model (quantized weights at their bit-width,
+        everything else in float32, plus scales and zero points)."""
+        float_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        quant = float_bytes
+        for name, q in self.quantizers().items():
+            if q.role == "weight":
+                n = q.tensor_shape.numel()
+                quant -= n * 4
+                quant += (n * q.spec.bits + 7) // 8 + q.scale.numel() * 8
+        return {"float": float_bytes, "quantized": quant}
+
+    def summary(self) -> str:
+        """A table of every quantizer: name, role, grid, granularity, range method, scale range."""
+        rows = [("tensor", "role", "bits", "grid", "granularity", "range", "scale min..max")]
+        for name, q in self.quantizers(include_disabled=True).items():
+            s = q.spec
+            enabled = name not in self._disabled
+            grid = f"{'sym' if s.symmetric else 'asym'} {'int' if s.signed else 'uint'}"
+            gran = type(s.granularity).__name__ + (f"({s.granularity.axis})" if hasattr(s.granularity, "axis") else "")
+            sc = f"{q.scale.min().item():.3g}..{q.scale.max().item():.3g}" if q.is_initialized else "not calibrated"
+            rows.append((name + ("" if enabled else " [disabled]"), q.role, str(s.bits), grid, gran, s.range_method, sc))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        head = f"QuantSim ({self.capture_mode} capture): {len(rows) - 1} quantizers"
+        if self.unsupported:
+            head += f"; left in float: {', '.join(self.unsupported)}"
+        return head + "\n" + "\n".join(lines)

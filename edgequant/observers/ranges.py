@@ -18,7 +18,8 @@ counts ``n_b`` at bin centres ``c_b`` is::
     E = sum_b n_b * ( s**2 / 12                          if e_lo <= c_b <= e_hi   (rounding noise)
                       gamma * (c_b - clamp(c_b))**2      otherwise )              (clipping noise)
 
-Symmetric grids search ``hi = alpha * absmax`` over ``alpha``; asymmetric grids search both ends.
+Symmetric grids search ``hi = alpha * absmax`` over ``alpha`` (100 linear steps plus 40 log steps down to
+1e-4 for heavy tails); asymmetric grids search both ends on a 34 x 34 grid of such fractions.
 """
 from __future__ import annotations
 
@@ -114,14 +115,18 @@ def _search_range(centers, counts, mn, mx, qmin: int, qmax: int, symmetric: bool
         err = torch.where(clip == 0, s * s / 12.0, gamma * clip * clip)
         return (err * counts[None]).sum(dim=-1)
 
+    dev = centers.device
     if symmetric:
-        a = torch.linspace(1.0 / n_candidates, 1.0, n_candidates, dtype=torch.float64, device=centers.device)
+        # linear steps near the full range, log steps for heavy tails (clip far below the extreme)
+        a = torch.cat([torch.logspace(-4, -2, 40, dtype=torch.float64, device=dev),
+                       torch.linspace(1.0 / n_candidates, 1.0, n_candidates, dtype=torch.float64, device=dev)])
         absmax = torch.maximum(-mn, mx) if qmin < 0 else mx
         hi_c = a[:, None] * absmax[None]
         lo_c = -hi_c if qmin < 0 else torch.zeros_like(hi_c)
     else:  # coarse 2-D grid over both ends
-        n_side = 32
-        a = torch.linspace(1.0 / n_side, 1.0, n_side, dtype=torch.float64, device=centers.device)
+        n_side = 24
+        a = torch.cat([torch.logspace(-3, -1.4, 10, dtype=torch.float64, device=dev),
+                       torch.linspace(1.0 / n_side, 1.0, n_side, dtype=torch.float64, device=dev)])
         a_lo, a_hi = torch.meshgrid(a, a, indexing="ij")
         lo_c = a_lo.reshape(-1)[:, None] * mn[None]
         hi_c = a_hi.reshape(-1)[:, None] * mx[None]

@@ -99,6 +99,17 @@ def _is_float(node: fx.Node) -> bool:
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
+def _has_float(meta) -> bool:
+    """A float tensor, or a tuple/list/dict holding one (e.g. an LSTM's ``(output, (h, c))``)."""
+    if isinstance(meta, TensorMetadata):
+        return meta.dtype.is_floating_point
+    if isinstance(meta, (tuple, list)):
+        return any(_has_float(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_has_float(m) for m in meta.values())
+    return False
+
+
 def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfig) -> Prepared:
     gm = capture(model)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -202,11 +213,12 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
     unsupported: list[str] = []
     for n in gm.graph.nodes:
         k = kind(n)
-        if k == "unknown" and _is_float(n):
+        if k == "unknown" and _has_float(n.meta.get("tensor_meta")):
             t = modules[n.target] if n.op == "call_module" else n.target
             unsupported.append(f"{names[n]} ({type_names(t)[0]})")
-        if not _is_float(n):
-            on_grid[n] = True
+        if not _is_float(n):  # ints, shapes, or containers: only an unknown op's floats are off-grid
+            ins = [a for a in n.all_input_nodes if _has_float(a.meta.get("tensor_meta"))]
+            on_grid[n] = k != "unknown" and not (k == "pass" and ins and not on_grid.get(ins[0], True))
             continue
         if k in ("weighted", "compute"):
             for a in n.all_input_nodes:
@@ -223,7 +235,7 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
                 plan[n] = _resolve_activation_spec(spec, nonneg(n), n.meta["tensor_meta"].shape)
             on_grid[n] = True
         elif k == "pass":
-            ins = [a for a in n.all_input_nodes if _is_float(a)]
+            ins = [a for a in n.all_input_nodes if _has_float(a.meta.get("tensor_meta"))]
             on_grid[n] = on_grid.get(ins[0], True) if ins else True
         elif k in ("unknown", "placeholder"):
             on_grid[n] = False
@@ -260,8 +272,14 @@ def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfi
             unsupported.append(f"{name} ({type(m).__name__})")
     # record output shapes and the model inputs' shapes with one probe run
     shapes: dict[str, torch.Size] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: shapes.setdefault(name, o.shape) if torch.is_tensor(o) else None)
-             for name, m in leaves.items()]
+
+    def record(name):
+        def hook(mod, inputs, output):
+            if torch.is_tensor(output):
+                shapes.setdefault(name, output.shape)
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in leaves.items()]
     try:
         with torch.no_grad():
             model(*args, **kwargs)

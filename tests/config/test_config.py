@@ -1,0 +1,61 @@
+import json
+
+import pytest
+
+from edgequant import Override, PerBlock, PerChannel, PerTensor, QuantConfig, QuantSpec
+from edgequant.config import PRESETS
+
+
+def test_presets_exist_and_roundtrip():
+    for name in ("w8a8", "w4a8", "w8a16", "w4a16", "w8a8_per_tensor", "w4a8_per_tensor"):
+        cfg = QuantConfig.preset(name)
+        assert QuantConfig.from_json(cfg.to_json()) == cfg
+        assert cfg.weight.symmetric and cfg.weight.signed
+    assert isinstance(PRESETS["w8a8"].weight.granularity, PerChannel)
+    assert isinstance(PRESETS["w8a8_per_tensor"].weight.granularity, PerTensor)
+    assert PRESETS["w4a16"].weight.bits == 4 and PRESETS["w4a16"].activation.bits == 16
+    with pytest.raises(ValueError, match="unknown preset"):
+        QuantConfig.preset("w3a3")
+
+
+def test_validation_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="2 to 16"):
+        QuantSpec(bits=1)
+    with pytest.raises(TypeError, match=r"use PerChannel\(\) instead"):
+        QuantSpec(granularity=PerChannel)
+    with pytest.raises(ValueError, match="range_method"):
+        QuantSpec(range_method="magic")
+    with pytest.raises(TypeError, match="bool"):
+        QuantSpec(symmetric="True")
+    with pytest.raises(ValueError, match="narrow_range needs a signed"):
+        QuantSpec(signed=False, narrow_range=True)
+    with pytest.raises(TypeError, match="instead of Linear"):
+        import torch
+
+        QuantConfig(module_types={torch.nn.Linear: Override(weight=None)})
+    with pytest.raises(ValueError, match="schema_version"):
+        QuantConfig.from_dict({"schema_version": 99})
+    with pytest.raises(ValueError, match="unknown QuantSpec field"):
+        QuantSpec.from_dict({"bitz": 8})
+
+
+def test_overrides_precedence():
+    w4 = QuantSpec(bits=4, symmetric=True, granularity=PerBlock(16))
+    cfg = QuantConfig(module_types={"Linear": Override(weight=w4), "add": Override(output=None)},
+                      module_names={"head.*": Override(weight=None), "head.keep": Override(weight=QuantSpec(bits=6, symmetric=True))})
+    assert cfg.spec_for("weight", "body.fc", ("Linear",)).bits == 4
+    assert cfg.spec_for("weight", "body.fc", ("MyLinear", "Linear")).bits == 4  # subclasses match
+    assert cfg.spec_for("weight", "body.conv", ("Conv2d",)).bits == 8
+    assert cfg.spec_for("weight", "head.fc", ("Linear",)) is None
+    assert cfg.spec_for("weight", "head.keep", ("Linear",)).bits == 6  # later pattern wins
+    assert cfg.spec_for("output", "layer1.add", ("add",)) is None
+    back = QuantConfig.from_json(cfg.to_json())
+    assert back == cfg
+    assert json.loads(cfg.to_json())["schema_version"] == 1
+
+
+def test_coerce():
+    assert QuantConfig.coerce("w4a8") == PRESETS["w4a8"]
+    assert QuantConfig.coerce(PRESETS["w8a8"].to_json()) == PRESETS["w8a8"]
+    with pytest.raises(TypeError):
+        QuantConfig.coerce(42)

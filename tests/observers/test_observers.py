@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from edgequant.core import PerChannel, fake_quantize, qrange
+from edgequant.observers import (HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, compute_qparams,
+                                 make_observer)
+
+
+def test_minmax_merge_equals_one_observer():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 100, generator=g), torch.randn(8, 100, generator=g) * 3
+    one = MinMaxObserver(PerChannel(0))
+    one.update(torch.cat([a, b], 1))
+    pa, pb = MinMaxObserver(PerChannel(0)), MinMaxObserver(PerChannel(0))
+    pa.update(a)
+    pb.update(b)
+    pa.merge(pb)
+    assert torch.equal(pa.min, one.min) and torch.equal(pa.max, one.max)
+
+
+def test_moving_average():
+    o = MovingAverageMinMaxObserver(momentum=0.5)
+    o.update(torch.tensor([-1.0, 1.0]))
+    o.update(torch.tensor([-3.0, 3.0]))
+    assert o.min.item() == -2.0 and o.max.item() == 2.0
+
+
+def test_histogram_merge_keeps_counts_and_extremes():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5000, generator=g), torch.randn(5000, generator=g) * 4 + 2
+    h1, h2, both = HistogramObserver(bins=256), HistogramObserver(bins=256), HistogramObserver(bins=256)
+    h1.update(a)
+    h2.update(b)
+    both.update(a)
+    both.update(b)
+    h1.merge(h2)
+    assert h1.hist.sum().item() == pytest.approx(10000, rel=1e-9)
+    assert h1.min.item() == min(a.min(), b.min()) and h1.max.item() == max(a.max(), b.max())
+    # merged and sequential histograms describe the same distribution (CDF within 1%)
+    assert (h1.hist.cumsum(1) - both.hist.cumsum(1)).abs().max().item() / 10000 < 0.01
+
+
+def test_percentile_matches_quantile():
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(2))
+    o = make_observer("percentile")
+    for chunk in x.chunk(4):
+        o.update(chunk)
+    from edgequant.observers import choose_range
+
+    lo, hi = choose_range(o, "percentile", 0, 255, False, percentile=99.0)
+    assert hi.item() == pytest.approx(torch.quantile(x, 0.99).item(), abs=0.02)
+    assert lo.item() == pytest.approx(torch.quantile(x, 0.01).item(), abs=0.02)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_mse_beats_minmax_on_heavy_tails_and_sqnr_clips_less(exact):
+    torch.manual_seed(3)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((100_000,))
+    qmin, qmax = qrange(4, True)
+    errs, his = {}, {}
+    for m in ("minmax", "mse", "sqnr"):
+        o = make_observer(m, exact=exact)
+        o.update(x)
+        s, z = compute_qparams(o, m, qmin, qmax, symmetric=True)
+        errs[m] = (fake_quantize(x, s, z, qmin, qmax) - x).pow(2).mean().item()
+        his[m] = s.item() * qmax
+    assert errs["mse"] < 0.5 * errs["minmax"]
+    assert his["mse"] <= his["sqnr"] <= his["minmax"]
+
+
+def test_nan_in_observed_tensor_names_it():
+    o = make_observer("sqnr", name="features.3.add")
+    with pytest.raises(ValueError, match=r"features\.3\.add: found 1 NaN"):
+        o.update(torch.tensor([1.0, float("nan")]))
+    o = make_observer("minmax", name="x")
+    with pytest.raises(ValueError, match="Inf"):
+        o.update(torch.tensor([1.0, float("inf")]))

@@ -1,9 +1,10 @@
 """edgequant: quantize trained PyTorch networks to low-precision integer arithmetic.
 
->>> import edgequant  # doctest: +SKIP
->>> sim = edgequant.QuantSim(model, example_input, config="w8a8")  # doctest: +SKIP
->>> sim.calibrate(calibration_batches)  # doctest: +SKIP
->>> sim.save_encodings("model.encodings.json")  # doctest: +SKIP
+Typical use::
+
+    sim = edgequant.QuantSim(model, example_input, config="w8a8")
+    sim.calibrate(calibration_batches)
+    sim.save_encodings("model.encodings.json")
 """
 from .config import PRESETS, Override, PerBlock, PerChannel, PerTensor, QuantConfig, QuantSpec
 from .core import Encoding, choose_qparams, dequantize, fake_quantize, qrange, quantize

@@ -78,8 +78,8 @@ def main():
 @main.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/demo"), show_default=True,
               help="Folder for report.md, report.json and the encodings files.")
-@click.option("--calib", "n_calib", type=click.IntRange(1), default=128, show_default=True, help="Calibration crops.")
-@click.option("--eval", "n_eval", type=click.IntRange(1), default=256, show_default=True, help="Evaluation crops (other photos).")
+@click.option("--calib", "n_calib", type=click.IntRange(1), default=96, show_default=True, help="Calibration crops.")
+@click.option("--eval", "n_eval", type=click.IntRange(1), default=160, show_default=True, help="Evaluation crops (other photos).")
 @click.option("--config", "configs", multiple=True, default=("w8a8", "w8a8_per_tensor"), show_default=True,
               type=click.Choice(sorted(PRESETS)), help="Presets to compare (repeat the option for several).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: torch's choice).")

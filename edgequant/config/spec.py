@@ -240,7 +240,7 @@ class QuantConfig:
         return cls.from_dict(d)
 
 
-def _preset(wbits: int, abits: int, per_channel: bool, w_method: str = "minmax", a_method: str = "sqnr") -> QuantConfig:
+def _preset(wbits: int, abits: int, per_channel: bool, w_method: str = "minmax", a_method: str = "percentile") -> QuantConfig:
     gran = PerChannel() if per_channel else PerTensor()
     return QuantConfig(
         weight=QuantSpec(bits=wbits, symmetric=True, signed=True, granularity=gran, range_method=w_method),

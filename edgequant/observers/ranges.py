@@ -17,6 +17,7 @@ counts ``n_b`` at bin centres ``c_b`` is::
 
     E = sum_b n_b * ( s**2 / 12                          if e_lo <= c_b <= e_hi   (rounding noise)
                       gamma * (c_b - clamp(c_b))**2      otherwise )              (clipping noise)
+        - n_zero * s**2 / 12                             (exact zeros, e.g. after ReLU, are on the grid)
 
 Symmetric grids search ``hi = alpha * absmax`` over ``alpha`` (100 linear steps plus 40 log steps down to
 1e-4 for heavy tails); asymmetric grids search both ends on a 34 x 34 grid of such fractions.
@@ -68,7 +69,8 @@ def choose_range(observer, method: str, qmin: int, qmax: int, symmetric: bool,
         g = 1.0 if method == "mse" else gamma
         if isinstance(observer, TensorObserver):
             return _search_range(observer.values.double(), None, observer.min, observer.max, qmin, qmax, symmetric, g)
-        return _search_range(observer.bin_centers(), observer.hist, observer.min, observer.max, qmin, qmax, symmetric, g)
+        return _search_range(observer.bin_centers(), observer.hist, observer.min, observer.max, qmin, qmax, symmetric, g,
+                             zeros=observer.zeros)
     raise ValueError(f"unknown range method {method!r}; choose one of {RANGE_METHODS}")
 
 
@@ -97,7 +99,7 @@ def _percentile_range(obs: HistogramObserver, p: float):
 
 
 def _search_range(centers, counts, mn, mx, qmin: int, qmax: int, symmetric: bool, gamma: float,
-                  n_candidates: int = 100):
+                  n_candidates: int = 100, zeros=None):
     """Grid search of the clipping range. ``centers`` (G, B) are histogram bin centres with ``counts``
     (G, B), or the values themselves with ``counts=None`` -- then the rounding error is exact."""
     mn, mx = mn.double().clamp(max=0), mx.double().clamp(min=0)
@@ -113,7 +115,10 @@ def _search_range(centers, counts, mn, mx, qmin: int, qmax: int, symmetric: bool
             rnd = clipped - torch.round(clipped / s) * s
             return (rnd * rnd + gamma * clip * clip).sum(dim=-1)
         err = torch.where(clip == 0, s * s / 12.0, gamma * clip * clip)
-        return (err * counts[None]).sum(dim=-1)
+        total = (err * counts[None]).sum(dim=-1)
+        if zeros is not None:  # exact zeros sit on the grid: no rounding noise for them
+            total = total - zeros[None] * (s[..., 0] * s[..., 0] / 12.0)
+        return total
 
     dev = centers.device
     if symmetric:

@@ -124,6 +124,7 @@ class HistogramObserver:
         self.bins = bins
         self._offset = 0
         self.hist: torch.Tensor | None = None  # (G, bins) float64 counts
+        self.zeros: torch.Tensor | None = None  # (G,) counts of exact zeros (no rounding error)
         self.min: torch.Tensor | None = None  # (G,) exact data minimum
         self.max: torch.Tensor | None = None
         self.lo: torch.Tensor | None = None  # (G,) histogram edges
@@ -153,7 +154,10 @@ class HistogramObserver:
                 raise ValueError(f"{self.name}: number of quantization groups changed between batches")
             self.min, self.max = torch.minimum(self.min, dmin), torch.maximum(self.max, dmax)
             self._widen(torch.minimum(self.lo, dmin), torch.maximum(self.hi, dmax))
-        self.hist += self._histc(self._sample(g), self.lo, self.hi)
+        sample = self._sample(g)
+        self.hist += self._histc(sample, self.lo, self.hi)
+        z = (sample == 0).sum(dim=1).double()
+        self.zeros = z if self.zeros is None else self.zeros + z
         self._offset += 1
 
     def _sample(self, g):
@@ -184,11 +188,12 @@ class HistogramObserver:
             return self
         if self.empty:
             self.hist, self.min, self.max = other.hist.clone(), other.min, other.max
-            self.lo, self.hi, self.shape = other.lo, other.hi, other.shape
+            self.lo, self.hi, self.shape, self.zeros = other.lo, other.hi, other.shape, other.zeros.clone()
             return self
         lo, hi = torch.minimum(self.lo, other.lo), torch.maximum(self.hi, other.hi)
         self._widen(lo, hi)
         self.hist = self.hist + _rebin(other.hist, other.lo, other.hi, lo, hi)
+        self.zeros = self.zeros + other.zeros
         self.min, self.max = torch.minimum(self.min, other.min), torch.maximum(self.max, other.max)
         return self
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Mapping, Optional
 
 from ..core.encoding import granularity_from_dict, granularity_to_dict
-from ..core.granularity import Granularity, PerBlock, PerChannel, PerTensor, check_granularity
+from ..core.granularity import Granularity, PerChannel, PerTensor, check_granularity
 from ..core.quant import qrange
 from ..observers.ranges import RANGE_METHODS
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config.spec import QuantSpec
 from ..core.encoding import Encoding
-from ..core.granularity import PerTensor, from_groups
+from ..core.granularity import from_groups
 from ..core.quant import fake_quantize, qrange
 from ..observers.ranges import compute_qparams, make_observer
 

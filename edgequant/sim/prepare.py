@@ -27,10 +27,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..config.spec import QuantConfig, QuantSpec
-from ..core.granularity import PerTensor, resolve_axis
+from ..core.granularity import resolve_axis
 from ..graph import ops
 from ..graph.capture import capture
-from ..nn.modules import quantize_module
+from ..nn.modules import QuantizedModuleMixin, quantize_module
 from ..nn.quantizer import Quantizer
 
 
@@ -45,8 +45,6 @@ class Prepared:
 def type_names(obj) -> tuple[str, ...]:
     """Class names of a module, most specific first; the op name for functional ops."""
     if isinstance(obj, nn.Module):
-        from ..nn.modules import QuantizedModuleMixin
-
         return tuple(c.__name__ for c in type(obj).__mro__
                      if issubclass(c, nn.Module) and c is not nn.Module and not issubclass(c, QuantizedModuleMixin))
     return (ops.function_name(obj),)

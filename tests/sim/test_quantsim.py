@@ -1,7 +1,6 @@
 """QuantSim: placement, calibration, state, encodings, enable/disable, bad input."""
 import copy
 import json
-import warnings
 
 import pytest
 import torch

@@ -41,9 +41,9 @@ def _trained(model):
     return model.eval()
 
 
-def _data(n=4, seed=0):
+def _data(n=4, seed=0, shape=(8, 3, 12, 12)):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(8, 3, 12, 12, generator=g) for _ in range(n)]
+    return [torch.randn(*shape, generator=g) for _ in range(n)]
 
 
 @pytest.fixture
@@ -305,19 +305,19 @@ class Untraceable(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+        if y.sum() > -1e30:  # data-dependent control flow: torch.fx cannot trace this (always taken)
             y = y * 2
         return self.fc(y.mean((2, 3)))
 
 
 def test_capture_failure_names_source_line_and_falls_back_to_leaves():
     m = Untraceable().eval()
-    with pytest.warns(QuantSimWarning, match=r"test_quantsim.py:\d+ in forward: `if y.sum\(\) > 0:"):
+    with pytest.warns(QuantSimWarning, match=r"test_quantsim.py:\d+ in forward: `if y.sum\(\) > -1e30:"):
         sim = QuantSim(m, torch.randn(1, 3, 8, 8))
     assert sim.capture_mode == "leaf"
     assert {"conv.weight", "fc.weight", "conv", "fc", "x"} <= set(sim.quantizers())
-    sim.calibrate([torch.randn(4, 3, 8, 8)], progress=False)
-    x = torch.randn(2, 3, 8, 8)
+    sim.calibrate(_data(4, seed=1, shape=(8, 3, 8, 8)), progress=False)
+    x = _data(1, seed=2, shape=(8, 3, 8, 8))[0]
     with torch.no_grad():
         assert sqnr_db(m(x), sim(x)) > 20
     with pytest.raises(GraphCaptureError, match="if y.sum"):

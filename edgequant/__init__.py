@@ -5,17 +5,23 @@ Typical use::
     sim = edgequant.QuantSim(model, example_input, config="w8a8")
     sim.calibrate(calibration_batches)
     sim.save_encodings("model.encodings.json")
+
+or, with the post-training techniques chosen for you::
+
+    result = edgequant.quantize(model, calibration_batches, recipe="w4a8", ptq="auto")
+    result.sim, result.encodings, print(result.report)
 """
 from .config import PRESETS, Override, PerBlock, PerChannel, PerTensor, QuantConfig, QuantSpec
 from .core import Encoding, choose_qparams, dequantize, fake_quantize, qrange, quantize
 from .graph import GraphCaptureError
 from .nn import NotCalibratedError, Quantizer
 from .sim import CalibrationReport, QuantSim, QuantSimWarning
+from .ptq import quantize  # noqa: E402  (ptq imports sim)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "QuantSim", "QuantSimWarning", "CalibrationReport", "QuantConfig", "QuantSpec", "Override", "PRESETS",
+    "quantize", "QuantSim", "QuantSimWarning", "CalibrationReport", "QuantConfig", "QuantSpec", "Override", "PRESETS",
     "PerTensor", "PerChannel", "PerBlock", "Encoding", "Quantizer", "NotCalibratedError", "GraphCaptureError",
     "qrange", "choose_qparams", "quantize", "dequantize", "fake_quantize", "__version__",
 ]

@@ -153,10 +153,19 @@ def _load_factory(spec: str):
               help="A QuantConfig JSON file (overrides --recipe).")
 @click.option("--input-size", type=click.IntRange(8), default=224, show_default=True, help="Square input size the images are resized to.")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--ptq", default="none", show_default=True,
+              help="Post-training techniques: 'auto' (fold BN, CLE, high-bias absorption, then AdaRound for <= 4-bit "
+                   "weights or bias correction, each kept only if it helps), 'none' (calibration only), or a "
+                   "comma-separated list of: bn_fold,cle,hba,adaround,bias_correction,loss_aware.")
+@click.option("--adaround-iterations", type=click.IntRange(1), default=800, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder: encodings (edgequant and AIMET formats), sim state_dict, summary, config.")
-def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_size, out):
-    """Quantize your own image model, calibrated on a folder of images."""
+              help="Output folder: encodings (edgequant and AIMET formats), sim state_dict, summary, config, PTQ report.")
+def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_size, ptq, adaround_iterations, out):
+    """Quantize your own image model, calibrated on a folder of images.
+
+    With --ptq other than 'none', the sim is built from the transformed float model (batch norms
+    folded, layers equalized); its state_dict is saved as float_model_ptq.pt beside the sim's.
+    """
     from .config.spec import QuantConfig
     from .export.encodings import atomic_write_text
     from .sim.quantsim import QuantSim
@@ -168,13 +177,33 @@ def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_
     config = QuantConfig.from_json(config_file.read_text()) if config_file else QuantConfig.preset(recipe)
     images = _load_images(calib, input_size)
     click.echo(f"{len(images)} calibration images from {calib}")
+    stages = ptq if ptq in ("auto", "none") else [s.strip() for s in ptq.split(",") if s.strip()]
+    float_model = model
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sim = QuantSim(model, images[:1], config=config)
-    for w in caught:
-        click.echo(f"warning: {w.message}", err=True)
-    rep = sim.calibrate(_batches(images, batch_size))
+        if stages == "none":
+            sim = QuantSim(model, images[:1], config=config)
+        else:
+            from .ptq import quantize as run_ptq
+
+            try:
+                result = run_ptq(model, _batches(images, batch_size), recipe=config, ptq=stages,
+                                 adaround_iterations=adaround_iterations)
+            except ValueError as e:
+                raise click.UsageError(str(e)) from None
+            sim, float_model = result.sim, result.model
+    for w in {str(w.message) for w in caught}:
+        click.echo(f"warning: {w}", err=True)
+    if stages == "none":
+        rep = sim.calibrate(_batches(images, batch_size))
     out.mkdir(parents=True, exist_ok=True)
+    if stages != "none":
+        click.echo(result.report.to_markdown())
+        atomic_write_text(out / "ptq_report.md", result.report.to_markdown() + "\n")
+        atomic_write_text(out / "ptq_report.json", json.dumps(result.report.to_dict(), indent=2))
+        tmp = out / ".float_model_ptq.pt.tmp"
+        torch.save(float_model.state_dict(), tmp)
+        tmp.replace(out / "float_model_ptq.pt")
     sim.save_encodings(out / "encodings.json")
     sim.save_encodings(out / "encodings.aimet.json", format="aimet")
     atomic_write_text(out / "config.json", config.to_json())
@@ -183,8 +212,9 @@ def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_
     torch.save(sim.state_dict(), tmp)
     tmp.replace(out / "sim_state_dict.pt")
     sizes = sim.size_bytes()
-    click.echo(f"calibrated {rep.quantizers} quantizers on {rep.batches} batches in {rep.seconds:.1f} s; "
-               f"weights {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB")
+    if stages == "none":
+        click.echo(f"calibrated {rep.quantizers} quantizers on {rep.batches} batches in {rep.seconds:.1f} s")
+    click.echo(f"weights {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB")
     click.echo(f"wrote {out}/encodings.json, encodings.aimet.json, config.json, summary.txt, sim_state_dict.pt")
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.clamp import ChannelClamp
+
 #: weighted layer type -> axis of the output channels in its weight
 WEIGHT_AXIS: dict[type, int] = {
     nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0,
@@ -30,15 +32,22 @@ NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 #: activations a fused kernel applies on its accumulator (conv/linear/bn/add + act = one output)
-FUSABLE_ACT_MODULES = (nn.ReLU, nn.ReLU6)
+FUSABLE_ACT_MODULES = (nn.ReLU, nn.ReLU6, ChannelClamp)
 #: producers whose output is >= 0 (an unsigned grid fits)
 NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
+
+
+def is_nonneg_module(m: nn.Module) -> bool:
+    """Whether ``m``'s output is always >= 0 (an unsigned grid fits it)."""
+    if isinstance(m, ChannelClamp):
+        return m.nonneg
+    return isinstance(m, NONNEG_MODULES)
 
 COMPUTE_MODULES = NORM_MODULES + (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softmax, nn.LogSoftmax,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Upsample, nn.UpsamplingBilinear2d,
+    nn.Upsample, nn.UpsamplingBilinear2d, ChannelClamp,
 )
 PASS_MODULES = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,

@@ -53,6 +53,8 @@ class Quantizer(nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
         self.register_buffer("initialized", torch.tensor(False))
+        # a frozen encoding is kept by sim.calibrate (AdaRound freezes the weights it rounded)
+        self.register_buffer("frozen", torch.tensor(False))
         self._ready = False  # mirror of `initialized`, avoids a device sync per forward
         self._observer = None
 
@@ -113,6 +115,14 @@ class Quantizer(nn.Module):
     @property
     def is_initialized(self) -> bool:
         return self._ready
+
+    @property
+    def is_frozen(self) -> bool:
+        return bool(self.frozen)
+
+    def freeze(self, frozen: bool = True) -> None:
+        """Keep the current encoding when the sim is calibrated again."""
+        self.frozen.fill_(frozen)
 
     def encoding(self) -> Encoding:
         if not self._ready:

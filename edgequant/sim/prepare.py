@@ -165,7 +165,7 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
 
     def nonneg(n):
         if n.op == "call_module":
-            return isinstance(modules[n.target], ops.NONNEG_MODULES)
+            return ops.is_nonneg_module(modules[n.target])
         if n.op == "call_function":
             return n.target in ops.NONNEG_FUNCTIONS
         return n.op == "call_method" and n.target in ops.NONNEG_METHODS
@@ -295,7 +295,7 @@ def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfi
         if spec is None:
             continue
         key = keys(name)
-        aq[key] = Quantizer(_resolve_activation_spec(spec, isinstance(m, ops.NONNEG_MODULES), shapes[name]),
+        aq[key] = Quantizer(_resolve_activation_spec(spec, ops.is_nonneg_module(m), shapes[name]),
                             shapes[name], name, role="activation", owner_type=type_names(m)[0])
         m.register_forward_hook(lambda mod, i, o, key=key: aq[key](o) if torch.is_tensor(o) and o.is_floating_point() else o)
 

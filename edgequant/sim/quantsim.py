@@ -250,7 +250,8 @@ class QuantSim(nn.Module):
                   progress: bool = True) -> CalibrationReport:
         """Set every quantizer's encoding.
 
-        Weights are calibrated from the weights themselves. Activations: each batch of ``data`` is run
+        Weights are calibrated from the weights themselves. Quantizers that are frozen (see
+        :meth:`Quantizer.freeze`; AdaRound freezes the weights it rounds) keep their encoding. Activations: each batch of ``data`` is run
         through the sim with the activation quantizers observing (and passing values through in
         float); each then chooses its range by its ``range_method``.
 
@@ -268,9 +269,9 @@ class QuantSim(nn.Module):
         for mname, m in self.model.named_modules():
             if isinstance(m, QuantizedModuleMixin):
                 for pname, q in m.param_quantizers.items():
-                    if isinstance(q, Quantizer):
+                    if isinstance(q, Quantizer) and not (q.is_frozen and q.is_initialized):
                         q.calibrate_from(getattr(m, pname))
-        acts = [q for q in qs.values() if q.role == "activation"]
+        acts = [q for q in qs.values() if q.role == "activation" and not (q.is_frozen and q.is_initialized)]
         was_training = self.training
         self.eval()
         n = 0

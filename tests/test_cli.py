@@ -60,3 +60,23 @@ def test_quantize_own_model(tmp_path, monkeypatch):
     empty.mkdir()
     r = CliRunner().invoke(main, ["quantize", "--model", "tests.test_cli:make_model", "--calib", str(empty), "--out", str(out)])
     assert r.exit_code != 0 and "no .jpg/.png" in r.output
+
+
+def test_quantize_with_ptq_auto(tmp_path, monkeypatch):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["quantize", "--model", "tests.test_cli:make_model", "--calib", str(imgs), "--recipe",
+                                  "w8a8_per_tensor", "--input-size", "32", "--batch-size", "4", "--ptq", "auto",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "ptq_report.json").read_text())
+    assert report["stages"][0]["name"] == "calibrate (no PTQ)" and len(report["stages"]) >= 3
+    assert (out / "float_model_ptq.pt").exists() and (out / "encodings.json").exists()
+    r = CliRunner().invoke(main, ["quantize", "--model", "tests.test_cli:make_model", "--calib", str(imgs),
+                                  "--input-size", "32", "--ptq", "cle,nonsense", "--out", str(out)])
+    assert r.exit_code != 0 and "unknown PTQ stage" in r.output

@@ -220,6 +220,8 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
                 best_score, sq, top1 = measure(best_sim)
                 report.stages.append(StageResult("calibrate (no PTQ)", True, best_score, sq, top1, time.perf_counter() - t0))
                 t0 = time.perf_counter()
+            if done(best_score):
+                break
             if name == "bn_fold":
                 cand, r = fold_batch_norms(current)
                 detail = f"folded {len(r.folded)}, left {len(r.skipped)}"
@@ -236,8 +238,6 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
             report.stages.append(StageResult(name, keep, score, sq, top1, time.perf_counter() - t0, detail))
             if keep:
                 current, best_sim, best_score = cand, sim, score
-            if done(best_score):
-                break
         if best_sim is None:
             t0 = time.perf_counter()
             best_sim = build(current)

@@ -1,0 +1,105 @@
+import copy
+
+import pytest
+import torch
+
+from edgequant import QuantSim, quantize
+from edgequant.analysis.fidelity import sqnr_db
+from edgequant.core.granularity import expand_param
+from edgequant.ptq import adaround, correct_bias, fold_batch_norms, loss_aware_output_range
+
+from .conftest import accuracy
+from .test_data_free import _mean_shift
+
+
+def _batches(x, n=4, size=64):
+    return [x[i * size:(i + 1) * size] for i in range(n)]
+
+
+def test_empirical_bias_correction_reduces_mean_shift_on_held_out_data(tiny_net, digits):
+    xtr, _, xte, _ = digits
+    folded, _ = fold_batch_norms(tiny_net)
+    sim = QuantSim(folded, xtr[:1], "w4a8_per_tensor")
+    sim.calibrate(_batches(xtr), progress=False)
+    before = copy.deepcopy(sim)
+    rep = correct_bias(sim, _batches(xtr), progress=False)
+    assert set(rep.layers) == {"stem.0", "expand.0", "dw.0", "project.0", "head.0", "fc"}
+    assert sum(rep.mean_error_after.values()) < 0.5 * sum(rep.mean_error_before.values())
+    assert _mean_shift(sim, folded, xte[:256]) < 0.7 * _mean_shift(before, folded, xte[:256])
+    # bad input: no batches
+    with pytest.raises(ValueError, match="no batches"):
+        correct_bias(sim, [], progress=False)
+
+
+def test_adaround_never_worse_than_nearest_and_freezes_weights_on_grid(tiny_net, digits):
+    xtr, ytr, xte, yte = digits
+    folded, _ = fold_batch_norms(tiny_net)
+    sim = QuantSim(folded, xtr[:1], "w4a8")
+    sim.calibrate(_batches(xtr), progress=False)
+    nearest = copy.deepcopy(sim)
+    rep = adaround(sim, _batches(xtr), iterations=150, samples=1024, progress=False)
+    assert len(rep.layers) == 6
+    for name, r in rep.layers.items():
+        assert r.mse_adaround <= r.mse_nearest, name  # on its own objective
+    assert sum(r.mse_adaround for r in rep.layers.values()) < 0.95 * sum(r.mse_nearest for r in rep.layers.values())
+    # weights sit exactly on the grid, and re-calibrating keeps the learned rounding
+    layer = sim.model.get_submodule("expand.0")
+    q = layer.param_quantizers["weight"]
+    w = layer.weight
+    scaled = w / expand_param(q.scale, w.shape, q.spec.granularity)
+    assert torch.allclose(scaled, scaled.round(), atol=1e-4)
+    scale_before, wq_before = q.scale.clone(), q(w).detach().clone()
+    sim.calibrate(_batches(xtr), progress=False)  # activations re-calibrate, the rounded weights stay
+    assert q.is_frozen and torch.equal(q.scale, scale_before) and torch.equal(q(w), wq_before)
+    with torch.no_grad():
+        ref = tiny_net(xte)
+        assert sqnr_db(ref, sim(xte)) > sqnr_db(ref, nearest(xte))
+    assert accuracy(sim, xte, yte) >= accuracy(nearest, xte, yte) - 0.01
+
+
+def test_adaround_needs_a_calibrated_sim(tiny_net, digits):
+    sim = QuantSim(tiny_net, digits[0][:1], "w4a8")
+    with pytest.raises(ValueError, match="calibrate"):
+        adaround(sim, _batches(digits[0]), iterations=5, progress=False)
+
+
+def test_loss_aware_output_range_lowers_cross_entropy(tiny_net, digits):
+    xtr, ytr, xte, _ = digits
+    sim = QuantSim(tiny_net, xtr[:1], "w8a8")
+    sim.calibrate(_batches(xtr), progress=False)
+    rep = loss_aware_output_range(sim, _batches(xtr))
+    assert rep.quantizer == "fc" and rep.loss_after <= rep.loss_before
+    rep2 = loss_aware_output_range(sim, [(b, ytr[:64]) for b in _batches(xtr, 1)], target="labels")
+    assert rep2.loss_after <= rep2.loss_before
+
+
+def test_quantize_auto_keeps_only_helpful_stages_and_never_touches_the_model(tiny_net, digits):
+    xtr, ytr, xte, yte = digits
+    state = copy.deepcopy(tiny_net.state_dict())
+    res = quantize(tiny_net, _batches(xtr, 6), recipe="w8a8_per_tensor", ptq="auto", progress=False)
+    names = [s.name for s in res.report.stages]
+    assert names[0] == "calibrate (no PTQ)" and "cle" in names and "bias_correction" in names and "adaround" not in names
+    kept = [s.score for s in res.report.stages if s.kept]
+    assert kept == sorted(kept)  # every kept stage improved the score
+    assert all(torch.equal(v, tiny_net.state_dict()[k]) for k, v in state.items())
+    acts, params = res.encodings
+    assert "fc.weight" in params and "fc" in acts
+    assert "| stage |" in res.report.to_markdown()
+    # with an eval function and an allowed drop, it stops at the first stage that meets it
+    float_acc = accuracy(tiny_net, xte, yte)
+    res2 = quantize(tiny_net, _batches(xtr, 4), recipe="w8a8", eval_fn=lambda m: accuracy(m, xte, yte),
+                    max_drop=1.0, progress=False)
+    assert res2.report.float_score == pytest.approx(float_acc)
+    assert len(res2.report.stages) == 1
+    with pytest.raises(ValueError, match="unknown PTQ stage"):
+        quantize(tiny_net, _batches(xtr), ptq=["cle", "magic"])
+
+
+def test_quantize_data_free(tiny_net, digits):
+    xte = digits[2]
+    res = quantize(tiny_net, None, recipe="w8a8", ptq="auto", example_inputs=xte[:1],
+                   input_ranges={"x": (float(xte.min()), float(xte.max()))}, progress=False)
+    with torch.no_grad():
+        assert sqnr_db(tiny_net(xte), res.sim(xte)) > 15
+    with pytest.raises(ValueError, match="example_inputs"):
+        quantize(tiny_net, None)

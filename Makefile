@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned for the dev and CI environment (they lie on local disk there).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast bench bench-ptq setup clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_quantsim.py
+
+bench-ptq: $(STAMP)
+	$(BIN)/python benchmarks/bench_ptq.py --out benchmarks/results/ptq.md
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -174,7 +173,7 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
         return _to_device(b[0] if isinstance(b, (tuple, list)) else b, device)
 
     with torch.no_grad():
-        ref = [model(first(b)) for b in score_batches] if not isinstance(score_batches, type(None)) else []
+        ref = [model(first(b)) for b in score_batches]
 
     def measure(sim) -> tuple[Optional[float], Optional[float], Optional[float]]:
         fid = None

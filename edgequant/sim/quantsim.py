@@ -361,6 +361,13 @@ class QuantSim(nn.Module):
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
 
+    def export_onnx(self, path, **kwargs) -> dict:
+        """Write an ONNX QDQ model that ONNX Runtime runs with integer kernels, and its encodings
+        beside it; see :func:`edgequant.export.onnx_qdq.export_onnx` for the options."""
+        from ..export.onnx_qdq import export_onnx
+
+        return export_onnx(self, path, **kwargs)
+
     # ------------------------------------------------------------------ reporting
     def size_bytes(self) -> dict[str, int]:
         """Bytes of the float parameters and of the quantized model (quantized weights at their bit-width,

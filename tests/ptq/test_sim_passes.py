@@ -32,7 +32,7 @@ def test_empirical_bias_correction_reduces_mean_shift_on_held_out_data(tiny_net,
 
 
 def test_adaround_never_worse_than_nearest_and_freezes_weights_on_grid(tiny_net, digits):
-    xtr, ytr, xte, yte = digits
+    xtr, _, xte, yte = digits
     folded, _ = fold_batch_norms(tiny_net)
     sim = QuantSim(folded, xtr[:1], "w4a8")
     sim.calibrate(_batches(xtr), progress=False)
@@ -64,7 +64,7 @@ def test_adaround_needs_a_calibrated_sim(tiny_net, digits):
 
 
 def test_loss_aware_output_range_lowers_cross_entropy(tiny_net, digits):
-    xtr, ytr, xte, _ = digits
+    xtr, ytr, _, _ = digits
     sim = QuantSim(tiny_net, xtr[:1], "w8a8")
     sim.calibrate(_batches(xtr), progress=False)
     rep = loss_aware_output_range(sim, _batches(xtr))
@@ -74,7 +74,7 @@ def test_loss_aware_output_range_lowers_cross_entropy(tiny_net, digits):
 
 
 def test_quantize_auto_keeps_only_helpful_stages_and_never_touches_the_model(tiny_net, digits):
-    xtr, ytr, xte, yte = digits
+    xtr, _, xte, yte = digits
     state = copy.deepcopy(tiny_net.state_dict())
     res = quantize(tiny_net, _batches(xtr, 6), recipe="w8a8_per_tensor", ptq="auto", progress=False)
     names = [s.name for s in res.report.stages]

@@ -1,0 +1,116 @@
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgequant import NotCalibratedError, QuantSim
+from edgequant.export.onnx_qdq import ExportError
+from edgequant.ptq import cross_layer_equalization, fold_batch_norms
+from tests.ptq.conftest import TinyNet, _digits
+
+
+@pytest.fixture(scope="module")
+def folded():
+    torch.manual_seed(0)
+    x, _ = _digits()
+    net = TinyNet()
+    net.train()
+    with torch.no_grad():  # real BN statistics on real digits
+        for i in range(0, 512, 64):
+            net(x[i:i + 64])
+    net.eval()
+    return fold_batch_norms(net)[0], x
+
+
+def _run_ort(path, x, optimize=True):
+    so = ort.SessionOptions()
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], s
+
+
+def _steps(sim, ort_out, sim_out, name="fc"):
+    return np.abs(ort_out - sim_out) / float(sim.quantizers()[name].scale)
+
+
+@pytest.mark.parametrize("cfg", ["w8a8", "w8a8_per_tensor", "w4a8", "w8a16"])
+def test_ort_integer_kernels_match_the_sim(folded, tmp_path, cfg):
+    model, x = folded
+    sim = QuantSim(model, x[:1], cfg)
+    sim.calibrate([x[i:i + 64] for i in range(0, 256, 64)], progress=False)
+    info = sim.export_onnx(tmp_path / "m.onnx")
+    assert info["opset"] == (21 if cfg in ("w4a8", "w8a16") else 17)
+    xe = x[1000:1400]
+    o, _ = _run_ort(info["onnx"], xe)
+    with torch.no_grad():
+        r = sim(xe).numpy()
+    d = _steps(sim, o, r)
+    assert (o.argmax(1) == r.argmax(1)).all()
+    assert (d <= 1.01).mean() >= 0.999  # 1 step, plus float32 rounding (visible on 16-bit grids)
+    # the encodings beside it name ONNX tensors one-to-one
+    enc = json.loads(open(info["encodings"]).read())
+    m = onnx.load(info["onnx"])
+    q_inputs = {n.input[0] for n in m.graph.node if n.op_type in ("QuantizeLinear", "Clip")}
+    inits = {i.name for i in m.graph.initializer}
+    assert set(enc["activations"]) <= q_inputs and set(enc["params"]) <= inits
+
+
+def test_integer_kernels_are_used_and_int8_weights_saturate(folded, tmp_path):
+    model, x = folded
+    sim = QuantSim(model, x[:1], "w8a8")
+    sim.calibrate([x[i:i + 64] for i in range(0, 256, 64)], progress=False)
+    info = sim.export_onnx(tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert {"QLinearConv", "QLinearAdd"} <= ops  # ORT runs the convs and the add in integer arithmetic
+    # int8 weights are exact in ORT without fusion; the weight encodings are the same either way
+    info8 = sim.export_onnx(tmp_path / "m8.onnx", weight_dtype="int8")
+    o, _ = _run_ort(info8["onnx"], x[1000:1200], optimize=False)
+    with torch.no_grad():
+        assert _steps(sim, o, sim(x[1000:1200]).numpy()).max() <= 1 + 1e-3
+
+
+def test_cle_model_with_channel_clamps_exports(folded, tmp_path):
+    model, x = folded
+    eq, rep = cross_layer_equalization(model, fold=False)
+    assert rep.replaced_activations
+    sim = QuantSim(eq, x[:1], "w8a8_per_tensor")
+    sim.calibrate([x[i:i + 64] for i in range(0, 256, 64)], progress=False)
+    info = sim.export_onnx(tmp_path / "m.onnx")
+    o, _ = _run_ort(info["onnx"], x[1000:1200])
+    with torch.no_grad():
+        r = sim(x[1000:1200]).numpy()
+    assert (o.argmax(1) == r.argmax(1)).all() and (_steps(sim, o, r) <= 1 + 1e-3).mean() >= 0.999
+
+
+def test_export_bad_input(folded, tmp_path):
+    model, x = folded
+    sim = QuantSim(model, x[:1], "w8a8")
+    with pytest.raises(NotCalibratedError, match="calibrate"):
+        sim.export_onnx(tmp_path / "m.onnx")
+    sim.calibrate([x[:64]], progress=False)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sim.export_onnx(tmp_path / "missing" / "m.onnx")
+    assert not os.path.exists(tmp_path / "missing")
+
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return torch.cumsum(self.conv(x), dim=1)
+
+    sim = QuantSim(Weird().eval(), x[:1])
+    sim.calibrate([x[:32]], progress=False)
+    with pytest.raises(ExportError, match="cumsum"):
+        sim.export_onnx(tmp_path / "w.onnx")
+    assert not any(p.name.endswith(".onnx") for p in tmp_path.iterdir())

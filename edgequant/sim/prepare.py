@@ -170,11 +170,25 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
             return n.target in ops.NONNEG_FUNCTIONS
         return n.op == "call_method" and n.target in ops.NONNEG_METHODS
 
+    def sole_user(n):
+        """The single consumer of ``n`` (as first argument), looking through identity modules such as
+        the ``nn.Identity`` a folded BatchNorm leaves behind."""
+        while True:
+            if len(n.users) != 1:
+                return None
+            u = next(iter(n.users))
+            if not u.args or u.args[0] is not n:
+                return None
+            if u.op == "call_module" and isinstance(modules[u.target], ops.IDENTITY_MODULES):
+                n = u
+                continue
+            return u
+
     def absorbed(n):
-        if not config.supergroups or len(n.users) != 1:
+        if not config.supergroups:
             return False
-        u = next(iter(n.users))
-        if not u.args or u.args[0] is not n:
+        u = sole_user(n)
+        if u is None:
             return False
         return (is_linear_like(n) and (is_bn(u) or is_act(u))) or ((is_bn(n) or is_add(n)) and is_act(u))
 

@@ -1,0 +1,358 @@
+r"""An integer-only reference engine: runs a calibrated sim the way an int8 accelerator does.
+
+Every value between the input and the output is an integer tensor ``q`` on a grid ``(s, z)``; the
+real value it stands for is ``s (q - z)``. Only the model input is quantized from float and only the
+output is dequantized back.
+
+**Conv / linear** (weights symmetric, ``z_w = 0``; any bit-width):
+
+.. math::
+    acc_c = \sum_k q_w[c,k]\, q_x[k] \;+\; \underbrace{\big(b_q[c] - z_x \sum_k q_w[c,k]\big)}_{\text{folded bias}},
+    \qquad b_q = \mathrm{round}\big(b / (s_x s_w[c])\big)
+
+accumulated in int32 (checked for overflow), then requantized to the output grid with a
+fixed-point multiplier per channel, as gemmlowp/TFLite do:
+
+.. math::
+    M_c = s_x s_w[c] / s_y = M_0 \cdot 2^{-n},\ M_0 \in [2^{30}, 2^{31}),\qquad
+    q_y = \mathrm{clamp}\big(((acc_c M_0 + 2^{n-1}) \gg n) + z_y,\ lo_c,\ hi_c\big)
+
+where ``lo``/``hi`` are the grid limits intersected with the fused activation (ReLU, ReLU6,
+per-channel clamp) mapped onto the output grid. **Add**: both inputs are brought to a common scale
+with left-shifted fixed-point multipliers (TFLite's scheme, 20 bits of headroom), summed in int64,
+then requantized. **Global average pooling**: an int32 sum, requantized with ``M = s_x / (s_y HW)``.
+Max pooling, flatten, reshape and dropout move integers without arithmetic.
+
+**Where it cannot be bit-exact with the sim.** The sim computes in float32 and rounds half to even;
+the engine rounds ``acc * M`` half up with ``M`` held to 31 bits, and quantizes the bias to int32.
+A value that falls within about ``1e-6`` of a rounding boundary can land one step away; the tests and
+the benchmark measure how often (well under 0.1% of outputs on MobileNetV2).
+
+Integer convolutions are computed as float64 convolutions of integer-valued tensors: every product
+and partial sum is an integer below ``2^53``, so float64 represents it exactly, and the result is
+converted back to int64 and checked against the int32 range.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..core.granularity import PerChannel, PerTensor
+from ..core.quant import quantize
+from ..nn.clamp import ChannelClamp
+from ..nn.quantizer import NotCalibratedError, Quantizer
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+class IntegerEngineError(RuntimeError):
+    """The sim has an op (or a grid) the integer engine has no implementation for."""
+
+
+@dataclass
+class QTensor:
+    """Integers ``q`` (int64) standing for ``scale * (q - zero_point)``."""
+    q: torch.Tensor
+    scale: float
+    zero_point: int
+
+    def dequantize(self) -> torch.Tensor:
+        return (self.q - self.zero_point).to(torch.float32) * self.scale
+
+
+def quantize_multiplier(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M0, n)`` int64 per element with ``m ~= M0 * 2**-n``, ``M0`` in ``[2**30, 2**31)``.
+
+    >>> quantize_multiplier(torch.tensor([0.75]))
+    (tensor([1610612736]), tensor([31]))
+    """
+    m0, n = [], []
+    for v in m.double().flatten().tolist():
+        if v <= 0:
+            raise IntegerEngineError(f"requantization multiplier must be positive, got {v}")
+        f, e = math.frexp(v)  # v = f * 2**e, f in [0.5, 1)
+        q = round(f * 2 ** 31)
+        if q == 2 ** 31:
+            q, e = q // 2, e + 1
+        shift = 31 - e
+        if not 0 < shift < 62:
+            raise IntegerEngineError(f"requantization multiplier {v:.3g} is out of the fixed-point range")
+        m0.append(q)
+        n.append(shift)
+    return torch.tensor(m0, dtype=torch.int64).view(m.shape), torch.tensor(n, dtype=torch.int64).view(m.shape)
+
+
+def requantize(acc: torch.Tensor, m0: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """``round_half_up(acc * M0 / 2**n)`` in int64 (``acc`` within int32, so ``acc * M0 < 2**62``)."""
+    return (acc * m0 + (torch.ones_like(n) << (n - 1))) >> n
+
+
+def _check_int32(acc: torch.Tensor, where: str) -> None:
+    lo, hi = int(acc.min()), int(acc.max())
+    if lo < INT32_MIN or hi > INT32_MAX:
+        raise IntegerEngineError(f"{where}: int32 accumulator overflow (range {lo}..{hi})")
+
+
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, ChannelClamp)
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten,
+                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "detach", "squeeze", "unsqueeze"}
+_PASS_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout, torch.squeeze, torch.unsqueeze}
+
+
+class IntegerEngine:
+    """Integer-only execution of a calibrated, graph-captured :class:`~edgequant.QuantSim`.
+
+    ``engine(x)`` returns the dequantized output; ``engine.run(x)`` returns the output
+    :class:`QTensor`. Raises :class:`IntegerEngineError` at construction naming the first op it
+    cannot run in integers.
+    """
+
+    def __init__(self, sim):
+        if sim.capture_mode != "graph":
+            raise IntegerEngineError("the integer engine needs a sim built by graph capture")
+        missing = [n for n, q in sim.quantizers().items() if not q.is_initialized]
+        if missing:
+            raise NotCalibratedError(f"quantizers without an encoding: {', '.join(missing[:5])}; calibrate the sim first")
+        self.sim = sim
+        self.gm = sim.model
+        self.modules = dict(self.gm.named_modules())
+        self._check()
+
+    # ---------------------------------------------------------------- structure
+    def _mod(self, n):
+        return self.modules.get(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
+
+    def _is_act(self, n) -> bool:
+        m = self._mod(n)
+        return isinstance(m, _ACT_MODULES) or (n.op == "call_function" and n.target in (F.relu, torch.relu, F.relu6)) \
+            or (n.op == "call_method" and n.target == "relu")
+
+    def _is_pass(self, n) -> bool:
+        m = self._mod(n)
+        return isinstance(m, _PASS_MODULES) or (n.op == "call_method" and n.target in _PASS_METHODS) \
+            or (n.op == "call_function" and n.target in _PASS_FUNCTIONS)
+
+    def _producer(self, src):
+        """Split ``act(base(...))`` into (base node, activation node or None)."""
+        act = None
+        while True:
+            m = self._mod(src)
+            if self._is_act(src) and act is None:
+                act, src = src, src.args[0]
+            elif isinstance(m, _IDENTITY_MODULES) or (src.op == "call_method" and src.target in ("contiguous", "clone", "detach")) \
+                    or (src.op == "call_function" and src.target is F.dropout):
+                src = src.args[0]
+            else:
+                return src, act
+
+    def _check(self):
+        for n in self.gm.graph.nodes:
+            m = self._mod(n)
+            if isinstance(m, Quantizer):
+                if not isinstance(m.spec.granularity, PerTensor):
+                    raise IntegerEngineError(f"{m.tensor_name}: per-tensor activation grids only")
+                base, _ = self._producer(n.args[0])
+                bm = self._mod(base)
+                ok = base.op == "placeholder" or isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)) \
+                    or self._is_add(base) or isinstance(bm, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)) \
+                    or (base.op == "call_function" and base.target in (torch.cat, torch.concat)) \
+                    or (base.op == "call_method" and base.target == "mean") or self._is_pass(base) \
+                    or isinstance(self._mod(base), Quantizer)
+                if not ok:
+                    raise IntegerEngineError(self._unsupported(base))
+                if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                    wq = bm.param_quantizers["weight"] if "weight" in bm.param_quantizers else None
+                    if not isinstance(wq, Quantizer) or not wq.spec.symmetric:
+                        raise IntegerEngineError(f"{base.target}: needs a symmetric weight quantizer (zero point 0)")
+                    if isinstance(bm, nn.Conv2d) and (isinstance(bm.padding, str) or bm.padding_mode != "zeros"):
+                        raise IntegerEngineError(f"{base.target}: only zero padding with explicit sizes")
+
+    def _is_add(self, n) -> bool:
+        return (n.op == "call_function" and n.target in (operator.add, torch.add)) or (n.op == "call_method" and n.target == "add")
+
+    def _unsupported(self, n) -> str:
+        m = self._mod(n)
+        what = type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target))
+        return (f"{n.name} ({what}) has no integer implementation; the engine runs conv, linear, add, "
+                "ReLU/ReLU6/clamps, max/global-average pooling, concat, flatten/reshape")
+
+    # ---------------------------------------------------------------- run
+    @torch.no_grad()
+    def run(self, *inputs: torch.Tensor) -> QTensor:
+        env: dict[fx.Node, object] = {}
+        pos = list(inputs)
+        out = None
+        for n in self.gm.graph.nodes:
+            m = self._mod(n)
+            if n.op == "placeholder":
+                env[n] = pos.pop(0)
+            elif isinstance(m, Quantizer):
+                env[n] = self._quantized(n, m, env)
+            elif n.op == "output":
+                out = env[n.args[0]]
+            elif self._is_pass(n) and isinstance(env.get(n.args[0]), QTensor):
+                x = env[n.args[0]]
+                env[n] = QTensor(self._apply_pass(n, x.q), x.scale, x.zero_point)
+            else:
+                env[n] = n  # computed lazily by the quantizer that consumes it
+        if not isinstance(out, QTensor):
+            raise IntegerEngineError("the model output is not quantized (its output quantizer is disabled?)")
+        return out
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(*inputs).dequantize()
+
+    def _apply_pass(self, n, q: torch.Tensor) -> torch.Tensor:
+        m = self._mod(n)
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+            return m(q.double()).long()  # max of integers is exact in float64
+        if isinstance(m, nn.Flatten):
+            return q.flatten(m.start_dim, m.end_dim)
+        if m is not None or n.target in (F.dropout,) or n.target in ("contiguous", "clone", "detach"):
+            return q
+        args = [a for a in n.args[1:]]
+        if n.op == "call_method":
+            return getattr(q, n.target)(*args, **n.kwargs)
+        return n.target(q, *args, **n.kwargs)
+
+    def _out_grid(self, q: Quantizer):
+        return float(q.scale.reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
+
+    def _clamp_bounds(self, act, s_y: float, z_y: int, q: Quantizer, channels: int, ndim: int):
+        lo = torch.full((channels,), q.qmin, dtype=torch.int64)
+        hi = torch.full((channels,), q.qmax, dtype=torch.int64)
+        if act is not None:
+            m = self._mod(act)
+            if isinstance(m, ChannelClamp):
+                a, b = m.lo.double(), m.hi.double()
+            elif isinstance(m, nn.Hardtanh):
+                a, b = torch.full((channels,), float(m.min_val)), torch.full((channels,), float(m.max_val))
+            elif act.target is F.relu6:
+                a, b = torch.zeros(channels), torch.full((channels,), 6.0)
+            else:
+                a, b = torch.zeros(channels), torch.full((channels,), math.inf)
+            # round() is monotonic, so clamp-then-quantize equals quantize-then-clamp at the mapped bounds
+            a_q = torch.round(a.double() / s_y).clamp(-2 ** 40, 2 ** 40).long() + z_y
+            b_q = torch.where(torch.isinf(b), torch.full_like(a_q, 2 ** 40), torch.round(b.double() / s_y).clamp(-2 ** 40, 2 ** 40).long() + z_y)
+            lo, hi = torch.maximum(lo, a_q), torch.minimum(hi, b_q)
+        shape = [1, -1] + [1] * (ndim - 2) if ndim > 2 else [1, -1]
+        return lo.view(shape), hi.view(shape)
+
+    def _quantized(self, n, q: Quantizer, env) -> QTensor:
+        s_y, z_y = self._out_grid(q)
+        src = n.args[0]
+        val = env[src]
+        if isinstance(val, QTensor):  # a pass-through chain ended on a quantized value: requantize it
+            return self._rescale(val, s_y, z_y, q.qmin, q.qmax)
+        if isinstance(val, torch.Tensor):  # the float model input
+            return QTensor(quantize(val, q.scale, q.zero_point, q.qmin, q.qmax).long(), s_y, z_y)
+        base, act = self._producer(src)
+        bm = self._mod(base)
+        if isinstance(env.get(base), QTensor):  # an activation applied to an already quantized value
+            y = self._rescale(env[base], s_y, z_y, q.qmin, q.qmax)
+            lo, hi = self._clamp_bounds(act, s_y, z_y, q, y.q.shape[1] if y.q.ndim > 1 else 1, y.q.ndim)
+            return QTensor(torch.maximum(torch.minimum(y.q, hi), lo), s_y, z_y)
+        if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            return self._weighted(base, bm, env[base.args[0]], act, q, s_y, z_y)
+        if self._is_add(base):
+            a, b = env[base.args[0]], env[base.args[1]]
+            return self._add(a, b, act, q, s_y, z_y)
+        if isinstance(bm, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d)) or (base.op == "call_method" and base.target == "mean"):
+            return self._global_pool(env[base.args[0]], q, s_y, z_y, base)
+        if base.op == "call_function" and base.target in (torch.cat, torch.concat):
+            dim = base.kwargs.get("dim", base.args[1] if len(base.args) > 1 else 0)
+            parts = [self._rescale(env[p], s_y, z_y, q.qmin, q.qmax).q for p in base.args[0]]
+            return QTensor(torch.cat(parts, dim=dim), s_y, z_y)
+        raise IntegerEngineError(self._unsupported(base))
+
+    def _rescale(self, x: QTensor, s_y: float, z_y: int, qmin: int, qmax: int) -> QTensor:
+        if x.scale == s_y and x.zero_point == z_y:
+            return QTensor(x.q.clamp(qmin, qmax), s_y, z_y)
+        m0, sh = quantize_multiplier(torch.tensor([x.scale / s_y]))
+        return QTensor((requantize(x.q - x.zero_point, m0, sh) + z_y).clamp(qmin, qmax), s_y, z_y)
+
+    def _weighted(self, node, m, x: QTensor, act, q: Quantizer, s_y, z_y) -> QTensor:
+        if not isinstance(x, QTensor):
+            raise IntegerEngineError(f"{node.target}: its input is not quantized")
+        wq: Quantizer = m.param_quantizers["weight"]
+        w_int = quantize(m.weight.detach(), wq.scale, wq.zero_point, wq.qmin, wq.qmax, wq.spec.granularity).long()
+        cout = w_int.shape[0]
+        s_w = wq.scale.detach().double().reshape(-1)
+        s_w = s_w.expand(cout) if s_w.numel() == 1 else s_w
+        if not isinstance(wq.spec.granularity, (PerTensor, PerChannel)):
+            raise IntegerEngineError(f"{node.target}: blocked weights have no single accumulator scale")
+        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(cout, dtype=torch.float64)
+        b_q = torch.round(bias / (x.scale * s_w)).long()
+        groups = getattr(m, "groups", 1)
+        # zero point of the input folded into the bias: sum_k w[c, k] * (q_x - z_x) = w.q_x - z_x * sum_k w[c, k]
+        b_fold = b_q - x.zero_point * w_int.reshape(cout, -1).sum(1)
+        if isinstance(m, nn.Linear):
+            acc = torch.matmul(x.q, w_int.t())  # int64 matmul
+            shape = [1] * (acc.ndim - 1) + [-1]
+        else:
+            conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
+            acc = conv(x.q.double(), w_int.double(), None, m.stride, m.padding, m.dilation, groups)
+            acc = acc.round().long()  # integers below 2**53 are exact in float64
+            shape = [1, -1] + [1] * (acc.ndim - 2)
+        # zero padding pads with the real value 0, i.e. q = z_x: the conv above padded q with 0 instead,
+        # so the padded taps contributed 0 where they should contribute z_x * w; correct exactly:
+        if not isinstance(m, nn.Linear) and x.zero_point != 0 and any(p != 0 for p in _tuple(m.padding)):
+            ones = torch.ones_like(x.q, dtype=torch.float64)
+            inside = conv(ones, w_int.double(), None, m.stride, m.padding, m.dilation, groups).round().long()
+            total = w_int.reshape(cout, -1).sum(1).view(shape)
+            acc = acc + x.zero_point * (total - inside)
+        acc = acc + b_fold.view(shape)
+        _check_int32(acc, str(node.target))
+        m0, sh = quantize_multiplier(x.scale * s_w / s_y)
+        y = requantize(acc, m0.view(shape), sh.view(shape)) + z_y
+        lo, hi = self._clamp_bounds(act, s_y, z_y, q, cout, y.ndim)
+        if isinstance(m, nn.Linear):
+            lo, hi = lo.view(shape), hi.view(shape)
+        return QTensor(torch.maximum(torch.minimum(y, hi), lo), s_y, z_y)
+
+    def _add(self, a: QTensor, b: QTensor, act, q: Quantizer, s_y, z_y) -> QTensor:
+        if not (isinstance(a, QTensor) and isinstance(b, QTensor)):
+            raise IntegerEngineError("add: both inputs must be quantized")
+        left = 20  # headroom bits (TFLite)
+        twice_max = 2 * max(a.scale, b.scale)
+        ma0, ma_n = quantize_multiplier(torch.tensor([a.scale / twice_max]))
+        mb0, mb_n = quantize_multiplier(torch.tensor([b.scale / twice_max]))
+        ra = requantize((a.q - a.zero_point) << left, ma0, ma_n)
+        rb = requantize((b.q - b.zero_point) << left, mb0, mb_n)
+        mo0, mo_n = quantize_multiplier(torch.tensor([twice_max / ((1 << left) * s_y)]))
+        y = requantize(ra + rb, mo0, mo_n) + z_y
+        lo, hi = self._clamp_bounds(act, s_y, z_y, q, y.shape[1] if y.ndim > 1 else 1, y.ndim)
+        return QTensor(torch.maximum(torch.minimum(y, hi), lo), s_y, z_y)
+
+    def _global_pool(self, x: QTensor, q: Quantizer, s_y, z_y, node) -> QTensor:
+        m = self._mod(node)
+        if m is not None:
+            osz = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
+            if any(o != 1 for o in osz):
+                raise IntegerEngineError(f"{node.target}: adaptive pooling to {m.output_size}: only global (1) pooling")
+            dims = list(range(2, x.q.ndim))
+            keep = True
+        else:
+            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        count = 1
+        for d in dims:
+            count *= x.q.shape[d]
+        acc = (x.q - x.zero_point).sum(dim=dims, keepdim=keep)
+        _check_int32(acc, "global average pool")
+        m0, sh = quantize_multiplier(torch.tensor([x.scale / (s_y * count)]))
+        y = requantize(acc, m0, sh) + z_y
+        return QTensor(y.clamp(q.qmin, q.qmax), s_y, z_y)
+
+
+def _tuple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned for the dev and CI environment (they lie on local disk there).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench bench-ptq setup clean
+.PHONY: demo test test-fast bench bench-ptq bench-export setup clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ bench: $(STAMP)
 
 bench-ptq: $(STAMP)
 	$(BIN)/python benchmarks/bench_ptq.py --out benchmarks/results/ptq.md
+
+bench-export: $(STAMP)
+	$(BIN)/python benchmarks/bench_export.py --out benchmarks/results/export.md
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -36,12 +36,16 @@ def make_model():
                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
 
 
+def _image_folder(path, n, seed):
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(path / f"{i}.png")
+    return path
+
+
 def test_quantize_own_model(tmp_path, monkeypatch):
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    imgs = _image_folder(tmp_path / "imgs", 5, seed=0)
     weights = tmp_path / "w.pt"
     torch.save(make_model().state_dict(), weights)
     monkeypatch.syspath_prepend(str(tmp_path.parent))
@@ -63,11 +67,7 @@ def test_quantize_own_model(tmp_path, monkeypatch):
 
 
 def test_quantize_with_ptq_auto(tmp_path, monkeypatch):
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(imgs / f"{i}.png")
+    imgs = _image_folder(tmp_path / "imgs", 12, seed=1)
     monkeypatch.syspath_prepend(str(tmp_path.parent))
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["quantize", "--model", "tests.test_cli:make_model", "--calib", str(imgs), "--recipe",

@@ -11,6 +11,8 @@ ONNX graph match one to one by construction (and a check verifies it):
 * bias -> an int32 initializer ``layer.bias`` with scale ``s_in * s_w`` and zero point 0, when the
   layer's input comes from a per-tensor activation quantizer and its weight is quantized.
 
+8-bit activations are always stored as uint8 (a signed asymmetric grid ``(q, z)`` is the same grid as
+``(q + 128, z + 128)``), because ONNX Runtime fuses only when a conv's input and output types match.
 Grids narrower than their container (a narrow range, or 2-7 bits) get a ``Clip`` to the grid's float
 range before ``QuantizeLinear``, which rounds to the same integers as the sim. ONNX Runtime fuses the
 DQ -> op -> Q patterns into its integer kernels (QLinearConv, QLinearAdd, ...).
@@ -79,10 +81,20 @@ class _Builder:
         return name
 
     def int_const(self, name: str, values: np.ndarray, dtype: int) -> str:
+        """An integer initializer stored in its own width (raw bytes; 4-bit values packed two per byte)."""
         if name in self.names:
             raise ExportError(f"duplicate tensor name {name!r}")
         self.names.add(name)
-        self.inits.append(helper.make_tensor(name, dtype, list(values.shape), values.astype(np.int64).flatten().tolist()))
+        values = np.asarray(values).astype(np.int64)
+        if dtype in (TensorProto.INT4, TensorProto.UINT4):
+            flat = (values.flatten() & 0xF).astype(np.uint8)
+            if flat.size % 2:
+                flat = np.append(flat, np.uint8(0))
+            packed = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)  # first element in the low nibble
+            self.inits.append(helper.make_tensor(name, dtype, list(values.shape), packed.tobytes(), raw=True))
+        else:
+            np_type = helper.tensor_dtype_to_np_dtype(dtype)
+            self.inits.append(numpy_helper.from_array(values.astype(np_type), name))
         return name
 
     def node(self, op: str, inputs: list[str], out: Optional[str] = None, base: str = "", **attrs) -> str:
@@ -123,19 +135,35 @@ def _activation_qdq(b: _Builder, q: Quantizer, x: str, ndim: int) -> str:
     if not isinstance(q.spec.granularity, PerTensor):
         raise ExportError(f"activation quantizer {q.tensor_name!r} is {type(q.spec.granularity).__name__}: "
                           "ONNX export supports per-tensor activations (the integer kernels need them)")
+    qmin, qmax = q.qmin, q.qmax
+    if dtype == TensorProto.INT8:  # int8 (q, z) == uint8 (q + 128, z + 128): ORT fuses uint8 activations everywhere
+        dtype, cmin, cmax = TensorProto.UINT8, 0, 255
+        zp, qmin, qmax = zp.astype(np.int64) + 128, qmin + 128, qmax + 128
     s = b.const(f"{q.tensor_name}_scale", _scale_shape(q, scale).astype(np.float32))
     z = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(z)
     b.int_const(z, _scale_shape(q, zp), dtype)
     src = x
-    if (q.qmin, q.qmax) != (cmin, cmax):  # the grid is narrower than the container: clip in float first
-        lo = float((q.qmin - zp.reshape(-1)[0]) * scale.reshape(-1)[0])
-        hi = float((q.qmax - zp.reshape(-1)[0]) * scale.reshape(-1)[0])
+    if (qmin, qmax) != (cmin, cmax):  # the grid is narrower than the container: clip in float first
+        lo = float((qmin - zp.reshape(-1)[0]) * scale.reshape(-1)[0])
+        hi = float((qmax - zp.reshape(-1)[0]) * scale.reshape(-1)[0])
         src = b.node("Clip", [x, b.const(f"{q.tensor_name}_lo", np.float32(lo)), b.const(f"{q.tensor_name}_hi", np.float32(hi))],
                      base=f"{q.tensor_name}_clip")
     b.q_inputs.add(x)
     qo = b.node("QuantizeLinear", [src, s, z], out=b.fresh(f"{q.tensor_name}_quantized"), base=q.tensor_name)
-    return b.node("DequantizeLinear", [qo, s, z], out=b.fresh(f"{q.tensor_name}_dequantized"), base=q.tensor_name)
+    return _Quantized(qo, s, z, q.tensor_name)
+
+
+class _Quantized:
+    """A quantized value; every consumer gets its own DequantizeLinear, as ONNX Runtime's QDQ fusion
+    needs (a DQ shared by a conv and an add keeps both in float)."""
+
+    def __init__(self, q: str, scale: str, zero_point: str, name: str):
+        self.q, self.scale, self.zero_point, self.name = q, scale, zero_point, name
+
+    def dequantized(self, b: "_Builder") -> str:
+        return b.node("DequantizeLinear", [self.q, self.scale, self.zero_point], out=b.fresh(f"{self.name}_dequantized"),
+                      base=self.name)
 
 
 def _weight_dq(b: _Builder, q: Quantizer, w: torch.Tensor) -> str:
@@ -339,7 +367,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     for n in gm.graph.nodes:
         out = want.get(n) or n.name
         m = modules.get(n.target) if n.op == "call_module" else None
-        a = [val.get(x) if isinstance(x, fx.Node) else x for x in n.args]
+        a = list(fx.node.map_aggregate(n.args, lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
         if n.op == "placeholder":
             b.names.add(out)
             inputs.append(vinfo(out, n))
@@ -348,7 +376,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
             res = n.args[0]
             res = res if isinstance(res, (tuple, list)) else [res]
             for i, r in enumerate(res):
-                name = val[r]
+                name = _resolve(b, val[r])
                 if name in {vi.name for vi in inputs} or name in (o.name for o in outputs):
                     name = b.node("Identity", [name], out=b.fresh(f"output_{i}"))
                 outputs.append(vinfo(name, r))
@@ -364,11 +392,15 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         else:
             raise ExportError(f"cannot export fx node {n.op} {n.target}")
         if n in want and val.get(n) != want[n] and n.op != "placeholder":
-            val[n] = b.node("Identity", [val[n]], out=want[n])
+            val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
     graph = helper.make_graph(b.nodes, "edgequant", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _resolve(b: _Builder, v):
+    return v.dequantized(b) if isinstance(v, _Quantized) else v
 
 
 def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, shape_of) -> str:

@@ -11,7 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core.granularity import PerChannel, PerTensor
+from ..core.quant import fake_quantize
 from .quantizer import Quantizer
+
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 _CLASS_CACHE: dict[type, type] = {}
 
@@ -20,6 +24,9 @@ class QuantizedModuleMixin:
     """Fake-quantizes the parameters listed in ``self.param_quantizers`` during ``forward``."""
 
     param_quantizers: nn.ModuleDict
+    #: ``(ModuleDict, key)`` of the activation quantizer feeding this layer, set by graph preparation;
+    #: the bias is then fake-quantized to int32 on the accumulator grid ``s_in * s_w``, as deployed
+    _bias_input = None
 
     def forward(self, *args, **kwargs):
         pq = self.param_quantizers
@@ -27,13 +34,37 @@ class QuantizedModuleMixin:
             return super().forward(*args, **kwargs)
         saved = {}
         try:
+            bias = self._quantized_bias()
             for pname, q in pq.items():
                 p = self._parameters[pname]
                 saved[pname] = p
                 self._parameters[pname] = q(p)  # a plain tensor, only while forward runs
+            if bias is not None:
+                saved["bias"] = self._parameters["bias"]
+                self._parameters["bias"] = bias
             return super().forward(*args, **kwargs)
         finally:
             self._parameters.update(saved)
+
+    def _quantized_bias(self):
+        """``round(b / (s_in s_w)) * s_in s_w`` when the input and weight quantizers are active and
+        calibrated (per-tensor input; per-tensor or per-output-channel weight), else None."""
+        src = self._bias_input
+        bias = self._parameters.get("bias")
+        if src is None or bias is None or "weight" not in self.param_quantizers:
+            return None
+        q_in, q_w = src[0][src[1]], self.param_quantizers["weight"]
+        if not (isinstance(q_in, Quantizer) and isinstance(q_w, Quantizer) and q_in._ready and q_w._ready
+                and q_in._observer is None and isinstance(q_in.spec.granularity, PerTensor)):
+            return None
+        g = q_w.spec.granularity
+        if isinstance(g, PerTensor):
+            s = (q_in.scale.reshape(()) * q_w.scale.reshape(())).expand(bias.shape[0])
+        elif isinstance(g, PerChannel) and q_w.scale.numel() == bias.shape[0]:
+            s = q_in.scale.reshape(()) * q_w.scale.reshape(-1)
+        else:
+            return None
+        return fake_quantize(bias, s, torch.zeros_like(s, dtype=torch.int32), INT32_MIN, INT32_MAX, PerChannel(0))
 
     def float_class(self) -> type:
         return type(self).__mro__[2]

@@ -16,11 +16,17 @@ def _batches(x, n=4, size=64):
     return [x[i * size:(i + 1) * size] for i in range(n)]
 
 
+def _folded_sim(net, x, config):
+    """(BN-folded float model, its calibrated sim)."""
+    folded, _ = fold_batch_norms(net)
+    sim = QuantSim(folded, x[:1], config)
+    sim.calibrate(_batches(x), progress=False)
+    return folded, sim
+
+
 def test_empirical_bias_correction_reduces_mean_shift_on_held_out_data(tiny_net, digits):
     xtr, _, xte, _ = digits
-    folded, _ = fold_batch_norms(tiny_net)
-    sim = QuantSim(folded, xtr[:1], "w4a8_per_tensor")
-    sim.calibrate(_batches(xtr), progress=False)
+    folded, sim = _folded_sim(tiny_net, xtr, "w4a8_per_tensor")
     before = copy.deepcopy(sim)
     rep = correct_bias(sim, _batches(xtr), progress=False)
     assert set(rep.layers) == {"stem.0", "expand.0", "dw.0", "project.0", "head.0", "fc"}
@@ -33,9 +39,7 @@ def test_empirical_bias_correction_reduces_mean_shift_on_held_out_data(tiny_net,
 
 def test_adaround_never_worse_than_nearest_and_freezes_weights_on_grid(tiny_net, digits):
     xtr, _, xte, yte = digits
-    folded, _ = fold_batch_norms(tiny_net)
-    sim = QuantSim(folded, xtr[:1], "w4a8")
-    sim.calibrate(_batches(xtr), progress=False)
+    _, sim = _folded_sim(tiny_net, xtr, "w4a8")
     nearest = copy.deepcopy(sim)
     rep = adaround(sim, _batches(xtr), iterations=150, samples=1024, progress=False)
     assert len(rep.layers) == 6

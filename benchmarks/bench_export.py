@@ -35,6 +35,38 @@ def session(path, threads):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def _time_sessions(paths, x32, threads, repeats, queue):
+    times = {k: {} for k in paths}
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    for bs in (1, 32):
+        x = x32[:bs]
+        for s in sessions.values():  # warm-up
+            s.run(None, {"x": x})
+        samples = {k: [] for k in sessions}
+        for _ in range(repeats):  # interleaved, so load changes hit every model alike
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, {"x": x})
+                samples[k].append(time.perf_counter() - t)
+        for k in sessions:
+            times[k][bs] = statistics.median(samples[k]) * 1000
+    queue.put(times)
+
+
+def _latencies_in_fresh_process(paths, x32, threads, repeats):
+    """Time ONNX Runtime in a process that never ran torch: torch's OpenMP threads keep spinning after
+    its last op and slowed ORT by up to 4x in the same process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_time_sessions, args=(paths, x32, threads, repeats, q))
+    p.start()
+    times = q.get()
+    p.join()
+    return times
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib", type=int, default=128)
@@ -56,24 +88,12 @@ def main():
         paths["fp32"] = sim.export_onnx(os.path.join(tmp, "fp32.onnx"))["onnx"]
     paths["int8 (uint8 weights)"] = sim.export_onnx(os.path.join(tmp, "int8_u8w.onnx"))["onnx"]
     paths["int8 (int8 weights)"] = sim.export_onnx(os.path.join(tmp, "int8_s8w.onnx"), weight_dtype="int8")["onnx"]
+    times = _latencies_in_fresh_process(paths, ev[:32].numpy(), args.threads, args.repeats)
     sessions = {k: session(p, args.threads) for k, p in paths.items()}
 
     lines = [f"real MobileNetV2 (BN folded, w8a8 per-channel), ONNX Runtime {ort.__version__} CPU, "
              f"{args.threads} threads, load average {os.getloadavg()[0]:.2f}", "",
              "| model | file MB | batch 1 ms | batch 32 ms | speed-up b1 | speed-up b32 |", "|---|---|---|---|---|---|"]
-    times = {k: {} for k in sessions}
-    for bs in (1, 32):
-        x = ev[:bs].numpy()
-        for s in sessions.values():  # warm-up
-            s.run(None, {"x": x})
-        samples = {k: [] for k in sessions}
-        for _ in range(args.repeats):  # interleaved, so load changes hit every model alike
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s.run(None, {"x": x})
-                samples[k].append(time.perf_counter() - t)
-        for k in sessions:
-            times[k][bs] = statistics.median(samples[k]) * 1000
     for k, p in paths.items():
         mb = os.path.getsize(p) / 1e6
         lines.append(f"| {k} | {mb:.2f} | {times[k][1]:.2f} | {times[k][32]:.1f} | {times['fp32'][1] / times[k][1]:.2f}x | "

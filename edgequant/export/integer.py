@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,6 @@ DQ -> op -> Q patterns into its integer kernels (QLinearConv, QLinearAdd, ...).
 """
 from __future__ import annotations
 
-import math
 import operator
 import os
 import tempfile

@@ -170,16 +170,21 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
 
     def first(b):
+        """The model input of a batch: a tensor, a dict of keyword inputs, or the first item of a tuple."""
         return _to_device(b[0] if isinstance(b, (tuple, list)) else b, device)
 
+    def call(m, b):
+        x = first(b)
+        return m(**x) if isinstance(x, dict) else m(x)
+
     with torch.no_grad():
-        ref = [model(first(b)) for b in score_batches]
+        ref = [call(model, b) for b in score_batches]
 
     def measure(sim) -> tuple[Optional[float], Optional[float], Optional[float]]:
         fid = None
         if ref:
             with torch.no_grad():
-                out = torch.cat([sim(first(b)).float() for b in score_batches])
+                out = torch.cat([call(sim, b).float() for b in score_batches])
             r = torch.cat([t.float() for t in ref])
             fid = fidelity(r, out) if r.ndim == 2 else None
             sq = fid.sqnr_db if fid is not None else _sqnr(r, out)

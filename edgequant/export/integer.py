@@ -46,6 +46,7 @@ from torch import fx, nn
 
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import quantize
+from ..graph import ops
 from ..nn.clamp import ChannelClamp
 from ..nn.quantizer import NotCalibratedError, Quantizer
 
@@ -108,11 +109,6 @@ def _check_int32(acc: torch.Tensor, where: str) -> None:
 
 
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, ChannelClamp)
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten,
-                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_PASS_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "detach", "squeeze", "unsqueeze"}
-_PASS_FUNCTIONS = {torch.flatten, torch.reshape, F.dropout, torch.squeeze, torch.unsqueeze}
 
 
 class IntegerEngine:
@@ -144,19 +140,15 @@ class IntegerEngine:
             or (n.op == "call_method" and n.target == "relu")
 
     def _is_pass(self, n) -> bool:
-        m = self._mod(n)
-        return isinstance(m, _PASS_MODULES) or (n.op == "call_method" and n.target in _PASS_METHODS) \
-            or (n.op == "call_function" and n.target in _PASS_FUNCTIONS)
+        return ops.keeps_grid(n, self.modules)
 
     def _producer(self, src):
         """Split ``act(base(...))`` into (base node, activation node or None)."""
         act = None
         while True:
-            m = self._mod(src)
             if self._is_act(src) and act is None:
                 act, src = src, src.args[0]
-            elif isinstance(m, _IDENTITY_MODULES) or (src.op == "call_method" and src.target in ("contiguous", "clone", "detach")) \
-                    or (src.op == "call_function" and src.target is F.dropout):
+            elif ops.is_identity(src, self.modules):
                 src = src.args[0]
             else:
                 return src, act
@@ -234,7 +226,7 @@ class IntegerEngine:
             return m(q.double()).long()  # max of integers is exact in float64
         if isinstance(m, nn.Flatten):
             return q.flatten(m.start_dim, m.end_dim)
-        if m is not None or n.target in (F.dropout,) or n.target in ("contiguous", "clone", "detach"):
+        if m is not None or ops.is_identity(n, self.modules):
             return q
         args = [a for a in n.args[1:]]
         if n.op == "call_method":

@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from ..core.granularity import PerBlock, PerChannel, PerTensor
+from ..graph import ops
 from ..core.quant import quantize
 from ..nn.clamp import ChannelClamp
 from ..nn.quantizer import NotCalibratedError, Quantizer
@@ -42,8 +43,8 @@ class ExportError(RuntimeError):
     """The sim cannot be exported as asked; the message names the op or quantizer and what to do."""
 
 
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_IDENTITY_METHODS = {"contiguous", "clone", "detach", "to", "cpu", "cuda", "type_as"}
+#: methods that are no-ops in an exported graph
+_NOOP_METHODS = ops.IDENTITY_METHODS | {"to", "cpu", "cuda", "type_as"}
 
 
 def _container(bits: int, signed: bool, opset: int):
@@ -197,10 +198,7 @@ def _input_scale(node: fx.Node, modules) -> Optional[float]:
         m = modules.get(n.target) if n.op == "call_module" else None
         if isinstance(m, Quantizer):
             return float(m.scale.reshape(-1)[0]) if isinstance(m.spec.granularity, PerTensor) else None
-        passes = isinstance(m, _IDENTITY_MODULES + (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) or \
-            (n.op == "call_method" and n.target in _IDENTITY_METHODS | {"flatten", "view", "reshape"}) or \
-            (n.op == "call_function" and n.target in (torch.flatten, torch.reshape, F.dropout))
-        if not passes:
+        if not ops.keeps_grid(n, modules):
             return None
         n = n.args[0] if n.args else None
     return None
@@ -347,6 +345,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
 
     def shape_of(n):
         meta = n.meta.get("tensor_meta")
+        if meta is None and isinstance(modules.get(n.target), Quantizer):
+            meta = n.args[0].meta.get("tensor_meta")  # quantizers were inserted after shape propagation
         return list(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
     def vinfo(name, n):
@@ -355,13 +355,6 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
             return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
         dims = ["N" if (i == 0 and dynamic_batch) else d for i, d in enumerate(shape)]
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
-
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    ex = [torch.zeros(p.meta["tensor_meta"].shape) if "tensor_meta" in p.meta else None
-          for p in gm.graph.nodes if p.op == "placeholder"]
-    if any(e is None for e in ex) or not all("tensor_meta" in n.meta for n in gm.graph.nodes if n.op != "output"):
-        ShapeProp(gm).propagate(*[e for e in ex if e is not None])
 
     for n in gm.graph.nodes:
         out = want.get(n) or n.name
@@ -386,7 +379,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         elif n.op in ("call_function", "call_method"):
             val[n] = _function(b, n, a, out, shape_of)
         elif n.op == "get_attr":
-            t = getattr(gm, n.target) if "." not in n.target else gm.get_submodule(n.target.rsplit(".", 1)[0]).__getattr__(n.target.rsplit(".", 1)[1])
+            t = operator.attrgetter(n.target)(gm)
             val[n] = b.const(n.target, t.detach().cpu().numpy())
         else:
             raise ExportError(f"cannot export fx node {n.op} {n.target}")
@@ -409,7 +402,7 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                       nn.Linear, nn.Embedding)):
         return _weighted(b, n, m, x, out, modules, ndim)
-    if isinstance(m, _IDENTITY_MODULES):
+    if isinstance(m, ops.IDENTITY_MODULES):
         return x
     if isinstance(m, ChannelClamp):
         shape = [-1] + [1] * (ndim - 2) if m.channel_axis == 1 else [-1]
@@ -472,7 +465,7 @@ def _reshape(b, x, shape, out, base):
 def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
     t = n.target
     base = n.name
-    if t in _IDENTITY_METHODS or t is F.dropout:
+    if t in _NOOP_METHODS or t in ops.IDENTITY_FUNCTIONS:
         return a[0]
     binary = {operator.add: "Add", torch.add: "Add", "add": "Add", operator.mul: "Mul", torch.mul: "Mul", "mul": "Mul",
               operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.truediv: "Div", torch.div: "Div", "div": "Div",

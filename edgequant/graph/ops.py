@@ -49,8 +49,32 @@ COMPUTE_MODULES = NORM_MODULES + (
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.Upsample, nn.UpsamplingBilinear2d, ChannelClamp,
 )
-#: modules that return their input unchanged in eval mode
+#: ops that return their input unchanged in eval mode
 IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+IDENTITY_FUNCTIONS = {F.dropout}
+IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+#: ops whose output stays on its input's quantization grid (values moved, never recomputed)
+KEEP_GRID_MODULES = IDENTITY_MODULES + (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+KEEP_GRID_FUNCTIONS = IDENTITY_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+KEEP_GRID_METHODS = IDENTITY_METHODS | {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+
+
+def _matches(node, modules, mods, functions, methods) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), mods)
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def is_identity(node, modules) -> bool:
+    """Whether fx ``node`` returns its input unchanged (``modules``: the graph's named modules)."""
+    return _matches(node, modules, IDENTITY_MODULES, IDENTITY_FUNCTIONS, IDENTITY_METHODS)
+
+
+def keeps_grid(node, modules) -> bool:
+    """Whether fx ``node``'s output stays on its input's grid (identity, flatten, reshape, max-pool)."""
+    return _matches(node, modules, KEEP_GRID_MODULES, KEEP_GRID_FUNCTIONS, KEEP_GRID_METHODS)
 PASS_MODULES = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,

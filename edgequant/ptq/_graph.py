@@ -7,11 +7,7 @@ import torch
 from torch import fx, nn
 
 from ..graph.capture import capture
-
-#: ops that keep every channel's values where they are (elementwise identity in eval mode)
-IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-IDENTITY_FUNCTIONS = {torch.nn.functional.dropout}
-IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+from ..graph.ops import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, is_identity  # noqa: F401
 
 
 def trace(model: nn.Module) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
@@ -22,14 +18,6 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
 
 def module_of(node: fx.Node, modules: dict[str, nn.Module]):
     return modules.get(node.target) if node.op == "call_module" else None
-
-
-def is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], IDENTITY_MODULES)
-    if node.op == "call_function":
-        return node.target in IDENTITY_FUNCTIONS
-    return node.op == "call_method" and node.target in IDENTITY_METHODS
 
 
 def only_user(node: fx.Node):

@@ -31,6 +31,7 @@ worse than nearest rounding on the cached sample, nearest rounding is kept (the 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -292,7 +293,7 @@ def _layer_inputs(sim, name, m, sampler, batches, forward_fn, quantized: bool) -
 
     h = m.register_forward_hook(hook)
     try:
-        ctx = sim.quantization_disabled() if not quantized else _nullcontext()
+        ctx = sim.quantization_disabled() if not quantized else contextlib.nullcontext()
         with ctx:
             for b, batch in enumerate(batches):
                 state["b"] = b
@@ -303,14 +304,6 @@ def _layer_inputs(sim, name, m, sampler, batches, forward_fn, quantized: bool) -
     finally:
         h.remove()
     return torch.cat(got)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _h(v: torch.Tensor) -> torch.Tensor:

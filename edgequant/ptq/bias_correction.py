@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer
+from .cle import _in_channel_expand
 from .data_free import _input_moments, propagate_moments
 
 
@@ -234,7 +235,7 @@ def correct_bias_analytical(sim, *, input_stats: Optional[dict] = None) -> BiasC
             report.skipped[n.target] = "no statistics for its input"
             continue
         eps = (q(m.weight) - m.weight).double().reshape(cout, cin_g, -1).sum(2)  # (Cout, Cin/g)
-        ex = x.mean.view(groups, 1, cin_g).expand(groups, cout // groups, cin_g).reshape(cout, cin_g)
+        ex = _in_channel_expand(x.mean, m.weight, groups)  # E[x] laid out like the weight: (Cout, Cin/g)
         shift = (eps * ex).sum(1)  # (Cout,)
         b = _ensure_bias(m)
         b.sub_(shift.to(b.dtype))

@@ -27,7 +27,6 @@ convs as well costs the float model 14.6 dB of logit SQNR instead of 30 dB).
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..analysis.fidelity import sqnr_db
 from ..nn.clamp import ChannelClamp
 from .bn_fold import FoldReport, fold_batch_norms
 from ._graph import call_counts, is_identity, module_of, only_user, set_submodule, trace
@@ -161,11 +161,6 @@ def _scale_pair(l1: nn.Module, l2: nn.Module, act: Optional[nn.Module], s: torch
     l2.weight.mul_(S.view(*S.shape, *[1] * (l2.weight.ndim - 2)))
 
 
-def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    err = (ref - out).double().pow(2).sum()
-    return float("inf") if err == 0 else 10 * math.log10(ref.double().pow(2).sum() / err)
-
-
 def _run(model, example_inputs):
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
@@ -232,11 +227,11 @@ def cross_layer_equalization(model: nn.Module, example_inputs=None, *, absorb_hi
         if worst < tol:
             break
     if ref is not None:
-        report.sqnr_db_scaling = _sqnr(ref, _run(net, example_inputs))
+        report.sqnr_db_scaling = sqnr_db(ref, _run(net, example_inputs))
     if absorb_high_bias:
         report.absorbed = _absorb(net, pairs, modules, acts, n_std)
         if ref is not None:
-            report.sqnr_db_absorption = _sqnr(ref, _run(net, example_inputs))
+            report.sqnr_db_absorption = sqnr_db(ref, _run(net, example_inputs))
     return net, report
 
 
@@ -282,5 +277,5 @@ def absorb_high_biases(model: nn.Module, example_inputs=None, *, n_std: float = 
     report = CLEReport(pairs=[(p.first, p.second) for p in pairs])
     report.absorbed = _absorb(net, pairs, modules, acts, n_std)
     if ref is not None:
-        report.sqnr_db_absorption = _sqnr(ref, _run(net, example_inputs))
+        report.sqnr_db_absorption = sqnr_db(ref, _run(net, example_inputs))
     return net, report

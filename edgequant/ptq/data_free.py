@@ -27,7 +27,6 @@ quantized with no data at all.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -171,8 +170,6 @@ def propagate_moments(gm: fx.GraphModule, n_std: float = 6.0,
             shape = getattr(meta, "shape", None)
             if shape is not None and len(shape) == 2 and shape[1] == x.mean.numel():
                 res = Moments(x.mean, x.std, x.lo, x.hi, axis=-1)
-        elif n.op == "call_function" and n.target is operator.getitem:
-            res = None
         out[n] = res
     return out
 

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..analysis.fidelity import fidelity
+from ..analysis.fidelity import fidelity, sqnr_db
 from ..config.spec import QuantConfig
 from ..sim.quantsim import QuantSim, _to_device
 from .adaround import adaround
@@ -187,7 +187,7 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
                 out = torch.cat([call(sim, b).float() for b in score_batches])
             r = torch.cat([t.float() for t in ref])
             fid = fidelity(r, out) if r.ndim == 2 else None
-            sq = fid.sqnr_db if fid is not None else _sqnr(r, out)
+            sq = fid.sqnr_db if fid is not None else sqnr_db(r, out)
         else:
             sq = None
         if eval_fn is not None:
@@ -285,8 +285,3 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
     report.seconds = time.perf_counter() - t_start
     return QuantizeResult(best_sim, best_sim.encodings(), report, current)
 
-
-def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    from ..analysis.fidelity import sqnr_db
-
-    return sqnr_db(ref, out)

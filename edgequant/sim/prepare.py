@@ -277,9 +277,6 @@ def _link_bias_inputs(gm: fx.GraphModule, aq: nn.ModuleDict) -> None:
     """Point every quantized conv/linear at the activation quantizer that feeds it (through ops that
     keep values on their grid), so its bias can be quantized on the accumulator grid."""
     modules = dict(gm.named_modules())
-    keep_grid_modules = ops.IDENTITY_MODULES + (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-    keep_grid_methods = {"view", "reshape", "flatten", "contiguous", "clone", "detach", "squeeze", "unsqueeze"}
-    keep_grid_functions = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
     for n in gm.graph.nodes:
         m = modules.get(n.target) if n.op == "call_module" else None
         if not isinstance(m, QuantizedModuleMixin) or isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or not n.args:
@@ -290,8 +287,7 @@ def _link_bias_inputs(gm: fx.GraphModule, aq: nn.ModuleDict) -> None:
             if isinstance(sm, Quantizer):
                 m._bias_input = (aq, src.target.split(".", 1)[1])
                 break
-            if isinstance(sm, keep_grid_modules) or (src.op == "call_method" and src.target in keep_grid_methods) \
-                    or (src.op == "call_function" and src.target in keep_grid_functions):
+            if ops.keeps_grid(src, modules):
                 src = src.args[0] if src.args else None
                 continue
             break

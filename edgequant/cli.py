@@ -83,7 +83,9 @@ def main():
 @click.option("--config", "configs", multiple=True, default=("w8a8", "w8a8_per_tensor"), show_default=True,
               type=click.Choice(sorted(PRESETS)), help="Presets to compare (repeat the option for several).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (default: torch's choice).")
-def demo(out: Path, n_calib: int, n_eval: int, configs, threads):
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Crops per forward pass (16 ran 1.5x faster per image than 32 on a 2-core machine: less memory traffic).")
+def demo(out: Path, n_calib: int, n_eval: int, configs, threads, batch_size):
     """Quantize MobileNetV2 (real ImageNet weights) calibrated on real photo crops and report its fidelity
     to FP32 on crops of other photos: top-1 agreement, top-5 overlap, logit SQNR, KL, size, time."""
     from .data.photos import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, calibration_crops, evaluation_crops
@@ -96,12 +98,12 @@ def demo(out: Path, n_calib: int, n_eval: int, configs, threads):
     click.echo(f"MobileNetV2 (ImageNet weights); {n_calib} calibration crops from {len(CALIBRATION_PHOTOS)} photos, "
                f"{n_eval} evaluation crops from {len(EVALUATION_PHOTOS)} other photos")
     calib, evalset = calibration_crops(n_calib), evaluation_crops(n_eval)
-    rows, sims = evaluate_configs(model, calib, evalset, configs)
+    rows, sims = evaluate_configs(model, calib, evalset, configs, batch_size=batch_size)
     _print_table(rows)
     header = {"model": "MobileNetV2 (torchvision IMAGENET1K_V1)", "calibration_crops": n_calib, "evaluation_crops": n_eval,
               "calibration_photos": list(CALIBRATION_PHOTOS), "evaluation_photos": list(EVALUATION_PHOTOS),
               "batch_norm": "not folded (conv weights are quantized before the BN)",
-              "torch_threads": torch.get_num_threads(), "total_seconds": round(time.perf_counter() - t0, 1)}
+              "torch_threads": torch.get_num_threads(), "batch_size": batch_size, "total_seconds": round(time.perf_counter() - t0, 1)}
     _write_report(out, rows, header)
     for cfg, sim in sims.items():
         sim.save_encodings(out / f"mobilenet_v2.{cfg}.encodings.json")

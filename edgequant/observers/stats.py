@@ -26,6 +26,16 @@ def _check_finite(x: torch.Tensor, name: str, lo=None, hi=None) -> None:
         )
 
 
+def group_aminmax(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (min, max) of ``g`` (G, N). A single row is reduced as a whole: ``aminmax(dim=1)`` on one
+    long row runs on one thread and was measured 17x slower than the full reduction on a MobileNetV2
+    activation (150 ms vs 8.6 ms for 38 M elements on 2 cores)."""
+    if g.shape[0] == 1:
+        lo, hi = torch.aminmax(g)
+        return lo.reshape(1), hi.reshape(1)
+    return torch.aminmax(g, dim=1)
+
+
 class MinMaxObserver:
     """Running minimum and maximum per group.
 
@@ -47,7 +57,7 @@ class MinMaxObserver:
         if x.numel() == 0:
             return
         g = to_groups(x.float(), self.granularity)
-        lo, hi = torch.aminmax(g, dim=1)
+        lo, hi = group_aminmax(g)
         _check_finite(x, self.name, lo, hi)
         self._fold(lo, hi, x.shape)
 
@@ -141,7 +151,7 @@ class HistogramObserver:
         if x.numel() == 0:
             return
         g = to_groups(x.float(), self.granularity)
-        dmin, dmax = torch.aminmax(g, dim=1)
+        dmin, dmax = group_aminmax(g)
         _check_finite(x, self.name, dmin, dmax)
         if self.hist is None:
             self.shape = x.shape
@@ -250,5 +260,5 @@ class TensorObserver:
         x = x.detach()
         _check_finite(x, self.name)
         self.values = to_groups(x.float(), self.granularity)
-        self.min, self.max = torch.aminmax(self.values, dim=1)
+        self.min, self.max = group_aminmax(self.values)
         self.shape = x.shape

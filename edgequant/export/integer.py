@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..core.granularity import PerChannel, PerTensor
+from ..core import requant as rq
 from ..core.quant import quantize
 from ..graph import ops
 from ..nn.clamp import ChannelClamp
@@ -63,43 +64,10 @@ class QTensor:
     q: torch.Tensor
     scale: float
     zero_point: int
+    offset: int = 0  # what the ONNX export adds to store it (see core.requant.deployed_offset)
 
     def dequantize(self) -> torch.Tensor:
         return (self.q - self.zero_point).to(torch.float32) * self.scale
-
-
-def quantize_multiplier(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M0, n)`` int64 per element with ``m ~= M0 * 2**-n``, ``M0`` in ``[2**30, 2**31)``.
-
-    >>> quantize_multiplier(torch.tensor([0.75]))
-    (tensor([1610612736]), tensor([31]))
-    """
-    m0, n = [], []
-    for v in m.double().flatten().tolist():
-        if v <= 0:
-            raise IntegerEngineError(f"requantization multiplier must be positive, got {v}")
-        f, e = math.frexp(v)  # v = f * 2**e, f in [0.5, 1)
-        q = round(f * 2 ** 31)
-        if q == 2 ** 31:
-            q, e = q // 2, e + 1
-        shift = 31 - e
-        if not 0 < shift < 62:
-            raise IntegerEngineError(f"requantization multiplier {v:.3g} is out of the fixed-point range")
-        m0.append(q)
-        n.append(shift)
-    return torch.tensor(m0, dtype=torch.int64).view(m.shape), torch.tensor(n, dtype=torch.int64).view(m.shape)
-
-
-def requantize(acc: torch.Tensor, m0: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``acc * M0 / 2**n`` rounded half to even, in int64 (``acc`` within int32, so ``acc * M0 < 2**62``).
-
-    Half to even, like ONNX ``QuantizeLinear`` and the sim (gemmlowp rounds half away from zero; on
-    an add whose output scale is twice the input' that turns every tie into a mismatch)."""
-    p = acc * m0
-    half = torch.ones_like(n) << (n - 1)
-    q = (p + half) >> n
-    tie = (p & ((half << 1) - 1)) == half
-    return q - (tie & (q & 1).bool()).long()
 
 
 def _check_int32(acc: torch.Tensor, where: str) -> None:
@@ -119,7 +87,8 @@ class IntegerEngine:
     cannot run in integers.
     """
 
-    def __init__(self, sim):
+    def __init__(self, sim, requant: str = "fixed_point"):
+        self.requant = rq.check_mode(requant)
         if sim.capture_mode != "graph":
             raise IntegerEngineError("the integer engine needs a sim built by graph capture")
         missing = [n for n, q in sim.quantizers().items() if not q.is_initialized]
@@ -206,11 +175,12 @@ class IntegerEngine:
                 env[n] = pos.pop(0)
             elif isinstance(m, Quantizer):
                 env[n] = self._quantized(n, m, env)
+                env[n].offset = rq.deployed_offset(m.spec.bits, m.spec.signed)
             elif n.op == "output":
                 out = env[n.args[0]]
             elif self._is_pass(n) and isinstance(env.get(n.args[0]), QTensor):
                 x = env[n.args[0]]
-                env[n] = QTensor(self._apply_pass(n, x.q), x.scale, x.zero_point)
+                env[n] = QTensor(self._apply_pass(n, x.q), x.scale, x.zero_point, x.offset)
             else:
                 env[n] = n  # computed lazily by the quantizer that consumes it
         if not isinstance(out, QTensor):
@@ -284,10 +254,7 @@ class IntegerEngine:
         raise IntegerEngineError(self._unsupported(base))
 
     def _rescale(self, x: QTensor, s_y: float, z_y: int, qmin: int, qmax: int) -> QTensor:
-        if x.scale == s_y and x.zero_point == z_y:
-            return QTensor(x.q.clamp(qmin, qmax), s_y, z_y)
-        m0, sh = quantize_multiplier(torch.tensor([x.scale / s_y]))
-        return QTensor((requantize(x.q - x.zero_point, m0, sh) + z_y).clamp(qmin, qmax), s_y, z_y)
+        return QTensor(rq.rescale(x.q, x.scale, x.zero_point, s_y, z_y, qmin, qmax, self.requant), s_y, z_y)
 
     def _weighted(self, node, m, x: QTensor, act, q: Quantizer, s_y, z_y) -> QTensor:
         if not isinstance(x, QTensor):
@@ -321,26 +288,18 @@ class IntegerEngine:
             acc = acc + x.zero_point * (total - inside)
         acc = acc + b_fold.view(shape)
         _check_int32(acc, str(node.target))
-        m0, sh = quantize_multiplier(x.scale * s_w / s_y)
-        y = requantize(acc, m0.view(shape), sh.view(shape)) + z_y
-        lo, hi = self._clamp_bounds(act, s_y, z_y, q, cout, y.ndim)
+        lo, hi = self._clamp_bounds(act, s_y, z_y, q, cout, acc.ndim)
         if isinstance(m, nn.Linear):
             lo, hi = lo.view(shape), hi.view(shape)
-        return QTensor(torch.maximum(torch.minimum(y, hi), lo), s_y, z_y)
+        return QTensor(rq.requantize(acc, x.scale, s_w, s_y, z_y, lo, hi, self.requant, shape), s_y, z_y)
 
     def _add(self, a: QTensor, b: QTensor, act, q: Quantizer, s_y, z_y) -> QTensor:
         if not (isinstance(a, QTensor) and isinstance(b, QTensor)):
             raise IntegerEngineError("add: both inputs must be quantized")
-        left = 20  # headroom bits (TFLite)
-        twice_max = 2 * max(a.scale, b.scale)
-        ma0, ma_n = quantize_multiplier(torch.tensor([a.scale / twice_max]))
-        mb0, mb_n = quantize_multiplier(torch.tensor([b.scale / twice_max]))
-        ra = requantize((a.q - a.zero_point) << left, ma0, ma_n)
-        rb = requantize((b.q - b.zero_point) << left, mb0, mb_n)
-        mo0, mo_n = quantize_multiplier(torch.tensor([twice_max / ((1 << left) * s_y)]))
-        y = requantize(ra + rb, mo0, mo_n) + z_y
-        lo, hi = self._clamp_bounds(act, s_y, z_y, q, y.shape[1] if y.ndim > 1 else 1, y.ndim)
-        return QTensor(torch.maximum(torch.minimum(y, hi), lo), s_y, z_y)
+        lo, hi = self._clamp_bounds(act, s_y, z_y, q, a.q.shape[1] if a.q.ndim > 1 else 1, max(a.q.ndim, b.q.ndim))
+        offsets = (a.offset, b.offset, rq.deployed_offset(q.spec.bits, q.spec.signed))
+        return QTensor(rq.add(a.q, a.scale, a.zero_point, b.q, b.scale, b.zero_point, s_y, z_y, lo, hi, self.requant, offsets),
+                       s_y, z_y)
 
     def _global_pool(self, x: QTensor, q: Quantizer, s_y, z_y, node) -> QTensor:
         if self._mod(node) is not None or node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
@@ -355,9 +314,7 @@ class IntegerEngine:
             count *= x.q.shape[d]
         acc = (x.q - x.zero_point).sum(dim=dims, keepdim=keep)
         _check_int32(acc, "global average pool")
-        m0, sh = quantize_multiplier(torch.tensor([x.scale / (s_y * count)]))
-        y = requantize(acc, m0, sh) + z_y
-        return QTensor(y.clamp(q.qmin, q.qmax), s_y, z_y)
+        return QTensor(rq.mean(acc, count, x.scale, s_y, z_y, q.qmin, q.qmax, self.requant), s_y, z_y)
 
 
 def _tuple(v):

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from edgequant import NotCalibratedError, QuantSim
-from edgequant.export.integer import IntegerEngine, IntegerEngineError, quantize_multiplier, requantize
+from edgequant.core.requant import quantize_multiplier, shift_round as requantize
+from edgequant.export.integer import IntegerEngine, IntegerEngineError
 from edgequant.ptq import cross_layer_equalization
 
 from .test_onnx_qdq import folded  # noqa: F401  (fixture)

@@ -36,19 +36,16 @@ converted back to int64 and checked against the int32 range.
 """
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..core.granularity import PerChannel, PerTensor
 from ..core import requant as rq
+from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import quantize
-from ..graph import ops
-from ..nn.clamp import ChannelClamp
+from ..graph import lowering, ops
 from ..nn.quantizer import NotCalibratedError, Quantizer
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -76,9 +73,6 @@ def _check_int32(acc: torch.Tensor, where: str) -> None:
         raise IntegerEngineError(f"{where}: int32 accumulator overflow (range {lo}..{hi})")
 
 
-_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, ChannelClamp)
-
-
 class IntegerEngine:
     """Integer-only execution of a calibrated, graph-captured :class:`~edgequant.QuantSim`.
 
@@ -101,26 +95,13 @@ class IntegerEngine:
 
     # ---------------------------------------------------------------- structure
     def _mod(self, n):
-        return self.modules.get(n.target) if isinstance(n, fx.Node) and n.op == "call_module" else None
-
-    def _is_act(self, n) -> bool:
-        m = self._mod(n)
-        return isinstance(m, _ACT_MODULES) or (n.op == "call_function" and n.target in (F.relu, torch.relu, F.relu6)) \
-            or (n.op == "call_method" and n.target == "relu")
+        return lowering.module_of(n, self.modules)
 
     def _is_pass(self, n) -> bool:
         return ops.keeps_grid(n, self.modules)
 
     def _producer(self, src):
-        """Split ``act(base(...))`` into (base node, activation node or None)."""
-        act = None
-        while True:
-            if self._is_act(src) and act is None:
-                act, src = src, src.args[0]
-            elif ops.is_identity(src, self.modules):
-                src = src.args[0]
-            else:
-                return src, act
+        return lowering.split_producer(src, self.modules)
 
     def _check(self):
         for n in self.gm.graph.nodes:
@@ -131,31 +112,21 @@ class IntegerEngine:
                 base, _ = self._producer(n.args[0])
                 bm = self._mod(base)
                 ok = base.op == "placeholder" or isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)) \
-                    or self._is_add(base) or self._is_global_pool(base) \
-                    or (base.op == "call_function" and base.target in (torch.cat, torch.concat)) \
+                    or lowering.is_add(base) or self._is_global_pool(base) \
+                    or lowering.is_cat(base) \
                     or (base.op == "call_method" and base.target == "mean") or self._is_pass(base) \
                     or isinstance(self._mod(base), Quantizer)
                 if not ok:
                     raise IntegerEngineError(self._unsupported(base))
                 if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-                    wq = bm.param_quantizers["weight"] if "weight" in bm.param_quantizers else None
+                    wq = getattr(bm.param_quantizers, "weight", None)
                     if not isinstance(wq, Quantizer) or not wq.spec.symmetric:
                         raise IntegerEngineError(f"{base.target}: needs a symmetric weight quantizer (zero point 0)")
                     if isinstance(bm, nn.Conv2d) and (isinstance(bm.padding, str) or bm.padding_mode != "zeros"):
                         raise IntegerEngineError(f"{base.target}: only zero padding with explicit sizes")
 
     def _is_global_pool(self, n) -> bool:
-        m = self._mod(n)
-        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            osz = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,)
-            return all(o == 1 for o in osz)
-        if n.op == "call_function" and n.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
-            osz = n.args[1] if len(n.args) > 1 else n.kwargs.get("output_size")
-            return all(o == 1 for o in (osz if isinstance(osz, (tuple, list)) else (osz,)))
-        return (n.op == "call_method" and n.target == "mean") or (n.op == "call_function" and n.target is torch.mean)
-
-    def _is_add(self, n) -> bool:
-        return (n.op == "call_function" and n.target in (operator.add, torch.add)) or (n.op == "call_method" and n.target == "add")
+        return lowering.is_global_pool(n, self.modules)
 
     def _unsupported(self, n) -> str:
         m = self._mod(n)
@@ -207,24 +178,7 @@ class IntegerEngine:
         return float(q.scale.reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
 
     def _clamp_bounds(self, act, s_y: float, z_y: int, q: Quantizer, channels: int, ndim: int):
-        lo = torch.full((channels,), q.qmin, dtype=torch.int64)
-        hi = torch.full((channels,), q.qmax, dtype=torch.int64)
-        if act is not None:
-            m = self._mod(act)
-            if isinstance(m, ChannelClamp):
-                a, b = m.lo.double(), m.hi.double()
-            elif isinstance(m, nn.Hardtanh):
-                a, b = torch.full((channels,), float(m.min_val)), torch.full((channels,), float(m.max_val))
-            elif act.target is F.relu6:
-                a, b = torch.zeros(channels), torch.full((channels,), 6.0)
-            else:
-                a, b = torch.zeros(channels), torch.full((channels,), math.inf)
-            # round() is monotonic, so clamp-then-quantize equals quantize-then-clamp at the mapped bounds
-            a_q = torch.round(a.double() / s_y).clamp(-2 ** 40, 2 ** 40).long() + z_y
-            b_q = torch.where(torch.isinf(b), torch.full_like(a_q, 2 ** 40), torch.round(b.double() / s_y).clamp(-2 ** 40, 2 ** 40).long() + z_y)
-            lo, hi = torch.maximum(lo, a_q), torch.minimum(hi, b_q)
-        shape = [1, -1] + [1] * (ndim - 2) if ndim > 2 else [1, -1]
-        return lo.view(shape), hi.view(shape)
+        return lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, channels, ndim)
 
     def _quantized(self, n, q: Quantizer, env) -> QTensor:
         s_y, z_y = self._out_grid(q)
@@ -242,12 +196,12 @@ class IntegerEngine:
             return QTensor(torch.maximum(torch.minimum(y.q, hi), lo), s_y, z_y)
         if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             return self._weighted(base, bm, env[base.args[0]], act, q, s_y, z_y)
-        if self._is_add(base):
+        if lowering.is_add(base):
             a, b = env[base.args[0]], env[base.args[1]]
             return self._add(a, b, act, q, s_y, z_y)
         if self._is_global_pool(base):
             return self._global_pool(env[base.args[0]], q, s_y, z_y, base)
-        if base.op == "call_function" and base.target in (torch.cat, torch.concat):
+        if lowering.is_cat(base):
             dim = base.kwargs.get("dim", base.args[1] if len(base.args) > 1 else 0)
             parts = [self._rescale(env[p], s_y, z_y, q.qmin, q.qmax).q for p in base.args[0]]
             return QTensor(torch.cat(parts, dim=dim), s_y, z_y)
@@ -302,13 +256,7 @@ class IntegerEngine:
                        s_y, z_y)
 
     def _global_pool(self, x: QTensor, q: Quantizer, s_y, z_y, node) -> QTensor:
-        if self._mod(node) is not None or node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
-            dims = list(range(2, x.q.ndim))
-            keep = True
-        else:
-            dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-            dims = [dims] if isinstance(dims, int) else list(dims)
-            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        dims, keep = lowering.pool_dims(node, self.modules, x.q.ndim)
         count = 1
         for d in dims:
             count *= x.q.shape[d]

@@ -27,18 +27,26 @@ class QuantizedModuleMixin:
     #: ``(ModuleDict, key)`` of the activation quantizer feeding this layer, set by graph preparation;
     #: the bias is then fake-quantized to int32 on the accumulator grid ``s_in * s_w``, as deployed
     _bias_input = None
+    #: set by ``QuantSim.integer_exact()``: compute in float64, where products of float32 values are exact
+    _exact_f64 = False
 
     def forward(self, *args, **kwargs):
         pq = self.param_quantizers
         if len(pq) == 0:
             return super().forward(*args, **kwargs)
         saved = {}
+        exact = self._exact_f64
+        if exact:
+            args = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
         try:
-            bias = self._quantized_bias()
+            bias = self._quantized_bias(torch.float64 if exact else None)
             for pname, q in pq.items():
                 p = self._parameters[pname]
                 saved[pname] = p
-                self._parameters[pname] = q(p)  # a plain tensor, only while forward runs
+                self._parameters[pname] = q(p).double() if exact else q(p)  # a plain tensor, only while forward runs
+            if exact and bias is None and self._parameters.get("bias") is not None:
+                saved["bias"] = self._parameters["bias"]
+                self._parameters["bias"] = saved["bias"].double()
             if bias is not None:
                 saved["bias"] = self._parameters["bias"]
                 self._parameters["bias"] = bias
@@ -46,9 +54,10 @@ class QuantizedModuleMixin:
         finally:
             self._parameters.update(saved)
 
-    def _quantized_bias(self):
+    def _quantized_bias(self, dtype=None):
         """``round(b / (s_in s_w)) * s_in s_w`` when the input and weight quantizers are active and
-        calibrated (per-tensor input; per-tensor or per-output-channel weight), else None."""
+        calibrated (per-tensor input; per-tensor or per-output-channel weight), else None. In ``dtype``
+        (float64 in integer-exact mode) if given."""
         src = self._bias_input
         bias = self._parameters.get("bias")
         if src is None or bias is None or "weight" not in self.param_quantizers:
@@ -58,13 +67,17 @@ class QuantizedModuleMixin:
                 and q_in._observer is None and isinstance(q_in.spec.granularity, PerTensor)):
             return None
         g = q_w.spec.granularity
+        s_in = q_in.scale.reshape(()).double()
         if isinstance(g, PerTensor):
-            s = (q_in.scale.reshape(()) * q_w.scale.reshape(())).expand(bias.shape[0])
+            s64 = (s_in * q_w.scale.reshape(()).double()).expand(bias.shape[0])
         elif isinstance(g, PerChannel) and q_w.scale.numel() == bias.shape[0]:
-            s = q_in.scale.reshape(()) * q_w.scale.reshape(-1)
+            s64 = s_in * q_w.scale.reshape(-1).double()
         else:
             return None
-        return fake_quantize(bias, s, torch.zeros_like(s, dtype=torch.int32), INT32_MIN, INT32_MAX, PerChannel(0))
+        # the integers round(b / (s_in s_w)) are computed in float64, as the ONNX export and the integer
+        # engine compute them (a float32 product s_in * s_w moved ties: 3e-5 of one MobileNetV2 layer's outputs)
+        b = fake_quantize(bias.double(), s64, torch.zeros_like(s64, dtype=torch.int32), INT32_MIN, INT32_MAX, PerChannel(0))
+        return b.to(dtype or bias.dtype)
 
     def float_class(self) -> type:
         return type(self).__mro__[2]

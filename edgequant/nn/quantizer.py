@@ -57,6 +57,7 @@ class Quantizer(nn.Module):
         self.register_buffer("frozen", torch.tensor(False))
         self._ready = False  # mirror of `initialized`, avoids a device sync per forward
         self._observer = None
+        self._exact = None  # set by QuantSim.integer_exact(): computes what the integer kernel computes
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -74,6 +75,8 @@ class Quantizer(nn.Module):
                 f"quantizer for {self.tensor_name!r} has no encoding yet: call sim.calibrate(data) "
                 "or sim.load_encodings(path) before running the sim"
             )
+        if self._exact is not None:
+            return self._exact(self, x)
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax, self.spec.granularity)
 
     # ---- calibration ----

@@ -361,6 +361,20 @@ class QuantSim(nn.Module):
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
 
+    def integer_exact(self, requant: str = "float32"):
+        """Context manager: inside it, the sim computes what the deployed integer kernels compute,
+        bit for bit (exact integer accumulators, the target's requantization); for evaluation.
+
+        ``requant="float32"`` is ONNX Runtime's CPU arithmetic (what :meth:`export_onnx` runs on),
+        ``"fixed_point"`` gemmlowp/TFLite's multiplier and shift. See :mod:`edgequant.sim.exact`.
+
+        >>> with sim.integer_exact():                      # doctest: +SKIP
+        ...     logits = sim(images)
+        """
+        from .exact import IntegerExactMode
+
+        return IntegerExactMode(self, requant)
+
     def export_onnx(self, path, **kwargs) -> dict:
         """Write an ONNX QDQ model that ONNX Runtime runs with integer kernels, and its encodings
         beside it; see :func:`edgequant.export.onnx_qdq.export_onnx` for the options."""

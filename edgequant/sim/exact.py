@@ -1,0 +1,160 @@
+r"""The sim's integer-exact mode: every output quantizer computes what the deployed integer kernel computes.
+
+The default sim fake-quantizes in float32: a conv sums float32 products and its output quantizer
+divides by ``s_y``. A kernel sums integers exactly and multiplies by a requantization multiplier.
+Both round the same value, but a value within ~1e-6 of a rounding boundary can land one step
+apart, and in a deep network such a flip spreads (on MobileNetV2 w8a8: 3e-4 of the elements after
+``features.2``, 48% after ``features.10``). In this mode:
+
+* quantized convs / linears compute in float64 on their fake-quantized inputs and weights -- every
+  product of two float32 values is exact in float64, so ``round(y / (s_x s_w[c]))`` recovers the
+  exact integer accumulator (bias included, on its int32 grid);
+* the output quantizer after a conv/linear (and its fused ReLU/ReLU6/clamp) requantizes that
+  accumulator with :func:`edgequant.core.requant.requantize`;
+* the output quantizer after an add or a global average pool reads its inputs' integers and applies
+  :func:`~edgequant.core.requant.add` / :func:`~edgequant.core.requant.mean`;
+* every other quantizer fake-quantizes as usual (ONNX Runtime runs those ops as
+  DequantizeLinear -> float op -> QuantizeLinear, which divides just like the sim).
+
+``requant="float32"`` reproduces ONNX Runtime's CPU kernels; ``"fixed_point"`` the gemmlowp/TFLite
+multiplier-and-shift (see :mod:`edgequant.core.requant`). Evaluation only: no gradients flow.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..core import requant as rq
+from ..core.granularity import PerChannel, PerTensor
+from ..core.quant import dequantize, quantize
+from ..graph import lowering, ops
+from ..nn.modules import QuantizedModuleMixin
+from ..nn.quantizer import Quantizer
+
+
+def _identity_source(n, modules):
+    """The quantizer behind ``n`` when only identity ops lie between them (same shape), else None."""
+    while isinstance(n, fx.Node):
+        m = lowering.module_of(n, modules)
+        if isinstance(m, Quantizer):
+            return m
+        if not ops.is_identity(n, modules):
+            return None
+        n = n.args[0]
+    return None
+
+
+def _per_tensor(q) -> bool:
+    return isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor) and q.is_initialized
+
+
+class IntegerExactMode:
+    """Context manager behind :meth:`QuantSim.integer_exact`; see the module docstring."""
+
+    def __init__(self, sim, requant: str = "float32"):
+        if sim.capture_mode != "graph":
+            raise ValueError("integer-exact mode needs a sim built by graph capture (this one fell back to leaf modules)")
+        self.mode = rq.check_mode(requant)
+        self.gm = sim.model
+        self.modules = dict(self.gm.named_modules())
+        self.tape: dict[int, torch.Tensor] = {}  # id(quantizer or layer) -> its integers / f64 output
+        self.steps: dict[Quantizer, object] = {}
+        self.layers: list[QuantizedModuleMixin] = []
+        for n in self.gm.graph.nodes:
+            q = lowering.module_of(n, self.modules)
+            if isinstance(q, Quantizer):
+                self.steps[q] = self._plan(n, q)
+
+    # ------------------------------------------------------------------ plan
+    def _plan(self, n, q: Quantizer):
+        if not _per_tensor(q):
+            return self._plain
+        base, act = lowering.split_producer(n.args[0], self.modules)
+        bm = lowering.module_of(base, self.modules)
+        if isinstance(bm, lowering.INTEGER_WEIGHTED) and isinstance(bm, QuantizedModuleMixin):
+            q_in = bm._bias_input[0][bm._bias_input[1]] if bm._bias_input is not None else None
+            q_w = getattr(bm.param_quantizers, "weight", None)
+            if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
+                self.layers.append(bm)
+                return lambda qq, x: self._weighted(qq, bm, q_in, q_w, act)
+        if lowering.is_add(base) and len(base.args) >= 2:
+            qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
+            if _per_tensor(qa) and _per_tensor(qb):
+                return lambda qq, x: self._add(qq, qa, qb, act, x)
+        if lowering.is_global_pool(base, self.modules) and act is None:
+            qx = _identity_source(base.args[0], self.modules)
+            if _per_tensor(qx):
+                return lambda qq, x: self._mean(qq, qx, base, x)
+        return self._plain
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _grid(q: Quantizer):
+        return float(q.scale.reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
+
+    def _out(self, q: Quantizer, qi: torch.Tensor) -> torch.Tensor:
+        self.tape[id(q)] = qi
+        return dequantize(qi.to(torch.int32), q.scale, q.zero_point, q.spec.granularity).to(torch.float32)
+
+    def _plain(self, q: Quantizer, x: torch.Tensor) -> torch.Tensor:
+        qi = quantize(x.to(torch.float32), q.scale, q.zero_point, q.qmin, q.qmax, q.spec.granularity)
+        return self._out(q, qi.long())
+
+    def _weighted(self, q: Quantizer, layer, q_in: Quantizer, q_w: Quantizer, act) -> torch.Tensor:
+        y = self.tape.pop(id(layer))  # the layer's float64 output, before the activation
+        s_x, _ = self._grid(q_in)
+        s_w = q_w.scale.detach().double().reshape(-1)
+        cout = y.shape[1] if y.ndim > 1 else y.shape[0]
+        s_w = s_w.expand(cout) if s_w.numel() == 1 else s_w
+        shape = [1, -1] + [1] * (y.ndim - 2) if y.ndim > 2 else [1, -1]
+        acc = torch.round(y / (s_x * s_w).view(shape)).long()
+        s_y, z_y = self._grid(q)
+        lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, cout, y.ndim)
+        return self._out(q, rq.requantize(acc, s_x, s_w, s_y, z_y, lo, hi, self.mode, shape))
+
+    def _add(self, q: Quantizer, qa: Quantizer, qb: Quantizer, act, x) -> torch.Tensor:
+        a, b = self.tape[id(qa)], self.tape[id(qb)]
+        (s_a, z_a), (s_b, z_b), (s_y, z_y) = self._grid(qa), self._grid(qb), self._grid(q)
+        ch = x.shape[1] if x.ndim > 1 else 1
+        lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
+        offsets = tuple(rq.deployed_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
+        return self._out(q, rq.add(a, s_a, z_a, b, s_b, z_b, s_y, z_y, lo, hi, self.mode, offsets).reshape(x.shape))
+
+    def _mean(self, q: Quantizer, qx: Quantizer, node, x) -> torch.Tensor:
+        v = self.tape[id(qx)]
+        dims, keep = lowering.pool_dims(node, self.modules, v.ndim)
+        s_x, z_x = self._grid(qx)
+        count = 1
+        for d in dims:
+            count *= v.shape[d]
+        acc = (v - z_x).sum(dim=dims, keepdim=keep)
+        s_y, z_y = self._grid(q)
+        return self._out(q, rq.mean(acc, count, s_x, s_y, z_y, q.qmin, q.qmax, self.mode).reshape(x.shape))
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self):
+        missing = [q.tensor_name for q in self.steps if not q.is_initialized]
+        if missing:
+            from ..nn.quantizer import NotCalibratedError
+            raise NotCalibratedError(f"quantizers without an encoding: {', '.join(missing[:5])}; calibrate the sim first")
+        self._hooks = []
+        for layer in self.layers:
+            layer._exact_f64 = True
+            # cloned: an in-place activation (torchvision's ReLU6(inplace=True)) would clamp the stored tensor
+            self._hooks.append(layer.register_forward_hook(lambda m, i, o: self.tape.__setitem__(id(m), o.clone())))
+        for q, step in self.steps.items():
+            q._exact = step
+        self._grad = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_grad_enabled(self._grad)
+        for h in self._hooks:
+            h.remove()
+        for layer in self.layers:
+            layer._exact_f64 = False
+        for q in self.steps:
+            q._exact = None
+        self.tape.clear()
+        return False

@@ -359,6 +359,17 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     for n in gm.graph.nodes:
         out = want.get(n) or n.name
         m = modules.get(n.target) if n.op == "call_module" else None
+        src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if isinstance(src, _Quantized) and _moves_integers(n, modules):
+            # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in
+            # float, Flatten -> DQ -> Gemm -> Q fuses into its integer QGemm
+            a = [src.q] + list(fx.node.map_aggregate(n.args[1:], lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
+            y = _module(b, n, m, a, b.fresh(f"{src.name}_{n.name}"), modules, shape_of) if m is not None \
+                else _function(b, n, a, b.fresh(f"{src.name}_{n.name}"), shape_of)
+            val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
+            if n in want:
+                val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+            continue
         a = list(fx.node.map_aggregate(n.args, lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
         if n.op == "placeholder":
             b.names.add(out)
@@ -389,6 +400,16 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _moves_integers(n: fx.Node, modules) -> bool:
+    """Reshape-like ops that ONNX runs on integer tensors as well (values moved, never computed)."""
+    m = modules.get(n.target) if n.op == "call_module" else None
+    if m is not None:
+        return isinstance(m, nn.Flatten)
+    if n.op == "call_function":
+        return n.target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
+    return n.op == "call_method" and n.target in ("view", "reshape", "flatten", "squeeze", "unsqueeze")
 
 
 def _resolve(b: _Builder, v):

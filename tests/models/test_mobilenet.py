@@ -38,11 +38,12 @@ def test_mobilenet_fidelity_floor(setup, config, min_top1, min_sqnr):
     assert f.top1 >= min_top1 and f.sqnr_db >= min_sqnr, f
 
 
-def test_mobilenet_onnx_export_runs_on_integer_kernels_with_the_sim_fidelity(setup, tmp_path):
+def test_mobilenet_onnx_and_integer_engine_match_the_sim(setup, tmp_path):
     """The QDQ export of the real model runs in ONNX Runtime with every conv and add fused into its
-    integer kernels, and is as faithful to FP32 as the sim. (Element-wise agreement with the sim is
-    not asserted here: on MobileNetV2 a one-step rounding difference early in the network grows
-    layer by layer; see docs/STATUS.md.)"""
+    integer kernels, and matches the sim's integer-exact mode on every logit; the integer engine
+    matches it in both requantization modes. The plain float sim is as faithful to FP32, but a
+    one-step rounding difference early in the network grows layer by layer, so it is compared on
+    quality only."""
     from collections import Counter
 
     import numpy as np
@@ -62,10 +63,19 @@ def test_mobilenet_onnx_export_runs_on_integer_kernels_with_the_sim_fidelity(set
     sess = ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert ops["QLinearConv"] == 52 and ops["QLinearAdd"] == 10 and ops["Conv"] == 0, ops
+    ev = ev[:32]
     out = torch.from_numpy(np.concatenate([sess.run(None, {"x": b.numpy()})[0] for b in ev.split(16)]))
-    integer = torch.cat([IntegerEngine(sim)(b) for b in ev.split(16)])
+    step = float(sim.quantizers()["classifier.1"].scale)
+    for mode in ("float32", "fixed_point"):
+        with sim.integer_exact(mode):
+            exact = sim(ev)
+        engine = IntegerEngine(sim, requant=mode)(ev)
+        steps = (engine - exact).abs() / step
+        assert (engine.argmax(1) == exact.argmax(1)).all() and (steps <= 1.001).double().mean() >= 0.999, mode
+        if mode == "float32":
+            steps = (out - exact).abs() / step
+            assert (out.argmax(1) == exact.argmax(1)).all() and (steps <= 1.001).double().mean() >= 0.999
     with torch.no_grad():
-        f_sim = fidelity(ref, sim(ev))
-    for got in (out, integer):
-        f = fidelity(ref, got)
-        assert f.sqnr_db > f_sim.sqnr_db - 1.0 and f.top1 > f_sim.top1 - 0.08, (f, f_sim)
+        f_sim = fidelity(ref[:32], sim(ev))
+    f = fidelity(ref[:32], out)
+    assert f.sqnr_db > f_sim.sqnr_db - 1.0 and f.top1 > f_sim.top1 - 0.1, (f, f_sim)

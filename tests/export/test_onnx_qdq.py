@@ -114,3 +114,18 @@ def test_export_bad_input(folded, tmp_path):
     with pytest.raises(ExportError, match="cumsum"):
         sim.export_onnx(tmp_path / "w.onnx")
     assert not any(p.name.endswith(".onnx") for p in tmp_path.iterdir())
+
+
+def test_float_export_with_quantization_disabled(folded, tmp_path):
+    """With every quantizer disabled the export is the float model (the FP32 baseline of the benchmark)."""
+    model, x = folded
+    sim = QuantSim(model, x[:1], "w8a8")
+    sim.calibrate([x[:64]], progress=False)
+    with sim.quantization_disabled():
+        info = sim.export_onnx(tmp_path / "fp32.onnx")
+    m = onnx.load(info["onnx"])
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
+    o, _ = _run_ort(info["onnx"], x[1000:1100])
+    with torch.no_grad():
+        ref = model(x[1000:1100]).numpy()
+    assert np.abs(o - ref).max() < 1e-4

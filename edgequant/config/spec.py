@@ -177,7 +177,8 @@ class QuantConfig:
     # ---- presets ----
     @classmethod
     def preset(cls, name: str) -> "QuantConfig":
-        """A named preset: ``w8a8``, ``w4a8``, ``w8a16``, ``w4a16`` (per-channel symmetric weights),
+        """A named preset: ``w8a8``, ``w7a8``, ``w4a8``, ``w8a16``, ``w4a16`` (per-channel symmetric weights;
+        ``w7a8`` runs exactly on the fast int8 kernels of x86 CPUs without VNNI),
         ``w8a8_per_tensor``, ``w4a8_per_tensor`` (per-tensor symmetric weights)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -250,6 +251,9 @@ def _preset(wbits: int, abits: int, per_channel: bool, w_method: str = "minmax",
 
 PRESETS: dict[str, QuantConfig] = {
     "w8a8": _preset(8, 8, True),
+    # 7-bit weights: x86 CPUs without VNNI add pairs of u8 x s8 products in saturating int16; with
+    # |w| <= 64 the pair sums fit, so ONNX Runtime's fast u8s8 kernels stay exact (its reduce_range)
+    "w7a8": _preset(7, 8, True),
     "w4a8": _preset(4, 8, True, w_method="mse"),
     "w8a16": _preset(8, 16, True, a_method="minmax"),
     "w4a16": _preset(4, 16, True, w_method="mse", a_method="minmax"),

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned for the dev and CI environment (they lie on local disk there).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench bench-ptq bench-export setup clean
+.PHONY: demo test test-fast bench bench-ptq bench-export bench-peers setup clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ bench-ptq: $(STAMP)
 
 bench-export: $(STAMP)
 	$(BIN)/python benchmarks/bench_export.py --out benchmarks/results/export.md
+
+# one virtual environment per peer under .peers/ (git-ignored), each sharing this project's torch
+bench-peers: $(STAMP)
+	$(BIN)/python benchmarks/bench_peers.py --out benchmarks/results/peers.md
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -1,0 +1,64 @@
+"""edgequant's rows of the peer benchmark (runs in the project's own environment)."""
+from __future__ import annotations
+
+import copy
+
+from common import Data, Recorder, main_args, timed
+
+import edgequant
+from edgequant import QuantSim
+from edgequant.ptq import adaround, correct_bias, cross_layer_equalization, fold_batch_norms
+
+
+def main():
+    args = main_args()
+    data = Data(args.data)
+    rec = Recorder("edgequant", edgequant.__version__, args.out, data)
+    model, mnist = data.mobilenet(), data.mnist_net()
+    cb, mcb = data.cal_batches(), data.mnist_cal_batches()
+    its = args.adaround_iterations or 200
+
+    def sim_pair(prepare, cfg, post=None):
+        """The same recipe on MobileNetV2 and on the MNIST net; times the MobileNetV2 one."""
+        def one(m, batches):
+            def go():
+                fm = prepare(m, batches)
+                sim = QuantSim(fm, batches[0][:1], cfg)
+                sim.calibrate(batches, progress=False)
+                if post is not None:
+                    post(sim, batches)
+                return sim
+            return timed(go)
+        sim, t = one(model, cb)
+        msim, mt = one(mnist, mcb)
+        return dict(seconds=t, imagenet=sim, fp32=model, mnist=msim, mnist_seconds=mt)
+
+    fold = lambda m, b: fold_batch_norms(m)[0]  # noqa: E731
+    keep_bn = lambda m, b: m  # noqa: E731  (weights quantized before the BN, as NNCF and the demo do)
+    cle = lambda m, b: cross_layer_equalization(m, b[0])[0]  # noqa: E731 (BN fold, CLE, high-bias absorption)
+    bc = lambda sim, b: correct_bias(sim, b, measure=False, progress=False)  # noqa: E731
+    ada = lambda sim, b: adaround(sim, b, iterations=its, progress=False)  # noqa: E731
+    todo = {
+        "w8a8_pc": ("BN fold + calibrate (percentile 99.99 activations)", lambda: sim_pair(fold, "w8a8")),
+        "w8a8_pt": [("BN fold + calibrate", lambda: sim_pair(fold, "w8a8_per_tensor")),
+                    ("calibrate, BN kept after the quantized conv", lambda: sim_pair(keep_bn, "w8a8_per_tensor"))],
+        "w8a8_pt_cle": ("CLE + high-bias absorption + empirical bias correction", lambda: sim_pair(cle, "w8a8_per_tensor", bc)),
+        "w4a8_nearest": ("BN fold + calibrate (MSE weight ranges)", lambda: sim_pair(fold, "w4a8")),
+        "w4a8_adaround": (f"AdaRound, {its} iterations/layer", lambda: sim_pair(fold, "w4a8", ada)),
+        "best": ("edgequant.quantize(model, data, 'w8a8', ptq='auto')", lambda: _best(model, mnist, cb, mcb)),
+    }
+    for row in args.rows:
+        entries = todo.get(row, [])
+        for method, run in entries if isinstance(entries, list) else [entries]:
+            rec.row(row, method, run)
+
+
+def _best(model, mnist, cb, mcb):
+    res, t = timed(lambda: edgequant.quantize(copy.deepcopy(model), cb, "w8a8", ptq="auto", progress=False))
+    mres, mt = timed(lambda: edgequant.quantize(copy.deepcopy(mnist), mcb, "w8a8", ptq="auto", progress=False))
+    kept = ", ".join(s.name for s in res.report.stages if s.kept)
+    return dict(seconds=t, imagenet=res.sim, fp32=model, mnist=mres.sim, mnist_seconds=mt, note=f"stages kept: {kept}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""NNCF's post-training quantization (``nncf.quantize``) of the same float model."""
+from __future__ import annotations
+
+import copy
+
+import nncf
+from common import Data, Recorder, main_args, timed
+from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
+
+
+def main():
+    args = main_args()
+    data = Data(args.data)
+    rec = Recorder("nncf", nncf.__version__, args.out, data)
+    model, mnist = data.mobilenet(), data.mnist_net()
+
+    def q(m, batches, **kw):
+        return nncf.quantize(copy.deepcopy(m), nncf.Dataset(batches), subset_size=sum(len(b) for b in batches), **kw).eval()
+
+    def pair(**kw):
+        def run():
+            qm, t = timed(lambda: q(model, data.cal_batches(), **kw))
+            mq, mt = timed(lambda: q(mnist, data.mnist_cal_batches(), **kw))
+            return dict(seconds=t, imagenet=qm, fp32=model, mnist=mq, mnist_seconds=mt)
+        return run
+
+    per_tensor = QuantizationParameters(per_channel=False)
+    todo = {
+        "w8a8_pc": [("nncf.quantize defaults (per-channel weights, fast bias correction)", pair())],
+        "w8a8_pt": [("per-tensor weights, bias correction off",
+                     pair(advanced_parameters=AdvancedQuantizationParameters(weights_quantization_params=per_tensor,
+                                                                             disable_bias_correction=True)))],
+        "w8a8_pt_cle": [("per-tensor weights + fast bias correction (NNCF has no CLE for CNNs)",
+                         pair(advanced_parameters=AdvancedQuantizationParameters(weights_quantization_params=per_tensor)))],
+        "best": [("nncf.quantize defaults", pair())],
+    }
+    for row in args.rows:
+        for method, run in todo.get(row, []):
+            rec.row(row, method, run)
+
+
+if __name__ == "__main__":
+    main()

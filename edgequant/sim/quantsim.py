@@ -225,6 +225,35 @@ class QuantSim(nn.Module):
                 done.append(name)
         return done
 
+    def output_quantizers(self) -> list[str]:
+        """Names of the activation quantizers whose values leave the model (its outputs). Disable them
+        (``sim.disable(sim.output_quantizers())``) to keep the outputs at accumulator precision, as
+        a kernel that dequantizes its int32 result does; logits then lose no 8-bit rounding."""
+        if self.capture_mode != "graph":
+            return []
+        modules = dict(self.model.named_modules())
+        found = []
+        for n in self.model.graph.nodes:
+            if n.op != "output":
+                continue
+            stack = list(n.args)
+            while stack:
+                a = stack.pop()
+                if isinstance(a, (tuple, list)):
+                    stack.extend(a)
+                elif isinstance(a, dict):
+                    stack.extend(a.values())
+                elif isinstance(a, torch.fx.Node):
+                    m = modules.get(a.target) if a.op == "call_module" else None
+                    if isinstance(m, Quantizer):
+                        found.append(m.tensor_name)
+                    elif a.op == "call_module" and isinstance(m, nn.Identity):  # a disabled one
+                        name = next((nm for nm, c, k in self._slots() if c is not None and k == a.target.split(".")[-1]
+                                     and a.target.startswith("activation_quantizers.")), None)
+                        if name:
+                            found.append(name)
+        return found
+
     @contextlib.contextmanager
     def quantization_disabled(self):
         """Run the sim in float inside the block (every quantizer disabled), then restore."""

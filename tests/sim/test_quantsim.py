@@ -343,3 +343,20 @@ def test_summary_lists_every_quantizer(block):
     for name in sim.quantizers():
         assert name in text
     assert sim.size_bytes()["quantized"] < sim.size_bytes()["float"]
+
+
+def test_output_quantizers_name_what_leaves_the_model(block):
+    x = torch.randn(4, 3, 16, 16)
+    sim = QuantSim(block, x[:1], config="w8a16")  # min-max activation ranges
+    sim.calibrate([x], progress=False)  # on the same data: nothing clips at the output
+    out = sim.output_quantizers()
+    assert len(out) == 1 and out[0] in sim.quantizers()
+    with torch.no_grad():
+        quantized = sim(x)
+        s = float(sim.quantizers()[out[0]].scale)
+        assert torch.allclose(quantized / s, (quantized / s).round(), atol=1e-3)  # on the output grid
+        sim.disable(out)
+        assert sim.output_quantizers() == out  # still found while disabled
+        free = sim(x)
+    assert not torch.allclose(free / s, (free / s).round(), atol=1e-3)
+    assert (free - quantized).abs().max() <= s / 2 + 1e-5  # only the output rounding went away

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -101,9 +102,10 @@ def ensure_env(peer: str) -> Path:
     venv = PEERS_DIR / "venvs" / peer
     py = venv / "bin" / "python"
     stamp = venv / ".installed"
-    if stamp.exists() and stamp.read_text() == " ".join(reqs):
+    if stamp.exists() and stamp.read_text() == " ".join(reqs) and py.exists():
         return py
     if not py.exists():
+        shutil.rmtree(venv, ignore_errors=True)
         subprocess.run([os.path.join(sys.base_prefix, "bin", PY), "-m", "venv", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
     base = next((REPO / ".venv" / "lib").glob("python3*/site-packages"))
@@ -177,6 +179,8 @@ def main():
     ap.add_argument("--adaround-iterations", type=int, default=None,
                     help="AdaRound iterations per layer for every peer (default: each peer's own default)")
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per peer")
+    ap.add_argument("--merge", action="store_true",
+                    help="also table the results other peers left in .peers/results from earlier runs (each row keeps its load average)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "peers.md"))
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
@@ -194,9 +198,18 @@ def main():
             raise SystemExit(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
         out = PEERS_DIR / "results" / peer
         try:
-            results.append(run_peer(peer, data, out, rows, args.adaround_iterations, args.timeout))
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-            results.append({"peer": peer, "rows": [{"row": r, "method": "-", "error": f"{type(e).__name__}: {e}"[:300]} for r in rows]})
+            res = run_peer(peer, data, out, rows, args.adaround_iterations, args.timeout)
+        except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            res = {"peer": peer, "rows": [{"row": r, "method": "-", "error": f"{type(e).__name__}: {e}"[:300]} for r in rows]}
+        results.append(dict(res, peer_key=peer))
+    if args.merge:
+        ran = {r["peer_key"] for r in results}
+        for peer in PEERS:
+            f = PEERS_DIR / "results" / peer / "results.json"
+            if peer not in ran and f.exists():
+                results.append(dict(json.loads(f.read_text()), folder=str(f.parent), peer_key=peer))
+        order = list(PEERS)
+        results.sort(key=lambda r: order.index(r["peer_key"]))
     table = score(results, data, PEERS_DIR / "results")
     header = (f"MobileNetV2 (ImageNet weights) on {args.calib} calibration / {args.eval} evaluation photo crops; "
               f"MNIST-5k net trained here (FP32 accuracy {float((np.load(data / 'mnist_fp32_logits.npy').argmax(1) == np.load(data / 'mnist_labels.npy')).mean()):.4f}); "

@@ -39,6 +39,10 @@ class Quantizer(nn.Module):
     [1.0, 2.5399999618530273]
     """
 
+    #: set by ``QuantSim.integer_exact()``: computes what the integer kernel computes (a class default,
+    #: so quantizers pickled before it existed still run)
+    _exact = None
+
     def __init__(self, spec: QuantSpec, tensor_shape: torch.Size, name: str, role: str = "activation", owner_type: str = ""):
         super().__init__()
         if spec.signed is None:
@@ -57,7 +61,6 @@ class Quantizer(nn.Module):
         self.register_buffer("frozen", torch.tensor(False))
         self._ready = False  # mirror of `initialized`, avoids a device sync per forward
         self._observer = None
-        self._exact = None  # set by QuantSim.integer_exact(): computes what the integer kernel computes
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -396,9 +396,7 @@ class QuantSim(nn.Module):
 
         ``requant="float32"`` is ONNX Runtime's CPU arithmetic (what :meth:`export_onnx` runs on),
         ``"fixed_point"`` gemmlowp/TFLite's multiplier and shift. See :mod:`edgequant.sim.exact`.
-
-        >>> with sim.integer_exact():                      # doctest: +SKIP
-        ...     logits = sim(images)
+        Usage: ``with sim.integer_exact(): logits = sim(images)``.
         """
         from .exact import IntegerExactMode
 

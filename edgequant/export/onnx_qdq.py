@@ -32,7 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from ..core.granularity import PerBlock, PerChannel, PerTensor
-from ..graph import ops
+from ..graph import lowering, ops
 from ..core.quant import quantize
 from ..nn.clamp import ChannelClamp
 from ..nn.quantizer import NotCalibratedError, Quantizer
@@ -193,15 +193,8 @@ def _weight_quantizer(m: nn.Module) -> Optional[Quantizer]:
 
 def _input_scale(node: fx.Node, modules) -> Optional[float]:
     """Scale of the per-tensor activation quantizer that feeds ``node`` (through pass-through ops)."""
-    n = node.args[0] if node.args else None
-    while isinstance(n, fx.Node):
-        m = modules.get(n.target) if n.op == "call_module" else None
-        if isinstance(m, Quantizer):
-            return float(m.scale.reshape(-1)[0]) if isinstance(m.spec.granularity, PerTensor) else None
-        if not ops.keeps_grid(n, modules):
-            return None
-        n = n.args[0] if n.args else None
-    return None
+    q = lowering.source_quantizer(node.args[0], modules) if node.args else None
+    return float(q.scale.reshape(-1)[0]) if q is not None and isinstance(q.spec.granularity, PerTensor) else None
 
 
 def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, modules, meta_ndim: int) -> str:

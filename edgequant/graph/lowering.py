@@ -72,13 +72,14 @@ def pool_dims(n, modules, ndim: int) -> tuple[list[int], bool]:
     return dims, n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
 
 
-def source_quantizer(n, modules):
-    """The activation quantizer whose grid the value of node ``n`` is on (through grid-keeping ops), or None."""
+def source_quantizer(n, modules, through=ops.keeps_grid):
+    """The activation quantizer whose grid the value of node ``n`` is on, looking back through the ops
+    ``through`` accepts (grid-keeping ops by default; ``ops.is_identity`` for the same shape), or None."""
     while isinstance(n, fx.Node):
         m = module_of(n, modules)
         if isinstance(m, Quantizer):
             return m
-        if not ops.keeps_grid(n, modules):
+        if not through(n, modules):
             return None
         n = n.args[0]
     return None

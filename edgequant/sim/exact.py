@@ -22,7 +22,6 @@ multiplier-and-shift (see :mod:`edgequant.core.requant`). Evaluation only: no gr
 from __future__ import annotations
 
 import torch
-from torch import fx
 
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
@@ -34,14 +33,7 @@ from ..nn.quantizer import Quantizer
 
 def _identity_source(n, modules):
     """The quantizer behind ``n`` when only identity ops lie between them (same shape), else None."""
-    while isinstance(n, fx.Node):
-        m = lowering.module_of(n, modules)
-        if isinstance(m, Quantizer):
-            return m
-        if not ops.is_identity(n, modules):
-            return None
-        n = n.args[0]
-    return None
+    return lowering.source_quantizer(n, modules, through=ops.is_identity)
 
 
 def _per_tensor(q) -> bool:

@@ -40,7 +40,7 @@ PEERS = {
     "nncf": (["nncf==3.4.0"], "run_nncf.py"),
     "torchao": (["torchao==0.18.0"], "run_torchao.py"),
     "aimet": (["aimet-torch==2.42.0", "panel<1.8"], "run_aimet.py"),  # panel<1.8: else pip backtracks for long
-    "brevitas": (["brevitas==0.13.4"], "run_brevitas.py"),
+    "brevitas": (["brevitas==0.13.4", "accelerate==1.15.0"], "run_brevitas.py"),
 }
 
 

@@ -136,6 +136,20 @@ def main_args():
     return a
 
 
+def pair(data: Data, model, mnist, make, note=None):
+    """A row's ``run()`` for :meth:`Recorder.row`: ``make(float_model, calibration_batches)`` returns the
+    quantized model; it runs on MobileNetV2 (the timed one) and on the MNIST net. ``note(seconds)``, if
+    given, is called afterwards for the row's note."""
+    def run():
+        qm, t = timed(lambda: make(model, data.cal_batches()))
+        mq, mt = timed(lambda: make(mnist, data.mnist_cal_batches()))
+        r = dict(seconds=t, imagenet=qm, fp32=model, mnist=mq, mnist_seconds=mt)
+        if note is not None:
+            r["note"] = note(t)
+        return r
+    return run
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()

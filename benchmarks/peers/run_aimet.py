@@ -21,7 +21,7 @@ from aimet_torch.batch_norm_fold import fold_all_batch_norms
 from aimet_torch.common.defs import QuantScheme
 from aimet_torch.cross_layer_equalization import equalize_model
 from aimet_torch.quantsim import QuantizationSimModel
-from common import Data, Recorder, main_args, timed
+from common import Data, Recorder, main_args, pair
 from torch import nn
 
 PER_TENSOR_CONFIG = os.path.join(os.path.dirname(aimet_torch.__file__), "common", "quantsim_config", "default_config.json")
@@ -69,6 +69,8 @@ def main():
         equalize_model(m, dummy_input=batches[0][:1])  # folds BN, scales, absorbs high biases
         return m
 
+    spent = []
+
     def ada(m, batches, out):
         fm = folded(m, batches)
         params = AdaroundParameters(batches, num_batches=len(batches), default_num_iterations=its,
@@ -76,42 +78,33 @@ def main():
         t0 = time.perf_counter()
         am = Adaround.apply_adaround(fm, batches[0][:1], params, path=str(out), filename_prefix="adaround",
                                      default_param_bw=4, default_quant_scheme=QuantScheme.post_training_tf_enhanced)
-        t_ada = time.perf_counter() - t0
-        return sim_of(am, batches, 4, freeze=os.path.join(out, "adaround.encodings")), t_ada
+        spent.append(time.perf_counter() - t0)
+        return sim_of(am, batches, 4, freeze=os.path.join(out, "adaround.encodings"))
 
-    def pair(make, note_fn=None):
-        def run():
-            (qm, extra), t = timed(lambda: make(model, data.cal_batches()))
-            (mq, _), mt = timed(lambda: make(mnist, data.mnist_cal_batches()))
-            r = dict(seconds=t, imagenet=qm, fp32=model, mnist=mq, mnist_seconds=mt)
-            if note_fn:
-                r["note"] = note_fn(extra, t)
-            return r
-        return run
-
-    def ada_note(t_ada, t):
-        per_it = t_ada / its  # activation caching included, so the extrapolation is an upper bound
-        return (f"AdaRound {its} it/layer took {t_ada:.0f} s ({per_it:.2f} s per iteration over all layers, activation "
+    def ada_note(t):
+        per_it = spent[0] / its  # activation caching included, so the extrapolation is an upper bound
+        return (f"AdaRound {its} it/layer took {spent[0]:.0f} s ({per_it:.2f} s per iteration over all layers, activation "
                 f"caching included); AIMET's default {DEFAULT_ITERATIONS_BELOW_8_BITS} it/layer extrapolates to at most "
                 f"{per_it * DEFAULT_ITERATIONS_BELOW_8_BITS / 3600:.1f} h")
 
+    row = lambda make, note=None: pair(data, model, mnist, make, note)  # noqa: E731
     ada_dir = rec.out / "adaround"
     ada_dir.mkdir(parents=True, exist_ok=True)
     todo = {
         "w8a8_pc": ("QuantSim tf_enhanced, per-channel (config_file=None), BN folded",
-                    pair(lambda m, b: (sim_of(folded(m, b), b), None))),
+                    row(lambda m, b: sim_of(folded(m, b), b))),
         "w8a8_pt": ("QuantSim tf_enhanced, per-tensor (default_config.json), BN folded",
-                    pair(lambda m, b: (sim_of(folded(m, b), b, config=PER_TENSOR_CONFIG), None))),
+                    row(lambda m, b: sim_of(folded(m, b), b, config=PER_TENSOR_CONFIG))),
         "w8a8_pt_cle": ("ReLU6->ReLU, equalize_model (CLE + high-bias absorption), per-tensor; no bias correction in 2.42",
-                        pair(lambda m, b: (sim_of(cle(m, b), b, config=PER_TENSOR_CONFIG), None))),
-        "w4a8_nearest": ("QuantSim tf_enhanced, 4-bit per-channel weights", pair(lambda m, b: (sim_of(folded(m, b), b, 4), None))),
+                        row(lambda m, b: sim_of(cle(m, b), b, config=PER_TENSOR_CONFIG))),
+        "w4a8_nearest": ("QuantSim tf_enhanced, 4-bit per-channel weights", row(lambda m, b: sim_of(folded(m, b), b, 4))),
         "w4a8_adaround": (f"AdaRound {its} it/layer (default {DEFAULT_ITERATIONS_BELOW_8_BITS}), tf_enhanced",
-                          pair(lambda m, b: ada(m, b, ada_dir), ada_note)),
+                          row(lambda m, b: ada(m, b, ada_dir), ada_note)),
     }
-    for row in args.rows:
-        if row in todo:
-            method, run = todo[row]
-            rec.row(row, method, run)
+    for r in args.rows:
+        if r in todo:
+            method, run = todo[r]
+            rec.row(r, method, run)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from common import Data, Recorder, main_args, timed
 
 import edgequant
-from edgequant import QuantSim
+from edgequant import QuantConfig, QuantSim
 from edgequant.ptq import adaround, correct_bias, cross_layer_equalization, fold_batch_norms
 
 
@@ -38,10 +39,13 @@ def main():
     cle = lambda m, b: cross_layer_equalization(m, b[0])[0]  # noqa: E731 (BN fold, CLE, high-bias absorption)
     bc = lambda sim, b: correct_bias(sim, b, measure=False, progress=False)  # noqa: E731
     ada = lambda sim, b: adaround(sim, b, iterations=its, progress=False)  # noqa: E731
+    pt = QuantConfig.preset("w8a8_per_tensor")
+    pt_mse = dataclasses.replace(pt, weight=dataclasses.replace(pt.weight, range_method="mse"))
     todo = {
         "w8a8_pc": ("BN fold + calibrate (percentile 99.99 activations)", lambda: sim_pair(fold, "w8a8")),
         "w8a8_pt": [("BN fold + calibrate", lambda: sim_pair(fold, "w8a8_per_tensor")),
-                    ("calibrate, BN kept after the quantized conv", lambda: sim_pair(keep_bn, "w8a8_per_tensor"))],
+                    ("calibrate, BN kept after the quantized conv", lambda: sim_pair(keep_bn, "w8a8_per_tensor")),
+                    ("calibrate (MSE weight ranges), BN kept after the quantized conv", lambda: sim_pair(keep_bn, pt_mse))],
         "w8a8_pt_cle": ("CLE + high-bias absorption + empirical bias correction", lambda: sim_pair(cle, "w8a8_per_tensor", bc)),
         "w4a8_nearest": ("BN fold + calibrate (MSE weight ranges)", lambda: sim_pair(fold, "w4a8")),
         "w4a8_adaround": (f"AdaRound, {its} iterations/layer", lambda: sim_pair(fold, "w4a8", ada)),

@@ -117,14 +117,15 @@ def ensure_env(peer: str) -> Path:
     return py
 
 
-def run_peer(peer: str, data: Path, out: Path, rows: list[str], adaround_iterations, timeout: int) -> dict:
+def run_peer(peer: str, data: Path, out: Path, rows: list[str], adaround_iterations, timeout: int,
+             keep_other_rows: bool = False) -> dict:
     py = ensure_env(peer)
     runner = REPO / "benchmarks" / "peers" / PEERS[peer][1]
     cmd = [str(py), str(runner), str(data), str(out), "--rows", ",".join(rows)]
     if adaround_iterations:
         cmd += ["--adaround-iterations", str(adaround_iterations)]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("EDGEQUANT_BENCH_THREADS", "2"),
-               PYTHONPATH=str(REPO / "benchmarks" / "peers"))
+               PYTHONPATH=str(REPO / "benchmarks" / "peers"), EDGEQUANT_PEERS_KEEP_OTHER_ROWS="1" if keep_other_rows else "0")
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, timeout=timeout)
     res_file = out / "results.json"
@@ -161,7 +162,7 @@ def markdown(table: list[dict], info: dict, header: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for rid, label in ROWS.items():
         for r in [t for t in table if t["row"] == rid]:
-            note = r.get("error") or r.get("note", "")
+            note = " ".join((r.get("error") or r.get("note", "")).split())
             lines.append(f"| {label} | {r['peer']} {r.get('version', '')} | {r['method']} | {fmt(r.get('top1'), '.3f')} | "
                          f"{fmt(r.get('top5'), '.3f')} | {fmt(r.get('sqnr_db'), '.2f')} | {fmt(r.get('kl'), '.3f')} | "
                          f"{fmt(r.get('top1_confident'), '.3f')} | {fmt(r.get('mnist_accuracy'), '.4f')} | "
@@ -180,7 +181,8 @@ def main():
                     help="AdaRound iterations per layer for every peer (default: each peer's own default)")
     ap.add_argument("--timeout", type=int, default=4 * 3600, help="seconds per peer")
     ap.add_argument("--merge", action="store_true",
-                    help="also table the results other peers left in .peers/results from earlier runs (each row keeps its load average)")
+                    help="also table the results other peers left in .peers/results from earlier runs (each row keeps its "
+                         "load average); with --rows, a rerun peer keeps its earlier results for the other rows")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "peers.md"))
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
@@ -198,7 +200,8 @@ def main():
             raise SystemExit(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
         out = PEERS_DIR / "results" / peer
         try:
-            res = run_peer(peer, data, out, rows, args.adaround_iterations, args.timeout)
+            res = run_peer(peer, data, out, rows, args.adaround_iterations, args.timeout,
+                           keep_other_rows=args.merge and args.rows is not None)
         except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
             res = {"peer": peer, "rows": [{"row": r, "method": "-", "error": f"{type(e).__name__}: {e}"[:300]} for r in rows]}
         results.append(dict(res, peer_key=peer))

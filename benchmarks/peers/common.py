@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 THREADS = int(os.environ.get("EDGEQUANT_BENCH_THREADS", "2"))
+#: set by ``bench_peers.py --merge --rows ...``: keep this peer's earlier rows of the rows not rerun
+KEEP_OTHER_ROWS = os.environ.get("EDGEQUANT_PEERS_KEEP_OTHER_ROWS") == "1"
 torch.set_num_threads(THREADS)
 
 ROWS = {  # row id -> label, in table order
@@ -76,13 +78,18 @@ def logits_of(fn, x, bs=32) -> tuple[np.ndarray, float]:
 
 
 class Recorder:
-    """Collects rows; every row records wall time, load average and threads, and never aborts the run."""
+    """Collects rows; every row records wall time, load average and threads, and never aborts the run.
+
+    With ``KEEP_OTHER_ROWS`` the rows an earlier run left in ``results.json`` stay, except those of the
+    row ids this run records again."""
 
     def __init__(self, peer: str, version: str, out, data: Data):
         self.peer, self.version, self.out, self.data = peer, version, Path(out), data
         self.out.mkdir(parents=True, exist_ok=True)
         self.rows = []
         self.fp32_s = {}
+        old = self.out / "results.json"
+        self.kept = json.loads(old.read_text())["rows"] if KEEP_OTHER_ROWS and old.exists() else []
 
     def fp32_time(self, key, fn, x):
         if key not in self.fp32_s:
@@ -94,6 +101,7 @@ class Recorder:
         where each fn maps a batch to logits, or raises; a failing row is recorded with its error."""
         rec = {"row": row, "method": method, "note": note, "load_average": os.getloadavg()[0], "threads": THREADS}
         tag = f"{row}.{sum(r['row'] == row for r in self.rows)}"  # a peer may have several methods per row
+        self.kept = [r for r in self.kept if r["row"] != row]
         print(f"[{self.peer}] {ROWS.get(row, row)}: {method} ...", flush=True)
         try:
             r = run()
@@ -111,13 +119,13 @@ class Recorder:
                 rec["mnist_logits"] = f"{tag}.mnist.npy"
                 rec["mnist_seconds"] = r.get("mnist_seconds")
         except Exception as e:  # a peer that cannot do a row is reported, not fatal
-            rec["error"] = f"{type(e).__name__}: {e}"[:400]
+            rec["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
             traceback.print_exc()
         self.rows.append(rec)
         self.save()
 
     def save(self):
-        doc = {"peer": self.peer, "version": self.version, "rows": self.rows}
+        doc = {"peer": self.peer, "version": self.version, "rows": self.kept + self.rows}
         tmp = self.out / "results.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self.out / "results.json")

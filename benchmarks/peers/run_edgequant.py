@@ -41,13 +41,17 @@ def main():
     ada = lambda sim, b: adaround(sim, b, iterations=its, progress=False)  # noqa: E731
     pt = QuantConfig.preset("w8a8_per_tensor")
     pt_mse = dataclasses.replace(pt, weight=dataclasses.replace(pt.weight, range_method="mse"))
+    w4 = QuantConfig.preset("w4a8")
+    w4_sqnr = dataclasses.replace(w4, weight=dataclasses.replace(w4.weight, range_method="sqnr"))
     todo = {
         "w8a8_pc": ("BN fold + calibrate (percentile 99.99 activations)", lambda: sim_pair(fold, "w8a8")),
         "w8a8_pt": [("BN fold + calibrate", lambda: sim_pair(fold, "w8a8_per_tensor")),
                     ("calibrate, BN kept after the quantized conv", lambda: sim_pair(keep_bn, "w8a8_per_tensor")),
                     ("calibrate (MSE weight ranges), BN kept after the quantized conv", lambda: sim_pair(keep_bn, pt_mse))],
         "w8a8_pt_cle": ("CLE + high-bias absorption + empirical bias correction", lambda: sim_pair(cle, "w8a8_per_tensor", bc)),
-        "w4a8_nearest": ("BN fold + calibrate (MSE weight ranges)", lambda: sim_pair(fold, "w4a8")),
+        "w4a8_nearest": [("BN fold + calibrate (MSE weight ranges)", lambda: sim_pair(fold, "w4a8")),
+                         ("BN fold + calibrate (SQNR weight ranges, AIMET's tf_enhanced criterion)",
+                          lambda: sim_pair(fold, w4_sqnr))],
         "w4a8_adaround": (f"AdaRound, {its} iterations/layer", lambda: sim_pair(fold, "w4a8", ada)),
         "best": ("edgequant.quantize(model, data, 'w8a8', ptq='auto')", lambda: _best(model, mnist, cb, mcb)),
     }

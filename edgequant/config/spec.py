@@ -133,6 +133,10 @@ class QuantConfig:
         supergroups: give conv/linear/bn/add followed by ReLU-like activations one output quantizer
             after the activation (as a fused kernel would compute them).
         quantize_inputs: quantize the model's float inputs.
+        output_range_method: the range method of the quantizers of the model's outputs (a classifier's
+            logits), in place of the activation spec's: ``"minmax"`` by default, because percentile
+            clipping saturates exactly the largest logits, which decide the prediction. ``None`` keeps
+            the activation spec's method. A ``module_names`` override of that output wins over it.
     """
 
     weight: Optional[QuantSpec] = field(default_factory=lambda: QuantSpec(bits=8, symmetric=True, signed=True, granularity=PerChannel()))
@@ -141,8 +145,11 @@ class QuantConfig:
     module_names: Mapping[str, Override] = field(default_factory=dict)
     supergroups: bool = True
     quantize_inputs: bool = True
+    output_range_method: Optional[str] = "minmax"
 
     def __post_init__(self):
+        if self.output_range_method is not None and self.output_range_method not in RANGE_METHODS:
+            raise ValueError(f"output_range_method must be one of {RANGE_METHODS} or None, got {self.output_range_method!r}")
         for name in ("weight", "activation"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, QuantSpec):
@@ -161,6 +168,10 @@ class QuantConfig:
             object.__setattr__(self, name, dict(m))
 
     # ---- lookup ----
+    def names_output(self, module_name: str) -> bool:
+        """Whether a ``module_names`` pattern sets the output spec of ``module_name``."""
+        return any(fnmatch.fnmatchcase(module_name, p) and o.output != _UNSET for p, o in self.module_names.items())
+
     def spec_for(self, role: str, module_name: str, module_type_names: tuple[str, ...]) -> Optional[QuantSpec]:
         """The spec for ``role`` ("weight" or "output") of the module ``module_name`` whose class and
         base classes are named ``module_type_names`` (most specific first)."""
@@ -209,6 +220,7 @@ class QuantConfig:
             "module_names": {k: v.to_dict() for k, v in self.module_names.items()},
             "supergroups": self.supergroups,
             "quantize_inputs": self.quantize_inputs,
+            "output_range_method": self.output_range_method,
         }
 
     @classmethod

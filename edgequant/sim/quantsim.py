@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import fnmatch
 import json
 import time
@@ -147,6 +148,12 @@ class QuantSim(nn.Module):
             self._leaf_activation_quantizers = prepared.activation_quantizers
         self._disabled: dict[str, Quantizer] = {}
         self._slot_table = self._build_slot_table()
+        method = self.config.output_range_method
+        if method is not None:
+            qs = self.quantizers()
+            for name in self.output_quantizers():
+                if name in qs and not self.config.names_output(name):
+                    qs[name].spec = dataclasses.replace(qs[name].spec, range_method=method)
         if self.unsupported:
             warnings.warn(
                 f"{len(self.unsupported)} op(s) have no quantized implementation and stay in float "

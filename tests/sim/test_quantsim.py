@@ -1,5 +1,6 @@
 """QuantSim: placement, calibration, state, encodings, enable/disable, bad input."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -360,3 +361,44 @@ def test_output_quantizers_name_what_leaves_the_model(block):
         free = sim(x)
     assert not torch.allclose(free / s, (free / s).round(), atol=1e-3)
     assert (free - quantized).abs().max() <= s / 2 + 1e-5  # only the output rounding went away
+
+
+def test_model_outputs_use_the_output_range_method(block):
+    """Percentile clipping of the logits saturates the largest ones, which decide the prediction: the
+    model's output quantizers take ``output_range_method`` (min-max by default) unless a name override
+    sets their spec."""
+    x = torch.randn(16, 3, 16, 16)
+    pct = QuantConfig.preset("w8a8")  # percentile 99.99 activations
+    assert pct.activation.range_method == "percentile" and pct.output_range_method == "minmax"
+    sim = QuantSim(block, x[:1], pct)
+    sim.calibrate([x], progress=False)
+    (out,) = sim.output_quantizers()
+    qs = sim.quantizers()
+    assert qs[out].spec.range_method == "minmax"
+    assert {q.spec.range_method for n, q in qs.items() if q.role == "activation" and n != out} == {"percentile"}
+    def grid_max(q):
+        e = q.encoding()
+        return float(e.scale * (e.qmax - e.zero_point))
+
+    def grid_min(q):
+        e = q.encoding()
+        return float(e.scale * (e.qmin - e.zero_point))
+
+    off = sim.disable(role="activation")  # the logits as calibration observed them (weights quantized)
+    with torch.no_grad():
+        float_logits = sim(x)
+    sim.enable(off)
+    # the grid covers every calibration logit (up to the zero point's rounding): no top logit is clipped
+    half = float(qs[out].scale) / 2 + 1e-6
+    assert float(float_logits.max()) <= grid_max(qs[out]) + half and float(float_logits.min()) >= grid_min(qs[out]) - half
+    clipped = QuantSim(block, x[:1], dataclasses.replace(pct, output_range_method=None))
+    clipped.calibrate([x], progress=False)
+    assert grid_max(clipped.quantizers()[out]) <= grid_max(qs[out])
+
+    assert clipped.quantizers()[out].spec.range_method == "percentile"
+    named = QuantSim(block, x[:1], dataclasses.replace(
+        pct, module_names={out: Override(output=QuantSpec(bits=8, range_method="mse"))}))
+    assert named.quantizers()[out].spec.range_method == "mse"
+    with pytest.raises(ValueError, match="output_range_method"):
+        QuantConfig(output_range_method="max")
+    assert QuantConfig.from_json(pct.to_json()).output_range_method == "minmax"

@@ -39,10 +39,8 @@ def main():
     cle = lambda m, b: cross_layer_equalization(m, b[0])[0]  # noqa: E731 (BN fold, CLE, high-bias absorption)
     bc = lambda sim, b: correct_bias(sim, b, measure=False, progress=False)  # noqa: E731
     ada = lambda sim, b: adaround(sim, b, iterations=its, progress=False)  # noqa: E731
-    pt = QuantConfig.preset("w8a8_per_tensor")
-    pt_mse = dataclasses.replace(pt, weight=dataclasses.replace(pt.weight, range_method="mse"))
-    w4 = QuantConfig.preset("w4a8")
-    w4_sqnr = dataclasses.replace(w4, weight=dataclasses.replace(w4.weight, range_method="sqnr"))
+    pt_mse = _weight_ranges("w8a8_per_tensor", "mse")
+    w4_sqnr = _weight_ranges("w4a8", "sqnr")
     todo = {
         "w8a8_pc": ("BN fold + calibrate (percentile 99.99 activations)", lambda: sim_pair(fold, "w8a8")),
         "w8a8_pt": [("BN fold + calibrate", lambda: sim_pair(fold, "w8a8_per_tensor")),
@@ -59,6 +57,12 @@ def main():
         entries = todo.get(row, [])
         for method, run in entries if isinstance(entries, list) else [entries]:
             twice(rec, row, method, run)
+
+
+def _weight_ranges(preset: str, method: str) -> QuantConfig:
+    """``preset`` with its weight range method replaced by ``method``."""
+    cfg = QuantConfig.preset(preset)
+    return dataclasses.replace(cfg, weight=dataclasses.replace(cfg.weight, range_method=method))
 
 
 def twice(rec, row, method, run):

@@ -168,9 +168,17 @@ class QuantConfig:
             object.__setattr__(self, name, dict(m))
 
     # ---- lookup ----
+    def _named(self, role: str, module_name: str):
+        """The ``role`` spec the last matching ``module_names`` pattern sets for ``module_name``, or unset."""
+        spec = _UNSET
+        for pattern, o in self.module_names.items():
+            if fnmatch.fnmatchcase(module_name, pattern) and getattr(o, role) != _UNSET:
+                spec = getattr(o, role)
+        return spec
+
     def names_output(self, module_name: str) -> bool:
         """Whether a ``module_names`` pattern sets the output spec of ``module_name``."""
-        return any(fnmatch.fnmatchcase(module_name, p) and o.output != _UNSET for p, o in self.module_names.items())
+        return self._named("output", module_name) != _UNSET
 
     def spec_for(self, role: str, module_name: str, module_type_names: tuple[str, ...]) -> Optional[QuantSpec]:
         """The spec for ``role`` ("weight" or "output") of the module ``module_name`` whose class and
@@ -180,10 +188,8 @@ class QuantConfig:
             o = self.module_types.get(tname)
             if o is not None and getattr(o, role) != _UNSET:
                 spec = getattr(o, role)
-        for pattern, o in self.module_names.items():
-            if fnmatch.fnmatchcase(module_name, pattern) and getattr(o, role) != _UNSET:
-                spec = getattr(o, role)
-        return spec
+        named = self._named(role, module_name)
+        return spec if named == _UNSET else named
 
     # ---- presets ----
     @classmethod

@@ -376,6 +376,7 @@ def test_model_outputs_use_the_output_range_method(block):
     qs = sim.quantizers()
     assert qs[out].spec.range_method == "minmax"
     assert {q.spec.range_method for n, q in qs.items() if q.role == "activation" and n != out} == {"percentile"}
+
     def grid_max(q):
         e = q.encoding()
         return float(e.scale * (e.qmax - e.zero_point))
@@ -394,7 +395,6 @@ def test_model_outputs_use_the_output_range_method(block):
     clipped = QuantSim(block, x[:1], dataclasses.replace(pct, output_range_method=None))
     clipped.calibrate([x], progress=False)
     assert grid_max(clipped.quantizers()[out]) <= grid_max(qs[out])
-
     assert clipped.quantizers()[out].spec.range_method == "percentile"
     named = QuantSim(block, x[:1], dataclasses.replace(
         pct, module_names={out: Override(output=QuantSpec(bits=8, range_method="mse"))}))

@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from edgequant import QuantSim
+from edgequant import QuantSim, export_onnx
 from edgequant.analysis import fidelity
 from edgequant.data import calibration_crops, evaluation_crops
 from edgequant.export.integer import IntegerEngine
@@ -103,12 +103,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="edgequant_bench_")
     paths = {}
     with sim.quantization_disabled():
-        paths["fp32"] = sim.export_onnx(os.path.join(tmp, "fp32.onnx"))["onnx"]
-    paths["int8 (uint8 weights)"] = sim.export_onnx(os.path.join(tmp, "int8_u8w.onnx"))["onnx"]
-    paths["int8 (int8 weights)"] = sim.export_onnx(os.path.join(tmp, "int8_s8w.onnx"), weight_dtype="int8")["onnx"]
+        paths["fp32"] = export_onnx(sim, os.path.join(tmp, "fp32.onnx"))["onnx"]
+    paths["int8 (uint8 weights)"] = export_onnx(sim, os.path.join(tmp, "int8_u8w.onnx"))["onnx"]
+    paths["int8 (int8 weights)"] = export_onnx(sim, os.path.join(tmp, "int8_s8w.onnx"), weight_dtype="int8")["onnx"]
     sim7 = QuantSim(folded, cal[:1], "w7a8")  # 7-bit weights: exact on u8s8 kernels without VNNI
     sim7.calibrate(cal.split(32), progress=False)
-    paths["int8 w7a8 (int8 weights)"] = sim7.export_onnx(os.path.join(tmp, "int8_w7a8.onnx"))["onnx"]
+    paths["int8 w7a8 (int8 weights)"] = export_onnx(sim7, os.path.join(tmp, "int8_w7a8.onnx"))["onnx"]
     paths["ORT quantize_static (its own QDQ)"] = _ort_quantize_static(paths["fp32"], cal, os.path.join(tmp, "ort_qs.onnx"))
     times = _latencies_in_fresh_process(paths, ev[:32].numpy(), args.threads, args.repeats)
     sessions = {k: session(p, args.threads) for k, p in paths.items()}
@@ -164,7 +164,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.out:
-        from edgequant.export.encodings import atomic_write_text
+        from edgequant.io.encodings import atomic_write_text
 
         atomic_write_text(args.out, text + "\n")
 

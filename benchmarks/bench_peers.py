@@ -54,7 +54,7 @@ def sha256(path: Path) -> str:
 
 def prepare_data(folder: Path, n_cal: int, n_eval: int) -> dict:
     """Save the inputs once; later runs reuse them (delete the folder to rebuild)."""
-    from edgequant import QuantSim
+    from edgequant import QuantSim, export_onnx
     from edgequant.data import calibration_crops, evaluation_crops
     from edgequant.data.mnist import mnist_5k
     from edgequant.models import mobilenet_v2_imagenet
@@ -87,7 +87,7 @@ def prepare_data(folder: Path, n_cal: int, n_eval: int) -> dict:
         sim = QuantSim(fold_batch_norms(m)[0], x[:1], "w8a8")
         sim.calibrate([x], progress=False)  # export needs encodings; they are unused with quantization disabled
         with sim.quantization_disabled():
-            sim.export_onnx(folder / name)
+            export_onnx(sim, folder / name)
         (folder / name.replace(".onnx", ".encodings.json")).unlink(missing_ok=True)
     info = {"sizes": [n_cal, n_eval], "mnist_train_seconds": round(train_s, 1),
             "sha256": {p.name: sha256(p) for p in sorted(folder.iterdir()) if p.suffix in (".npy", ".pt", ".onnx")}}
@@ -219,7 +219,7 @@ def main():
               f"torch {torch.__version__}, {os.environ.get('EDGEQUANT_BENCH_THREADS', '2')} threads per peer, one process per peer")
     text = markdown(table, info, header)
     print("\n" + text)
-    from edgequant.export.encodings import atomic_write_text
+    from edgequant.io.encodings import atomic_write_text
 
     atomic_write_text(args.out, text + "\n")
     atomic_write_text(PEERS_DIR / "results" / "table.json", json.dumps(table, indent=1))

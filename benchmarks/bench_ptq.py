@@ -144,7 +144,7 @@ def main():
     text = "\n".join(lines)
     print("\n" + text)
     if args.out:
-        from edgequant.export.encodings import atomic_write_text
+        from edgequant.io.encodings import atomic_write_text
 
         atomic_write_text(args.out, text + "\n")
 

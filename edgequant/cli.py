@@ -24,7 +24,7 @@ def _logits(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 
 def _write_report(out: Path, rows: list[dict], header: dict) -> None:
-    from .export.encodings import atomic_write_text
+    from .io.encodings import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.json", json.dumps({**header, "results": rows}, indent=2))
@@ -47,7 +47,7 @@ def _print_table(rows: list[dict]) -> None:
 
 def evaluate_configs(model, calib: torch.Tensor, evalset: torch.Tensor, configs, batch_size: int = 32, progress: bool = True):
     """Quantize ``model`` with each config, calibrate on ``calib``, compare with FP32 on ``evalset``."""
-    from .analysis.fidelity import fidelity
+    from .metrics import fidelity
     from .sim.quantsim import QuantSim
 
     ref = _logits(model, evalset, batch_size)
@@ -169,7 +169,7 @@ def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_
     folded, layers equalized); its state_dict is saved as float_model_ptq.pt beside the sim's.
     """
     from .config.spec import QuantConfig
-    from .export.encodings import atomic_write_text
+    from .io.encodings import atomic_write_text
     from .sim.quantsim import QuantSim
 
     model = _load_factory(model_spec)()

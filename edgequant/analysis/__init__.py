@@ -1,4 +1,4 @@
-"""Analysis: fidelity metrics."""
-from .fidelity import Fidelity, fidelity, sqnr_db
+"""Analysis: fidelity metrics (defined in :mod:`edgequant.metrics`, a low layer that PTQ uses too)."""
+from ..metrics import Fidelity, fidelity, sqnr_db
 
 __all__ = ["Fidelity", "fidelity", "sqnr_db"]

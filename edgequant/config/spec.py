@@ -13,6 +13,7 @@ True
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -88,25 +89,26 @@ class QuantSpec:
 
 
 _UNSET = "unset"
+_ROLES = ("weight", "activation")
 
 
 @dataclass(frozen=True)
 class Override:
     """Per-type or per-name override. A field left at ``"unset"`` keeps the default; ``None`` disables
-    that quantizer (e.g. ``Override(output=None)`` leaves a layer's output in float)."""
+    that quantizer (e.g. ``Override(activation=None)`` leaves a layer's output activation in float)."""
 
     weight: object = _UNSET
-    output: object = _UNSET
+    activation: object = _UNSET
 
     def __post_init__(self):
-        for name in ("weight", "output"):
+        for name in _ROLES:
             v = getattr(self, name)
             if not (v == _UNSET or v is None or isinstance(v, QuantSpec)):
                 raise TypeError(f"Override.{name} must be a QuantSpec, None (disable) or left unset, got {v!r}")
 
     def to_dict(self) -> dict:
         out = {}
-        for name in ("weight", "output"):
+        for name in _ROLES:
             v = getattr(self, name)
             if v != _UNSET:
                 out[name] = None if v is None else v.to_dict()
@@ -114,10 +116,28 @@ class Override:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Override":
-        unknown = set(d) - {"weight", "output"}
+        d = dict(d)
+        if "output" in d and "activation" not in d:  # the name of schema 1 files written before 0.2
+            d["activation"] = d.pop("output")
+        unknown = set(d) - set(_ROLES)
         if unknown:
-            raise ValueError(f"unknown override field(s) {sorted(unknown)}; use 'weight' and/or 'output'")
+            raise ValueError(f"unknown override field(s) {sorted(unknown)}; use 'weight' and/or 'activation'")
         return cls(**{k: (None if v is None else QuantSpec.from_dict(v)) for k, v in d.items()})
+
+
+class FrozenDict(dict):
+    """A dict that refuses changes (the overrides of a frozen :class:`QuantConfig`); copies are plain dicts."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a QuantConfig is immutable: build a new one, e.g. dataclasses.replace(cfg, module_names={...})")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def __deepcopy__(self, memo):
+        return FrozenDict({k: v for k, v in self.items()})
 
 
 @dataclass(frozen=True)
@@ -165,7 +185,7 @@ class QuantConfig:
                     raise TypeError(f"QuantConfig.{name} keys are strings: use {k.__name__!r} instead of {k.__name__}")
                 if not isinstance(k, str) or not isinstance(v, Override):
                     raise TypeError(f"QuantConfig.{name}[{k!r}] must map a string to an Override, got {v!r}")
-            object.__setattr__(self, name, dict(m))
+            object.__setattr__(self, name, FrozenDict(m))
 
     # ---- lookup ----
     def _named(self, role: str, module_name: str):
@@ -176,13 +196,15 @@ class QuantConfig:
                 spec = getattr(o, role)
         return spec
 
-    def names_output(self, module_name: str) -> bool:
-        """Whether a ``module_names`` pattern sets the output spec of ``module_name``."""
-        return self._named("output", module_name) != _UNSET
+    def names_activation(self, module_name: str) -> bool:
+        """Whether a ``module_names`` pattern sets the activation spec of ``module_name``."""
+        return self._named("activation", module_name) != _UNSET
 
     def spec_for(self, role: str, module_name: str, module_type_names: tuple[str, ...]) -> Optional[QuantSpec]:
-        """The spec for ``role`` ("weight" or "output") of the module ``module_name`` whose class and
+        """The spec for ``role`` ("weight" or "activation") of the module ``module_name`` whose class and
         base classes are named ``module_type_names`` (most specific first)."""
+        if role not in _ROLES:
+            raise ValueError(f"role must be one of {_ROLES}, got {role!r}")
         spec = self.weight if role == "weight" else self.activation
         for tname in reversed(module_type_names):  # base classes first, the class itself last
             o = self.module_types.get(tname)
@@ -199,7 +221,7 @@ class QuantConfig:
         ``w8a8_per_tensor``, ``w4a8_per_tensor`` (per-tensor symmetric weights)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return PRESETS[name]
+        return copy.deepcopy(PRESETS[name])  # a copy: a change to it never reaches other users of the preset
 
     @classmethod
     def coerce(cls, config) -> "QuantConfig":
@@ -207,7 +229,7 @@ class QuantConfig:
         if config is None:
             return cls()
         if isinstance(config, QuantConfig):
-            return config
+            return config  # immutable: sharing it is safe
         if isinstance(config, str):
             if config.lstrip().startswith("{"):
                 return cls.from_json(config)

@@ -70,7 +70,7 @@ def _norm_axis(axis: Optional[int], ndim: int) -> int:
     if axis is None:
         raise ValueError(
             "granularity axis is None (meaning 'the layer's channel axis'); resolve it with "
-            "granularity.with_axis(...) or pass a concrete axis"
+            "edgequant.core.resolve_axis(granularity, axis) or pass a concrete axis, e.g. PerChannel(axis=0)"
         )
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for a tensor with {ndim} dimensions")

@@ -12,6 +12,8 @@ of edgequant calls these functions; none re-writes the formula.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .granularity import Granularity, PerTensor, expand_param
@@ -97,10 +99,14 @@ def quantize(
     >>> quantize(torch.tensor([-1.0, 0.0, 0.26, 9.0]), torch.tensor(0.5), torch.tensor(3), 0, 15)
     tensor([ 1,  3,  4, 15], dtype=torch.int32)
     """
-    s = expand_param(scale, x.shape, granularity)
-    z = expand_param(zero_point, x.shape, granularity).to(x.dtype)
-    q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+    s, z = _expanded(scale, zero_point, x.shape, granularity)
+    q = torch.clamp(torch.round(x / s) + z.to(x.dtype), qmin, qmax)
     return q.to(torch.int32)
+
+
+def _expanded(scale, zero_point, shape, granularity):
+    """``scale`` and ``zero_point`` broadcastable against a tensor of ``shape``."""
+    return expand_param(scale, shape, granularity), expand_param(zero_point, shape, granularity)
 
 
 def dequantize(
@@ -110,8 +116,7 @@ def dequantize(
     granularity: Granularity = PerTensor(),
 ) -> torch.Tensor:
     """``(q - zero_point) * scale`` in the dtype of ``scale``."""
-    s = expand_param(scale, q.shape, granularity)
-    z = expand_param(zero_point, q.shape, granularity)
+    s, z = _expanded(scale, zero_point, q.shape, granularity)
     return (q.to(s.dtype) - z.to(s.dtype)) * s
 
 
@@ -150,17 +155,30 @@ def fake_quantize(
     qmin: int,
     qmax: int,
     granularity: Granularity = PerTensor(),
+    rounding: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in float, with a straight-through gradient for ``x``.
 
     Bit-exact with ``dequantize(quantize(x, ...), ...)``; the gradient passes unchanged where
     ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]`` and is zero where it is clipped.
 
+    ``rounding`` replaces round-to-nearest by learned rounding (AdaRound): a tensor ``h`` shaped like
+    ``x`` with values in ``[0, 1]``, and ``round(x / s)`` becomes ``floor(x / s) + h``::
+
+        x_hat = s * (clamp(floor(x / s) + h + z, qmin, qmax) - z)
+
+    The gradient then flows to ``h`` (and not to ``x``); ``h = round(x/s) - floor(x/s)`` is nearest rounding.
+
     >>> fake_quantize(torch.tensor([-1.0, 0.0, 0.26, 9.0]), torch.tensor(0.5), torch.tensor(3), 0, 15)
     tensor([-1.0000,  0.0000,  0.5000,  6.0000])
+    >>> fake_quantize(torch.tensor([0.26, 0.26]), torch.tensor(0.5), torch.tensor(0), 0, 15, rounding=torch.tensor([0.0, 1.0]))
+    tensor([0.0000, 0.5000])
     """
-    s = expand_param(scale, x.shape, granularity).to(x.dtype)
-    z = expand_param(zero_point, x.shape, granularity)
+    s, z = _expanded(scale, zero_point, x.shape, granularity)
+    s = s.to(x.dtype)
+    if rounding is not None:
+        z = z.to(x.dtype)
+        return s * (torch.clamp(torch.floor(x / s) + rounding + z, qmin, qmax) - z)
     if z.dim() == 0:
         z = int(z)  # a Python int keeps the clamp bounds scalar (faster, in place)
     else:
@@ -169,3 +187,53 @@ def fake_quantize(
         return _FakeQuantizeSTE.apply(x, s, z, qmin, qmax)
     out, _ = _fake_quantize_impl(x, s, z, qmin, qmax, need_mask=False)
     return out
+
+
+def grid_range(scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float range ``[(qmin - z) s, (qmax - z) s]`` a grid represents (elementwise, any shape).
+
+    >>> lo, hi = grid_range(torch.tensor(0.5), torch.tensor(3), 0, 15)
+    >>> lo.item(), hi.item()
+    (-1.5, 6.0)
+    """
+    z = torch.as_tensor(zero_point).to(torch.as_tensor(scale).dtype)
+    return (qmin - z) * scale, (qmax - z) * scale
+
+
+def storage_offset(bits: int, signed: bool) -> int:
+    """What deployment adds to a grid's integers to store them: activation grids of at most 8 bits are
+    stored as uint8 (ONNX Runtime fuses its integer kernels only on uint8 activations), so a signed
+    grid moves by +128 -- ``(q, z)`` and ``(q + 128, z + 128)`` are the same grid. Wider grids are
+    stored as they are. The ONNX export and the float32 requantization (which computes with the
+    stored zero points) both take the shift from here.
+
+    >>> storage_offset(8, True), storage_offset(5, True), storage_offset(8, False), storage_offset(16, True)
+    (128, 128, 0, 0)
+    """
+    return 128 if signed and bits <= 8 else 0
+
+
+#: int32, the accumulator (and bias) grid of integer kernels
+INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+
+
+def bias_scale(s_in, s_w: torch.Tensor, channels: int) -> torch.Tensor:
+    """The bias grid ``s_in * s_w[c]`` of ``channels`` output channels, in float64.
+
+    ``s_w`` has one scale or one per output channel (a transposed conv with groups has one per
+    channel of a group: it repeats). The product is taken in float64 everywhere (sim, export,
+    engine): a float32 product moved ties on 3e-5 of one MobileNetV2 layer's outputs.
+    """
+    s_w = torch.as_tensor(s_w).detach().reshape(-1).double()
+    if s_w.numel() == 1:
+        s_w = s_w.expand(channels)
+    elif s_w.numel() != channels:
+        s_w = s_w.repeat(channels // s_w.numel())
+    s_in = s_in.detach().reshape(()).double() if torch.is_tensor(s_in) else torch.tensor(float(s_in), dtype=torch.float64)
+    return s_in.to(s_w.device) * s_w
+
+
+def bias_integers(bias: torch.Tensor, s_bias: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(b / s_bias), int32)`` as int64: the bias on the accumulator grid (see :func:`bias_scale`)."""
+    b = bias.detach().double().to(s_bias.device)
+    return torch.clamp(torch.round(b / s_bias), INT32_MIN, INT32_MAX).long()

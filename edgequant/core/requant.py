@@ -25,12 +25,10 @@ import math
 
 import torch
 
+from ..errors import RequantError
+
 MODES = ("float32", "fixed_point")
 ADD_HEADROOM_BITS = 20  # TFLite's left shift before the add's rescaling
-
-
-class RequantError(ValueError):
-    """A scale that a requantization scheme cannot represent."""
 
 
 def check_mode(mode: str) -> str:
@@ -111,18 +109,11 @@ def rescale(q: torch.Tensor, s_x: float, z_x: int, s_y: float, z_y: int, qmin: i
     return requantize(q - z_x, s_x, torch.ones(1, dtype=torch.float64), s_y, z_y, qmin, qmax, mode)
 
 
-def deployed_offset(bits: int, signed: bool) -> int:
-    """What the ONNX export adds to a grid's integers: 8-bit activations are stored as uint8 (ORT's
-    fused kernels want them so), a signed 8-bit grid moves by +128. Float arithmetic on zero points
-    (the float32 add) depends on it."""
-    return 128 if bits == 8 and signed else 0
-
-
 def add(qa: torch.Tensor, s_a: float, z_a: int, qb: torch.Tensor, s_b: float, z_b: int,
         s_y: float, z_y: int, lo, hi, mode: str, offsets: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
     """Quantized ``a + b`` on the output grid ``(s_y, z_y)``, clamped to ``[lo, hi]`` (int64).
 
-    ``offsets`` are the :func:`deployed_offset` of a, b and the output: the float32 scheme computes
+    ``offsets`` are the :func:`~edgequant.core.quant.storage_offset` of a, b and the output: the float32 scheme computes
     with the zero points as stored, and ``fp32(z_y - (r_a z_a + r_b z_b))`` rounds differently when
     they move by 128 (measured: 7e-4 of MobileNetV2's ``features.6.add`` outputs flip without it).
     """

@@ -47,17 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..errors import IntegerEngineError
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
-from ..core.quant import quantize
-from ..graph import lowering, ops
-from ..nn.quantizer import NotCalibratedError, Quantizer
+from ..core.quant import INT32_MAX, INT32_MIN, bias_integers, bias_scale, quantize, storage_offset
+from ..graph import lowering, ops, patterns
+from ..errors import NotCalibratedError
+from ..nn.quantizer import Quantizer
 
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 
-class IntegerEngineError(RuntimeError):
-    """The sim has an op (or a grid) the integer engine has no implementation for."""
 
 
 @dataclass
@@ -66,7 +65,7 @@ class QTensor:
     q: torch.Tensor
     scale: float
     zero_point: int
-    offset: int = 0  # what the ONNX export adds to store it (see core.requant.deployed_offset)
+    offset: int = 0  # what the ONNX export adds to store it (see core.quant.storage_offset)
 
     def dequantize(self) -> torch.Tensor:
         return (self.q - self.zero_point).to(torch.float32) * self.scale
@@ -100,13 +99,13 @@ class IntegerEngine:
 
     # ---------------------------------------------------------------- structure
     def _mod(self, n):
-        return lowering.module_of(n, self.modules)
+        return patterns.module_of(n, self.modules)
 
     def _is_pass(self, n) -> bool:
         return ops.keeps_grid(n, self.modules)
 
     def _producer(self, src):
-        return lowering.split_producer(src, self.modules)
+        return patterns.split_producer(src, self.modules)
 
     def _check(self):
         for n in self.gm.graph.nodes:
@@ -117,8 +116,8 @@ class IntegerEngine:
                 base, _ = self._producer(n.args[0])
                 bm = self._mod(base)
                 ok = base.op == "placeholder" or isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)) \
-                    or lowering.is_add(base) or self._is_global_pool(base) \
-                    or lowering.is_cat(base) \
+                    or patterns.is_add(base) or self._is_global_pool(base) \
+                    or patterns.is_cat(base) \
                     or (base.op == "call_method" and base.target == "mean") or self._is_pass(base) \
                     or isinstance(self._mod(base), Quantizer)
                 if not ok:
@@ -131,7 +130,7 @@ class IntegerEngine:
                         raise IntegerEngineError(f"{base.target}: only zero padding with explicit sizes")
 
     def _is_global_pool(self, n) -> bool:
-        return lowering.is_global_pool(n, self.modules)
+        return patterns.is_global_pool(n, self.modules)
 
     def _unsupported(self, n) -> str:
         m = self._mod(n)
@@ -151,7 +150,7 @@ class IntegerEngine:
                 env[n] = pos.pop(0)
             elif isinstance(m, Quantizer):
                 env[n] = self._quantized(n, m, env)
-                env[n].offset = rq.deployed_offset(m.spec.bits, m.spec.signed)
+                env[n].offset = storage_offset(m.spec.bits, m.spec.signed)
             elif n.op == "output":
                 out = env[n.args[0]]
             elif self._is_pass(n) and isinstance(env.get(n.args[0]), QTensor):
@@ -201,12 +200,12 @@ class IntegerEngine:
             return QTensor(torch.maximum(torch.minimum(y.q, hi), lo), s_y, z_y)
         if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             return self._weighted(base, bm, env[base.args[0]], act, q, s_y, z_y)
-        if lowering.is_add(base):
+        if patterns.is_add(base):
             a, b = env[base.args[0]], env[base.args[1]]
             return self._add(a, b, act, q, s_y, z_y)
         if self._is_global_pool(base):
             return self._global_pool(env[base.args[0]], q, s_y, z_y, base)
-        if lowering.is_cat(base):
+        if patterns.is_cat(base):
             dim = base.kwargs.get("dim", base.args[1] if len(base.args) > 1 else 0)
             parts = [self._rescale(env[p], s_y, z_y, q.qmin, q.qmax).q for p in base.args[0]]
             return QTensor(torch.cat(parts, dim=dim), s_y, z_y)
@@ -225,8 +224,8 @@ class IntegerEngine:
         s_w = s_w.expand(cout) if s_w.numel() == 1 else s_w
         if not isinstance(wq.spec.granularity, (PerTensor, PerChannel)):
             raise IntegerEngineError(f"{node.target}: blocked weights have no single accumulator scale")
-        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(cout, dtype=torch.float64)
-        b_q = torch.round(bias / (x.scale * s_w)).long()
+        bias = m.bias if m.bias is not None else torch.zeros(cout, dtype=torch.float64)
+        b_q = bias_integers(bias, bias_scale(x.scale, wq.scale, cout)).to(w_int.device)
         groups = getattr(m, "groups", 1)
         # zero point of the input folded into the bias: sum_k w[c, k] * (q_x - z_x) = w.q_x - z_x * sum_k w[c, k]
         b_fold = b_q - x.zero_point * w_int.reshape(cout, -1).sum(1)
@@ -256,12 +255,12 @@ class IntegerEngine:
         if not (isinstance(a, QTensor) and isinstance(b, QTensor)):
             raise IntegerEngineError("add: both inputs must be quantized")
         lo, hi = self._clamp_bounds(act, s_y, z_y, q, a.q.shape[1] if a.q.ndim > 1 else 1, max(a.q.ndim, b.q.ndim))
-        offsets = (a.offset, b.offset, rq.deployed_offset(q.spec.bits, q.spec.signed))
+        offsets = (a.offset, b.offset, storage_offset(q.spec.bits, q.spec.signed))
         return QTensor(rq.add(a.q, a.scale, a.zero_point, b.q, b.scale, b.zero_point, s_y, z_y, lo, hi, self.requant, offsets),
                        s_y, z_y)
 
     def _global_pool(self, x: QTensor, q: Quantizer, s_y, z_y, node) -> QTensor:
-        dims, keep = lowering.pool_dims(node, self.modules, x.q.ndim)
+        dims, keep = patterns.pool_dims(node, self.modules, x.q.ndim)
         count = 1
         for d in dims:
             count *= x.q.shape[d]

@@ -31,20 +31,20 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
+from ..errors import ExportError
 from ..core.granularity import PerBlock, PerChannel, PerTensor
-from ..graph import lowering, ops
-from ..core.quant import quantize
+from ..graph import lowering, ops, patterns
+from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
 from ..nn.clamp import ChannelClamp
-from ..nn.quantizer import NotCalibratedError, Quantizer
-from .encodings import atomic_write_text, to_edgequant
+from ..errors import NotCalibratedError
+from ..nn.quantizer import Quantizer
+from ..io.encodings import atomic_write_text, to_edgequant
 
 
-class ExportError(RuntimeError):
-    """The sim cannot be exported as asked; the message names the op or quantizer and what to do."""
 
 
-#: methods that are no-ops in an exported graph
-_NOOP_METHODS = ops.IDENTITY_METHODS | {"to", "cpu", "cuda", "type_as"}
+#: methods that are no-ops in an exported graph (besides the identity ops)
+_NOOP_METHODS = {"to", "cpu", "cuda", "type_as"}
 
 
 def _container(bits: int, signed: bool, opset: int):
@@ -130,23 +130,23 @@ def _scale_shape(q: Quantizer, arr: np.ndarray) -> np.ndarray:
 
 
 def _activation_qdq(b: _Builder, q: Quantizer, x: str, ndim: int) -> str:
-    dtype, cmin, cmax = _container(q.spec.bits, q.spec.signed, b.opset)
-    scale, zp = _qparams_np(q)
     if not isinstance(q.spec.granularity, PerTensor):
         raise ExportError(f"activation quantizer {q.tensor_name!r} is {type(q.spec.granularity).__name__}: "
                           "ONNX export supports per-tensor activations (the integer kernels need them)")
-    qmin, qmax = q.qmin, q.qmax
-    if dtype == TensorProto.INT8:  # int8 (q, z) == uint8 (q + 128, z + 128): ORT fuses uint8 activations everywhere
+    scale, zp = _qparams_np(q)
+    offset = storage_offset(q.spec.bits, q.spec.signed)
+    if q.spec.bits <= 8:  # stored as uint8 (a signed grid shifted by the offset): ORT fuses uint8 activations everywhere
         dtype, cmin, cmax = TensorProto.UINT8, 0, 255
-        zp, qmin, qmax = zp.astype(np.int64) + 128, qmin + 128, qmax + 128
+    else:
+        dtype, cmin, cmax = _container(q.spec.bits, q.spec.signed, b.opset)
+    zp, qmin, qmax = zp.astype(np.int64) + offset, q.qmin + offset, q.qmax + offset
     s = b.const(f"{q.tensor_name}_scale", _scale_shape(q, scale).astype(np.float32))
     z = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(z)
     b.int_const(z, _scale_shape(q, zp), dtype)
     src = x
     if (qmin, qmax) != (cmin, cmax):  # the grid is narrower than the container: clip in float first
-        lo = float((qmin - zp.reshape(-1)[0]) * scale.reshape(-1)[0])
-        hi = float((qmax - zp.reshape(-1)[0]) * scale.reshape(-1)[0])
+        lo, hi = (float(v.reshape(-1)[0]) for v in grid_range(q.scale.detach().cpu(), q.zero_point.cpu(), q.qmin, q.qmax))
         src = b.node("Clip", [x, b.const(f"{q.tensor_name}_lo", np.float32(lo)), b.const(f"{q.tensor_name}_hi", np.float32(hi))],
                      base=f"{q.tensor_name}_clip")
     b.q_inputs.add(x)
@@ -208,12 +208,9 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
     if m.bias is not None:
         s_in = _input_scale(node, modules)
         if q is not None and s_in is not None and not isinstance(q.spec.granularity, PerBlock):
-            s_w = q.scale.detach().reshape(-1).double().cpu()
-            s_w = s_w.expand(m.bias.shape[0]) if s_w.numel() == 1 else s_w
-            if isinstance(m, nn.modules.conv._ConvTransposeNd) and s_w.numel() != m.bias.shape[0]:
-                s_w = s_w.repeat(m.bias.shape[0] // s_w.numel())
-            s_b = (s_in * s_w).numpy()
-            bq = np.clip(np.round(m.bias.detach().double().cpu().numpy() / s_b), -2**31, 2**31 - 1).astype(np.int32)
+            s_b = bias_scale(s_in, q.scale, m.bias.shape[0]).cpu()
+            bq = bias_integers(m.bias.cpu(), s_b).numpy().astype(np.int32)
+            s_b = s_b.numpy()
             bname = b.int_const(f"{name}.bias", bq, TensorProto.INT32)
             b.dq_inits.add(bname)
             sb = b.const(f"{name}.bias_scale", s_b.astype(np.float32))
@@ -320,7 +317,7 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
     inits = {i.name for i in model.graph.initializer}
     bad = []
     for name, q in sim.quantizers().items():
-        if q.role == "activation" and name not in q_in:
+        if not q.is_weight and name not in q_in:
             bad.append(f"activation {name!r} is not the input of a QuantizeLinear")
         if q.role == "weight" and not (name in inits and name in dq_in):
             bad.append(f"weight {name!r} is not an initializer read by a DequantizeLinear")
@@ -403,12 +400,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
 
 def _moves_integers(n: fx.Node, modules) -> bool:
     """Reshape-like ops that ONNX runs on integer tensors as well (values moved, never computed)."""
-    m = modules.get(n.target) if n.op == "call_module" else None
-    if m is not None:
-        return isinstance(m, nn.Flatten)
-    if n.op == "call_function":
-        return n.target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
-    return n.op == "call_method" and n.target in ("view", "reshape", "flatten", "squeeze", "unsqueeze")
+    return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
 
 
 def _resolve(b: _Builder, v):
@@ -422,7 +414,7 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                       nn.Linear, nn.Embedding)):
         return _weighted(b, n, m, x, out, modules, ndim)
-    if isinstance(m, ops.IDENTITY_MODULES):
+    if ops.is_identity(n, modules):
         return x
     if isinstance(m, ChannelClamp):
         shape = [-1] + [1] * (ndim - 2) if m.channel_axis == 1 else [-1]
@@ -485,7 +477,7 @@ def _reshape(b, x, shape, out, base):
 def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
     t = n.target
     base = n.name
-    if t in _NOOP_METHODS or t in ops.IDENTITY_FUNCTIONS:
+    if t in _NOOP_METHODS or ops.is_identity(n, {}):
         return a[0]
     binary = {operator.add: "Add", torch.add: "Add", "add": "Add", operator.mul: "Mul", torch.mul: "Mul", "mul": "Mul",
               operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.truediv: "Div", torch.div: "Div", "div": "Div",

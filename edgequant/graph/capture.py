@@ -7,18 +7,17 @@ import traceback
 import torch
 from torch import fx, nn
 
-from .ops import LEAF_MODULES
+from ..errors import GraphCaptureError
+from .ops import is_leaf_module
 
 
-class GraphCaptureError(RuntimeError):
-    """The model could not be captured as a graph; the message names the op and source line."""
 
 
 class _Tracer(fx.Tracer):
     """Keeps every known torch layer (and its subclasses, which keep their own forward) as one node."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, LEAF_MODULES):
+        if is_leaf_module(m):
             return True
         return super().is_leaf_module(m, qualname)
 

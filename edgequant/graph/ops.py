@@ -1,117 +1,211 @@
-"""What edgequant knows about each module type and functional op.
+"""What edgequant knows about each module type and functional op: one :class:`Op` record each.
 
 Every captured node falls in one of these kinds:
 
-* ``weighted``  -- a layer whose weight gets a param quantizer and whose output gets an output quantizer
+* ``weighted``  -- a registered layer (:mod:`edgequant.nn.registry`): its parameters get quantizers
+                   and its output an output quantizer
 * ``compute``   -- computes new values: gets an output quantizer
 * ``pass``      -- moves or selects values (reshape, max-pool, dropout, ...): its output stays on
                    its input's grid, so it gets no quantizer
 * ``unknown``   -- not supported: left in float, listed in a warning; its output is quantized where a
                    quantized op consumes it
+
+and carries the properties the passes ask about: ``identity`` (returns its input unchanged in eval
+mode), ``keeps_grid`` (values moved, never recomputed: the integers move too), ``fusable`` (an
+activation an integer kernel applies on its accumulator: one quantizer after it), ``nonneg`` (output
+>= 0: an unsigned grid fits), ``homogeneous`` (``f(x / s) = f(x) / s`` for ``s > 0``: CLE scales
+through it) and ``lowering`` (the integer kernel it is part of: ``add``, ``global_pool``, ``cat``).
+
+>>> import torch.nn.functional as F
+>>> from torch import nn
+>>> module_op(nn.ReLU6()).fusable, module_op(nn.MaxPool2d(2)).keeps_grid, FUNCTION_OPS[F.relu].nonneg
+(True, True, True)
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..nn.clamp import ChannelClamp
+from ..nn.registry import lookup, registered_classes
 
-#: weighted layer type -> axis of the output channels in its weight
-WEIGHT_AXIS: dict[type, int] = {
-    nn.Conv1d: 0, nn.Conv2d: 0, nn.Conv3d: 0,
-    nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 1, nn.ConvTranspose3d: 1,
-    nn.Linear: 0, nn.Embedding: 0, nn.EmbeddingBag: 0,
-}
-WEIGHTED_MODULES = tuple(WEIGHT_AXIS)
 
-NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
-                nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm)
+@dataclass(frozen=True)
+class Op:
+    """What one op kind is; see the module docstring. ``nonneg`` may be a predicate on the module."""
+    kind: str  # "weighted" | "compute" | "pass"
+    identity: bool = False
+    keeps_grid: bool = False
+    fusable: bool = False
+    nonneg: Union[bool, Callable[[nn.Module], bool]] = False
+    homogeneous: bool = False
+    lowering: Optional[str] = None
+
+
+WEIGHTED = Op("weighted")
+COMPUTE = Op("compute")
+PASS = Op("pass")
+IDENTITY = Op("pass", identity=True, keeps_grid=True)
+MOVE = Op("pass", keeps_grid=True)  # reshape-like and max-pool: integers move unchanged
+RELU = Op("compute", fusable=True, nonneg=True, homogeneous=True)
+NONNEG = Op("compute", nonneg=True)
+ADD = Op("compute", lowering="add")
+
+
+def _hardtanh_nonneg(m: nn.Module) -> bool:
+    return float(m.min_val) >= 0
+
+
+def _table(pairs) -> dict:
+    out = {}
+    for keys, op in pairs:
+        for k in keys:
+            out[k] = op
+    return out
+
+
 BN_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = BN_MODULES + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+                       nn.LocalResponseNorm)
 
-#: activations a fused kernel applies on its accumulator (conv/linear/bn/add + act = one output)
-FUSABLE_ACT_MODULES = (nn.ReLU, nn.ReLU6, ChannelClamp)
-#: producers whose output is >= 0 (an unsigned grid fits)
-NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
+#: module class -> Op (looked up along the class's MRO, so subclasses match); weighted layers come
+#: from the registry of quantized modules
+MODULE_OPS: dict[type, Op] = _table([
+    (_NORMS + (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool3d), COMPUTE),
+    ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d), Op("compute", lowering="global_pool")),  # when the output size is 1
+    ((nn.LeakyReLU, nn.PReLU), Op("compute", homogeneous=True)),
+    ((nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardswish, nn.Softplus, nn.LogSoftmax,
+      nn.Upsample, nn.UpsamplingBilinear2d), COMPUTE),
+    ((nn.ReLU,), RELU),
+    ((nn.Hardtanh,), Op("compute", fusable=True, nonneg=_hardtanh_nonneg)),  # ReLU6 is a Hardtanh
+    ((ChannelClamp,), Op("compute", fusable=True, nonneg=lambda m: m.nonneg)),
+    ((nn.Sigmoid, nn.Softmax, nn.Hardsigmoid), NONNEG),
+    ((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), IDENTITY),
+    ((nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), MOVE),
+    ((nn.Unflatten, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+      nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+      nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
+      nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle), PASS),
+])
+
+FUNCTION_OPS: dict[Callable, Op] = _table([
+    ((operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg, torch.sub, torch.mul, torch.div,
+      torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.exp, torch.sqrt,
+      torch.rsqrt, torch.tanh, torch.einsum, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.tanh, F.log_softmax,
+      F.elu, F.layer_norm, F.group_norm, F.batch_norm, F.normalize, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+      F.adaptive_avg_pool3d, F.interpolate, F.scaled_dot_product_attention), COMPUTE),
+    ((operator.add, torch.add), ADD),
+    ((torch.cat, torch.concat), Op("compute", lowering="cat")),
+    ((torch.mean, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d), Op("compute", lowering="global_pool")),
+    ((torch.relu, F.relu), RELU),
+    ((F.relu6,), Op("compute", fusable=True, nonneg=True)),
+    ((F.leaky_relu,), Op("compute", homogeneous=True)),
+    ((torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.hardsigmoid), NONNEG),
+    ((F.dropout,), IDENTITY),
+    ((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze), MOVE),
+    ((operator.getitem, torch.permute, torch.transpose, torch.chunk, torch.split, torch.narrow, torch.t, torch.select,
+      torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+      F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
+])
+
+METHOD_OPS: dict[str, Op] = _table([
+    (("sub", "mul", "div", "matmul", "bmm", "sum", "exp", "sqrt", "rsqrt", "tanh", "neg", "pow", "mul_", "add_"), COMPUTE),
+    (("add",), ADD),
+    (("mean",), Op("compute", lowering="global_pool")),
+    (("relu",), RELU),
+    (("sigmoid", "softmax"), NONNEG),
+    (("contiguous", "clone", "detach"), IDENTITY),
+    (("view", "reshape", "flatten", "squeeze", "unsqueeze"), MOVE),
+    (("permute", "transpose", "expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select",
+      "view_as", "unflatten", "to", "cpu", "cuda", "type_as"), PASS),
+])
+
+
+def module_op(m: nn.Module) -> Optional[Op]:
+    """The record of a module (weighted if registered), or None when edgequant does not know it."""
+    if lookup(m) is not None:
+        return WEIGHTED
+    for c in type(m).__mro__:
+        if c in MODULE_OPS:
+            return MODULE_OPS[c]
+    return None
+
+
+def node_op(node: fx.Node, modules: dict) -> Optional[Op]:
+    """The record of an fx node (``modules``: the graph's named modules); None for unknown ops,
+    placeholders, constants and the output."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return module_op(m) if m is not None else None
+    if node.op == "call_function":
+        return FUNCTION_OPS.get(node.target)
+    if node.op == "call_method":
+        return METHOD_OPS.get(node.target)
+    return None
+
+
+def kind(node: fx.Node, modules: dict) -> str:
+    """``weighted``, ``compute``, ``pass`` or ``unknown`` for ops; the fx op (``placeholder``,
+    ``get_attr``, ``output``) otherwise."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return node.op
+    op = node_op(node, modules)
+    return op.kind if op is not None else "unknown"
+
+
+def _flag(node, modules, name: str) -> bool:
+    op = node_op(node, modules)
+    return op is not None and bool(getattr(op, name))
+
+
+def is_identity(node: fx.Node, modules: dict) -> bool:
+    """Whether fx ``node`` returns its input unchanged (``modules``: the graph's named modules)."""
+    return _flag(node, modules, "identity")
+
+
+def keeps_grid(node: fx.Node, modules: dict) -> bool:
+    """Whether fx ``node``'s output stays on its input's grid (identity, flatten, reshape, max-pool)."""
+    return _flag(node, modules, "keeps_grid")
+
+
+def is_fusable_act(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` is an activation a fused integer kernel applies on its accumulator (a clamp)."""
+    return _flag(node, modules, "fusable")
+
+
+def is_nonneg(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node``'s output is always >= 0 (an unsigned grid fits it)."""
+    op = node_op(node, modules)
+    if op is None:
+        return False
+    return op.nonneg(modules[node.target]) if callable(op.nonneg) else bool(op.nonneg)
 
 
 def is_nonneg_module(m: nn.Module) -> bool:
-    """Whether ``m``'s output is always >= 0 (an unsigned grid fits it)."""
-    if isinstance(m, ChannelClamp):
-        return m.nonneg
-    return isinstance(m, NONNEG_MODULES)
-
-COMPUTE_MODULES = NORM_MODULES + (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softmax, nn.LogSoftmax,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.Upsample, nn.UpsamplingBilinear2d, ChannelClamp,
-)
-#: ops that return their input unchanged in eval mode
-IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-IDENTITY_FUNCTIONS = {F.dropout}
-IDENTITY_METHODS = {"contiguous", "clone", "detach"}
-#: ops whose output stays on its input's quantization grid (values moved, never recomputed)
-KEEP_GRID_MODULES = IDENTITY_MODULES + (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-KEEP_GRID_FUNCTIONS = IDENTITY_FUNCTIONS | {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
-KEEP_GRID_METHODS = IDENTITY_METHODS | {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+    """Whether module ``m``'s output is always >= 0."""
+    op = module_op(m)
+    if op is None:
+        return False
+    return op.nonneg(m) if callable(op.nonneg) else bool(op.nonneg)
 
 
-def _matches(node, modules, mods, functions, methods) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), mods)
-    if node.op == "call_function":
-        return node.target in functions
-    return node.op == "call_method" and node.target in methods
+def is_leaf_module(m: nn.Module) -> bool:
+    """Modules the tracer keeps as one node: every known module type and every registered layer."""
+    return module_op(m) is not None
 
 
-def is_identity(node, modules) -> bool:
-    """Whether fx ``node`` returns its input unchanged (``modules``: the graph's named modules)."""
-    return _matches(node, modules, IDENTITY_MODULES, IDENTITY_FUNCTIONS, IDENTITY_METHODS)
+def is_pass_module(m: nn.Module) -> bool:
+    op = module_op(m)
+    return op is not None and op.kind == "pass"
 
 
-def keeps_grid(node, modules) -> bool:
-    """Whether fx ``node``'s output stays on its input's grid (identity, flatten, reshape, max-pool)."""
-    return _matches(node, modules, KEEP_GRID_MODULES, KEEP_GRID_FUNCTIONS, KEEP_GRID_METHODS)
-PASS_MODULES = (
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-    nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d,
-    nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle, nn.UpsamplingNearest2d,
-)
-#: every module type the tracer keeps as one node (subclasses included)
-LEAF_MODULES = WEIGHTED_MODULES + COMPUTE_MODULES + PASS_MODULES
-
-COMPUTE_FUNCTIONS = {
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg,
-    torch.add, torch.sub, torch.mul, torch.div, torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm,
-    torch.cat, torch.concat, torch.stack, torch.mean, torch.sum, torch.exp, torch.sqrt, torch.rsqrt,
-    torch.relu, torch.sigmoid, torch.tanh, torch.softmax, torch.einsum,
-    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.sigmoid,
-    F.tanh, F.softmax, F.log_softmax, F.elu, F.layer_norm, F.group_norm, F.batch_norm, F.normalize,
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.interpolate, F.scaled_dot_product_attention,
-}
-COMPUTE_METHODS = {"add", "sub", "mul", "div", "matmul", "bmm", "mean", "sum", "exp", "sqrt", "rsqrt",
-                   "relu", "sigmoid", "tanh", "softmax", "neg", "pow", "add_", "mul_"}
-PASS_FUNCTIONS = {
-    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-    torch.chunk, torch.split, torch.narrow, torch.t, torch.select, torch.index_select,
-    F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.pad,
-    F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d,
-}
-PASS_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
-                "expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select", "clone", "detach",
-                "view_as", "unflatten", "to", "cpu", "cuda", "type_as"}
-FUSABLE_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6}
-FUSABLE_ACT_METHODS = {"relu"}
-NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid}
-NONNEG_METHODS = {"relu", "sigmoid", "softmax"}
-ADD_FUNCTIONS = {operator.add, torch.add}
-ADD_METHODS = {"add"}
+def weighted_classes() -> tuple[type, ...]:
+    return registered_classes()
 
 
 def function_name(target) -> str:

@@ -1,6 +1,9 @@
-"""Quantizer modules and quantized twins of torch layers."""
+"""Quantizer modules, quantized twins of torch layers, and the registry that maps one to the other."""
+from ..errors import NotCalibratedError
 from .clamp import ChannelClamp
 from .modules import QuantizedModuleMixin, quantize_module, quantized_class
-from .quantizer import NotCalibratedError, Quantizer
+from .quantizer import ROLES, Quantizer, make_quantizer
+from .registry import Registration, lookup, register_quantized
 
-__all__ = ["ChannelClamp", "Quantizer", "NotCalibratedError", "QuantizedModuleMixin", "quantize_module", "quantized_class"]
+__all__ = ["ChannelClamp", "Quantizer", "make_quantizer", "ROLES", "NotCalibratedError", "QuantizedModuleMixin",
+           "quantize_module", "quantized_class", "register_quantized", "lookup", "Registration"]

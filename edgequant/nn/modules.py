@@ -12,10 +12,8 @@ import torch
 from torch import nn
 
 from ..core.granularity import PerChannel, PerTensor
-from ..core.quant import fake_quantize
+from ..core.quant import bias_integers, bias_scale
 from .quantizer import Quantizer
-
-INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
 
 _CLASS_CACHE: dict[type, type] = {}
 
@@ -67,16 +65,11 @@ class QuantizedModuleMixin:
                 and q_in._observer is None and isinstance(q_in.spec.granularity, PerTensor)):
             return None
         g = q_w.spec.granularity
-        s_in = q_in.scale.reshape(()).double()
-        if isinstance(g, PerTensor):
-            s64 = (s_in * q_w.scale.reshape(()).double()).expand(bias.shape[0])
-        elif isinstance(g, PerChannel) and q_w.scale.numel() == bias.shape[0]:
-            s64 = s_in * q_w.scale.reshape(-1).double()
-        else:
+        channels = bias.shape[0]
+        if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and q_w.scale.numel() == channels)):
             return None
-        # the integers round(b / (s_in s_w)) are computed in float64, as the ONNX export and the integer
-        # engine compute them (a float32 product s_in * s_w moved ties: 3e-5 of one MobileNetV2 layer's outputs)
-        b = fake_quantize(bias.double(), s64, torch.zeros_like(s64, dtype=torch.int32), INT32_MIN, INT32_MAX, PerChannel(0))
+        s64 = bias_scale(q_in.scale, q_w.scale, channels).to(bias.device)
+        b = bias_integers(bias, s64).double() * s64
         return b.to(dtype or bias.dtype)
 
     def float_class(self) -> type:

@@ -6,6 +6,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..errors import NotCalibratedError
 from ..config.spec import QuantSpec
 from ..core.encoding import Encoding
 from ..core.granularity import from_groups
@@ -13,8 +14,10 @@ from ..core.quant import fake_quantize, qrange
 from ..observers.ranges import compute_qparams, make_observer
 
 
-class NotCalibratedError(RuntimeError):
-    """A quantizer was used before it had an encoding."""
+
+
+#: what a quantizer quantizes: a parameter, a model input, an op's output inside the model, a model output
+ROLES = ("weight", "input", "activation", "output")
 
 
 class Quantizer(nn.Module):
@@ -47,7 +50,9 @@ class Quantizer(nn.Module):
         super().__init__()
         if spec.signed is None:
             raise ValueError(f"{name}: QuantSpec.signed must be resolved before building a Quantizer")
-        self.spec = spec
+        if role not in ROLES:
+            raise ValueError(f"{name}: quantizer role must be one of {ROLES}, got {role!r}")
+        self._spec = spec
         self.tensor_name = name
         self.role = role
         self.owner_type = owner_type
@@ -61,6 +66,26 @@ class Quantizer(nn.Module):
         self.register_buffer("frozen", torch.tensor(False))
         self._ready = False  # mirror of `initialized`, avoids a device sync per forward
         self._observer = None
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The grid this quantizer was built for (read-only: ``qmin``, ``qmax`` and the scale's shape
+        follow from it; change it with ``sim.set_spec(name, spec)``, which builds a new quantizer)."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, value):
+        raise AttributeError(f"{self.tensor_name}: Quantizer.spec is read-only (qmin/qmax and the scale shape follow "
+                             "from it); use sim.set_spec(name, spec), which rebuilds the quantizer")
+
+    def __setstate__(self, state):
+        if "spec" in state:  # pickled before the spec became read-only
+            state["_spec"] = state.pop("spec")
+        super().__setstate__(state)
+
+    @property
+    def is_weight(self) -> bool:
+        return self.role == "weight"
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -153,3 +178,9 @@ class Quantizer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ready = bool(self.initialized)
+
+
+def make_quantizer(spec: QuantSpec, tensor_shape, name: str, role: str = "activation", owner_type: str = "") -> Quantizer:
+    """The one factory of quantizers: the kind of quantizer follows from the spec (QAT's learnable
+    quantizers will be chosen here from a spec field), so every caller builds them the same way."""
+    return Quantizer(spec, torch.Size(tensor_shape), name, role=role, owner_type=owner_type)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..core.granularity import Granularity, PerTensor
-from ..core.quant import _qparams, choose_qparams
+from ..core.quant import _qparams, choose_qparams, grid_range
 from .stats import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, TensorObserver
 
 RANGE_METHODS = ("minmax", "ema", "percentile", "mse", "sqnr")
@@ -107,7 +107,7 @@ def _search_range(centers, counts, mn, mx, qmin: int, qmax: int, symmetric: bool
         s, z = _qparams(lo, hi, qmin, qmax, symmetric)
         s, z = s.double()[..., None], z.double()[..., None]  # (K, G, 1)
         c = centers[None]
-        e_lo, e_hi = (qmin - z) * s, (qmax - z) * s
+        e_lo, e_hi = grid_range(s, z, qmin, qmax)
         clipped = torch.minimum(torch.maximum(c, e_lo), e_hi)
         clip = c - clipped
         if counts is None:  # exact: error of rounding the clipped value to the grid, plus weighted clipping

@@ -41,8 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..batches import iterate
 from ..core.granularity import expand_param
-from ..nn.clamp import ChannelClamp
+from ..errors import NotCalibratedError
+from ..core.quant import fake_quantize
+from ..graph.patterns import following_activation
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer
 
@@ -91,19 +94,7 @@ def _following_activation(sim, name: str) -> Optional[Callable]:
     """The ReLU-like op the layer's output goes through before its output quantizer, if any."""
     if sim.capture_mode != "graph":
         return None
-    modules = dict(sim.model.named_modules())
-    for n in sim.model.graph.nodes:
-        if n.op == "call_module" and n.target == name:
-            if len(n.users) != 1:
-                return None
-            u = next(iter(n.users))
-            m = modules.get(u.target) if u.op == "call_module" else None
-            if isinstance(m, (nn.ReLU, nn.ReLU6, nn.Hardtanh, ChannelClamp)):
-                return m
-            if u.op == "call_function" and u.target in (F.relu, torch.relu, F.relu6):
-                return u.target
-            return None
-    return None
+    return following_activation(sim.model, name, dict(sim.model.named_modules()))
 
 
 class _Sampler:
@@ -181,7 +172,7 @@ def _forward_layer(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor
 
 
 def _run(sim, batch, forward_fn):
-    forward_fn(sim, batch) if forward_fn is not None else sim._run_batch(batch)
+    sim.run_batch(batch, forward_fn)
 
 
 def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_step: int = 1024,
@@ -207,18 +198,8 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
 
     Returns an :class:`AdaRoundReport` with each layer's output error for nearest and learned rounding.
     """
-    from ..sim.quantsim import _check_finite, _to_device
-
     t_start = time.perf_counter()
-    device = sim._device()
-    batches = []
-    for i, b in enumerate(data):
-        if num_batches is not None and i >= num_batches:
-            break
-        _check_finite(b, f"AdaRound batch {i}")
-        batches.append(_to_device(b, device))
-    if not batches:
-        raise ValueError("AdaRound data yielded no batches: pass a non-empty iterable or DataLoader")
+    batches = [b for _, b in iterate(data, num_batches=num_batches, device=sim.device, desc="AdaRound", progress=False)]
     all_layers = _layers(sim)
     if layers is not None:
         unknown = sorted(set(layers) - set(all_layers))
@@ -235,7 +216,7 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
         elif not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             report.skipped[name] = f"{type(m).__mro__[2].__name__} is not supported (Conv1d, Conv2d and Linear are)"
         elif not q.is_initialized:
-            raise ValueError(f"{name}.weight has no encoding: call sim.calibrate(data) before adaround")
+            raise NotCalibratedError(f"{name}.weight has no encoding: call sim.calibrate(data) before adaround")
         elif isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
             report.skipped[name] = "only zero padding with explicit sizes is supported"
         else:
@@ -315,20 +296,21 @@ def _round_layer(m, x, target, act, iterations, rows_per_step, reg_weight, beta_
     w = m.weight.detach().float()
     g = q.spec.granularity
     s = expand_param(q.scale, w.shape, g).float().expand_as(w)
-    z = expand_param(q.zero_point, w.shape, g).float().expand_as(w)
     if isinstance(m, nn.Conv1d):
-        w, s, z = w.unsqueeze(2), s.unsqueeze(2), z.unsqueeze(2)
+        w, s = w.unsqueeze(2), s.unsqueeze(2)
     cout = w.shape[0]
     groups = getattr(m, "groups", 1)
     w_floor = torch.floor(w / s)
     rest = (w / s - w_floor).clamp(1e-4, 1 - 1e-4)
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).reshape(cout, -1).clone().requires_grad_(True)
-    base, sc, zp = w_floor.reshape(cout, -1), s.reshape(cout, -1), z.reshape(cout, -1)
+    base = w_floor.reshape(cout, -1)
     bias = m.bias.detach().float() if m.bias is not None else None
     f = (lambda t: t) if act is None else act
+    w_layer = m.weight.detach().float()
 
-    def weight(hard_or_soft):
-        return sc * (torch.clamp(base + hard_or_soft + zp, q.qmin, q.qmax) - zp)
+    def weight(hard_or_soft):  # (Cout, K): the one formula with learned rounding floor(w/s) + h
+        h = hard_or_soft.reshape(w_layer.shape)
+        return fake_quantize(w_layer, q.scale, q.zero_point, q.qmin, q.qmax, g, rounding=h).reshape(cout, -1)
 
     depthwise = groups > 1 and groups == cout
     if depthwise:  # (G, P, K) layout: one batched (P, K) @ (K, 1) per channel
@@ -369,9 +351,7 @@ def _round_layer(m, x, target, act, iterations, rows_per_step, reg_weight, beta_
         mse_ada = float(recon(weight(hard)))
         kept = mse_ada > mse_near
         choice = nearest if kept else hard
-        new_w = weight(choice).reshape(m.weight.shape if not isinstance(m, nn.Conv1d) else w.shape)
-        if isinstance(m, nn.Conv1d):
-            new_w = new_w.squeeze(2)
+        new_w = weight(choice).reshape(m.weight.shape)
         m.weight.data.copy_(new_w.to(m.weight.dtype))
         q.freeze()
         changed = float((choice != nearest).float().mean())

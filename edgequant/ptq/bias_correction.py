@@ -22,8 +22,8 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..batches import iterate
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer
 from .cle import _in_channel_expand
@@ -100,6 +100,53 @@ def _activations_off(sim):
         sim.enable(names)
 
 
+class _Shifts:
+    """Forward hooks on the selected layers: in the float pass they record each layer's per-channel mean
+    output; in the quantized pass they add up its shift from that mean and, when ``correct`` is set,
+    remove the shift from the output on the fly (so later layers see corrected inputs)."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        self.ref: dict[str, torch.Tensor] = {}
+        self.total: dict[str, torch.Tensor] = {}
+        self.float_pass = True
+        self.correct = False
+        self.hooks = [m.register_forward_hook(self._hook(n, isinstance(m, nn.Linear))) for n, m in layers.items()]
+
+    def _hook(self, name: str, linear: bool):
+        def fn(mod, inp, out):
+            mean = _channel_mean(out, linear)
+            if self.float_pass:
+                self.ref[name] = mean
+                return None
+            shift = mean - self.ref[name]
+            self.total[name] = self.total.get(name, 0) + shift
+            return out - shift.to(out.dtype).view(_channel_shape(out, linear)) if self.correct else None
+        return fn
+
+    def mean(self, n_batches: int) -> dict[str, torch.Tensor]:
+        return {n: t / n_batches for n, t in self.total.items()}
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _sweep(sim, data, shifts: _Shifts, sel, original, *, correct: bool, activations: str, num_batches, forward_fn,
+           desc: str, progress: bool) -> int:
+    """One pass over the data: each batch in float (original biases), then quantized; returns the batch count."""
+    shifts.total.clear()
+    n = 0
+    for _, batch in iterate(data, num_batches=num_batches, device=sim.device, desc=desc, progress=progress):
+        shifts.float_pass = True
+        with sim.quantization_disabled(), _biases(sel, original):
+            sim.run_batch(batch, forward_fn)
+        shifts.float_pass, shifts.correct = False, correct
+        with _activations_off(sim) if activations == "float" else contextlib.nullcontext():
+            sim.run_batch(batch, forward_fn)
+        n += 1
+    return n
+
+
 def correct_bias(sim, data: Iterable, *, num_batches: Optional[int] = None, forward_fn: Optional[Callable] = None,
                  layers: Optional[list[str]] = None, activations: str = "float", measure: bool = True,
                  progress: bool = True) -> BiasCorrectionReport:
@@ -122,8 +169,6 @@ def correct_bias(sim, data: Iterable, *, num_batches: Optional[int] = None, forw
             shifts come from rare outliers, and moving every value to cancel them costs more.
         measure: run the data once more to report the remaining shift (``mean_error_after``).
     """
-    from ..sim.quantsim import _check_finite, _to_device
-
     if activations not in ("float", "quantized"):
         raise ValueError(f"activations must be 'float' or 'quantized', got {activations!r}")
     t0 = time.perf_counter()
@@ -134,70 +179,24 @@ def correct_bias(sim, data: Iterable, *, num_batches: Optional[int] = None, forw
     for m in sel.values():
         _ensure_bias(m)
     original = {n: m.bias.data.clone() for n, m in sel.items()}
-    state = {"mode": "float"}
-    ref: dict[str, torch.Tensor] = {}
-    shift_sum: dict[str, torch.Tensor] = {}
-    n_batches = 0
-
-    def hook(name, linear):
-        def fn(mod, inp, out):
-            mean = _channel_mean(out, linear)
-            if state["mode"] == "float":
-                ref[name] = mean
-                return None
-            shift = mean - ref[name]
-            shift_sum[name] = shift_sum.get(name, 0) + shift
-            if state["mode"] == "measure":
-                return None
-            return out - shift.to(out.dtype).view(_channel_shape(out, linear))
-        return fn
-
-    def run(batch):
-        forward_fn(sim, batch) if forward_fn is not None else sim._run_batch(batch)
-
-    def sweep(desc, correct_mode):
-        nonlocal n_batches
-        n_batches = 0
-        device = sim._device()
-        total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
-        for i, batch in enumerate(tqdm(data, desc=desc, unit="batch", total=total, disable=not progress)):
-            if num_batches is not None and i >= num_batches:
-                break
-            _check_finite(batch, f"bias correction batch {i}")
-            batch = _to_device(batch, device)
-            state["mode"] = "float"
-            with sim.quantization_disabled(), _biases(sel, original):
-                run(batch)
-            state["mode"] = correct_mode
-            if activations == "float":
-                with _activations_off(sim):
-                    run(batch)
-            else:
-                run(batch)
-            n_batches += 1
-        if n_batches == 0:
-            raise ValueError("bias correction data yielded no batches: pass a non-empty iterable or DataLoader")
-
-    hooks = [m.register_forward_hook(hook(n, isinstance(m, nn.Linear))) for n, m in sel.items()]
+    shifts = _Shifts(sel)
+    opts = dict(activations=activations, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
     was_training = sim.training
     sim.eval()
     report = BiasCorrectionReport()
     try:
         with torch.no_grad():
             if measure:
-                sweep("bias correction: before", "measure")
-                report.mean_error_before = {n: float((shift_sum[n] / n_batches).abs().mean()) for n in sel}
-                shift_sum.clear()
-            sweep("bias correction", "correct")
-            for n, m in sel.items():
-                m.bias.data.sub_((shift_sum[n] / n_batches).to(m.bias.dtype))
+                n = _sweep(sim, data, shifts, sel, original, correct=False, desc="bias correction: before", **opts)
+                report.mean_error_before = {k: float(v.abs().mean()) for k, v in shifts.mean(n).items()}
+            n = _sweep(sim, data, shifts, sel, original, correct=True, desc="bias correction", **opts)
+            for k, shift in shifts.mean(n).items():
+                sel[k].bias.data.sub_(shift.to(sel[k].bias.dtype))
             if measure:
-                shift_sum.clear()
-                sweep("bias correction: after", "measure")
-                report.mean_error_after = {n: float((shift_sum[n] / n_batches).abs().mean()) for n in sel}
+                n = _sweep(sim, data, shifts, sel, original, correct=False, desc="bias correction: after", **opts)
+                report.mean_error_after = {k: float(v.abs().mean()) for k, v in shifts.mean(n).items()}
     finally:
-        for h in hooks:
-            h.remove()
+        shifts.remove()
         sim.train(was_training)
     report.layers = list(sel)
     report.seconds = time.perf_counter() - t0

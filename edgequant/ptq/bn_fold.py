@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..graph import ops
-from ._graph import call_counts, channel_view, is_identity, module_of, only_user, set_submodule, trace
+from ..graph.patterns import bn_producer, call_counts, module_of, set_submodule, trace
 
 
 @dataclass
@@ -52,6 +52,27 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
     if out_channels != bn.num_features:
         return f"its {bn.num_features} features do not match the {out_channels} output channels of the layer"
     return None
+
+
+def channel_view(w: torch.Tensor, axis: int, groups: int = 1):
+    """A function ``scale -> w * scale`` broadcasting ``scale`` (length = channels along ``axis``).
+
+    For a transposed convolution with groups, output channel ``c`` lives at ``w[g*in_g:(g+1)*in_g, c % out_g]``
+    with ``g = c // out_g``; the weight is viewed as ``(groups, in_g, out_g, ...)`` for that.
+    """
+    def shape_for(v):
+        s = [1] * w.ndim
+        s[axis] = -1
+        return v.view(s)
+
+    if axis == 1 and groups > 1:  # transposed conv: (Cin, Cout/g, k...)
+        cin, out_g = w.shape[0], w.shape[1]
+
+        def apply(v):
+            wv = w.view(groups, cin // groups, out_g, *w.shape[2:])
+            return (wv * v.view(groups, 1, out_g, *[1] * (w.ndim - 2))).view_as(w)
+        return apply
+    return lambda v: w * shape_for(v)
 
 
 @torch.no_grad()
@@ -109,22 +130,13 @@ def fold_batch_norms(model: nn.Module, inplace: bool = False) -> tuple[nn.Module
         bn = module_of(node, modules)
         if not isinstance(bn, ops.BN_MODULES):
             continue
-        src = node.args[0] if node.args else None
-        while src is not None and is_identity(src, modules) and len(src.users) == 1:
-            src = src.args[0] if src.args else None
-        layer = module_of(src, modules) if isinstance(src, torch.fx.Node) else None
+        src, chain_ok = bn_producer(node, modules)
+        layer = module_of(src, modules)
         if not isinstance(layer, _FOLDABLE):
             what = "the model input" if src is not None and src.op == "placeholder" else \
                 f"{type(layer).__name__ if layer is not None else getattr(src, 'target', src)}"
             report.skipped.append((node.target, f"it follows {what}, not a conv/linear layer"))
             continue
-        chain_ok, n = True, src
-        while n is not node:  # every hop from the layer to the BN has a single consumer
-            u = only_user(n)
-            if u is None:
-                chain_ok = False
-                break
-            n = u
         reason = None
         if not chain_ok:
             reason = f"the output of {src.target} is also used elsewhere"

@@ -31,28 +31,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
 
-from ..analysis.fidelity import sqnr_db
+from ..metrics import sqnr_db
 from ..nn.clamp import ChannelClamp
 from .bn_fold import FoldReport, fold_batch_norms
-from ._graph import call_counts, is_identity, module_of, only_user, set_submodule, trace
-
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # not transposed convs
-_CHANNEL_PRESERVING = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                       nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-                       nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-
-
-@dataclass
-class Pair:
-    """Two layers joined through ``act`` (a module name, a function name, or None)."""
-    first: str
-    second: str
-    act: Optional[str]
-    act_kind: str  # "none", "relu", "homogeneous" (leaky/prelu), "clamp" (ReLU6/Hardtanh/ChannelClamp)
-
+from ..graph.patterns import Pair, equalization_pairs, set_submodule, trace
 
 @dataclass
 class CLEReport:
@@ -75,60 +59,6 @@ class CLEReport:
         if self.sqnr_db_absorption is not None:
             s += f", + absorption {self.sqnr_db_absorption:.1f} dB"
         return s
-
-
-def _act_kind(node: fx.Node, modules) -> Optional[str]:
-    m = module_of(node, modules)
-    if m is not None:
-        if isinstance(m, (nn.ReLU6, nn.Hardtanh, ChannelClamp)):
-            return "clamp"
-        if isinstance(m, nn.ReLU):
-            return "relu"
-        if isinstance(m, (nn.LeakyReLU, nn.PReLU)):
-            return "homogeneous"
-        return None
-    if node.op == "call_function" and node.target in (F.relu, torch.relu):
-        return "relu"
-    if node.op == "call_function" and node.target is F.leaky_relu:
-        return "homogeneous"
-    if node.op == "call_method" and node.target == "relu":
-        return "relu"
-    return None
-
-
-def find_pairs(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> list[Pair]:
-    """Layer pairs ``L1 -> [identity ops] -> [one activation] -> [identity ops, pools] -> L2`` that
-    can be equalized: every hop has a single consumer, layers and clamps are called once, and ``L2``
-    reads all of ``L1``'s channels."""
-    counts = call_counts(gm)
-    pairs = []
-    for node in gm.graph.nodes:
-        l1 = module_of(node, modules)
-        if not isinstance(l1, _LAYERS) or counts[node.target] != 1:
-            continue
-        n, act, kind = only_user(node), None, "none"
-        while n is not None:
-            if is_identity(n, modules) or isinstance(module_of(n, modules), _CHANNEL_PRESERVING):
-                n = only_user(n)
-                continue
-            k = _act_kind(n, modules)
-            if k is not None and act is None:
-                if k == "clamp" and counts.get(n.target, 0) != 1:
-                    break  # a shared ReLU6 module cannot become a per-channel clamp
-                act, kind = n, k
-                n = only_user(n)
-                continue
-            break
-        l2 = module_of(n, modules) if n is not None else None
-        if not isinstance(l2, _LAYERS) or counts[n.target] != 1:
-            continue
-        out1 = l1.weight.shape[0]
-        in2 = l2.weight.shape[1] * getattr(l2, "groups", 1)
-        if out1 != in2 or (isinstance(l1, nn.Linear) != isinstance(l2, nn.Linear)):
-            continue
-        act_name = None if act is None else (act.target if act.op == "call_module" else str(act.target))
-        pairs.append(Pair(node.target, n.target, act_name, kind))
-    return pairs
 
 
 def _in_channel_expand(v: torch.Tensor, w2: torch.Tensor, groups: int) -> torch.Tensor:
@@ -199,7 +129,7 @@ def cross_layer_equalization(model: nn.Module, example_inputs=None, *, absorb_hi
     if fold:
         net, report.fold = fold_batch_norms(net, inplace=True)
     gm, modules = trace(net)
-    pairs = find_pairs(gm, modules)
+    pairs = equalization_pairs(gm, modules)
     acts: dict[str, Optional[nn.Module]] = {}
     for p in pairs:
         a = modules.get(p.act) if p.act is not None else None
@@ -272,7 +202,7 @@ def absorb_high_biases(model: nn.Module, example_inputs=None, *, n_std: float = 
     net = model if inplace else copy.deepcopy(model)
     ref = _run(model, example_inputs) if example_inputs is not None else None
     gm, modules = trace(net)
-    pairs = find_pairs(gm, modules)
+    pairs = equalization_pairs(gm, modules)
     acts = {p.first: (modules.get(p.act) if p.act is not None else None) for p in pairs}
     report = CLEReport(pairs=[(p.first, p.second) for p in pairs])
     report.absorbed = _absorb(net, pairs, modules, acts, n_std)

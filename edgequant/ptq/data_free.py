@@ -31,18 +31,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..core.quant import choose_qparams
-from ..nn.clamp import ChannelClamp
 from ..nn.quantizer import Quantizer
-from ._graph import IDENTITY_FUNCTIONS, IDENTITY_METHODS, IDENTITY_MODULES, is_add
+from ..graph import ops
+from ..graph.patterns import activation_bounds, is_add, is_pool
 
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-          nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d, F.avg_pool1d}
 _RESHAPES_FUNCTIONS = {torch.flatten}
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze"}
 
@@ -96,21 +91,6 @@ def clipped_normal_moments(mu: torch.Tensor, sigma: torch.Tensor, a: torch.Tenso
     return torch.where(tiny, const, m1), torch.where(tiny, torch.zeros_like(var), var.sqrt())
 
 
-def _clamp_bounds(node: fx.Node, modules) -> Optional[tuple]:
-    """``(a, b)`` for clamping activations (scalars or per-channel tensors), else None."""
-    m = modules.get(node.target) if node.op == "call_module" else None
-    if isinstance(m, ChannelClamp):
-        return m.lo.double(), m.hi.double()
-    if isinstance(m, nn.Hardtanh):
-        return float(m.min_val), float(m.max_val)
-    if isinstance(m, nn.ReLU) or (node.op == "call_function" and node.target in (F.relu, torch.relu)) or \
-            (node.op == "call_method" and node.target == "relu"):
-        return 0.0, math.inf
-    if node.op == "call_function" and node.target is F.relu6:
-        return 0.0, 6.0
-    return None
-
-
 def _weighted_moments(m: nn.Module, x: Moments, n_std: float) -> Moments:
     w = m.weight.detach().double()
     groups = getattr(m, "groups", 1)
@@ -143,9 +123,7 @@ def propagate_moments(gm: fx.GraphModule, n_std: float = 6.0,
         res = None
         if n.op == "placeholder":
             res = inputs.get(n.target)
-        elif isinstance(m, Quantizer) or isinstance(m, IDENTITY_MODULES) or isinstance(m, _POOLS) \
-                or (n.op == "call_function" and n.target in IDENTITY_FUNCTIONS | _POOL_FUNCTIONS) \
-                or (n.op == "call_method" and n.target in IDENTITY_METHODS):
+        elif isinstance(m, Quantizer) or ops.is_identity(n, modules) or is_pool(n, modules):
             res = x
         elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             if "bn_mean" in m._buffers:
@@ -154,7 +132,7 @@ def propagate_moments(gm: fx.GraphModule, n_std: float = 6.0,
                 res = _weighted_moments(m, x, n_std)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and m.affine:
             res = Moments.gaussian(m.bias.detach(), m.weight.detach(), n_std)
-        elif (ab := _clamp_bounds(n, modules)) is not None and x is not None:
+        elif (ab := activation_bounds(n, modules)) is not None and x is not None:
             a, b = ab
             mean, std = clipped_normal_moments(x.mean, x.std, a, b)
             at = torch.as_tensor(a, dtype=torch.float64)

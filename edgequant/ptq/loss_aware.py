@@ -19,7 +19,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.quant import _qparams, fake_quantize
+from ..batches import iterate
+from ..errors import NotCalibratedError
+from ..core.quant import _qparams, fake_quantize, grid_range
 from ..core.granularity import PerTensor
 from ..nn.quantizer import Quantizer
 
@@ -58,40 +60,33 @@ def output_quantizer(sim) -> Quantizer:
 def loss_aware_output_range(sim, data, *, name: Optional[str] = None, target: str = "float",
                             num_batches: Optional[int] = None, grid: int = 40) -> LossAwareReport:
     """Set the output quantizer's range to minimize the cross-entropy of the quantized logits (in place)."""
-    from ..sim.quantsim import _to_device
-
     if target not in ("float", "labels"):
         raise ValueError(f"target must be 'float' or 'labels', got {target!r}")
     q = sim.quantizers()[name] if name is not None else output_quantizer(sim)
     if not isinstance(q.spec.granularity, PerTensor):
         raise ValueError(f"{q.tensor_name}: loss-aware ranges support per-tensor output quantizers")
     if not q.is_initialized:
-        raise ValueError(f"{q.tensor_name} has no encoding yet: call sim.calibrate(data) first")
-    device = sim._device()
+        raise NotCalibratedError(f"{q.tensor_name} has no encoding yet: call sim.calibrate(data) first")
+    device = sim.device
     zs, ps = [], []
     captured = {}
     h = q.register_forward_pre_hook(lambda mod, inp: captured.__setitem__("z", inp[0].detach()))
     was_training = sim.training
     sim.eval()
     try:
-        for i, batch in enumerate(data):
-            if num_batches is not None and i >= num_batches:
-                break
-            batch = _to_device(batch, device)
+        for _, batch in iterate(data, num_batches=num_batches, device=device, desc="loss-aware range", progress=False):
             if target == "labels":
                 if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                     raise ValueError("target='labels' needs batches of (inputs, labels)")
                 ps.append(F.one_hot(batch[-1].long(), num_classes=-1).float())
             else:
                 with sim.quantization_disabled():
-                    ps.append(F.softmax(sim._run_batch(batch).float(), dim=-1))
-            sim._run_batch(batch)
+                    ps.append(F.softmax(sim.run_batch(batch).float(), dim=-1))
+            sim.run_batch(batch)
             zs.append(captured["z"].float())
     finally:
         h.remove()
         sim.train(was_training)
-    if not zs:
-        raise ValueError("loss-aware range data yielded no batches")
     z, p = torch.cat(zs), torch.cat(ps)
     if target == "labels" and p.shape[-1] != z.shape[-1]:
         p = F.pad(p, (0, z.shape[-1] - p.shape[-1]))
@@ -101,8 +96,7 @@ def loss_aware_output_range(sim, data, *, name: Optional[str] = None, target: st
         return float(-(p * F.log_softmax(zq, dim=-1)).sum(-1).mean())
 
     lo0, hi0 = float(z.min().clamp(max=0)), float(z.max().clamp(min=0))
-    before = (float(((q.qmin - q.zero_point.float()) * q.scale).flatten()[0]),
-              float(((q.qmax - q.zero_point.float()) * q.scale).flatten()[0]))
+    before = tuple(float(v.flatten()[0]) for v in grid_range(q.scale, q.zero_point, q.qmin, q.qmax))
     best = (ce(q.scale, q.zero_point), q.scale.clone(), q.zero_point.clone(), before)
     loss_before = best[0]
     factors = torch.linspace(0.2, 1.0, grid).tolist()

@@ -29,18 +29,17 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..analysis.fidelity import fidelity, sqnr_db
+from ..batches import model_input, reiterable, to_device
 from ..config.spec import QuantConfig
-from ..sim.quantsim import QuantSim, _to_device
+from ..errors import DataError
+from ..metrics import fidelity, sqnr_db
+from ..sim.quantsim import QuantSim
 from .adaround import adaround
 from .bias_correction import correct_bias, correct_bias_analytical
 from .bn_fold import fold_batch_norms
 from .cle import absorb_high_biases, cross_layer_equalization
 from .data_free import set_bn_ranges
 from .loss_aware import loss_aware_output_range
-
-STAGES = ("bn_fold", "cle", "hba", "calibrate", "adaround", "bias_correction", "loss_aware")
-_MODEL_STAGES = ("bn_fold", "cle", "hba")
 
 
 @dataclass
@@ -90,6 +89,117 @@ class QuantizeResult:
     model: nn.Module  # the float model the sim was built from (after folding/equalization)
 
 
+class _Run:
+    """What the stages of one :func:`quantize` call share: config, data split, scoring."""
+
+    def __init__(self, model, config, calib, score_batches, eval_fn, max_drop, opts):
+        self.model, self.config, self.calib, self.score_batches = model, config, calib, score_batches
+        self.eval_fn, self.max_drop, self.opts = eval_fn, max_drop, opts
+        self.has_data = calib is not None
+        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.w_bits = config.weight.bits if config.weight is not None else 32
+        with torch.no_grad():
+            self.ref = [self.call(model, b) for b in score_batches]
+        self.float_score = float(eval_fn(model)) if eval_fn is not None else None
+
+    def first(self, b):
+        """The model input of a batch, on the model's device."""
+        return to_device(model_input(b), self.device)
+
+    def call(self, m, b):
+        x = self.first(b)
+        return m(**x) if isinstance(x, dict) else m(x)
+
+    def build(self, m: nn.Module) -> QuantSim:
+        """A sim of ``m``, calibrated on the data (BN-based ranges without data)."""
+        sim = QuantSim(m, self.opts["example_inputs"], self.config)
+        if self.has_data:
+            sim.calibrate(self.calib, progress=False)
+        else:
+            set_bn_ranges(sim, input_ranges=self.opts["input_ranges"], input_stats=self.opts["input_stats"])
+        return sim
+
+    def measure(self, sim) -> tuple[Optional[float], Optional[float], Optional[float]]:
+        """``(score, logit SQNR, top-1 agreement)`` of a sim on the scoring batches."""
+        fid, sq = None, None
+        if self.ref:
+            with torch.no_grad():
+                out = torch.cat([self.call(sim, b).float() for b in self.score_batches])
+            r = torch.cat([t.float() for t in self.ref])
+            fid = fidelity(r, out) if r.ndim == 2 else None
+            sq = fid.sqnr_db if fid is not None else sqnr_db(r, out)
+        score = float(self.eval_fn(sim)) if self.eval_fn is not None else sq
+        return score, sq, (fid.top1 if fid is not None else None)
+
+    def done(self, score) -> bool:
+        return self.eval_fn is not None and self.max_drop is not None and score is not None \
+            and self.float_score - score <= self.max_drop
+
+
+# ---------------------------------------------------------------------- the stages
+def _bn_fold(run: _Run, model, stages):
+    cand, r = fold_batch_norms(model)
+    return cand, f"folded {len(r.folded)}, left {len(r.skipped)}"
+
+
+def _cle(run: _Run, model, stages):
+    cand, r = cross_layer_equalization(model, absorb_high_bias=False, fold="bn_fold" in stages)
+    return cand, f"{len(r.pairs)} pairs, {len(r.replaced_activations)} ReLU6->ChannelClamp"
+
+
+def _hba(run: _Run, model, stages):
+    cand, r = absorb_high_biases(model, run.first(run.score_batches[0]) if run.score_batches else None)
+    return cand, f"absorbed in {len(r.absorbed)} layers" + (
+        f", float SQNR {r.sqnr_db_absorption:.1f} dB" if r.sqnr_db_absorption is not None else "")
+
+
+def _adaround(run: _Run, sim, stages):
+    it = run.opts["adaround_iterations"]
+    r = adaround(sim, run.calib, iterations=it, progress=run.opts["progress"])
+    return sim, f"{len(r.layers)} layers x {it} iterations"
+
+
+def _bias_correction(run: _Run, sim, stages):
+    if run.has_data:
+        r = correct_bias(sim, run.calib, measure=False, progress=run.opts["progress"])
+        return sim, f"empirical, {len(r.layers)} layers"
+    r = correct_bias_analytical(sim, input_stats=run.opts["input_stats"])
+    return sim, f"analytical, {len(r.layers)} layers, skipped {len(r.skipped)}"
+
+
+def _loss_aware(run: _Run, sim, stages):
+    r = loss_aware_output_range(sim, run.calib)
+    return sim, f"cross-entropy {r.loss_before:.4f} -> {r.loss_after:.4f}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One technique of the pipeline: ``run(run, target, stages) -> (target, detail)`` on the float
+    model (``on="model"``, scored through a freshly calibrated sim) or on a copy of the best sim
+    (``on="sim"``); ``needs_data``: skipped without calibration data; ``auto``: whether ``ptq="auto"``
+    tries it for this run."""
+    name: str
+    on: str
+    run: Optional[Callable]
+    needs_data: bool = False
+    auto: Callable[[_Run], bool] = lambda run: True
+
+
+#: the stages in the order they run; a new technique is one entry
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("bn_fold", "model", _bn_fold),
+    Stage("cle", "model", _cle),
+    Stage("hba", "model", _hba),
+    Stage("calibrate", "sim", None),
+    Stage("adaround", "sim", _adaround, needs_data=True, auto=lambda run: run.w_bits <= 4),
+    Stage("bias_correction", "sim", _bias_correction, auto=lambda run: run.w_bits > 4),
+    Stage("loss_aware", "sim", _loss_aware, needs_data=True,
+          auto=lambda run: run.has_data and bool(run.ref) and run.ref[0].ndim == 2),
+)
+STAGES = tuple(s.name for s in STAGE_TABLE)
+_BY_NAME = {s.name: s for s in STAGE_TABLE}
+
+
 def _resolve(ptq, has_data: bool) -> tuple[list[str], bool]:
     if ptq == "auto":
         return list(STAGES), True
@@ -101,15 +211,44 @@ def _resolve(ptq, has_data: bool) -> tuple[list[str], bool]:
     if unknown:
         raise ValueError(f"unknown PTQ stage(s) {unknown}; choose from {list(STAGES)}, or ptq='auto' / 'none'")
     stages = [s for s in STAGES if s in ptq or s == "calibrate"]
-    if not has_data and ("adaround" in stages or "loss_aware" in stages):
-        raise ValueError("adaround and loss_aware need calibration data")
+    if not has_data and any(_BY_NAME[s].needs_data for s in stages):
+        raise ValueError(f"{[s for s in stages if _BY_NAME[s].needs_data]} need calibration data")
     return stages, False
 
 
-def _reiterable(data):
-    if data is None or hasattr(data, "__len__") or iter(data) is not data:
-        return data
-    return list(data)  # a generator: keep its batches
+def _split(data, num_batches, holdout_batches, eval_fn, example_inputs):
+    """``(calibration batches, scoring batches, held out?, example inputs)``."""
+    if data is None:
+        if example_inputs is None:
+            raise ValueError("data-free quantization needs example_inputs (and input_ranges for the model inputs)")
+        return None, [], False, example_inputs
+    batches = list(data) if num_batches is None else [b for _, b in zip(range(num_batches), data)]
+    if not batches:
+        raise DataError("calib_data yielded no batches")
+    hold = [] if eval_fn is not None or holdout_batches <= 0 or len(batches) <= holdout_batches else batches[-holdout_batches:]
+    calib = batches[: len(batches) - len(hold)]
+    if example_inputs is None:
+        example_inputs = model_input(batches[0])
+    return calib, hold or calib[:2], bool(hold), example_inputs
+
+
+def _try(run: _Run, report: QuantizeReport, name: str, auto: bool, best_score, make) -> tuple[bool, object, object]:
+    """Run one stage (``make() -> (candidate, sim, detail)``), score it and record it; returns
+    ``(kept, candidate, sim)``."""
+    t0 = time.perf_counter()
+    cand, sim, detail = make()
+    score, sq, top1 = run.measure(sim)
+    keep = (not auto) or best_score is None or score is None or score > best_score
+    report.stages.append(StageResult(name, keep, score, sq, top1, time.perf_counter() - t0, detail))
+    return keep, cand, (sim, score)
+
+
+def _baseline(run: _Run, report: QuantizeReport, model, label: str):
+    t0 = time.perf_counter()
+    sim = run.build(model)
+    score, sq, top1 = run.measure(sim)
+    report.stages.append(StageResult(label, True, score, sq, top1, time.perf_counter() - t0))
+    return sim, score
 
 
 def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_fn: Optional[Callable] = None,
@@ -147,141 +286,52 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
     """
     t_start = time.perf_counter()
     config = QuantConfig.coerce(recipe)
-    recipe_name = recipe if isinstance(recipe, str) else "custom"
-    data = _reiterable(calib_data)
-    has_data = data is not None
-    stages, auto = _resolve(ptq, has_data)
-    if has_data:
-        batches = list(data) if num_batches is None else [b for _, b in zip(range(num_batches), data)]
-        if not batches:
-            raise ValueError("calib_data yielded no batches")
-        hold = [] if eval_fn is not None or holdout_batches <= 0 or len(batches) <= holdout_batches else batches[-holdout_batches:]
-        calib = batches[: len(batches) - len(hold)]
-        score_batches = hold or calib[:2]
-        if example_inputs is None:
-            b0 = batches[0]
-            example_inputs = b0[0] if isinstance(b0, (tuple, list)) else b0
-    else:
-        calib, score_batches = None, []
-        if example_inputs is None:
-            raise ValueError("data-free quantization needs example_inputs (and input_ranges for the model inputs)")
+    data = reiterable(calib_data)
+    stages, auto = _resolve(ptq, data is not None)
+    calib, score_batches, held_out, example_inputs = _split(data, num_batches, holdout_batches, eval_fn, example_inputs)
     was_training = model.training
     model.eval()
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-
-    def first(b):
-        """The model input of a batch: a tensor, a dict of keyword inputs, or the first item of a tuple."""
-        return _to_device(b[0] if isinstance(b, (tuple, list)) else b, device)
-
-    def call(m, b):
-        x = first(b)
-        return m(**x) if isinstance(x, dict) else m(x)
-
-    with torch.no_grad():
-        ref = [call(model, b) for b in score_batches]
-
-    def measure(sim) -> tuple[Optional[float], Optional[float], Optional[float]]:
-        fid = None
-        if ref:
-            with torch.no_grad():
-                out = torch.cat([call(sim, b).float() for b in score_batches])
-            r = torch.cat([t.float() for t in ref])
-            fid = fidelity(r, out) if r.ndim == 2 else None
-            sq = fid.sqnr_db if fid is not None else sqnr_db(r, out)
-        else:
-            sq = None
-        if eval_fn is not None:
-            score = float(eval_fn(sim))
-        else:
-            score = sq
-        return score, sq, (fid.top1 if fid is not None else None)
-
-    float_score = float(eval_fn(model)) if eval_fn is not None else None
-    report = QuantizeReport(recipe_name, "eval_fn" if eval_fn is not None else
-                            ("logit SQNR dB on held-out calibration batches" if hold else "logit SQNR dB on calibration batches")
-                            if has_data else "none (no data, no eval_fn)", float_score)
-
-    def done(score) -> bool:
-        return eval_fn is not None and max_drop is not None and score is not None and float_score - score <= max_drop
-
-    def build(m):
-        sim = QuantSim(m, example_inputs, config)
-        if has_data:
-            sim.calibrate(calib, progress=False)
-        else:
-            set_bn_ranges(sim, input_ranges=input_ranges, input_stats=input_stats)
-        return sim
-
-    current = copy.deepcopy(model)
-    best_sim, best_score = None, None
-    w_bits = config.weight.bits if config.weight is not None else 32
     try:
-        # --- stages on the float model: each is scored through a freshly calibrated sim
-        for name in [s for s in stages if s in _MODEL_STAGES]:
-            t0 = time.perf_counter()
-            if best_sim is None:  # baseline: calibration only
-                best_sim = build(current)
-                best_score, sq, top1 = measure(best_sim)
-                report.stages.append(StageResult("calibrate (no PTQ)", True, best_score, sq, top1, time.perf_counter() - t0))
-                t0 = time.perf_counter()
-            if done(best_score):
-                break
-            if name == "bn_fold":
-                cand, r = fold_batch_norms(current)
-                detail = f"folded {len(r.folded)}, left {len(r.skipped)}"
-            elif name == "cle":
-                cand, r = cross_layer_equalization(current, absorb_high_bias=False, fold="bn_fold" in stages)
-                detail = f"{len(r.pairs)} pairs, {len(r.replaced_activations)} ReLU6->ChannelClamp"
-            else:
-                cand, r = absorb_high_biases(current, first(score_batches[0]) if score_batches else None)
-                detail = f"absorbed in {len(r.absorbed)} layers" + (
-                    f", float SQNR {r.sqnr_db_absorption:.1f} dB" if r.sqnr_db_absorption is not None else "")
-            sim = build(cand)
-            score, sq, top1 = measure(sim)
-            keep = (not auto) or best_score is None or score is None or score > best_score
-            report.stages.append(StageResult(name, keep, score, sq, top1, time.perf_counter() - t0, detail))
-            if keep:
-                current, best_sim, best_score = cand, sim, score
-        if best_sim is None:
-            t0 = time.perf_counter()
-            best_sim = build(current)
-            best_score, sq, top1 = measure(best_sim)
-            report.stages.append(StageResult("calibrate", True, best_score, sq, top1, time.perf_counter() - t0))
-        # --- stages on the sim
-        for name in [s for s in stages if s not in _MODEL_STAGES and s != "calibrate"]:
-            if done(best_score):
-                break
-            if auto and name == "adaround" and w_bits > 4:
-                continue
-            if auto and name == "bias_correction" and w_bits <= 4:
-                continue
-            if auto and name == "loss_aware":
-                if not has_data or not ref or ref[0].ndim != 2:
-                    continue
-            if name in ("adaround", "loss_aware") and not has_data:
-                continue
-            t0 = time.perf_counter()
-            sim = copy.deepcopy(best_sim)
-            if name == "adaround":
-                r = adaround(sim, calib, iterations=adaround_iterations, progress=progress)
-                detail = f"{len(r.layers)} layers x {adaround_iterations} iterations"
-            elif name == "bias_correction":
-                if has_data:
-                    r = correct_bias(sim, calib, measure=False, progress=progress)
-                    detail = f"empirical, {len(r.layers)} layers"
-                else:
-                    r = correct_bias_analytical(sim, input_stats=input_stats)
-                    detail = f"analytical, {len(r.layers)} layers, skipped {len(r.skipped)}"
-            else:
-                r = loss_aware_output_range(sim, calib)
-                detail = f"cross-entropy {r.loss_before:.4f} -> {r.loss_after:.4f}"
-            score, sq, top1 = measure(sim)
-            keep = (not auto) or best_score is None or score is None or score > best_score
-            report.stages.append(StageResult(name, keep, score, sq, top1, time.perf_counter() - t0, detail))
-            if keep:
-                best_sim, best_score = sim, score
+        run = _Run(model, config, calib, score_batches, eval_fn, max_drop,
+                   dict(example_inputs=example_inputs, input_ranges=input_ranges, input_stats=input_stats,
+                        adaround_iterations=adaround_iterations, progress=progress))
+        score_name = ("eval_fn" if eval_fn is not None else "logit SQNR dB on held-out calibration batches" if held_out
+                      else "logit SQNR dB on calibration batches") if run.has_data or eval_fn else "none (no data, no eval_fn)"
+        report = QuantizeReport(recipe if isinstance(recipe, str) else "custom", score_name, run.float_score)
+        current, best_sim, best_score = _run_stages(run, report, stages, auto)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - t_start
     return QuantizeResult(best_sim, best_sim.encodings(), report, current)
 
+
+def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool):
+    """The loop over the stage table: float-model stages first, then sim stages on the best sim."""
+    current, best_sim, best_score = copy.deepcopy(run.model), None, None
+    for st in [_BY_NAME[s] for s in stages if _BY_NAME[s].on == "model"]:
+        if best_sim is None:  # baseline: calibration only
+            best_sim, best_score = _baseline(run, report, current, "calibrate (no PTQ)")
+        if run.done(best_score):
+            break
+
+        def make(st=st):
+            cand, detail = st.run(run, current, stages)
+            return cand, run.build(cand), detail
+        keep, cand, (sim, score) = _try(run, report, st.name, auto, best_score, make)
+        if keep:
+            current, best_sim, best_score = cand, sim, score
+    if best_sim is None:
+        best_sim, best_score = _baseline(run, report, current, "calibrate")
+    for st in [_BY_NAME[s] for s in stages if _BY_NAME[s].on == "sim" and _BY_NAME[s].run is not None]:
+        if run.done(best_score):
+            break
+        if (auto and not st.auto(run)) or (st.needs_data and not run.has_data):
+            continue
+
+        def make(st=st):
+            sim, detail = st.run(run, copy.deepcopy(best_sim), stages)
+            return None, sim, detail
+        keep, _, (sim, score) = _try(run, report, st.name, auto, best_score, make)
+        if keep:
+            best_sim, best_score = sim, score
+    return current, best_sim, best_score

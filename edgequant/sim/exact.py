@@ -25,9 +25,10 @@ import torch
 
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
-from ..core.quant import dequantize, quantize
-from ..graph import lowering, ops
+from ..core.quant import dequantize, quantize, storage_offset
+from ..graph import lowering, ops, patterns
 from ..nn.modules import QuantizedModuleMixin
+from ..errors import NotCalibratedError
 from ..nn.quantizer import Quantizer
 
 
@@ -53,7 +54,7 @@ class IntegerExactMode:
         self.steps: dict[Quantizer, object] = {}
         self.layers: list[QuantizedModuleMixin] = []
         for n in self.gm.graph.nodes:
-            q = lowering.module_of(n, self.modules)
+            q = patterns.module_of(n, self.modules)
             if isinstance(q, Quantizer):
                 self.steps[q] = self._plan(n, q)
 
@@ -61,19 +62,19 @@ class IntegerExactMode:
     def _plan(self, n, q: Quantizer):
         if not _per_tensor(q):
             return self._plain
-        base, act = lowering.split_producer(n.args[0], self.modules)
-        bm = lowering.module_of(base, self.modules)
+        base, act = patterns.split_producer(n.args[0], self.modules)
+        bm = patterns.module_of(base, self.modules)
         if isinstance(bm, lowering.INTEGER_WEIGHTED) and isinstance(bm, QuantizedModuleMixin):
             q_in = bm._bias_input[0][bm._bias_input[1]] if bm._bias_input is not None else None
             q_w = getattr(bm.param_quantizers, "weight", None)
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
                 self.layers.append(bm)
                 return lambda qq, x: self._weighted(qq, bm, q_in, q_w, act)
-        if lowering.is_add(base) and len(base.args) >= 2:
+        if patterns.is_add(base) and len(base.args) >= 2:
             qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
             if _per_tensor(qa) and _per_tensor(qb):
                 return lambda qq, x: self._add(qq, qa, qb, act, x)
-        if lowering.is_global_pool(base, self.modules) and act is None:
+        if patterns.is_global_pool(base, self.modules) and act is None:
             qx = _identity_source(base.args[0], self.modules)
             if _per_tensor(qx):
                 return lambda qq, x: self._mean(qq, qx, base, x)
@@ -109,12 +110,12 @@ class IntegerExactMode:
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = self._grid(qa), self._grid(qb), self._grid(q)
         ch = x.shape[1] if x.ndim > 1 else 1
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
-        offsets = tuple(rq.deployed_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
+        offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
         return self._out(q, rq.add(a, s_a, z_a, b, s_b, z_b, s_y, z_y, lo, hi, self.mode, offsets).reshape(x.shape))
 
     def _mean(self, q: Quantizer, qx: Quantizer, node, x) -> torch.Tensor:
         v = self.tape[id(qx)]
-        dims, keep = lowering.pool_dims(node, self.modules, v.ndim)
+        dims, keep = patterns.pool_dims(node, self.modules, v.ndim)
         s_x, z_x = self._grid(qx)
         count = 1
         for d in dims:
@@ -127,7 +128,6 @@ class IntegerExactMode:
     def __enter__(self):
         missing = [q.tensor_name for q in self.steps if not q.is_initialized]
         if missing:
-            from ..nn.quantizer import NotCalibratedError
             raise NotCalibratedError(f"quantizers without an encoding: {', '.join(missing[:5])}; calibrate the sim first")
         self._hooks = []
         for layer in self.layers:

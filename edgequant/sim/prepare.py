@@ -1,17 +1,26 @@
-"""Build the quantized model: where quantizers go and how they are attached.
+"""Build the quantized model in three steps: name the tensors, plan them, insert quantizers.
 
-Graph mode (the normal path): the model is captured with ``torch.fx``; example inputs are propagated
-to learn which values are float tensors; then
+Graph mode (the normal path): the model is captured with ``torch.fx`` and example inputs are
+propagated to learn which values are float tensors. Then
 
-1. every weighted layer (Conv/ConvTranspose/Linear/Embedding) gets a param quantizer for its weight;
-2. every op that computes new values gets one output quantizer, except inside a *supergroup*
-   (conv/linear -> [bn] -> ReLU/ReLU6, bn -> act, add -> act), whose single quantizer sits after
-   the activation, as a fused integer kernel computes it;
-3. pass-through ops (reshape, max-pool, dropout, ...) get none: their output stays on the input's grid;
-4. a float value that reaches a quantized op without being on a grid (a model input, the output of an
-   unsupported op) gets a quantizer right after its producer.
+1. **naming** (:func:`name_nodes`): every value gets a tensor name (the module's name, ``name:1`` for a
+   second call, ``<scope>.<op>`` for functional ops, the argument name for model inputs);
+2. **planning** (:func:`plan_graph`): the :class:`~edgequant.config.QuantConfig` is resolved once into a
+   :class:`~edgequant.config.QuantPlan`:
 
-Leaf mode (when capture fails): weighted layers get param quantizers, every known leaf layer gets an
+   * every registered layer (:mod:`edgequant.nn.registry`) gets a spec for each of its parameters;
+   * every op that computes new values gets one output quantizer, except inside a *supergroup*
+     (conv/linear -> [bn] -> ReLU-like, bn -> act, add -> act: :func:`~edgequant.graph.patterns.in_supergroup`),
+     whose single quantizer sits after the activation, as a fused integer kernel computes it;
+   * pass-through ops (reshape, max-pool, dropout, ...) get none: their output stays on the input's grid;
+   * a float value that reaches a quantized op off-grid (a model input, the output of an unsupported
+     op) gets a quantizer right after its producer;
+   * the outputs of the model take ``config.output_range_method``;
+
+3. **inserting** (:func:`insert_quantizers`): quantizers are built from the plan
+   (:func:`~edgequant.nn.make_quantizer`) and put into the graph.
+
+Leaf mode (when capture fails): registered layers get param quantizers, every known leaf layer gets an
 output quantizer through a forward hook, and the model's float inputs get quantizers. Functional ops
 (add, cat, ...) stay in float and nothing is fused.
 """
@@ -26,18 +35,21 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ..config.spec import QuantConfig, QuantSpec
-from ..core.granularity import resolve_axis
-from ..graph import ops
+from ..config.plan import PlanEntry, QuantPlan
+from ..config.spec import QuantConfig
+from ..errors import PlanError
+from ..graph import ops, patterns
 from ..graph.capture import capture
-from ..nn.modules import QuantizedModuleMixin, quantize_module
-from ..nn.quantizer import Quantizer
+from ..nn.modules import QuantizedModuleMixin
+from ..nn.quantizer import make_quantizer
+from ..nn.registry import lookup
 
 
 @dataclass
 class Prepared:
     model: nn.Module
     activation_quantizers: nn.ModuleDict
+    plan: QuantPlan
     unsupported: list[str]  # "name (Type)" of ops left in float
     mode: str  # "graph" or "leaf"
 
@@ -48,31 +60,6 @@ def type_names(obj) -> tuple[str, ...]:
         return tuple(c.__name__ for c in type(obj).__mro__
                      if issubclass(c, nn.Module) and c is not nn.Module and not issubclass(c, QuantizedModuleMixin))
     return (ops.function_name(obj),)
-
-
-def _resolve_activation_spec(spec: QuantSpec, nonneg: bool, shape) -> QuantSpec:
-    if spec.signed is None:
-        spec = replace(spec, signed=not nonneg)
-    ndim = len(shape)
-    return replace(spec, granularity=resolve_axis(spec.granularity, 1 if ndim >= 2 else 0))
-
-
-def _weight_spec(config: QuantConfig, name: str, module: nn.Module) -> Optional[QuantSpec]:
-    spec = config.spec_for("weight", name, type_names(module))
-    if spec is None:
-        return None
-    axis = next(a for t, a in ops.WEIGHT_AXIS.items() if isinstance(module, t))
-    signed = True if spec.signed is None else spec.signed
-    return replace(spec, signed=signed, granularity=resolve_axis(spec.granularity, axis))
-
-
-def _attach_weight_quantizers(named: dict[str, nn.Module], config: QuantConfig) -> None:
-    for name, m in named.items():
-        spec = _weight_spec(config, name, m)
-        if spec is None or getattr(m, "weight", None) is None:
-            continue
-        q = Quantizer(spec, m.weight.shape, f"{name}.weight", role="weight", owner_type=type_names(m)[0])
-        quantize_module(m, {"weight": q})
 
 
 class _KeyMaker:
@@ -108,12 +95,11 @@ def _has_float(meta) -> bool:
     return False
 
 
-def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfig) -> Prepared:
-    gm = capture(model)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
+    """Run the example inputs through ``gm``, recording every node's ``tensor_meta``."""
     pos = list(args)
     values = []
-    for p in placeholders:
+    for p in (n for n in gm.graph.nodes if n.op == "placeholder"):
         if p.target in kwargs:
             values.append(kwargs[p.target])
         elif pos:
@@ -124,75 +110,10 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
             raise ValueError(f"example_inputs give no value for the model input {p.target!r}")
     ShapeProp(gm).propagate(*values)
 
-    modules = dict(gm.named_modules())
 
-    def kind(n: fx.Node) -> str:
-        if n.op == "call_module":
-            m = modules[n.target]
-            if isinstance(m, ops.WEIGHTED_MODULES):
-                return "weighted"
-            if isinstance(m, ops.COMPUTE_MODULES):
-                return "compute"
-            if isinstance(m, ops.PASS_MODULES):
-                return "pass"
-            return "unknown"
-        if n.op == "call_function":
-            if n.target in ops.COMPUTE_FUNCTIONS:
-                return "compute"
-            return "pass" if n.target in ops.PASS_FUNCTIONS else "unknown"
-        if n.op == "call_method":
-            if n.target in ops.COMPUTE_METHODS:
-                return "compute"
-            return "pass" if n.target in ops.PASS_METHODS else "unknown"
-        return n.op  # placeholder, get_attr, output
-
-    def is_act(n):
-        if n.op == "call_module":
-            return isinstance(modules[n.target], ops.FUSABLE_ACT_MODULES)
-        if n.op == "call_function":
-            return n.target in ops.FUSABLE_ACT_FUNCTIONS
-        return n.op == "call_method" and n.target in ops.FUSABLE_ACT_METHODS
-
-    def is_bn(n):
-        return n.op == "call_module" and isinstance(modules[n.target], ops.BN_MODULES)
-
-    def is_linear_like(n):
-        return n.op == "call_module" and isinstance(modules[n.target], ops.WEIGHTED_MODULES) \
-            and not isinstance(modules[n.target], (nn.Embedding, nn.EmbeddingBag))
-
-    def is_add(n):
-        return (n.op == "call_function" and n.target in ops.ADD_FUNCTIONS) or (n.op == "call_method" and n.target in ops.ADD_METHODS)
-
-    def nonneg(n):
-        if n.op == "call_module":
-            return ops.is_nonneg_module(modules[n.target])
-        if n.op == "call_function":
-            return n.target in ops.NONNEG_FUNCTIONS
-        return n.op == "call_method" and n.target in ops.NONNEG_METHODS
-
-    def sole_user(n):
-        """The single consumer of ``n`` (as first argument), looking through identity modules such as
-        the ``nn.Identity`` a folded BatchNorm leaves behind."""
-        while True:
-            if len(n.users) != 1:
-                return None
-            u = next(iter(n.users))
-            if not u.args or u.args[0] is not n:
-                return None
-            if u.op == "call_module" and isinstance(modules[u.target], ops.IDENTITY_MODULES):
-                n = u
-                continue
-            return u
-
-    def absorbed(n):
-        if not config.supergroups:
-            return False
-        u = sole_user(n)
-        if u is None:
-            return False
-        return (is_linear_like(n) and (is_bn(u) or is_act(u))) or ((is_bn(n) or is_add(n)) and is_act(u))
-
-    # ---- tensor names ----
+# ---------------------------------------------------------------------- 1. naming
+def name_nodes(gm: fx.GraphModule) -> dict[fx.Node, str]:
+    """Tensor names of the graph's values (see the module docstring)."""
     names: dict[fx.Node, str] = {}
     used: set[str] = set()
     calls: dict[str, int] = {}
@@ -205,8 +126,7 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
             base = n.target if k == 0 else f"{n.target}:{k}"
         elif n.op in ("call_function", "call_method"):
             stack = n.meta.get("nn_module_stack") or {}
-            scope = next(reversed(stack)) if stack else ""
-            scope = stack[scope][0] if stack else ""
+            scope = stack[next(reversed(stack))][0] if stack else ""
             base = f"{scope}.{ops.function_name(n.target)}" if scope else ops.function_name(n.target)
         else:
             continue
@@ -215,95 +135,203 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
             name, k = f"{base}_{k}", k + 1
         used.add(name)
         names[n] = name
+    return names
 
-    def type_of(n):
-        return type_names(modules[n.target]) if n.op == "call_module" else type_names(n.target)
 
-    # ---- plan ----
-    plan: dict[fx.Node, QuantSpec] = {}  # node -> spec of the quantizer inserted after it
-    on_grid: dict[fx.Node, bool] = {}
-    unsupported: list[str] = []
-    for n in gm.graph.nodes:
-        k = kind(n)
-        if k == "unknown" and _has_float(n.meta.get("tensor_meta")):
-            t = modules[n.target] if n.op == "call_module" else n.target
-            unsupported.append(f"{names[n]} ({type_names(t)[0]})")
-        if not _is_float(n):  # ints, shapes, or containers: only an unknown op's floats are off-grid
-            ins = [a for a in n.all_input_nodes if _has_float(a.meta.get("tensor_meta"))]
-            on_grid[n] = k != "unknown" and not (k == "pass" and ins and not on_grid.get(ins[0], True))
+# ---------------------------------------------------------------------- 2. planning
+def weight_entries(layers: dict[str, nn.Module], config: QuantConfig) -> dict[str, PlanEntry]:
+    """Plan entries of the parameters of registered layers (``{layer name: module}``)."""
+    out = {}
+    for name, m in layers.items():
+        reg = lookup(m)
+        if reg is None:
             continue
-        if k in ("weighted", "compute"):
-            for a in n.all_input_nodes:
-                if _is_float(a) and not on_grid.get(a, True):
-                    if a.op == "placeholder":
-                        spec = config.activation if config.quantize_inputs else None
-                    else:
-                        spec = config.spec_for("output", names.get(a, a.name), type_of(a))
-                    if spec is not None:
-                        plan[a] = _resolve_activation_spec(spec, nonneg(a), a.meta["tensor_meta"].shape)
-                    on_grid[a] = True
-            spec = config.spec_for("output", names[n], type_of(n))
-            if spec is not None and not absorbed(n):
-                plan[n] = _resolve_activation_spec(spec, nonneg(n), n.meta["tensor_meta"].shape)
-            on_grid[n] = True
-        elif k == "pass":
-            ins = [a for a in n.all_input_nodes if _has_float(a.meta.get("tensor_meta"))]
-            on_grid[n] = on_grid.get(ins[0], True) if ins else True
-        elif k in ("unknown", "placeholder"):
-            on_grid[n] = False
-        else:  # get_attr: parameters/constants used by functional ops stay as they are
-            on_grid[n] = True
+        for pname, axis in reg.params.items():
+            p = getattr(m, pname, None)
+            if p is None:
+                continue
+            e = PlanEntry("weight", None, type_names(m)[0], tuple(p.shape), channel_axis=axis)
+            out[f"{name}.{pname}"] = replace(e, spec=e.resolve(config.spec_for("weight", name, type_names(m))))
+    return out
 
-    # ---- rewrite ----
-    weighted = {n.target: modules[n.target] for n in gm.graph.nodes if kind(n) == "weighted"}
-    _attach_weight_quantizers(weighted, config)
+
+class _GraphPlanner:
+    """Walks the captured graph once and records a plan entry for every value that may get a quantizer."""
+
+    def __init__(self, gm: fx.GraphModule, names: dict[fx.Node, str], config: QuantConfig):
+        self.gm, self.names, self.config = gm, names, config
+        self.modules = dict(gm.named_modules())
+        self.entries: dict[str, PlanEntry] = {}
+        self.anchors: dict[str, fx.Node] = {}  # tensor name -> the node its quantizer follows
+        self.on_grid: dict[fx.Node, bool] = {}
+        self.unsupported: list[str] = []
+        out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+        self.model_outputs = set(_nodes_in(out.args)) if out is not None else set()
+
+    def type_of(self, n: fx.Node) -> tuple[str, ...]:
+        return type_names(self.modules[n.target]) if n.op == "call_module" else type_names(n.target)
+
+    def add(self, n: fx.Node) -> None:
+        """A quantizer after node ``n`` (its spec from the config; None leaves it in float)."""
+        name = self.names.get(n, n.name)
+        if n.op == "placeholder":
+            role, spec, owner, nonneg = "input", (self.config.activation if self.config.quantize_inputs else None), "input", False
+        else:
+            role = "output" if n in self.model_outputs else "activation"
+            spec, owner, nonneg = self.config.spec_for("activation", name, self.type_of(n)), self.type_of(n)[0], ops.is_nonneg(n, self.modules)
+            method = self.config.output_range_method
+            if role == "output" and spec is not None and method is not None and not self.config.names_activation(name):
+                spec = replace(spec, range_method=method)
+        shape = tuple(n.meta["tensor_meta"].shape)
+        e = PlanEntry(role, None, owner, shape, channel_axis=1 if len(shape) >= 2 else 0, nonneg=nonneg)
+        self.entries[name] = replace(e, spec=e.resolve(spec))
+        self.anchors[name] = n
+
+    def visit(self, n: fx.Node) -> None:
+        k = ops.kind(n, self.modules)
+        floats_in = [a for a in n.all_input_nodes if _has_float(a.meta.get("tensor_meta"))]
+        if k == "unknown" and _has_float(n.meta.get("tensor_meta")):
+            t = self.modules[n.target] if n.op == "call_module" else n.target
+            self.unsupported.append(f"{self.names[n]} ({type_names(t)[0]})")
+        if not _is_float(n):  # ints, shapes, or containers: only an unknown op's floats are off-grid
+            self.on_grid[n] = k != "unknown" and not (k == "pass" and floats_in and not self.on_grid.get(floats_in[0], True))
+        elif k in ("weighted", "compute"):
+            for a in n.all_input_nodes:
+                if _is_float(a) and not self.on_grid.get(a, True):
+                    self.add(a)
+                    self.on_grid[a] = True
+            if not (self.config.supergroups and patterns.in_supergroup(n, self.modules)):
+                self.add(n)
+            self.on_grid[n] = True
+        elif k == "pass":
+            self.on_grid[n] = self.on_grid.get(floats_in[0], True) if floats_in else True
+        else:  # unknown ops and model inputs are off-grid; get_attr constants stay as they are
+            self.on_grid[n] = k not in ("unknown", "placeholder")
+
+    def bias_entries(self) -> dict[str, PlanEntry]:
+        """Biases of conv/linear layers whose input comes from a planned quantizer (through grid-keeping ops)."""
+        quantized_after = {node: name for name, node in self.anchors.items() if self.entries[name].spec is not None}
+        out = {}
+        for n in self.gm.graph.nodes:
+            m = patterns.module_of(n, self.modules)
+            w_entry = self.entries.get(f"{n.target}.weight") if m is not None else None
+            if w_entry is None or w_entry.spec is None or getattr(m, "bias", None) is None \
+                    or not patterns.is_linear_like(n, self.modules) or not n.args:
+                continue
+            src = n.args[0]
+            while isinstance(src, fx.Node) and src not in quantized_after and ops.keeps_grid(src, self.modules):
+                src = src.args[0] if src.args else None
+            if src in quantized_after:
+                out[f"{n.target}.bias"] = PlanEntry("bias", None, w_entry.owner_type, tuple(m.bias.shape),
+                                                    source=(quantized_after[src], f"{n.target}.weight"))
+        return out
+
+
+def _nodes_in(args):
+    stack, found = [args], []
+    while stack:
+        a = stack.pop()
+        if isinstance(a, (tuple, list)):
+            stack.extend(a)
+        elif isinstance(a, dict):
+            stack.extend(a.values())
+        elif isinstance(a, fx.Node):
+            found.append(a)
+    return found
+
+
+def plan_graph(gm: fx.GraphModule, names: dict[fx.Node, str], config: QuantConfig):
+    """``(plan, anchors, unsupported)``: the plan of a shape-propagated graph, the node each activation
+    entry's quantizer follows, and the ops left in float."""
+    planner = _GraphPlanner(gm, names, config)
+    for n in gm.graph.nodes:
+        planner.visit(n)
+    weighted = {n.target: planner.modules[n.target] for n in gm.graph.nodes if ops.kind(n, planner.modules) == "weighted"}
+    entries = {**weight_entries(weighted, config), **planner.entries}
+    planner.entries = entries
+    entries.update(planner.bias_entries())
+    return QuantPlan(entries), planner.anchors, planner.unsupported
+
+
+def merge_plan(derived: QuantPlan, given: Optional[QuantPlan]) -> QuantPlan:
+    """``derived`` with the specs of ``given`` (a user's or a saved plan) for the tensors it names."""
+    if given is None:
+        return derived
+    if not isinstance(given, QuantPlan):
+        raise PlanError(f"plan must be a QuantPlan (QuantPlan.from_json(text) reads a file), got {type(given).__name__}")
+    unknown = [n for n in given if n not in derived]
+    if unknown:
+        raise PlanError(f"the plan names {len(unknown)} tensor(s) this model does not have: {', '.join(unknown[:5])}; "
+                        f"was it made for another model? (this model's look like {list(derived)[:3]})")
+    wrong = [f"{n} ({given[n].role}, here {derived[n].role})" for n in given if given[n].role != derived[n].role]
+    if wrong:
+        raise PlanError(f"plan roles do not match this model: {', '.join(wrong[:5])}")
+    return derived.with_specs({n: e.spec for n, e in given.items() if e.role != "bias"})
+
+
+# ---------------------------------------------------------------------- 3. inserting
+def attach_param_quantizers(layers: dict[str, nn.Module], plan: QuantPlan) -> None:
+    """Turn each registered layer with planned parameters into its quantized twin (in place)."""
+    for name, m in layers.items():
+        reg = lookup(m)
+        if reg is None:
+            continue
+        qs = {p: make_quantizer(e.spec, e.shape, f"{name}.{p}", "weight", e.owner_type)
+              for p in reg.params if (e := plan.get(f"{name}.{p}")) is not None and e.spec is not None}
+        if qs:
+            reg.convert(m, qs)
+
+
+def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx.Node]) -> nn.ModuleDict:
+    """Build the planned activation quantizers into ``gm`` (after their anchor nodes) and link each
+    quantized layer's bias to its input quantizer."""
     aq = nn.ModuleDict()
     gm.add_submodule("activation_quantizers", aq)
     keys = _KeyMaker()
-    for n, spec in plan.items():
-        key = keys(names[n])
-        aq[key] = Quantizer(spec, n.meta["tensor_meta"].shape, names[n], role="activation", owner_type=type_of(n)[0]
-                            if n.op != "placeholder" else "input")
+    key_of = {}
+    for name, n in anchors.items():
+        e = plan[name]
+        if e.spec is None:
+            continue
+        key_of[name] = key = keys(name)
+        aq[key] = make_quantizer(e.spec, e.shape, name, e.role, e.owner_type)
         with gm.graph.inserting_after(n):
             qn = gm.graph.call_module(f"activation_quantizers.{key}", (n,))
         n.replace_all_uses_with(qn, delete_user_cb=lambda u, qn=qn: u is not qn)
-    _link_bias_inputs(gm, aq)
+    modules = dict(gm.named_modules())
+    for name, e in plan.items():
+        if e.role == "bias" and e.source[0] in key_of:
+            modules[name.rsplit(".", 1)[0]]._bias_input = (aq, key_of[e.source[0]])
+    return aq
+
+
+def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfig,
+                  plan: Optional[QuantPlan] = None) -> Prepared:
+    gm = capture(model)
+    propagate_shapes(gm, args, kwargs)
+    derived, anchors, unsupported = plan_graph(gm, name_nodes(gm), config)
+    final = merge_plan(derived, plan)
+    modules = dict(gm.named_modules())
+    attach_param_quantizers({n.target: modules[n.target] for n in gm.graph.nodes if ops.kind(n, modules) == "weighted"}, final)
+    aq = insert_quantizers(gm, final, anchors)
     gm.graph.lint()
     gm.recompile()
-    return Prepared(gm, aq, unsupported, "graph")
+    return Prepared(gm, aq, final, unsupported, "graph")
 
 
-def _link_bias_inputs(gm: fx.GraphModule, aq: nn.ModuleDict) -> None:
-    """Point every quantized conv/linear at the activation quantizer that feeds it (through ops that
-    keep values on their grid), so its bias can be quantized on the accumulator grid."""
-    modules = dict(gm.named_modules())
-    for n in gm.graph.nodes:
-        m = modules.get(n.target) if n.op == "call_module" else None
-        if not isinstance(m, QuantizedModuleMixin) or isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or not n.args:
-            continue
-        src = n.args[0]
-        while isinstance(src, fx.Node):
-            sm = modules.get(src.target) if src.op == "call_module" else None
-            if isinstance(sm, Quantizer):
-                m._bias_input = (aq, src.target.split(".", 1)[1])
-                break
-            if ops.keeps_grid(src, modules):
-                src = src.args[0] if src.args else None
-                continue
-            break
-
-
-def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfig) -> Prepared:
-    """Quantize leaf modules only (used when graph capture fails)."""
-    leaves = {}
-    unsupported = []
+# ---------------------------------------------------------------------- leaf mode
+def _leaf_modules(model: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    leaves, unsupported = {}, []
     for name, m in model.named_modules():
-        if isinstance(m, ops.LEAF_MODULES):
+        if ops.is_leaf_module(m):
             if not any(name.startswith(p + ".") for p in leaves):
                 leaves[name] = m
         elif name and not list(m.children()) and (list(m.parameters(recurse=False)) or m.__module__.startswith("torch.nn")):
             unsupported.append(f"{name} ({type(m).__name__})")
-    # record output shapes and the model inputs' shapes with one probe run
+    return leaves, unsupported
+
+
+def _output_shapes(model: nn.Module, leaves: dict[str, nn.Module], args, kwargs) -> dict[str, torch.Size]:
     shapes: dict[str, torch.Size] = {}
 
     def record(name):
@@ -319,33 +347,48 @@ def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfi
     finally:
         for h in hooks:
             h.remove()
+    return shapes
 
-    _attach_weight_quantizers({n: m for n, m in leaves.items() if isinstance(m, ops.WEIGHTED_MODULES)}, config)
+
+def plan_leaf(model: nn.Module, leaves: dict[str, nn.Module], shapes: dict, args: tuple, config: QuantConfig) -> QuantPlan:
+    entries = weight_entries({n: m for n, m in leaves.items() if lookup(m) is not None}, config)
+    for name, m in leaves.items():
+        if ops.is_pass_module(m) or name not in shapes:
+            continue
+        shape = tuple(shapes[name])
+        e = PlanEntry("activation", None, type_names(m)[0], shape, 1 if len(shape) >= 2 else 0, ops.is_nonneg_module(m))
+        entries[name] = replace(e, spec=e.resolve(config.spec_for("activation", name, type_names(m))))
+    params = list(inspect.signature(model.forward).parameters)
+    for i, a in enumerate(args):
+        if torch.is_tensor(a) and a.is_floating_point():
+            name = params[i] if i < len(params) else f"input_{i}"
+            e = PlanEntry("input", None, "input", tuple(a.shape), 1 if a.ndim >= 2 else 0, source=(str(i),))
+            spec = config.activation if config.quantize_inputs else None
+            entries[name] = replace(e, spec=e.resolve(spec))
+    return QuantPlan(entries)
+
+
+def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfig,
+                 plan: Optional[QuantPlan] = None) -> Prepared:
+    """Quantize leaf modules only (used when graph capture fails)."""
+    leaves, unsupported = _leaf_modules(model)
+    shapes = _output_shapes(model, leaves, args, kwargs)
+    final = merge_plan(plan_leaf(model, leaves, shapes, args, config), plan)
+    attach_param_quantizers({n: m for n, m in leaves.items() if lookup(m) is not None}, final)
     aq = nn.ModuleDict()
     keys = _KeyMaker()
-    for name, m in leaves.items():
-        if isinstance(m, ops.PASS_MODULES) or name not in shapes:
-            continue
-        spec = config.spec_for("output", name, type_names(m))
-        if spec is None:
+    input_keys: dict[int, str] = {}
+    for name, e in final.items():
+        if e.role == "weight" or e.spec is None:
             continue
         key = keys(name)
-        aq[key] = Quantizer(_resolve_activation_spec(spec, ops.is_nonneg_module(m), shapes[name]),
-                            shapes[name], name, role="activation", owner_type=type_names(m)[0])
-        m.register_forward_hook(lambda mod, i, o, key=key: aq[key](o) if torch.is_tensor(o) and o.is_floating_point() else o)
-
-    if config.quantize_inputs and config.activation is not None:
-        params = list(inspect.signature(model.forward).parameters)
-        input_keys: dict[int, str] = {}
-        for i, a in enumerate(args):
-            if torch.is_tensor(a) and a.is_floating_point():
-                name = params[i] if i < len(params) else f"input_{i}"
-                key = keys(name)
-                aq[key] = Quantizer(_resolve_activation_spec(config.activation, False, a.shape), a.shape, name, owner_type="input")
-                input_keys[i] = key
-
-        def quantize_inputs(mod, a):
-            return tuple(aq[input_keys[i]](x) if i in input_keys else x for i, x in enumerate(a))
-
-        model.register_forward_pre_hook(quantize_inputs)
-    return Prepared(model, aq, unsupported, "leaf")
+        aq[key] = make_quantizer(e.spec, e.shape, name, e.role, e.owner_type)
+        if e.role == "input":
+            input_keys[int(e.source[0])] = key
+        else:
+            leaves[name].register_forward_hook(
+                lambda mod, i, o, key=key: aq[key](o) if torch.is_tensor(o) and o.is_floating_point() else o)
+    if input_keys:
+        model.register_forward_pre_hook(
+            lambda mod, a: tuple(aq[input_keys[i]](x) if i in input_keys else x for i, x in enumerate(a)))
+    return Prepared(model, aq, final, unsupported, "leaf")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import fnmatch
 import json
 import time
@@ -13,15 +12,56 @@ from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..config.spec import QuantConfig
+from ..batches import as_args, device_of, iterate, run_batch, shapes, to_device
+from ..config.plan import QuantPlan
+from ..config.spec import QuantConfig, QuantSpec
 from ..core.encoding import Encoding
-from ..export import encodings as enc_io
-from ..graph.capture import GraphCaptureError
+from ..errors import DataError, GraphCaptureError, NotCalibratedError, PlanError
+from ..io import encodings as enc_io
 from ..nn.modules import QuantizedModuleMixin
-from ..nn.quantizer import Quantizer
+from ..nn.quantizer import Quantizer, make_quantizer
 from .prepare import prepare_graph, prepare_leaf
+
+
+#: what each ``role=`` filter of disable/enable selects
+_ROLE_FILTERS = {"weight": ("weight",), "activation": ("input", "activation", "output"), "input": ("input",),
+                 "output": ("output",)}
+
+
+def _check_runs(net, args, kwargs, example_inputs) -> None:
+    try:
+        with torch.no_grad():
+            net(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"the model does not run on example_inputs (shapes {shapes(example_inputs)}): "
+            f"{type(e).__name__}: {e}. Pass inputs shaped like real ones, e.g. torch.randn(1, 3, 224, 224)"
+        ) from e
+
+
+def _disabled_state(sim, state_dict, prefix, local_metadata):
+    """state_dict hook: a disabled quantizer's buffers under its slot's keys, as if it were enabled."""
+    for name, _, _, slot_prefix in sim._slots():
+        q = sim._disabled.get(name)
+        if q is not None:
+            for k, v in q.state_dict().items():
+                state_dict[prefix + slot_prefix + k] = v
+    return state_dict
+
+
+def _load_disabled_state(sim, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """load_state_dict pre-hook: route a disabled quantizer's keys to it (its slot holds an Identity)."""
+    for name, _, _, slot_prefix in sim._slots():
+        q = sim._disabled.get(name)
+        if q is None:
+            continue
+        full = prefix + slot_prefix
+        mine = {k[len(full):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(full)]}
+        if mine:
+            q.load_state_dict(mine, strict=strict)
+        elif strict:
+            missing_keys.extend(full + k for k in q.state_dict())
 
 
 class QuantSimWarning(UserWarning):
@@ -34,47 +74,6 @@ class CalibrationReport:
     seconds: float
     quantizers: int
     unobserved: list[str] = field(default_factory=list)
-
-
-def _as_args(example_inputs) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
-
-
-def _shapes(x):
-    if torch.is_tensor(x):
-        return list(x.shape)
-    if isinstance(x, dict):
-        return {k: _shapes(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return [_shapes(v) for v in x]
-    return type(x).__name__
-
-
-def _to_device(x, device):
-    if torch.is_tensor(x):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
-
-
-def _check_finite(x, where: str):
-    if torch.is_tensor(x):
-        if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"{where} contains {int(torch.isnan(x).sum())} NaN and {int(torch.isinf(x).sum())} Inf "
-                             "values; clean the calibration data before quantizing")
-    elif isinstance(x, dict):
-        for k, v in x.items():
-            _check_finite(v, f"{where}[{k!r}]")
-    elif isinstance(x, (tuple, list)):
-        for i, v in enumerate(x):
-            _check_finite(v, f"{where}[{i}]")
 
 
 class QuantSim(nn.Module):
@@ -104,56 +103,33 @@ class QuantSim(nn.Module):
     torch.Size([2, 10])
     """
 
-    def __init__(self, model: nn.Module, example_inputs, config="w8a8", *, inplace: bool = False,
-                 allow_fallback: bool = True):
+    def __init__(self, model: nn.Module, example_inputs, config="w8a8", *, plan: Optional[QuantPlan] = None,
+                 inplace: bool = False, allow_fallback: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"QuantSim needs a torch.nn.Module, got {type(model).__name__}")
         self.config = QuantConfig.coerce(config)
-        args, kwargs = _as_args(example_inputs)
+        args, kwargs = as_args(example_inputs)
         net = model if inplace else copy.deepcopy(model)
-        device = next((t.device for t in list(net.parameters()) + list(net.buffers())), torch.device("cpu"))
-        args, kwargs = _to_device(args, device), _to_device(kwargs, device)
+        device = device_of(net)
+        args, kwargs = to_device(args, device), to_device(kwargs, device)
         was_training = net.training
         net.eval()
-        try:
-            with torch.no_grad():
-                net(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(
-                f"the model does not run on example_inputs (shapes {_shapes(example_inputs)}): "
-                f"{type(e).__name__}: {e}. Pass inputs shaped like real ones, e.g. torch.randn(1, 3, 224, 224)"
-            ) from e
-        try:
-            with torch.no_grad():
-                prepared = prepare_graph(net, args, kwargs, self.config)
-        except GraphCaptureError as e:
-            if not allow_fallback:
-                raise
-            warnings.warn(
-                f"{e}. Falling back to leaf-module quantization: layers get weight and output quantizers, "
-                "but functional ops (add, cat, matmul, ...) stay in float and conv/bn/relu are not fused. "
-                "Make that code traceable by torch.fx to quantize the whole graph.",
-                QuantSimWarning, stacklevel=2,
-            )
-            with torch.no_grad():
-                prepared = prepare_leaf(net, args, kwargs, self.config)
+        _check_runs(net, args, kwargs, example_inputs)
+        prepared = self._prepare(net, args, kwargs, plan, allow_fallback)
         self.model = prepared.model
         self.model.train(was_training)
         self.train(was_training)
         self.capture_mode = prepared.mode
         self.unsupported = prepared.unsupported
+        self.plan: QuantPlan = prepared.plan
         self._n_positional = len(args)
         if prepared.mode == "leaf":
             self._leaf_activation_quantizers = prepared.activation_quantizers
         self._disabled: dict[str, Quantizer] = {}
         self._slot_table = self._build_slot_table()
-        method = self.config.output_range_method
-        if method is not None:
-            qs = self.quantizers()
-            for name in self.output_quantizers():
-                if name in qs and not self.config.names_output(name):
-                    qs[name].spec = dataclasses.replace(qs[name].spec, range_method=method)
+        self._register_state_dict_hook(_disabled_state)
+        self._register_load_state_dict_pre_hook(_load_disabled_state, with_module=True)
         if self.unsupported:
             warnings.warn(
                 f"{len(self.unsupported)} op(s) have no quantized implementation and stay in float "
@@ -161,9 +137,34 @@ class QuantSim(nn.Module):
                 QuantSimWarning, stacklevel=2,
             )
 
+    def _prepare(self, net, args, kwargs, plan, allow_fallback):
+        try:
+            with torch.no_grad():
+                return prepare_graph(net, args, kwargs, self.config, plan)
+        except GraphCaptureError as e:
+            if not allow_fallback:
+                raise
+            warnings.warn(
+                f"{e}. Falling back to leaf-module quantization: layers get weight and output quantizers, "
+                "but functional ops (add, cat, matmul, ...) stay in float and conv/bn/relu are not fused. "
+                "Make that code traceable by torch.fx to quantize the whole graph.",
+                QuantSimWarning, stacklevel=3,
+            )
+            with torch.no_grad():
+                return prepare_leaf(net, args, kwargs, self.config, plan)
+
     # ------------------------------------------------------------------ use
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def run_batch(self, batch, forward_fn: Optional[Callable] = None):
+        """Run one batch (a tensor, a dict of keyword inputs, or a tuple whose first items are the
+        positional inputs); see :mod:`edgequant.batches`."""
+        return run_batch(self, batch, self._n_positional, forward_fn)
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self)
 
     @property
     def activation_quantizers(self) -> nn.ModuleDict:
@@ -172,20 +173,23 @@ class QuantSim(nn.Module):
         return self._leaf_activation_quantizers
 
     def _slots(self):
-        """``[(tensor name, container ModuleDict, key)]`` for every quantizer, enabled or not."""
+        """``[(tensor name, container ModuleDict, key, state_dict prefix)]`` for every quantizer, enabled or not."""
         return self._slot_table
 
     def _build_slot_table(self):
-        table = [(q.tensor_name, self.activation_quantizers, key) for key, q in self.activation_quantizers.items()]
+        prefix = "model.activation_quantizers." if self.capture_mode == "graph" else "_leaf_activation_quantizers."
+        table = [(q.tensor_name, self.activation_quantizers, key, prefix + key + ".")
+                 for key, q in self.activation_quantizers.items()]
         for mname, m in self.model.named_modules():
             if isinstance(m, QuantizedModuleMixin):
-                table += [(f"{mname}.{pname}", m.param_quantizers, pname) for pname in m.param_quantizers]
+                table += [(f"{mname}.{pname}", m.param_quantizers, pname, f"model.{mname}.param_quantizers.{pname}.")
+                          for pname in m.param_quantizers]
         return table
 
     def quantizers(self, include_disabled: bool = False) -> dict[str, Quantizer]:
         """``{tensor name: Quantizer}`` of the enabled quantizers (all of them with ``include_disabled``)."""
         out = {}
-        for name, container, key in self._slots():
+        for name, container, key, _ in self._slots():
             q = container[key]
             if isinstance(q, Quantizer):
                 out[name] = q
@@ -193,17 +197,50 @@ class QuantSim(nn.Module):
                 out[name] = self._disabled[name]
         return out
 
+    # ------------------------------------------------------------------ plan
+    def set_spec(self, name: str, spec: QuantSpec) -> Quantizer:
+        """Quantize tensor ``name`` with ``spec`` from now on; returns its new quantizer.
+
+        The spec is resolved for the tensor (``signed=None``, axis-less granularities) and the plan is
+        updated (``sim.plan``). A new quantizer is built for it (grid, scale shape), in place of the old
+        one, enabled or disabled as the old one was: a weight quantizer is calibrated from its weight at
+        once, an activation quantizer needs ``sim.calibrate(data)`` again.
+        """
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {spec!r}; to leave {name!r} in float use sim.disable({name!r})")
+        slot = next((sl for sl in self._slots() if sl[0] == name), None)
+        if slot is None:
+            if name in self.plan:
+                raise PlanError(f"{name!r} has no quantizer in this sim (its plan entry is float); build the sim with it "
+                                f"quantized: QuantSim(model, x, plan=sim.plan.with_spec({name!r}, spec))")
+            raise KeyError(f"{name!r} is not a quantizer of this sim; sim.quantizers(include_disabled=True) lists them")
+        _, container, key, _ = slot
+        plan = self.plan.with_spec(name, spec)
+        e = plan[name]
+        old = container[key] if isinstance(container[key], Quantizer) else self._disabled[name]
+        q = make_quantizer(e.spec, e.shape, name, e.role, e.owner_type).to(old.scale.device)
+        if q.is_weight:
+            q.calibrate_from(getattr(self.model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]))
+        if name in self._disabled:
+            self._disabled[name] = q
+        else:
+            container[key] = q
+        self.plan = plan
+        return q
+
     # ------------------------------------------------------------------ enable / disable
     def _select(self, names, module_type, role):
         if isinstance(names, str):
             names = [names]
-        for name, container, key in self._slots():
+        if role is not None and role not in _ROLE_FILTERS:
+            raise ValueError(f"role must be one of {sorted(_ROLE_FILTERS)}, got {role!r}")
+        for name, container, key, _ in self._slots():
             q = container[key] if isinstance(container[key], Quantizer) else self._disabled[name]
             if names is not None and not any(fnmatch.fnmatchcase(name, p) for p in names):
                 continue
             if module_type is not None and q.owner_type != module_type:
                 continue
-            if role is not None and q.role != role:
+            if role is not None and q.role not in _ROLE_FILTERS[role]:
                 continue
             yield name, container, key, q
 
@@ -211,9 +248,11 @@ class QuantSim(nn.Module):
         """Disable quantizers matching all given filters; returns their names.
 
         ``names``: tensor names or glob patterns (``"features.1*"``); ``module_type``: the owning
-        layer's class name or functional op (``"Conv2d"``, ``"add"``); ``role``: ``"weight"`` or
-        ``"activation"``. A disabled quantizer is removed from the forward pass (its slot holds
-        ``nn.Identity``) and kept aside until :meth:`enable`.
+        layer's class name or functional op (``"Conv2d"``, ``"add"``); ``role``: ``"weight"``,
+        ``"activation"`` (every activation quantizer: model inputs and outputs too), ``"input"`` or
+        ``"output"``. A disabled quantizer is removed from the forward pass (its slot holds
+        ``nn.Identity``) and kept aside until :meth:`enable`; its state stays in ``state_dict`` under
+        the same keys, so a state_dict loads into a sim whatever is enabled in either.
         """
         done = []
         for name, container, key, q in list(self._select(names, module_type, role)):
@@ -233,33 +272,12 @@ class QuantSim(nn.Module):
         return done
 
     def output_quantizers(self) -> list[str]:
-        """Names of the activation quantizers whose values leave the model (its outputs). Disable them
-        (``sim.disable(sim.output_quantizers())``) to keep the outputs at accumulator precision, as
-        a kernel that dequantizes its int32 result does; logits then lose no 8-bit rounding."""
-        if self.capture_mode != "graph":
-            return []
-        modules = dict(self.model.named_modules())
-        found = []
-        for n in self.model.graph.nodes:
-            if n.op != "output":
-                continue
-            stack = list(n.args)
-            while stack:
-                a = stack.pop()
-                if isinstance(a, (tuple, list)):
-                    stack.extend(a)
-                elif isinstance(a, dict):
-                    stack.extend(a.values())
-                elif isinstance(a, torch.fx.Node):
-                    m = modules.get(a.target) if a.op == "call_module" else None
-                    if isinstance(m, Quantizer):
-                        found.append(m.tensor_name)
-                    elif a.op == "call_module" and isinstance(m, nn.Identity):  # a disabled one
-                        name = next((nm for nm, c, k in self._slots() if c is not None and k == a.target.split(".")[-1]
-                                     and a.target.startswith("activation_quantizers.")), None)
-                        if name:
-                            found.append(name)
-        return found
+        """Names of the activation quantizers whose values leave the model (its outputs; role
+        ``"output"`` in :attr:`plan`). Disable them (``sim.disable(sim.output_quantizers())``) to keep
+        the outputs at accumulator precision, as a kernel that dequantizes its int32 result does;
+        logits then lose no 8-bit rounding."""
+        have = {sl[0] for sl in self._slots()}
+        return [n for n, e in self.plan.items() if e.role == "output" and n in have]
 
     @contextlib.contextmanager
     def quantization_disabled(self):
@@ -271,25 +289,14 @@ class QuantSim(nn.Module):
             self.enable(names)
 
     # ------------------------------------------------------------------ calibration
-    def _device(self):
-        return next((t.device for t in list(self.parameters()) + list(self.buffers())), torch.device("cpu"))
-
-    def _run_batch(self, batch):
-        if isinstance(batch, dict):
-            return self(**batch)
-        if isinstance(batch, (tuple, list)):
-            n = max(self._n_positional, 1)
-            return self(*batch[:n])
-        return self(batch)
-
     def calibrate(self, data: Iterable, forward_fn: Optional[Callable] = None, num_batches: Optional[int] = None,
                   progress: bool = True) -> CalibrationReport:
         """Set every quantizer's encoding.
 
         Weights are calibrated from the weights themselves. Quantizers that are frozen (see
-        :meth:`Quantizer.freeze`; AdaRound freezes the weights it rounds) keep their encoding. Activations: each batch of ``data`` is run
-        through the sim with the activation quantizers observing (and passing values through in
-        float); each then chooses its range by its ``range_method``.
+        :meth:`Quantizer.freeze`; AdaRound freezes the weights it rounds) keep their encoding.
+        Activations: each batch of ``data`` is run through the sim with the activation quantizers
+        observing (and passing values through in float); each then chooses its range by its ``range_method``.
 
         Args:
             data: an iterable of batches (a DataLoader, a list of tensors, ...). A batch is a tensor, a
@@ -300,14 +307,13 @@ class QuantSim(nn.Module):
             progress: show a progress bar.
         """
         t0 = time.perf_counter()
-        device = self._device()
         qs = self.quantizers()
         for mname, m in self.model.named_modules():
             if isinstance(m, QuantizedModuleMixin):
                 for pname, q in m.param_quantizers.items():
                     if isinstance(q, Quantizer) and not (q.is_frozen and q.is_initialized):
                         q.calibrate_from(getattr(m, pname))
-        acts = [q for q in qs.values() if q.role == "activation" and not (q.is_frozen and q.is_initialized)]
+        acts = [q for q in qs.values() if not q.is_weight and not (q.is_frozen and q.is_initialized)]
         was_training = self.training
         self.eval()
         n = 0
@@ -315,22 +321,15 @@ class QuantSim(nn.Module):
             with contextlib.ExitStack() as stack, torch.no_grad():
                 for q in acts:
                     stack.enter_context(q.calibrating())
-                total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
-                for i, batch in enumerate(tqdm(data, total=total, desc="calibrating", unit="batch", disable=not progress)):
-                    if num_batches is not None and i >= num_batches:
-                        break
-                    _check_finite(batch, f"calibration batch {i}")
-                    batch = _to_device(batch, device)
+                for i, batch in iterate(data, num_batches=num_batches, device=self.device, desc="calibration", progress=progress):
                     try:
-                        forward_fn(self, batch) if forward_fn is not None else self._run_batch(batch)
+                        self.run_batch(batch, forward_fn)
                     except ValueError:
                         raise
                     except Exception as e:  # noqa: BLE001
-                        raise RuntimeError(f"calibration batch {i} (shapes {_shapes(batch)}) failed in the model: "
-                                           f"{type(e).__name__}: {e}") from e
+                        raise DataError(f"calibration batch {i} (shapes {shapes(batch)}) failed in the model: "
+                                        f"{type(e).__name__}: {e}") from e
                     n += 1
-                if n == 0:
-                    raise ValueError("calibration data yielded no batches: pass a non-empty iterable or DataLoader")
         finally:
             self.train(was_training)
         unobserved = [q.tensor_name for q in acts if not q.is_initialized]
@@ -345,14 +344,14 @@ class QuantSim(nn.Module):
         acts, params = {}, {}
         for name, q in self.quantizers().items():
             if q.is_initialized:
-                (params if q.role == "weight" else acts)[name] = q.encoding()
+                (params if q.is_weight else acts)[name] = q.encoding()
         return acts, params
 
     def save_encodings(self, path, format: str = "edgequant") -> None:
         """Write the encodings as JSON (atomically): ``format="edgequant"`` or ``"aimet"`` (1.0.0)."""
         missing = [n for n, q in self.quantizers().items() if not q.is_initialized]
         if missing:
-            raise RuntimeError(f"{len(missing)} quantizer(s) have no encoding ({', '.join(missing[:5])}"
+            raise NotCalibratedError(f"{len(missing)} quantizer(s) have no encoding ({', '.join(missing[:5])}"
                                f"{', ...' if len(missing) > 5 else ''}): call sim.calibrate(data) first")
         acts, params = self.encodings()
         if format == "edgequant":
@@ -378,8 +377,8 @@ class QuantSim(nn.Module):
         for section, entries, role in (("activations", acts, "activation"), ("params", params, "weight")):
             for name, enc in entries.items():
                 q = qs.get(name)
-                if q is None or q.role != role:
-                    close = [n for n, q2 in qs.items() if q2.role == role][:3]
+                if q is None or q.is_weight != (role == "weight"):
+                    close = [n for n, q2 in qs.items() if q2.is_weight == (role == "weight")][:3]
                     raise ValueError(f"{where}: {section}[{name!r}] does not match any {role} quantizer of this sim "
                                      f"(names look like {close}); was the file made for another model or config?")
                 if tuple(enc.scale.shape) != tuple(q.scale.shape):
@@ -401,20 +400,13 @@ class QuantSim(nn.Module):
         """Context manager: inside it, the sim computes what the deployed integer kernels compute,
         bit for bit (exact integer accumulators, the target's requantization); for evaluation.
 
-        ``requant="float32"`` is ONNX Runtime's CPU arithmetic (what :meth:`export_onnx` runs on),
+        ``requant="float32"`` is ONNX Runtime's CPU arithmetic (what :func:`edgequant.export_onnx` writes for),
         ``"fixed_point"`` gemmlowp/TFLite's multiplier and shift. See :mod:`edgequant.sim.exact`.
         Usage: ``with sim.integer_exact(): logits = sim(images)``.
         """
         from .exact import IntegerExactMode
 
         return IntegerExactMode(self, requant)
-
-    def export_onnx(self, path, **kwargs) -> dict:
-        """Write an ONNX QDQ model that ONNX Runtime runs with integer kernels, and its encodings
-        beside it; see :func:`edgequant.export.onnx_qdq.export_onnx` for the options."""
-        from ..export.onnx_qdq import export_onnx
-
-        return export_onnx(self, path, **kwargs)
 
     # ------------------------------------------------------------------ reporting
     def size_bytes(self) -> dict[str, int]:
@@ -423,7 +415,7 @@ class QuantSim(nn.Module):
         float_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         quant = float_bytes
         for name, q in self.quantizers().items():
-            if q.role == "weight":
+            if q.is_weight:
                 n = q.tensor_shape.numel()
                 quant -= n * 4
                 quant += (n * q.spec.bits + 7) // 8 + q.scale.numel() * 8

@@ -41,14 +41,14 @@ def test_validation_errors_say_what_to_do():
 
 def test_overrides_precedence():
     w4 = QuantSpec(bits=4, symmetric=True, granularity=PerBlock(16))
-    cfg = QuantConfig(module_types={"Linear": Override(weight=w4), "add": Override(output=None)},
+    cfg = QuantConfig(module_types={"Linear": Override(weight=w4), "add": Override(activation=None)},
                       module_names={"head.*": Override(weight=None), "head.keep": Override(weight=QuantSpec(bits=6, symmetric=True))})
     assert cfg.spec_for("weight", "body.fc", ("Linear",)).bits == 4
     assert cfg.spec_for("weight", "body.fc", ("MyLinear", "Linear")).bits == 4  # subclasses match
     assert cfg.spec_for("weight", "body.conv", ("Conv2d",)).bits == 8
     assert cfg.spec_for("weight", "head.fc", ("Linear",)) is None
     assert cfg.spec_for("weight", "head.keep", ("Linear",)).bits == 6  # later pattern wins
-    assert cfg.spec_for("output", "layer1.add", ("add",)) is None
+    assert cfg.spec_for("activation", "layer1.add", ("add",)) is None
     back = QuantConfig.from_json(cfg.to_json())
     assert back == cfg
     assert json.loads(cfg.to_json())["schema_version"] == 1

@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edgequant import NotCalibratedError, QuantSim
+from edgequant import NotCalibratedError, QuantSim, export_onnx
 from edgequant.core import requant as rq
 from edgequant.export.integer import IntegerEngine
 from edgequant.ptq import cross_layer_equalization
@@ -25,7 +25,7 @@ def test_integer_exact_sim_is_bit_exact_with_onnx_runtime_and_the_engine(folded,
         model, _ = cross_layer_equalization(model, fold=False)
     sim = _sim(model, x, cfg)
     xe = x[1000:1400]
-    info = sim.export_onnx(tmp_path / "m.onnx")
+    info = export_onnx(sim, tmp_path / "m.onnx")
     # 7-bit weights go in int8 (ORT's u8s8 kernels cannot saturate on them), 8-bit ones in uint8
     assert info["weight_dtype"] == ("int8" if cfg == "w7a8" else "uint8")
     path = info["onnx"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgequant import NotCalibratedError, QuantSim
+from edgequant import NotCalibratedError, QuantSim, export_onnx
 from edgequant.export.onnx_qdq import ExportError
 from edgequant.ptq import cross_layer_equalization, fold_batch_norms
 from tests.ptq.conftest import TinyNet, _digits
@@ -44,7 +44,7 @@ def test_ort_integer_kernels_match_the_sim(folded, tmp_path, cfg):
     model, x = folded
     sim = QuantSim(model, x[:1], cfg)
     sim.calibrate([x[i:i + 64] for i in range(0, 256, 64)], progress=False)
-    info = sim.export_onnx(tmp_path / "m.onnx")
+    info = export_onnx(sim, tmp_path / "m.onnx")
     assert info["opset"] == (21 if cfg in ("w4a8", "w8a16") else 17)
     xe = x[1000:1400]
     o, _ = _run_ort(info["onnx"], xe)
@@ -65,14 +65,14 @@ def test_integer_kernels_are_used_and_int8_weights_saturate(folded, tmp_path):
     model, x = folded
     sim = QuantSim(model, x[:1], "w8a8")
     sim.calibrate([x[i:i + 64] for i in range(0, 256, 64)], progress=False)
-    info = sim.export_onnx(tmp_path / "m.onnx")
+    info = export_onnx(sim, tmp_path / "m.onnx")
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert {"QLinearConv", "QLinearAdd"} <= ops  # ORT runs the convs and the add in integer arithmetic
     # int8 weights are exact in ORT without fusion; the weight encodings are the same either way
-    info8 = sim.export_onnx(tmp_path / "m8.onnx", weight_dtype="int8")
+    info8 = export_onnx(sim, tmp_path / "m8.onnx", weight_dtype="int8")
     o, _ = _run_ort(info8["onnx"], x[1000:1200], optimize=False)
     with torch.no_grad():
         assert _steps(sim, o, sim(x[1000:1200]).numpy()).max() <= 1 + 1e-3
@@ -84,7 +84,7 @@ def test_cle_model_with_channel_clamps_exports(folded, tmp_path):
     assert rep.replaced_activations
     sim = QuantSim(eq, x[:1], "w8a8_per_tensor")
     sim.calibrate([x[i:i + 64] for i in range(0, 256, 64)], progress=False)
-    info = sim.export_onnx(tmp_path / "m.onnx")
+    info = export_onnx(sim, tmp_path / "m.onnx")
     o, _ = _run_ort(info["onnx"], x[1000:1200])
     with torch.no_grad():
         r = sim(x[1000:1200]).numpy()
@@ -95,10 +95,10 @@ def test_export_bad_input(folded, tmp_path):
     model, x = folded
     sim = QuantSim(model, x[:1], "w8a8")
     with pytest.raises(NotCalibratedError, match="calibrate"):
-        sim.export_onnx(tmp_path / "m.onnx")
+        export_onnx(sim, tmp_path / "m.onnx")
     sim.calibrate([x[:64]], progress=False)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sim.export_onnx(tmp_path / "missing" / "m.onnx")
+        export_onnx(sim, tmp_path / "missing" / "m.onnx")
     assert not os.path.exists(tmp_path / "missing")
 
     class Weird(nn.Module):
@@ -112,7 +112,7 @@ def test_export_bad_input(folded, tmp_path):
     sim = QuantSim(Weird().eval(), x[:1])
     sim.calibrate([x[:32]], progress=False)
     with pytest.raises(ExportError, match="cumsum"):
-        sim.export_onnx(tmp_path / "w.onnx")
+        export_onnx(sim, tmp_path / "w.onnx")
     assert not any(p.name.endswith(".onnx") for p in tmp_path.iterdir())
 
 
@@ -122,7 +122,7 @@ def test_float_export_with_quantization_disabled(folded, tmp_path):
     sim = QuantSim(model, x[:1], "w8a8")
     sim.calibrate([x[:64]], progress=False)
     with sim.quantization_disabled():
-        info = sim.export_onnx(tmp_path / "fp32.onnx")
+        info = export_onnx(sim, tmp_path / "fp32.onnx")
     m = onnx.load(info["onnx"])
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in m.graph.node)
     o, _ = _run_ort(info["onnx"], x[1000:1100])

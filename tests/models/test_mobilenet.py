@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from edgequant import QuantSim
+from edgequant import QuantSim, export_onnx
 from edgequant.analysis import fidelity
 from edgequant.data import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, calibration_crops, evaluation_crops
 from edgequant.models import mobilenet_v2_imagenet
@@ -57,7 +57,7 @@ def test_mobilenet_onnx_and_integer_engine_match_the_sim(setup, tmp_path):
     folded, _ = fold_batch_norms(model)
     sim = QuantSim(folded, calib[:1], config="w8a8")
     sim.calibrate(calib.split(16), progress=False)
-    info = sim.export_onnx(tmp_path / "mnv2.onnx")
+    info = export_onnx(sim, tmp_path / "mnv2.onnx")
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     sess = ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])

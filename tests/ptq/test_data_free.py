@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgequant import QuantSim
-from edgequant.analysis.fidelity import sqnr_db
+from edgequant.metrics import sqnr_db
 from edgequant.ptq import clipped_normal_moments, correct_bias_analytical, cross_layer_equalization, set_bn_ranges
 from edgequant.ptq.bias_correction import _weighted_layers
 

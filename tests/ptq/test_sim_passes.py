@@ -3,8 +3,8 @@ import copy
 import pytest
 import torch
 
-from edgequant import QuantSim, quantize
-from edgequant.analysis.fidelity import sqnr_db
+from edgequant import NotCalibratedError, QuantSim, quantize
+from edgequant.metrics import sqnr_db
 from edgequant.core.granularity import expand_param
 from edgequant.ptq import adaround, correct_bias, fold_batch_norms, loss_aware_output_range
 
@@ -63,7 +63,7 @@ def test_adaround_never_worse_than_nearest_and_freezes_weights_on_grid(tiny_net,
 
 def test_adaround_needs_a_calibrated_sim(tiny_net, digits):
     sim = QuantSim(tiny_net, digits[0][:1], "w4a8")
-    with pytest.raises(ValueError, match="calibrate"):
+    with pytest.raises(NotCalibratedError, match="calibrate"):
         adaround(sim, _batches(digits[0]), iterations=5, progress=False)
 
 

@@ -206,8 +206,8 @@ def test_transformer_ops_embedding_and_transposed_conv_axis():
 def test_config_overrides_applied():
     torch.manual_seed(0)
     m = _trained(Block())
-    cfg = QuantConfig(module_names={"fc": Override(weight=None, output=QuantSpec(bits=16))},
-                      module_types={"relu": Override(output=QuantSpec(bits=6, symmetric=True))})
+    cfg = QuantConfig(module_names={"fc": Override(weight=None, activation=QuantSpec(bits=16))},
+                      module_types={"relu": Override(activation=QuantSpec(bits=6, symmetric=True))})
     sim = QuantSim(m, torch.randn(1, 3, 12, 12), config=cfg)
     qs = sim.quantizers()
     assert "fc.weight" not in qs and qs["fc"].spec.bits == 16
@@ -397,7 +397,7 @@ def test_model_outputs_use_the_output_range_method(block):
     assert grid_max(clipped.quantizers()[out]) <= grid_max(qs[out])
     assert clipped.quantizers()[out].spec.range_method == "percentile"
     named = QuantSim(block, x[:1], dataclasses.replace(
-        pct, module_names={out: Override(output=QuantSpec(bits=8, range_method="mse"))}))
+        pct, module_names={out: Override(activation=QuantSpec(bits=8, range_method="mse"))}))
     assert named.quantizers()[out].spec.range_method == "mse"
     with pytest.raises(ValueError, match="output_range_method"):
         QuantConfig(output_range_method="max")

@@ -8,3 +8,20 @@ import torch
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def folded():
+    """The digit CNN of tests/ptq (BN statistics from real digits), batch norms folded, and the digits."""
+    from edgequant.ptq import fold_batch_norms
+    from tests.ptq.conftest import TinyNet, _digits
+
+    torch.manual_seed(0)
+    x, _ = _digits()
+    net = TinyNet()
+    net.train()
+    with torch.no_grad():  # real BN statistics on real digits
+        for i in range(0, 512, 64):
+            net(x[i:i + 64])
+    net.eval()
+    return fold_batch_norms(net)[0], x

@@ -33,7 +33,7 @@ from typing import Iterator, Mapping, Optional
 
 from ..core.granularity import resolve_axis
 from ..errors import PlanError
-from .spec import QuantSpec
+from .spec import QuantSpec, read_json
 
 PLAN_FORMAT = "edgequant.plan"
 PLAN_VERSION = 1
@@ -165,8 +165,4 @@ class QuantPlan(Mapping):
 
     @classmethod
     def from_json(cls, text: str) -> "QuantPlan":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(text, "plan", PlanError))

@@ -27,6 +27,14 @@ from ..observers.ranges import RANGE_METHODS
 SCHEMA_VERSION = 1
 
 
+def read_json(text: str, what: str, error: type = ValueError):
+    """``json.loads(text)``; invalid JSON raises ``error`` naming ``what`` and the position."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{what} is not valid JSON: {e}") from None
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How to quantize one tensor.
@@ -274,11 +282,7 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config is not valid JSON: {e}") from None
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(text, "config", ValueError))
 
 
 def _preset(wbits: int, abits: int, per_channel: bool, w_method: str = "minmax", a_method: str = "percentile") -> QuantConfig:

@@ -86,14 +86,8 @@ def _qparams(min_val, max_val, qmin, qmax, symmetric):
     return scale, zero_point.to(torch.int32)
 
 
-def quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    granularity: Granularity = PerTensor(),
-) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+             granularity: Granularity = PerTensor()) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point, qmin, qmax)`` as an int32 tensor.
 
     >>> quantize(torch.tensor([-1.0, 0.0, 0.26, 9.0]), torch.tensor(0.5), torch.tensor(3), 0, 15)
@@ -109,12 +103,8 @@ def _expanded(scale, zero_point, shape, granularity):
     return expand_param(scale, shape, granularity), expand_param(zero_point, shape, granularity)
 
 
-def dequantize(
-    q: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-    granularity: Granularity = PerTensor(),
-) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               granularity: Granularity = PerTensor()) -> torch.Tensor:
     """``(q - zero_point) * scale`` in the dtype of ``scale``."""
     s, z = _expanded(scale, zero_point, q.shape, granularity)
     return (q.to(s.dtype) - z.to(s.dtype)) * s

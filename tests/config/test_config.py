@@ -59,3 +59,26 @@ def test_coerce():
     assert QuantConfig.coerce(PRESETS["w8a8"].to_json()) == PRESETS["w8a8"]
     with pytest.raises(TypeError):
         QuantConfig.coerce(42)
+
+
+def test_presets_are_handed_out_as_copies():
+    """Editing a preset's overrides used to edit it for every later user of the preset."""
+    cfg = QuantConfig.preset("w8a8")
+    assert cfg == QuantConfig.preset("w8a8") and cfg is not QuantConfig.preset("w8a8")
+    with pytest.raises(TypeError, match="immutable"):
+        cfg.module_names["fc"] = Override(weight=None)
+    with pytest.raises(TypeError, match="immutable"):
+        QuantConfig.coerce("w4a8").module_types.update({"Linear": Override(weight=None)})
+    assert QuantConfig.preset("w8a8").module_names == {} and QuantConfig.preset("w4a8").module_types == {}
+    import copy
+    import pickle
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and copy.deepcopy(cfg) == cfg
+
+
+def test_override_activation_reads_the_old_output_key():
+    cfg = QuantConfig(module_types={"add": Override(activation=None)})
+    assert cfg.spec_for("activation", "x.add", ("add",)) is None
+    old = {"schema_version": 1, "module_types": {"add": {"output": None}}}
+    assert QuantConfig.from_dict(old).module_types["add"] == Override(activation=None)
+    with pytest.raises(ValueError, match="role"):
+        cfg.spec_for("output", "x.add", ("add",))

@@ -7,7 +7,6 @@ from edgequant.core.requant import quantize_multiplier, shift_round as requantiz
 from edgequant.export.integer import IntegerEngine, IntegerEngineError
 from edgequant.ptq import cross_layer_equalization
 
-from .test_onnx_qdq import folded  # noqa: F401  (fixture)
 
 
 def test_fixed_point_requantization_matches_float_rounding():
@@ -23,7 +22,7 @@ def test_fixed_point_requantization_matches_float_rounding():
 
 
 @pytest.mark.parametrize("cfg,cle", [("w8a8", False), ("w8a8_per_tensor", False), ("w4a8", False), ("w8a8_per_tensor", True)])
-def test_integer_engine_agrees_with_the_sim(folded, cfg, cle):  # noqa: F811
+def test_integer_engine_agrees_with_the_sim(folded, cfg, cle):
     model, x = folded
     if cle:
         model, _ = cross_layer_equalization(model, fold=False)
@@ -41,7 +40,7 @@ def test_integer_engine_agrees_with_the_sim(folded, cfg, cle):  # noqa: F811
     assert (steps <= 1.001).double().mean() >= 0.999
 
 
-def test_integer_engine_bad_input(folded):  # noqa: F811
+def test_integer_engine_bad_input(folded):
     model, x = folded
     sim = QuantSim(model, x[:1], "w8a8")
     with pytest.raises(NotCalibratedError):

@@ -10,21 +10,7 @@ from torch import nn
 
 from edgequant import NotCalibratedError, QuantSim, export_onnx
 from edgequant.export.onnx_qdq import ExportError
-from edgequant.ptq import cross_layer_equalization, fold_batch_norms
-from tests.ptq.conftest import TinyNet, _digits
-
-
-@pytest.fixture(scope="module")
-def folded():
-    torch.manual_seed(0)
-    x, _ = _digits()
-    net = TinyNet()
-    net.train()
-    with torch.no_grad():  # real BN statistics on real digits
-        for i in range(0, 512, 64):
-            net(x[i:i + 64])
-    net.eval()
-    return fold_batch_norms(net)[0], x
+from edgequant.ptq import cross_layer_equalization
 
 
 def _run_ort(path, x, optimize=True):

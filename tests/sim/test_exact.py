@@ -9,8 +9,6 @@ from edgequant.core import requant as rq
 from edgequant.export.integer import IntegerEngine
 from edgequant.ptq import cross_layer_equalization
 
-from .test_onnx_qdq import folded  # noqa: F401  (fixture)
-
 
 def _sim(model, x, cfg):
     sim = QuantSim(model, x[:1], cfg)
@@ -19,7 +17,7 @@ def _sim(model, x, cfg):
 
 
 @pytest.mark.parametrize("cfg,cle", [("w8a8", False), ("w7a8", False), ("w8a8_per_tensor", False), ("w8a8_per_tensor", True)])
-def test_integer_exact_sim_is_bit_exact_with_onnx_runtime_and_the_engine(folded, tmp_path, cfg, cle):  # noqa: F811
+def test_integer_exact_sim_is_bit_exact_with_onnx_runtime_and_the_engine(folded, tmp_path, cfg, cle):
     model, x = folded
     if cle:
         model, _ = cross_layer_equalization(model, fold=False)
@@ -46,7 +44,7 @@ def test_integer_exact_sim_is_bit_exact_with_onnx_runtime_and_the_engine(folded,
     assert all(q._exact is None for q in sim.quantizers().values())
 
 
-def test_integer_exact_needs_a_calibrated_graph_sim_and_a_known_mode(folded):  # noqa: F811
+def test_integer_exact_needs_a_calibrated_graph_sim_and_a_known_mode(folded):
     model, x = folded
     sim = QuantSim(model, x[:1], "w8a8")
     with pytest.raises(NotCalibratedError), sim.integer_exact():

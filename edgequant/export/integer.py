@@ -47,16 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import IntegerEngineError
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import INT32_MAX, INT32_MIN, bias_integers, bias_scale, quantize, storage_offset
+from ..errors import IntegerEngineError, NotCalibratedError
 from ..graph import lowering, ops, patterns
-from ..errors import NotCalibratedError
 from ..nn.quantizer import Quantizer
-
-
-
 
 
 @dataclass

@@ -11,7 +11,7 @@ ONNX graph match one to one by construction (and a check verifies it):
 * bias -> an int32 initializer ``layer.bias`` with scale ``s_in * s_w`` and zero point 0, when the
   layer's input comes from a per-tensor activation quantizer and its weight is quantized.
 
-8-bit activations are always stored as uint8 (a signed asymmetric grid ``(q, z)`` is the same grid as
+Activations of at most 8 bits are always stored as uint8 (:func:`~edgequant.core.quant.storage_offset`: a signed grid ``(q, z)`` is the same grid as
 ``(q + 128, z + 128)``), because ONNX Runtime fuses only when a conv's input and output types match.
 Grids narrower than their container (a narrow range, or 2-7 bits) get a ``Clip`` to the grid's float
 range before ``QuantizeLinear``, which rounds to the same integers as the sim. ONNX Runtime fuses the
@@ -31,17 +31,13 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
-from ..errors import ExportError
 from ..core.granularity import PerBlock, PerChannel, PerTensor
-from ..graph import lowering, ops, patterns
 from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
-from ..nn.clamp import ChannelClamp
-from ..errors import NotCalibratedError
-from ..nn.quantizer import Quantizer
+from ..errors import ExportError, NotCalibratedError
+from ..graph import lowering, ops, patterns
 from ..io.encodings import atomic_write_text, to_edgequant
-
-
-
+from ..nn.clamp import ChannelClamp
+from ..nn.quantizer import Quantizer
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
 _NOOP_METHODS = {"to", "cpu", "cuda", "type_as"}

@@ -11,8 +11,6 @@ from ..errors import GraphCaptureError
 from .ops import is_leaf_module
 
 
-
-
 class _Tracer(fx.Tracer):
     """Keeps every known torch layer (and its subclasses, which keep their own forward) as one node."""
 

@@ -13,7 +13,6 @@ from torch import fx, nn
 from ..nn.quantizer import Quantizer
 from . import ops, patterns
 
-
 INTEGER_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 

@@ -6,15 +6,12 @@ import contextlib
 import torch
 from torch import nn
 
-from ..errors import NotCalibratedError
 from ..config.spec import QuantSpec
 from ..core.encoding import Encoding
 from ..core.granularity import from_groups
 from ..core.quant import fake_quantize, qrange
+from ..errors import NotCalibratedError
 from ..observers.ranges import compute_qparams, make_observer
-
-
-
 
 #: what a quantizer quantizes: a parameter, a model input, an op's output inside the model, a model output
 ROLES = ("weight", "input", "activation", "output")

@@ -43,8 +43,8 @@ from tqdm.auto import tqdm
 
 from ..batches import iterate
 from ..core.granularity import expand_param
-from ..errors import NotCalibratedError
 from ..core.quant import fake_quantize
+from ..errors import NotCalibratedError
 from ..graph.patterns import following_activation
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer

@@ -33,10 +33,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..graph.patterns import Pair, equalization_pairs, set_submodule, trace
 from ..metrics import sqnr_db
 from ..nn.clamp import ChannelClamp
 from .bn_fold import FoldReport, fold_batch_norms
-from ..graph.patterns import Pair, equalization_pairs, set_submodule, trace
+
 
 @dataclass
 class CLEReport:

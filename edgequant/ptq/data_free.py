@@ -34,9 +34,9 @@ import torch
 from torch import fx, nn
 
 from ..core.quant import choose_qparams
-from ..nn.quantizer import Quantizer
 from ..graph import ops
 from ..graph.patterns import activation_bounds, is_add, is_pool
+from ..nn.quantizer import Quantizer
 
 _RESHAPES_FUNCTIONS = {torch.flatten}
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze"}

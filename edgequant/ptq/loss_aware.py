@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..batches import iterate
-from ..errors import NotCalibratedError
-from ..core.quant import _qparams, fake_quantize, grid_range
 from ..core.granularity import PerTensor
+from ..core.quant import _qparams, fake_quantize, grid_range
+from ..errors import NotCalibratedError
 from ..nn.quantizer import Quantizer
 
 

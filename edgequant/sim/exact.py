@@ -26,9 +26,9 @@ import torch
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import dequantize, quantize, storage_offset
+from ..errors import NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..nn.modules import QuantizedModuleMixin
-from ..errors import NotCalibratedError
 from ..nn.quantizer import Quantizer
 
 

@@ -23,7 +23,6 @@ from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer, make_quantizer
 from .prepare import prepare_graph, prepare_leaf
 
-
 #: what each ``role=`` filter of disable/enable selects
 _ROLE_FILTERS = {"weight": ("weight",), "activation": ("input", "activation", "output"), "input": ("input",),
                  "output": ("output",)}
@@ -85,12 +84,16 @@ class QuantSim(nn.Module):
             like real inputs; used to capture the graph and size the quantizers.
         config: a preset name (``"w8a8"``, ``"w4a8"``, ``"w8a16"``, ``"w4a16"``, ``"w8a8_per_tensor"``,
             ``"w4a8_per_tensor"``), a :class:`~edgequant.config.QuantConfig`, or its dict/JSON.
+        plan: a :class:`~edgequant.config.QuantPlan` (``sim.plan`` of another sim of this model, edited
+            or loaded with ``QuantPlan.from_json``): the specs it gives win over the config's, tensor by
+            tensor; its names must exist in this model (else :class:`~edgequant.errors.PlanError`).
         inplace: quantize ``model`` itself instead of a copy.
         allow_fallback: when graph capture fails, warn and quantize leaf modules only (else raise
             :class:`~edgequant.graph.GraphCaptureError`).
 
     The sim is an ``nn.Module``: call it like the original, train it, ``state_dict()`` it (all
-    quantizer state is in buffers).
+    quantizer state is in buffers, disabled quantizers' too). ``sim.plan`` is the resolved plan: every
+    tensor that can be quantized, its role and spec.
 
     >>> import torch
     >>> from torch import nn

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.clamp import ChannelClamp
-from ..nn.registry import lookup, registered_classes
+from ..nn.registry import lookup
 
 
 @dataclass(frozen=True)
@@ -202,10 +202,6 @@ def is_leaf_module(m: nn.Module) -> bool:
 def is_pass_module(m: nn.Module) -> bool:
     op = module_op(m)
     return op is not None and op.kind == "pass"
-
-
-def weighted_classes() -> tuple[type, ...]:
-    return registered_classes()
 
 
 def function_name(target) -> str:

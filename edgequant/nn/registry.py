@@ -68,11 +68,6 @@ def lookup(cls_or_module) -> Optional[Registration]:
     return None
 
 
-def registered_classes() -> tuple[type, ...]:
-    """Every registered float class (the graph tracer keeps them as single nodes)."""
-    return tuple(_REGISTRY)
-
-
 for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding, nn.EmbeddingBag):
     register_quantized(_cls, {"weight": 0})
 for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):

@@ -329,7 +329,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     # values that a quantizer reads carry the quantizer's tensor name
     want: dict[fx.Node, str] = {}
     for n in gm.graph.nodes:
-        m = modules.get(n.target) if n.op == "call_module" else None
+        m = patterns.module_of(n, modules)
         if isinstance(m, Quantizer):
             want[n.args[0]] = m.tensor_name
     inputs, outputs = [], []
@@ -350,7 +350,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
 
     for n in gm.graph.nodes:
         out = want.get(n) or n.name
-        m = modules.get(n.target) if n.op == "call_module" else None
+        m = patterns.module_of(n, modules)
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if isinstance(src, _Quantized) and _moves_integers(n, modules):
             # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in

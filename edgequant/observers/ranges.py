@@ -24,7 +24,6 @@ Symmetric grids search ``hi = alpha * absmax`` over ``alpha`` (100 linear steps 
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..core.granularity import Granularity, PerTensor

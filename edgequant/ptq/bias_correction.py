@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..batches import iterate
+from ..graph import patterns
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer
 from .cle import _in_channel_expand
@@ -219,7 +220,7 @@ def correct_bias_analytical(sim, *, input_stats: Optional[dict] = None) -> BiasC
     modules = dict(gm.named_modules())
     report = BiasCorrectionReport()
     for n in gm.graph.nodes:
-        m = modules.get(n.target) if n.op == "call_module" else None
+        m = patterns.module_of(n, modules)
         if not (isinstance(m, QuantizedModuleMixin) and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))):
             continue
         q = m.param_quantizers["weight"] if "weight" in m.param_quantizers else None

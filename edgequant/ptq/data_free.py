@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from ..core.quant import choose_qparams
-from ..graph import ops
+from ..graph import ops, patterns
 from ..graph.patterns import activation_bounds, is_add, is_pool
 from ..nn.quantizer import Quantizer
 
@@ -119,7 +119,7 @@ def propagate_moments(gm: fx.GraphModule, n_std: float = 6.0,
     for n in gm.graph.nodes:
         first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
         x = out.get(first) if first is not None else None
-        m = modules.get(n.target) if n.op == "call_module" else None
+        m = patterns.module_of(n, modules)
         res = None
         if n.op == "placeholder":
             res = inputs.get(n.target)
@@ -199,7 +199,7 @@ def set_bn_ranges(sim, n_std: float = 6.0, input_ranges: Optional[dict] = None,
                     q.calibrate_from(getattr(m, pname))
     done, from_inputs, missing = [], [], []
     for n in gm.graph.nodes:
-        q = modules.get(n.target) if n.op == "call_module" else None
+        q = patterns.module_of(n, modules)
         if not isinstance(q, Quantizer):
             continue
         src = n.args[0]

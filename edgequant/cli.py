@@ -209,6 +209,7 @@ def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_
     sim.save_encodings(out / "encodings.json")
     sim.save_encodings(out / "encodings.aimet.json", format="aimet")
     atomic_write_text(out / "config.json", config.to_json())
+    atomic_write_text(out / "plan.json", sim.plan.to_json())
     atomic_write_text(out / "summary.txt", sim.summary() + "\n")
     tmp = out / ".sim_state_dict.pt.tmp"
     torch.save(sim.state_dict(), tmp)
@@ -217,7 +218,7 @@ def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_
     if stages == "none":
         click.echo(f"calibrated {rep.quantizers} quantizers on {rep.batches} batches in {rep.seconds:.1f} s")
     click.echo(f"weights {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB")
-    click.echo(f"wrote {out}/encodings.json, encodings.aimet.json, config.json, summary.txt, sim_state_dict.pt")
+    click.echo(f"wrote {out}/encodings.json, encodings.aimet.json, config.json, plan.json, summary.txt, sim_state_dict.pt")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def test_quantize_own_model(tmp_path, monkeypatch):
     assert enc["params"]["0.weight"]["bits"] == 4
     assert json.loads((out / "encodings.aimet.json").read_text())["version"] == "1.0.0"
     assert "QuantSim" in (out / "summary.txt").read_text()
+    from edgequant import QuantPlan
+    plan = QuantPlan.from_json((out / "plan.json").read_text())  # the plan the sim was built from
+    assert plan["0.weight"].spec.bits == 4 and set(enc["params"]) == set(plan.quantized("weight"))
     # errors are clear
     r = CliRunner().invoke(main, ["quantize", "--model", "nocolon", "--calib", str(imgs), "--out", str(out)])
     assert r.exit_code != 0 and "MODULE:FACTORY" in r.output

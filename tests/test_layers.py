@@ -59,3 +59,13 @@ def test_the_checker_sees_a_violation():
     src = "import edgequant.ptq\ndef f():\n    from ..export.onnx_qdq import export_onnx\n    from .prepare import x\n"
     found = [t for _, t in _imports(src, ("sim", "quantsim.py"))]
     assert found == ["ptq", "export", "sim"]
+
+
+def test_no_function_is_longer_than_80_lines():
+    """Long functions hide their seams (the pipeline was 172 lines, prepare_graph 163): split them."""
+    long = []
+    for p in sorted(ROOT.rglob("*.py")):
+        for n in ast.walk(ast.parse(p.read_text())):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80:
+                long.append(f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert not long, "split these along their seams: " + "; ".join(long)

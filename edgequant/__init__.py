@@ -20,14 +20,14 @@ from .core import Encoding
 from .errors import (DataError, EdgequantError, ExportError, GraphCaptureError, IntegerEngineError, NotCalibratedError,
                      PlanError)
 from .nn import Quantizer, register_quantized
-from .sim import CalibrationReport, QuantSim, QuantSimWarning
+from .sim import CalibrationReport, QuantSim, QuantSimWarning, load
 from .ptq import quantize  # the one-call pipeline; the tensor-level quantize() is edgequant.core.quantize
 from .export import export_onnx
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "quantize", "QuantSim", "QuantSimWarning", "CalibrationReport", "QuantConfig", "QuantSpec", "Override", "PRESETS",
+    "quantize", "load", "QuantSim", "QuantSimWarning", "CalibrationReport", "QuantConfig", "QuantSpec", "Override", "PRESETS",
     "QuantPlan", "PlanEntry", "PerTensor", "PerChannel", "PerBlock", "Encoding", "Quantizer", "register_quantized",
     "export_onnx", "EdgequantError", "NotCalibratedError", "DataError", "GraphCaptureError", "ExportError",
     "IntegerEngineError", "PlanError", "__version__",

@@ -12,6 +12,7 @@ inputs (trailing items such as labels are ignored when the model is called).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -87,6 +88,36 @@ def run_batch(model: Callable, batch, n_positional: int = 1, forward_fn: Optiona
     return model(batch)
 
 
+def check_iterable(data, desc: str = "data") -> None:
+    """Raise :class:`~edgequant.errors.DataError` unless ``data`` is an iterable of batches."""
+    if data is None:
+        raise DataError(f"{desc}: data is None; pass an iterable of batches (a list of tensors or a DataLoader)")
+    if torch.is_tensor(data):
+        raise DataError(f"{desc}: got a single tensor of shape {list(data.shape)}, not an iterable of batches; "
+                        "pass [x] for one batch, or a DataLoader / list of batches")
+    if not hasattr(data, "__iter__"):
+        raise DataError(f"{desc}: {type(data).__name__} is not an iterable of batches; pass a list of tensors or a DataLoader")
+
+
+@contextlib.contextmanager
+def evaluating(module: torch.nn.Module):
+    """Put ``module`` in eval mode inside the block, then give every submodule back its own
+    ``training`` flag (a model in mixed train/eval mode comes back exactly as it went in)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def in_training_mode(module: torch.nn.Module) -> list[str]:
+    """Names of the submodules in train mode whose behaviour depends on it (dropout, batch norm)."""
+    kinds = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._BatchNorm)
+    return [n or type(module).__name__ for n, m in module.named_modules() if m.training and isinstance(m, kinds)]
+
+
 def iterate(data: Iterable, *, num_batches: Optional[int] = None, device=None, desc: str = "batches",
             progress: bool = True, check: bool = True) -> Iterator[tuple[int, object]]:
     """Yield ``(i, batch)`` for the first ``num_batches`` batches of ``data`` (all of them by default),
@@ -94,6 +125,7 @@ def iterate(data: Iterable, *, num_batches: Optional[int] = None, device=None, d
 
     Raises :class:`~edgequant.errors.DataError` when ``data`` yields no batch at all.
     """
+    check_iterable(data, desc)
     total = num_batches if num_batches is not None else (len(data) if hasattr(data, "__len__") else None)
     n = 0
     for i, batch in enumerate(tqdm(data, total=total, desc=desc, unit="batch", disable=not progress)):

@@ -68,6 +68,26 @@ def choose_qparams(
     return _qparams(min_val, max_val, qmin, qmax, symmetric)
 
 
+def fill_empty_ranges(scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(scale, n_empty)``: groups whose range was empty (all zeros, so :func:`choose_qparams` gave
+    them :data:`MIN_SCALE`) take the largest scale of the tensor, or 1.0 when every group is empty.
+
+    Their values are all zero and stay exactly zero on any grid, but a scale of 1e-10 makes the bias
+    grid ``s_in * s_w`` of a dead weight channel (a pruned channel) so fine that its int32 bias
+    saturates: a bias of 0.8 became 0.0068, in the sim and in the deployed integer model alike.
+
+    >>> fill_empty_ranges(torch.tensor([0.5, 1e-10, 0.25]))
+    (tensor([0.5000, 0.5000, 0.2500]), 1)
+    """
+    empty = scale <= MIN_SCALE
+    n = int(empty.sum())
+    if n == 0:
+        return scale, 0
+    live = scale[~empty]
+    fill = live.max() if live.numel() else torch.ones((), dtype=scale.dtype, device=scale.device)
+    return torch.where(empty, fill, scale), n
+
+
 def _qparams(min_val, max_val, qmin, qmax, symmetric):
     """:func:`choose_qparams` without input checks (for inner loops of range searches)."""
     min_val, max_val = min_val.clamp(max=0), max_val.clamp(min=0)

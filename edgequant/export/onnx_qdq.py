@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -35,7 +35,7 @@ from ..core.granularity import PerBlock, PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
 from ..errors import ExportError, NotCalibratedError
 from ..graph import lowering, ops, patterns
-from ..io.encodings import atomic_write_text, to_edgequant
+from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
 from ..nn.quantizer import Quantizer
 
@@ -281,6 +281,8 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
         parent = os.path.dirname(os.path.abspath(p))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"cannot write {p}: folder {parent} does not exist")
+        if os.path.isdir(p):
+            raise IsADirectoryError(f"cannot write {p}: it is a folder; give a file name such as {os.path.join(p, 'model.onnx')}")
     if weight_dtype == "auto":
         wide = [q for q in qs.values() if q.role == "weight" and q.spec.signed and q.qmin < -64 and q.spec.bits <= 8]
         weight_dtype = "uint8" if wide else "int8"
@@ -290,16 +292,9 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     acts, params = sim.encodings()
     import json
 
-    doc = to_edgequant(acts, params)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp_", suffix=".onnx")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        atomic_write_text(encodings_path, json.dumps(doc, indent=1))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    text = json.dumps(to_edgequant(acts, params), indent=1)
+    # the ONNX file and its encodings are replaced together or not at all
+    write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
 
 

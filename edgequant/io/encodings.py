@@ -32,20 +32,62 @@ VERSION = 1
 AIMET_VERSION = "1.0.0"
 
 
+def file_mode() -> int:
+    """The permissions a new file gets under the user's umask (``0o666 & ~umask``)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    write_files_together({path: lambda tmp: Path(tmp).write_text(text)})
+
+
+def write_files_together(writers: Mapping) -> None:
+    """Write several files so that they are replaced together or not at all.
+
+    ``writers`` maps each target path to ``write(tmp_path)``. Every file is first written to a
+    temporary file beside its target; only when all are written are the targets replaced (old ones
+    kept aside until every rename has succeeded, and put back if one fails). Files get the
+    permissions of the user's umask.
+    """
+    targets = [Path(p) for p in writers]
+    for p in targets:
+        if not p.parent.is_dir():
+            raise FileNotFoundError(f"cannot write {p}: folder {p.parent} does not exist")
+        if p.is_dir():
+            raise IsADirectoryError(f"cannot write {p}: it is a folder; give a file name")
+    tmps, backups, done = {}, {}, []
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        for p, write in zip(targets, writers.values()):
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+            os.close(fd)
+            tmps[p] = tmp
+            write(tmp)
+            os.chmod(tmp, file_mode())
+        for p in targets:
+            if p.exists():
+                fd, bak = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".old")
+                os.close(fd)
+                os.replace(p, bak)
+                backups[p] = bak
+            os.replace(tmps.pop(p), p)
+            done.append(p)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for p in done:  # roll back what was already replaced
+            if p in backups:
+                os.replace(backups.pop(p), p)
+            else:
+                p.unlink(missing_ok=True)
+        for p, bak in backups.items():
+            if not p.exists():
+                os.replace(bak, p)
         raise
+    finally:
+        for tmp in list(tmps.values()) + [b for b in backups.values() if os.path.exists(b)]:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def to_edgequant(activations: Mapping[str, Encoding], params: Mapping[str, Encoding]) -> dict:

@@ -9,7 +9,7 @@ from torch import nn
 from ..config.spec import QuantSpec
 from ..core.encoding import Encoding
 from ..core.granularity import from_groups
-from ..core.quant import fake_quantize, qrange
+from ..core.quant import fake_quantize, fill_empty_ranges, qrange
 from ..errors import NotCalibratedError
 from ..observers.ranges import compute_qparams, make_observer
 
@@ -42,6 +42,8 @@ class Quantizer(nn.Module):
     #: set by ``QuantSim.integer_exact()``: computes what the integer kernel computes (a class default,
     #: so quantizers pickled before it existed still run)
     _exact = None
+    #: groups whose calibration range was empty (all zeros); see core.quant.fill_empty_ranges
+    empty_groups = 0
 
     def __init__(self, spec: QuantSpec, tensor_shape: torch.Size, name: str, role: str = "activation", owner_type: str = ""):
         super().__init__()
@@ -121,8 +123,14 @@ class Quantizer(nn.Module):
     def set_from_observer(self, observer) -> None:
         s = self.spec
         scale, zp = compute_qparams(observer, s.range_method, self.qmin, self.qmax, s.symmetric, percentile=s.percentile)
+        scale, self.empty_groups = fill_empty_ranges(scale)
         shape = observer.shape if observer.shape is not None else self.tensor_shape
         self._set(from_groups(scale, shape, s.granularity), from_groups(zp, shape, s.granularity))
+
+    @property
+    def range_collapsed(self) -> bool:
+        """Whether the last calibration saw only zeros (every group's range was empty)."""
+        return self.empty_groups > 0 and self.empty_groups == self.scale.numel()
 
     @torch.no_grad()
     def calibrate_from(self, x: torch.Tensor) -> None:
@@ -160,8 +168,8 @@ class Quantizer(nn.Module):
                         symmetric=s.symmetric, narrow_range=s.narrow_range, granularity=s.granularity)
 
     @torch.no_grad()
-    def set_encoding(self, enc: Encoding) -> None:
-        """Set scale and zero point from ``enc``; its grid and granularity must match this quantizer's."""
+    def check_encoding(self, enc: Encoding) -> None:
+        """Raise ValueError unless ``enc`` has this quantizer's grid, granularity and scale shape."""
         s = self.spec
         mine = (s.bits, s.signed, s.symmetric, s.narrow_range, s.granularity)
         theirs = (enc.bits, enc.signed, enc.symmetric, enc.narrow_range, enc.granularity)
@@ -170,6 +178,13 @@ class Quantizer(nn.Module):
                 f"{self.tensor_name}: encoding (bits, signed, symmetric, narrow_range, granularity)={theirs} "
                 f"does not match this quantizer's {mine}; build the sim with the config the encodings came from"
             )
+        if tuple(enc.scale.shape) != tuple(self.scale.shape):
+            raise ValueError(f"{self.tensor_name}: encoding shape {list(enc.scale.shape)} does not match the "
+                             f"quantizer's {list(self.scale.shape)}")
+
+    def set_encoding(self, enc: Encoding) -> None:
+        """Set scale and zero point from ``enc``; its grid and granularity must match this quantizer's."""
+        self.check_encoding(enc)
         self._set(enc.scale, enc.zero_point)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import iterate
+from ..batches import evaluating, iterate
 from ..core.granularity import expand_param
 from ..core.quant import fake_quantize
 from ..errors import NotCalibratedError
@@ -222,9 +222,7 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
         else:
             todo[name] = m
     samplers = {n: _Sampler(m, samples, len(batches), seed + i) for i, (n, m) in enumerate(todo.items())}
-    was_training = sim.training
-    sim.eval()
-    try:
+    with evaluating(sim):
         targets = _float_targets(sim, todo, samplers, batches, forward_fn)
         for name, m in tqdm(list(todo.items()), desc="AdaRound", unit="layer", disable=not progress):
             t0 = time.perf_counter()
@@ -234,8 +232,6 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
                                                beta_range, warm_start, lr, seed)
             report.layers[name].seconds = time.perf_counter() - t0
             del x
-    finally:
-        sim.train(was_training)
     report.seconds = time.perf_counter() - t_start
     return report
 

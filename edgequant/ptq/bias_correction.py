@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..batches import iterate
+from ..batches import evaluating, iterate
 from ..graph import patterns
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer
@@ -182,11 +182,9 @@ def correct_bias(sim, data: Iterable, *, num_batches: Optional[int] = None, forw
     original = {n: m.bias.data.clone() for n, m in sel.items()}
     shifts = _Shifts(sel)
     opts = dict(activations=activations, num_batches=num_batches, forward_fn=forward_fn, progress=progress)
-    was_training = sim.training
-    sim.eval()
     report = BiasCorrectionReport()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(sim):
             if measure:
                 n = _sweep(sim, data, shifts, sel, original, correct=False, desc="bias correction: before", **opts)
                 report.mean_error_before = {k: float(v.abs().mean()) for k, v in shifts.mean(n).items()}
@@ -198,7 +196,6 @@ def correct_bias(sim, data: Iterable, *, num_batches: Optional[int] = None, forw
                 report.mean_error_after = {k: float(v.abs().mean()) for k, v in shifts.mean(n).items()}
     finally:
         shifts.remove()
-        sim.train(was_training)
     report.layers = list(sel)
     report.seconds = time.perf_counter() - t0
     return report

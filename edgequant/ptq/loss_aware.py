@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..batches import iterate
+from ..batches import evaluating, iterate
 from ..core.granularity import PerTensor
 from ..core.quant import _qparams, fake_quantize, grid_range
 from ..errors import NotCalibratedError
@@ -71,22 +71,20 @@ def loss_aware_output_range(sim, data, *, name: Optional[str] = None, target: st
     zs, ps = [], []
     captured = {}
     h = q.register_forward_pre_hook(lambda mod, inp: captured.__setitem__("z", inp[0].detach()))
-    was_training = sim.training
-    sim.eval()
     try:
-        for _, batch in iterate(data, num_batches=num_batches, device=device, desc="loss-aware range", progress=False):
-            if target == "labels":
-                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-                    raise ValueError("target='labels' needs batches of (inputs, labels)")
-                ps.append(F.one_hot(batch[-1].long(), num_classes=-1).float())
-            else:
-                with sim.quantization_disabled():
-                    ps.append(F.softmax(sim.run_batch(batch).float(), dim=-1))
-            sim.run_batch(batch)
-            zs.append(captured["z"].float())
+        with evaluating(sim):
+            for _, batch in iterate(data, num_batches=num_batches, device=device, desc="loss-aware range", progress=False):
+                if target == "labels":
+                    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                        raise ValueError("target='labels' needs batches of (inputs, labels)")
+                    ps.append(F.one_hot(batch[-1].long(), num_classes=-1).float())
+                else:
+                    with sim.quantization_disabled():
+                        ps.append(F.softmax(sim.run_batch(batch).float(), dim=-1))
+                sim.run_batch(batch)
+                zs.append(captured["z"].float())
     finally:
         h.remove()
-        sim.train(was_training)
     z, p = torch.cat(zs), torch.cat(ps)
     if target == "labels" and p.shape[-1] != z.shape[-1]:
         p = F.pad(p, (0, z.shape[-1] - p.shape[-1]))

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ..batches import model_input, reiterable, to_device
+from ..batches import evaluating, in_training_mode, model_input, reiterable, to_device
 from ..config.spec import QuantConfig
 from ..errors import DataError
 from ..metrics import fidelity, sqnr_db
-from ..sim.quantsim import QuantSim
+from ..sim.quantsim import QuantSim, QuantSimWarning
 from .adaround import adaround
 from .bias_correction import correct_bias, correct_bias_analytical
 from .bn_fold import fold_batch_norms
@@ -86,7 +87,10 @@ class QuantizeResult:
     sim: QuantSim
     encodings: tuple
     report: QuantizeReport
-    model: nn.Module  # the float model the sim was built from (after folding/equalization)
+    #: the float model that goes with the encodings: folded batch norms, CLE scales, AdaRound's rounded
+    #: weights, corrected biases; ``QuantSim(result.model, x, recipe)`` with the encodings loaded
+    #: reproduces ``result.sim`` bit for bit (``result.sim.save(folder)`` keeps all of it in one folder)
+    model: nn.Module
 
 
 class _Run:
@@ -289,9 +293,12 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
     data = reiterable(calib_data)
     stages, auto = _resolve(ptq, data is not None)
     calib, score_batches, held_out, example_inputs = _split(data, num_batches, holdout_batches, eval_fn, example_inputs)
-    was_training = model.training
-    model.eval()
-    try:
+    training = in_training_mode(model)
+    if training:
+        warnings.warn(f"the model is in train mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}): "
+                      "it is quantized and scored as in eval mode (batch norms use their running statistics, dropout is "
+                      "off); call model.eval() first to silence this", QuantSimWarning, stacklevel=2)
+    with evaluating(model):
         run = _Run(model, config, calib, score_batches, eval_fn, max_drop,
                    dict(example_inputs=example_inputs, input_ranges=input_ranges, input_stats=input_stats,
                         adaround_iterations=adaround_iterations, progress=progress))
@@ -299,10 +306,9 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
                       else "logit SQNR dB on calibration batches") if run.has_data or eval_fn else "none (no data, no eval_fn)"
         report = QuantizeReport(recipe if isinstance(recipe, str) else "custom", score_name, run.float_score)
         current, best_sim, best_score = _run_stages(run, report, stages, auto)
-    finally:
-        model.train(was_training)
+        float_model = best_sim.copy_weights_to(current)  # the float model that goes with the encodings
     report.seconds = time.perf_counter() - t_start
-    return QuantizeResult(best_sim, best_sim.encodings(), report, current)
+    return QuantizeResult(best_sim, best_sim.encodings(), report, float_model)
 
 
 def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool):

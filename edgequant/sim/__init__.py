@@ -1,4 +1,5 @@
 """Quantization simulation."""
 from .quantsim import CalibrationReport, QuantSim, QuantSimWarning
+from .saving import load
 
-__all__ = ["QuantSim", "QuantSimWarning", "CalibrationReport"]
+__all__ = ["QuantSim", "QuantSimWarning", "CalibrationReport", "load"]

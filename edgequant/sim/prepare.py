@@ -26,9 +26,11 @@ output quantizer through a forward hook, and the model's float inputs get quanti
 """
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import inspect
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -52,6 +54,22 @@ class Prepared:
     plan: QuantPlan
     unsupported: list[str]  # "name (Type)" of ops left in float
     mode: str  # "graph" or "leaf"
+    unmatched: list[str] = field(default_factory=list)  # config overrides that match nothing, with suggestions
+
+
+def unmatched_overrides(config: QuantConfig, names: set[str], types: set[str]) -> list[str]:
+    """The ``module_names`` patterns and ``module_types`` keys of ``config`` that match no tensor or layer
+    of the model (a typo silently ignored is worse than an error), each with the closest real names."""
+    out = []
+    for pattern in config.module_names:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            close = difflib.get_close_matches(pattern, sorted(names), n=3, cutoff=0.5)
+            out.append(f"module_names[{pattern!r}] matches no layer or tensor" + (f" (did you mean {close}?)" if close else ""))
+    for t in config.module_types:
+        if t not in types:
+            close = difflib.get_close_matches(t, sorted(types), n=3, cutoff=0.5)
+            out.append(f"module_types[{t!r}] matches no layer type or op" + (f" (did you mean {close}?)" if close else ""))
+    return out
 
 
 def type_names(obj) -> tuple[str, ...]:
@@ -313,10 +331,13 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
     final = merge_plan(derived, plan)
     modules = dict(gm.named_modules())
     attach_param_quantizers({n.target: modules[n.target] for n in gm.graph.nodes if ops.kind(n, modules) == "weighted"}, final)
+    names = set(name_nodes(gm).values()) | set(modules)
+    types = {t for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
+             for t in (type_names(modules[n.target]) if n.op == "call_module" else type_names(n.target))}
     aq = insert_quantizers(gm, final, anchors)
     gm.graph.lint()
     gm.recompile()
-    return Prepared(gm, aq, final, unsupported, "graph")
+    return Prepared(gm, aq, final, unsupported, "graph", unmatched_overrides(config, names, types))
 
 
 # ---------------------------------------------------------------------- leaf mode
@@ -391,4 +412,6 @@ def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfi
     if input_keys:
         model.register_forward_pre_hook(
             lambda mod, a: tuple(aq[input_keys[i]](x) if i in input_keys else x for i, x in enumerate(a)))
-    return Prepared(model, aq, final, unsupported, "leaf")
+    names = {n for n, _ in model.named_modules()} | set(final)
+    types = {t for _, m in model.named_modules() for t in type_names(m)}
+    return Prepared(model, aq, final, unsupported, "leaf", unmatched_overrides(config, names, types))

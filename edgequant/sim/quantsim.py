@@ -5,6 +5,7 @@ import contextlib
 import copy
 import fnmatch
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..batches import as_args, device_of, iterate, run_batch, shapes, to_device
+from ..batches import as_args, check_iterable, device_of, evaluating, iterate, run_batch, shapes, to_device
 from ..config.plan import QuantPlan
 from ..config.spec import QuantConfig, QuantSpec
 from ..core.encoding import Encoding
@@ -22,6 +23,8 @@ from ..io import encodings as enc_io
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer, make_quantizer
 from .prepare import prepare_graph, prepare_leaf
+from .saving import copy_weights, meta_copy
+from .saving import save as save_sim
 
 #: what each ``role=`` filter of disable/enable selects
 _ROLE_FILTERS = {"weight": ("weight",), "activation": ("input", "activation", "output"), "input": ("input",),
@@ -37,6 +40,12 @@ def _check_runs(net, args, kwargs, example_inputs) -> None:
             f"the model does not run on example_inputs (shapes {shapes(example_inputs)}): "
             f"{type(e).__name__}: {e}. Pass inputs shaped like real ones, e.g. torch.randn(1, 3, 224, 224)"
         ) from e
+
+
+def _check_device(net) -> None:
+    if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):
+        raise DataError("the model's weights are on the meta device (not materialized): load them first, e.g. "
+                        "model.to_empty(device='cpu') then model.load_state_dict(...)")
 
 
 def _disabled_state(sim, state_dict, prefix, local_metadata):
@@ -113,16 +122,23 @@ class QuantSim(nn.Module):
             raise TypeError(f"QuantSim needs a torch.nn.Module, got {type(model).__name__}")
         self.config = QuantConfig.coerce(config)
         args, kwargs = as_args(example_inputs)
+        _check_device(model)
+        # the float architecture (no data: meta tensors), and the inputs it was captured with, for sim.save()
+        object.__setattr__(self, "_arch", meta_copy(model))
+        object.__setattr__(self, "_example_inputs", to_device(example_inputs, "cpu"))
         net = model if inplace else copy.deepcopy(model)
         device = device_of(net)
         args, kwargs = to_device(args, device), to_device(kwargs, device)
-        was_training = net.training
-        net.eval()
-        _check_runs(net, args, kwargs, example_inputs)
-        prepared = self._prepare(net, args, kwargs, plan, allow_fallback)
+        modes = {name: m.training for name, m in net.named_modules()}
+        with evaluating(net):
+            _check_runs(net, args, kwargs, example_inputs)
+            prepared = self._prepare(net, args, kwargs, plan, allow_fallback)
         self.model = prepared.model
-        self.model.train(was_training)
-        self.train(was_training)
+        self.model.train(net.training)
+        for name, m in self.model.named_modules():  # each layer keeps the mode it had in the user's model
+            m.training = modes.get(name, m.training)
+        self.train(net.training)
+        self.model.training = net.training
         self.capture_mode = prepared.mode
         self.unsupported = prepared.unsupported
         self.plan: QuantPlan = prepared.plan
@@ -133,6 +149,8 @@ class QuantSim(nn.Module):
         self._slot_table = self._build_slot_table()
         self._register_state_dict_hook(_disabled_state)
         self._register_load_state_dict_pre_hook(_load_disabled_state, with_module=True)
+        for msg in prepared.unmatched:
+            warnings.warn(f"config override ignored: {msg}", QuantSimWarning, stacklevel=2)
         if self.unsupported:
             warnings.warn(
                 f"{len(self.unsupported)} op(s) have no quantized implementation and stay in float "
@@ -199,6 +217,27 @@ class QuantSim(nn.Module):
             elif include_disabled:
                 out[name] = self._disabled[name]
         return out
+
+    # ------------------------------------------------------------------ float model, save
+    def copy_weights_to(self, model: nn.Module) -> nn.Module:
+        """Copy the sim's float weights (AdaRound's rounded weights, corrected biases, ...) into ``model``,
+        which has the structure of the model the sim was built from; returns it."""
+        return copy_weights(self.model, model)
+
+    def float_model(self) -> nn.Module:
+        """A new float model (the structure of the one the sim was built from) holding the sim's float
+        weights: ``QuantSim(sim.float_model(), x, sim.config)`` with ``sim``'s encodings loaded
+        computes what ``sim`` computes."""
+        model = copy.deepcopy(self._arch).to_empty(device=self.device)
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                t.zero_()
+        return self.copy_weights_to(model)
+
+    def save(self, folder) -> "os.PathLike":
+        """Write everything needed to rebuild this sim into ``folder`` (atomically); read it back with
+        :func:`edgequant.load`. See :mod:`edgequant.sim.saving` for the files."""
+        return save_sim(self, folder)
 
     # ------------------------------------------------------------------ plan
     def set_spec(self, name: str, spec: QuantSpec) -> Quantizer:
@@ -310,6 +349,7 @@ class QuantSim(nn.Module):
             progress: show a progress bar.
         """
         t0 = time.perf_counter()
+        check_iterable(data, "calibration")
         qs = self.quantizers()
         for mname, m in self.model.named_modules():
             if isinstance(m, QuantizedModuleMixin):
@@ -317,10 +357,8 @@ class QuantSim(nn.Module):
                     if isinstance(q, Quantizer) and not (q.is_frozen and q.is_initialized):
                         q.calibrate_from(getattr(m, pname))
         acts = [q for q in qs.values() if not q.is_weight and not (q.is_frozen and q.is_initialized)]
-        was_training = self.training
-        self.eval()
         n = 0
-        try:
+        with evaluating(self):
             with contextlib.ExitStack() as stack, torch.no_grad():
                 for q in acts:
                     stack.enter_context(q.calibrating())
@@ -333,8 +371,11 @@ class QuantSim(nn.Module):
                         raise DataError(f"calibration batch {i} (shapes {shapes(batch)}) failed in the model: "
                                         f"{type(e).__name__}: {e}") from e
                     n += 1
-        finally:
-            self.train(was_training)
+        collapsed = [n for n, q in qs.items() if q.is_initialized and q.range_collapsed]
+        if collapsed:
+            warnings.warn(f"{len(collapsed)} quantizer(s) saw only zeros, so their range is empty: {', '.join(collapsed[:8])}"
+                          f"{', ...' if len(collapsed) > 8 else ''}. Check that the calibration data is real (not all "
+                          "zeros or constant) and the layers' weights are not all zero", QuantSimWarning, stacklevel=2)
         unobserved = [q.tensor_name for q in acts if not q.is_initialized]
         if unobserved:
             warnings.warn(f"{len(unobserved)} activation quantizer(s) saw no data during calibration and have no "
@@ -393,11 +434,13 @@ class QuantSim(nn.Module):
             if missing:
                 raise ValueError(f"{where}: no encoding for {len(missing)} quantizer(s): {', '.join(missing[:10])}"
                                  f"{', ...' if len(missing) > 10 else ''} (pass strict=False to load a partial file)")
-        for name, q, enc in staged:
+        for name, q, enc in staged:  # all checked before any is set: a bad file changes nothing
             try:
-                q.set_encoding(enc)
+                q.check_encoding(enc)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+        for name, q, enc in staged:
+            q.set_encoding(enc)
 
     def integer_exact(self, requant: str = "float32"):
         """Context manager: inside it, the sim computes what the deployed integer kernels compute,

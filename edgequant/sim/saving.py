@@ -1,0 +1,175 @@
+"""Save a sim to a folder and load it back: everything needed to rebuild it, written atomically.
+
+``sim.save(folder)`` writes
+
+* ``float_model.pt`` -- the float model that goes with the encodings (the sim's float weights: AdaRound's
+  rounded weights, corrected biases, folded batch norms, CLE scales), pickled whole (``torch.save``);
+* ``float_state.pt`` -- the same weights as a state_dict (for ``load(folder, model=my_model)``);
+* ``example_inputs.pt``, ``config.json``, ``plan.json`` -- how the sim was built;
+* ``sim_state.pt`` -- the sim's state_dict (quantizer state included, disabled quantizers too);
+* ``encodings.json`` -- the encodings (when calibrated), for deployment;
+* ``manifest.json`` -- format, version, capture mode, disabled quantizers.
+
+The folder is written beside the target and swapped in at the end, so a failed save leaves the old
+folder as it was. :func:`load` rebuilds the sim bit for bit.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config.plan import QuantPlan
+from ..config.spec import QuantConfig
+from ..errors import PlanError
+from ..io.encodings import atomic_write_text, file_mode
+
+FORMAT, VERSION = "edgequant.sim", 1
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s structure with every tensor on the meta device (no memory, no data copied)."""
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Copy the float parameters and buffers of ``src`` (a sim's model) into ``dst``, module by module
+    name; quantizers are skipped, and a parameter ``dst`` lacks (a bias added by bias correction) is added."""
+    from ..nn.quantizer import Quantizer
+
+    own = dict(dst.named_modules())
+    for name, m in src.named_modules():
+        target = own.get(name)
+        if target is None or isinstance(m, Quantizer) or isinstance(target, Quantizer):
+            continue
+        for pname, p in m._parameters.items():
+            if p is None:
+                continue
+            if target._parameters.get(pname) is None:
+                target.register_parameter(pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            else:
+                target._parameters[pname].data.copy_(p.detach())
+        for bname, b in m._buffers.items():
+            if b is not None and target._buffers.get(bname) is not None:
+                target._buffers[bname].copy_(b)
+            elif b is not None and bname in ("bn_mean", "bn_std"):  # what BN folding recorded (non-persistent)
+                target.register_buffer(bname, b.detach().clone(), persistent=False)
+    return dst
+
+
+def _write_folder(folder: Path, write) -> None:
+    """Write into a fresh folder beside ``folder`` with ``write(tmp)``, then swap it in."""
+    folder = Path(folder)
+    parent = folder.resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {folder}: folder {parent} does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"cannot write the sim to {folder}: it is a file, not a folder")
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder: x where r
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".old"))
+            os.rmdir(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        if old is not None and old.exists() and not folder.exists():
+            os.replace(old, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_torch(obj, path: Path) -> None:
+    torch.save(obj, path)
+    os.chmod(path, file_mode())
+
+
+def save(sim, folder) -> Path:
+    """Write ``sim`` to ``folder`` (see the module docstring); returns the folder."""
+    float_model = sim.float_model()
+    disabled = sorted(sim._disabled)
+
+    def write(tmp: Path):
+        try:
+            _save_torch(float_model, tmp / "float_model.pt")
+            pickled = True
+        except Exception:  # noqa: BLE001 -- a model whose classes cannot be pickled: load needs model=
+            (tmp / "float_model.pt").unlink(missing_ok=True)
+            pickled = False
+        _save_torch(float_model.state_dict(), tmp / "float_state.pt")
+        _save_torch(sim._example_inputs, tmp / "example_inputs.pt")
+        _save_torch(sim.state_dict(), tmp / "sim_state.pt")
+        atomic_write_text(tmp / "config.json", sim.config.to_json())
+        atomic_write_text(tmp / "plan.json", sim.plan.to_json())
+        if all(q.is_initialized for q in sim.quantizers().values()):
+            sim.save_encodings(tmp / "encodings.json")
+        from .. import __version__
+        atomic_write_text(tmp / "manifest.json", json.dumps({
+            "format": FORMAT, "version": VERSION, "edgequant": __version__, "capture_mode": sim.capture_mode,
+            "disabled": disabled, "pickled_model": pickled}, indent=1))
+
+    _write_folder(Path(folder), write)
+    return Path(folder)
+
+
+def load(folder, model: nn.Module = None, map_location="cpu"):
+    """Rebuild the sim saved in ``folder`` by :meth:`QuantSim.save`.
+
+    Args:
+        model: the float model's architecture (its weights are replaced by the saved ones). Without it
+            the pickled ``float_model.pt`` is loaded, which needs the model's classes importable.
+        map_location: where tensors are loaded.
+    """
+    from .quantsim import QuantSim
+
+    folder = Path(folder)
+    try:
+        man = json.loads((folder / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder} is not a saved sim (no manifest.json); write one with sim.save(folder)") from None
+    except json.JSONDecodeError as e:
+        raise PlanError(f"{folder}/manifest.json is not valid JSON: {e}") from None
+    if man.get("format") != FORMAT or man.get("version") != VERSION:
+        raise PlanError(f"{folder} holds format {man.get('format')!r} version {man.get('version')!r}; "
+                        f"this edgequant reads {FORMAT!r} version {VERSION}")
+    if model is None:
+        if not man.get("pickled_model"):
+            raise ValueError(f"{folder}: the float model could not be pickled when it was saved; pass load(folder, model=...)")
+        model = torch.load(folder / "float_model.pt", map_location=map_location, weights_only=False)
+    else:
+        model = copy.deepcopy(model)
+        state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)
+        _add_missing_biases(model, state)
+        model.load_state_dict(state, strict=True)
+    config = QuantConfig.from_json((folder / "config.json").read_text())
+    plan = QuantPlan.from_json((folder / "plan.json").read_text())
+    example = torch.load(folder / "example_inputs.pt", map_location=map_location, weights_only=True)
+    sim = QuantSim(model, example, config, plan=plan, inplace=True)
+    sim.disable(man.get("disabled", []))
+    sim.load_state_dict(torch.load(folder / "sim_state.pt", map_location=map_location, weights_only=True))
+    return sim
+
+
+def _add_missing_biases(model: nn.Module, state: dict) -> None:
+    """Give ``model`` the parameters a saved state has and it lacks (a bias bias correction added)."""
+    own = set(model.state_dict())
+    for key in state:
+        if key not in own and key.endswith(".bias"):
+            m = model.get_submodule(key.rsplit(".", 1)[0])
+            if getattr(m, "bias", "missing") is None:
+                m.bias = nn.Parameter(torch.zeros_like(state[key]))

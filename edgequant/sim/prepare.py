@@ -226,23 +226,29 @@ class _GraphPlanner:
         else:  # unknown ops and model inputs are off-grid; get_attr constants stay as they are
             self.on_grid[n] = k not in ("unknown", "placeholder")
 
-    def bias_entries(self) -> dict[str, PlanEntry]:
-        """Biases of conv/linear layers whose input comes from a planned quantizer (through grid-keeping ops)."""
+    def bias_links(self) -> dict[str, str]:
+        """``{layer: input tensor}`` for the quantized conv/linear layers whose input comes from a planned
+        quantizer (through grid-keeping ops): their bias, present or added later (bias correction), is
+        quantized on the int32 grid ``s_in * s_w``."""
         quantized_after = {node: name for name, node in self.anchors.items() if self.entries[name].spec is not None}
         out = {}
         for n in self.gm.graph.nodes:
             m = patterns.module_of(n, self.modules)
             w_entry = self.entries.get(f"{n.target}.weight") if m is not None else None
-            if w_entry is None or w_entry.spec is None or getattr(m, "bias", None) is None \
-                    or not patterns.is_linear_like(n, self.modules) or not n.args:
+            if w_entry is None or w_entry.spec is None or not patterns.is_linear_like(n, self.modules) or not n.args:
                 continue
             src = n.args[0]
             while isinstance(src, fx.Node) and src not in quantized_after and ops.keeps_grid(src, self.modules):
                 src = src.args[0] if src.args else None
             if src in quantized_after:
-                out[f"{n.target}.bias"] = PlanEntry("bias", None, w_entry.owner_type, tuple(m.bias.shape),
-                                                    source=(quantized_after[src], f"{n.target}.weight"))
+                out[n.target] = quantized_after[src]
         return out
+
+    def bias_entries(self, links: dict[str, str]) -> dict[str, PlanEntry]:
+        """Plan entries of the biases that exist now (role ``bias``, ``source = (input, weight)``)."""
+        return {f"{layer}.bias": PlanEntry("bias", None, self.entries[f"{layer}.weight"].owner_type,
+                                           tuple(self.modules[layer].bias.shape), source=(src, f"{layer}.weight"))
+                for layer, src in links.items() if getattr(self.modules[layer], "bias", None) is not None}
 
 
 def _nodes_in(args):
@@ -259,16 +265,17 @@ def _nodes_in(args):
 
 
 def plan_graph(gm: fx.GraphModule, names: dict[fx.Node, str], config: QuantConfig):
-    """``(plan, anchors, unsupported)``: the plan of a shape-propagated graph, the node each activation
-    entry's quantizer follows, and the ops left in float."""
+    """``(plan, anchors, bias links, unsupported)``: the plan of a shape-propagated graph, the node each
+    activation entry's quantizer follows, each quantized layer's input tensor, and the ops left in float."""
     planner = _GraphPlanner(gm, names, config)
     for n in gm.graph.nodes:
         planner.visit(n)
     weighted = {n.target: planner.modules[n.target] for n in gm.graph.nodes if ops.kind(n, planner.modules) == "weighted"}
     entries = {**weight_entries(weighted, config), **planner.entries}
     planner.entries = entries
-    entries.update(planner.bias_entries())
-    return QuantPlan(entries), planner.anchors, planner.unsupported
+    links = planner.bias_links()
+    entries.update(planner.bias_entries(links))
+    return QuantPlan(entries), planner.anchors, links, planner.unsupported
 
 
 def merge_plan(derived: QuantPlan, given: Optional[QuantPlan]) -> QuantPlan:
@@ -300,7 +307,7 @@ def attach_param_quantizers(layers: dict[str, nn.Module], plan: QuantPlan) -> No
             reg.convert(m, qs)
 
 
-def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx.Node]) -> nn.ModuleDict:
+def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx.Node], links: dict[str, str]) -> nn.ModuleDict:
     """Build the planned activation quantizers into ``gm`` (after their anchor nodes) and link each
     quantized layer's bias to its input quantizer."""
     aq = nn.ModuleDict()
@@ -317,9 +324,9 @@ def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx
             qn = gm.graph.call_module(f"activation_quantizers.{key}", (n,))
         n.replace_all_uses_with(qn, delete_user_cb=lambda u, qn=qn: u is not qn)
     modules = dict(gm.named_modules())
-    for name, e in plan.items():
-        if e.role == "bias" and e.source[0] in key_of:
-            modules[name.rsplit(".", 1)[0]]._bias_input = (aq, key_of[e.source[0]])
+    for layer, src in links.items():
+        if src in key_of and plan[f"{layer}.weight"].spec is not None:
+            modules[layer]._bias_input = (aq, key_of[src])
     return aq
 
 
@@ -327,14 +334,14 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
                   plan: Optional[QuantPlan] = None) -> Prepared:
     gm = capture(model)
     propagate_shapes(gm, args, kwargs)
-    derived, anchors, unsupported = plan_graph(gm, name_nodes(gm), config)
+    derived, anchors, links, unsupported = plan_graph(gm, name_nodes(gm), config)
     final = merge_plan(derived, plan)
     modules = dict(gm.named_modules())
     attach_param_quantizers({n.target: modules[n.target] for n in gm.graph.nodes if ops.kind(n, modules) == "weighted"}, final)
     names = set(name_nodes(gm).values()) | set(modules)
     types = {t for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
              for t in (type_names(modules[n.target]) if n.op == "call_module" else type_names(n.target))}
-    aq = insert_quantizers(gm, final, anchors)
+    aq = insert_quantizers(gm, final, anchors, links)
     gm.graph.lint()
     gm.recompile()
     return Prepared(gm, aq, final, unsupported, "graph", unmatched_overrides(config, names, types))

@@ -134,11 +134,9 @@ class QuantSim(nn.Module):
             _check_runs(net, args, kwargs, example_inputs)
             prepared = self._prepare(net, args, kwargs, plan, allow_fallback)
         self.model = prepared.model
-        self.model.train(net.training)
+        self.train(net.training)
         for name, m in self.model.named_modules():  # each layer keeps the mode it had in the user's model
             m.training = modes.get(name, m.training)
-        self.train(net.training)
-        self.model.training = net.training
         self.capture_mode = prepared.mode
         self.unsupported = prepared.unsupported
         self.plan: QuantPlan = prepared.plan

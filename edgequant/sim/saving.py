@@ -155,6 +155,12 @@ def load(folder, model: nn.Module = None, map_location="cpu"):
         model = copy.deepcopy(model)
         state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)
         _add_missing_biases(model, state)
+        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise PlanError(f"{folder}: the model passed to load() does not have the saved float model's structure "
+                            f"(missing {sorted(unexpected)[:3]}, extra {sorted(missing)[:3]}; post-training passes may "
+                            "have folded its batch norms or replaced activations): call edgequant.load(folder) "
+                            "without model= to use the saved float model")
         model.load_state_dict(state, strict=True)
     config = QuantConfig.from_json((folder / "config.json").read_text())
     plan = QuantPlan.from_json((folder / "plan.json").read_text())

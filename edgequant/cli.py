@@ -110,24 +110,44 @@ def demo(out: Path, n_calib: int, n_eval: int, configs, threads, batch_size):
     click.echo(f"report written to {out}/report.md ({header['total_seconds']} s)")
 
 
-def _load_images(folder: Path, size: int) -> torch.Tensor:
+class _UserError(click.UsageError):
+    """A mistake in the user's input: one line naming the file or option and what to do (exit code 2)."""
+
+
+def _load_images(folder: Path, size: int, channels: int = 3) -> torch.Tensor:
+    """Center-cropped, resized, ImageNet-normalized images of ``folder``; unreadable files are skipped
+    with a warning naming them."""
     import numpy as np
     import torch.nn.functional as F
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     from .data.photos import IMAGENET_MEAN, IMAGENET_STD
 
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp", ".webp"})
     if not files:
         raise click.BadParameter(f"no .jpg/.png/.bmp/.webp images in {folder}", param_hint="--calib")
-    out = []
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    if channels == 1:
+        mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+    out, bad = [], []
     for f in files:
-        img = torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        try:
+            with Image.open(f) as im:
+                arr = np.asarray(im.convert("RGB" if channels == 3 else "L"), dtype=np.float32) / 255
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            bad.append(f"{f.name} ({type(e).__name__})")
+            continue
+        img = torch.from_numpy(arr).reshape(arr.shape[0], arr.shape[1], channels).permute(2, 0, 1)
         h, w = img.shape[1:]
-        s = min(h, w)
-        img = img[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        side = min(h, w)
+        img = img[:, (h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
         img = F.interpolate(img[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        out.append((img - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1))
+        out.append((img - mean.view(-1, 1, 1)) / std.view(-1, 1, 1))
+    if bad:
+        click.echo(f"warning: skipped {len(bad)} unreadable image(s) in {folder}: {', '.join(bad[:5])}"
+                   f"{', ...' if len(bad) > 5 else ''}", err=True)
+    if not out:
+        raise click.BadParameter(f"none of the {len(files)} images in {folder} could be read", param_hint="--calib")
     return torch.stack(out)
 
 
@@ -138,22 +158,96 @@ def _load_factory(spec: str):
     sys.path.insert(0, str(Path.cwd()))
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise click.BadParameter(f"cannot import {mod_name!r}: {e}", param_hint="--model") from None
+    except Exception as e:  # noqa: BLE001 -- ImportError, SyntaxError, or whatever the module raises on import
+        raise click.BadParameter(f"cannot import {mod_name!r}: {type(e).__name__}: {e}", param_hint="--model") from None
     factory = getattr(mod, attr, None)
     if factory is None:
         raise click.BadParameter(f"{mod_name!r} has no attribute {attr!r}", param_hint="--model")
     return factory
 
 
+def _build_model(spec: str) -> torch.nn.Module:
+    factory = _load_factory(spec)
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001
+        raise click.BadParameter(f"calling {spec}() failed: {type(e).__name__}: {e} (the factory must build the model "
+                                 "with no arguments; wrap it in a function that passes them)", param_hint="--model") from None
+    if not isinstance(model, torch.nn.Module):
+        raise click.BadParameter(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module", param_hint="--model")
+    return model
+
+
+def _state_dict_of(obj, path: Path) -> dict:
+    """The state_dict in a checkpoint: the dict itself, or under 'state_dict' / 'model' / 'model_state_dict';
+    a 'module.' prefix (DataParallel) is removed."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise click.BadParameter(f"{path} holds a {type(obj).__name__}, not a state_dict of tensors", param_hint="--weights")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    import pickle
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        what = "a pickled object (a whole model?)" if "weights_only" in str(e) or "Unsupported global" in str(e) else "not a readable torch file"
+        raise click.BadParameter(f"{path} is {what}: save weights with torch.save(model.state_dict(), path)",
+                                 param_hint="--weights") from None
+    state = _state_dict_of(obj, path)
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise click.BadParameter(
+            f"{path} does not fit the model: {len(missing)} missing key(s) {missing[:3]}, {len(unexpected)} unexpected "
+            f"{unexpected[:3]}, {len(wrong)} of another shape {wrong[:3]}; is it the checkpoint of this model?",
+            param_hint="--weights")
+    model.load_state_dict(state, strict=True)
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the long work if the output folder cannot be written."""
+    import tempfile
+
+    parent = out.resolve().parent
+    if out.exists() and not out.is_dir():
+        raise click.BadParameter(f"{out} is a file, not a folder", param_hint="--out")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise click.BadParameter(f"cannot write in {parent}: {e.strerror or e}", param_hint="--out") from None
+
+
+def _read_config(config_file, recipe):
+    from .config.spec import QuantConfig
+
+    if not config_file:
+        return QuantConfig.preset(recipe)
+    try:
+        return QuantConfig.from_json(config_file.read_text())
+    except (ValueError, TypeError) as e:
+        raise click.BadParameter(f"{config_file}: {e}", param_hint="--config") from None
+
+
 @main.command()
 @click.option("--model", "model_spec", required=True, help="MODULE:FACTORY that returns the float nn.Module, e.g. torchvision.models:mobilenet_v2.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="A state_dict file to load (strict).")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A checkpoint to load: a state_dict, or a dict holding one under 'state_dict' / 'model' ('module.' prefixes are removed).")
 @click.option("--calib", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Folder of calibration images.")
 @click.option("--recipe", default="w8a8", show_default=True, type=click.Choice(sorted(PRESETS)), help="Quantization preset.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A QuantConfig JSON file (overrides --recipe).")
 @click.option("--input-size", type=click.IntRange(8), default=224, show_default=True, help="Square input size the images are resized to.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default="3", show_default=True, help="Image channels the model takes (1: grayscale).")
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--ptq", default="none", show_default=True,
               help="Post-training techniques: 'auto' (fold BN, CLE, high-bias absorption, then AdaRound for <= 4-bit "
@@ -161,64 +255,91 @@ def _load_factory(spec: str):
                    "comma-separated list of: bn_fold,cle,hba,adaround,bias_correction,loss_aware.")
 @click.option("--adaround-iterations", type=click.IntRange(1), default=800, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder: encodings (edgequant and AIMET formats), sim state_dict, summary, config, PTQ report.")
-def quantize(model_spec, weights, calib, recipe, config_file, input_size, batch_size, ptq, adaround_iterations, out):
+              help="Output folder (replaced whole at the end): encodings (edgequant and AIMET formats), the saved sim "
+                   "(sim/, read it with edgequant.load), plan, config, summary, PTQ report.")
+@click.option("--debug", is_flag=True, help="Show the full Python traceback of an error.")
+def quantize(model_spec, weights, calib, recipe, config_file, input_size, channels, batch_size, ptq, adaround_iterations,
+             out, debug):
     """Quantize your own image model, calibrated on a folder of images.
 
     With --ptq other than 'none', the sim is built from the transformed float model (batch norms
-    folded, layers equalized); its state_dict is saved as float_model_ptq.pt beside the sim's.
+    folded, layers equalized); that float model, which goes with the encodings, is saved as
+    float_model_ptq.pt (state_dict) and inside sim/.
     """
-    from .config.spec import QuantConfig
-    from .io.encodings import atomic_write_text
+    try:
+        _quantize(model_spec, weights, calib, recipe, config_file, input_size, int(channels), batch_size, ptq,
+                  adaround_iterations, out)
+    except click.ClickException:
+        raise
+    except Exception as e:  # noqa: BLE001 -- one line for the user; the traceback with --debug
+        if debug:
+            raise
+        from .errors import EdgequantError
+
+        kind = "" if isinstance(e, EdgequantError) else f"{type(e).__name__}: "
+        raise _UserError(f"{kind}{e}".splitlines()[0] + " (run with --debug for the traceback)") from None
+
+
+def _quantize(model_spec, weights, calib, recipe, config_file, input_size, channels, batch_size, ptq, adaround_iterations, out):
+    from .errors import DataError
     from .sim.quantsim import QuantSim
 
-    model = _load_factory(model_spec)()
+    _check_writable(out)
+    model = _build_model(model_spec)
     if weights:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+        _load_weights(model, weights)
     model.eval()
-    config = QuantConfig.from_json(config_file.read_text()) if config_file else QuantConfig.preset(recipe)
-    images = _load_images(calib, input_size)
+    config = _read_config(config_file, recipe)
+    images = _load_images(calib, input_size, channels)
     click.echo(f"{len(images)} calibration images from {calib}")
     stages = ptq if ptq in ("auto", "none") else [s.strip() for s in ptq.split(",") if s.strip()]
-    float_model = model
+    result = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if stages == "none":
-            sim = QuantSim(model, images[:1], config=config)
-        else:
-            from .ptq import quantize as run_ptq
+        try:
+            if stages == "none":
+                sim = QuantSim(model, images[:1], config=config)
+                rep = sim.calibrate(_batches(images, batch_size))
+            else:
+                from .ptq import quantize as run_ptq
 
-            try:
                 result = run_ptq(model, _batches(images, batch_size), recipe=config, ptq=stages,
                                  adaround_iterations=adaround_iterations)
-            except ValueError as e:
-                raise click.UsageError(str(e)) from None
-            sim, float_model = result.sim, result.model
+                sim = result.sim
+        except DataError as e:
+            raise _UserError(f"{e} (check --input-size / --channels against what the model takes)") from None
+        except ValueError as e:
+            raise _UserError(str(e)) from None
     for w in {str(w.message) for w in caught}:
         click.echo(f"warning: {w}", err=True)
-    if stages == "none":
-        rep = sim.calibrate(_batches(images, batch_size))
-    out.mkdir(parents=True, exist_ok=True)
-    if stages != "none":
+    if result is not None:
         click.echo(result.report.to_markdown())
-        atomic_write_text(out / "ptq_report.md", result.report.to_markdown() + "\n")
-        atomic_write_text(out / "ptq_report.json", json.dumps(result.report.to_dict(), indent=2))
-        tmp = out / ".float_model_ptq.pt.tmp"
-        torch.save(float_model.state_dict(), tmp)
-        tmp.replace(out / "float_model_ptq.pt")
-    sim.save_encodings(out / "encodings.json")
-    sim.save_encodings(out / "encodings.aimet.json", format="aimet")
-    atomic_write_text(out / "config.json", config.to_json())
-    atomic_write_text(out / "plan.json", sim.plan.to_json())
-    atomic_write_text(out / "summary.txt", sim.summary() + "\n")
-    tmp = out / ".sim_state_dict.pt.tmp"
-    torch.save(sim.state_dict(), tmp)
-    tmp.replace(out / "sim_state_dict.pt")
+    _write_outputs(out, sim, config, result)
     sizes = sim.size_bytes()
-    if stages == "none":
+    if result is None:
         click.echo(f"calibrated {rep.quantizers} quantizers on {rep.batches} batches in {rep.seconds:.1f} s")
     click.echo(f"weights {sizes['float'] / 1e6:.2f} MB -> {sizes['quantized'] / 1e6:.2f} MB")
-    click.echo(f"wrote {out}/encodings.json, encodings.aimet.json, config.json, plan.json, summary.txt, sim_state_dict.pt")
+    click.echo(f"wrote {out}/: encodings.json, encodings.aimet.json, config.json, plan.json, summary.txt, sim/")
+
+
+def _write_outputs(out: Path, sim, config, result) -> None:
+    """Everything into a fresh folder beside ``out``, swapped in at the end (a failed run changes nothing)."""
+    from .io.encodings import atomic_write_text, replace_folder
+
+    def write(tmp: Path):
+        if result is not None:
+            atomic_write_text(tmp / "ptq_report.md", result.report.to_markdown() + "\n")
+            atomic_write_text(tmp / "ptq_report.json", json.dumps(result.report.to_dict(), indent=2))
+            torch.save(result.model.state_dict(), tmp / "float_model_ptq.pt")
+        sim.save_encodings(tmp / "encodings.json")
+        sim.save_encodings(tmp / "encodings.aimet.json", format="aimet")
+        atomic_write_text(tmp / "config.json", config.to_json())
+        atomic_write_text(tmp / "plan.json", sim.plan.to_json())
+        atomic_write_text(tmp / "summary.txt", sim.summary() + "\n")
+        torch.save(sim.state_dict(), tmp / "sim_state_dict.pt")
+        sim.save(tmp / "sim")
+
+    replace_folder(out, write)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -88,6 +89,34 @@ def write_files_together(writers: Mapping) -> None:
         for tmp in list(tmps.values()) + [b for b in backups.values() if os.path.exists(b)]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def replace_folder(folder, write) -> None:
+    """Write a whole folder: ``write(tmp)`` fills a fresh folder beside ``folder``, which then replaces
+    it (the old one is removed only after the swap). A failure leaves the old folder as it was."""
+    folder = Path(folder)
+    parent = folder.resolve().parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"cannot write {folder}: folder {parent} does not exist")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"cannot write {folder}: it is a file, not a folder")
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder: x where r
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".old"))
+            os.rmdir(old)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except BaseException:
+        if old is not None and old.exists() and not folder.exists():
+            os.replace(old, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def to_edgequant(activations: Mapping[str, Encoding], params: Mapping[str, Encoding]) -> dict:

@@ -9,9 +9,10 @@ from torch import nn
 from ..config.spec import QuantSpec
 from ..core.encoding import Encoding
 from ..core.granularity import from_groups
-from ..core.quant import fake_quantize, fill_empty_ranges, qrange
+from ..core.quant import fake_quantize, fill_empty_ranges, grid_range, qrange
 from ..errors import NotCalibratedError
 from ..observers.ranges import compute_qparams, make_observer
+from ..observers.stats import HistogramObserver
 
 #: what a quantizer quantizes: a parameter, a model input, an op's output inside the model, a model output
 ROLES = ("weight", "input", "activation", "output")
@@ -44,6 +45,8 @@ class Quantizer(nn.Module):
     _exact = None
     #: groups whose calibration range was empty (all zeros); see core.quant.fill_empty_ranges
     empty_groups = 0
+    #: the largest share, over groups, of the calibration values that fell outside the grid
+    clipped = 0.0
 
     def __init__(self, spec: QuantSpec, tensor_shape: torch.Size, name: str, role: str = "activation", owner_type: str = ""):
         super().__init__()
@@ -124,6 +127,9 @@ class Quantizer(nn.Module):
         s = self.spec
         scale, zp = compute_qparams(observer, s.range_method, self.qmin, self.qmax, s.symmetric, percentile=s.percentile)
         scale, self.empty_groups = fill_empty_ranges(scale)
+        if isinstance(observer, HistogramObserver):
+            lo, hi = grid_range(scale, zp, self.qmin, self.qmax)  # a value within half a step of the grid rounds onto it
+            self.clipped = float(observer.fraction_outside(lo - scale / 2, hi + scale / 2).max())
         shape = observer.shape if observer.shape is not None else self.tensor_shape
         self._set(from_groups(scale, shape, s.granularity), from_groups(zp, shape, s.granularity))
 

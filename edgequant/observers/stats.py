@@ -198,6 +198,13 @@ class HistogramObserver:
         self.hist = _rebin(self.hist, self.lo, self.hi, new_lo, new_hi)
         self.lo, self.hi = new_lo, new_hi
 
+    def fraction_outside(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """(G,) share of the observed values (by histogram bin centre) outside ``[lo, hi]`` per group."""
+        centers = self.lo[:, None] + (torch.arange(self.bins, device=self.hist.device) + 0.5)[None] * \
+            ((self.hi - self.lo) / self.bins)[:, None]
+        out = (centers < lo.reshape(-1, 1).to(centers)) | (centers > hi.reshape(-1, 1).to(centers))
+        return (self.hist * out).sum(1) / self.hist.sum(1).clamp(min=1)
+
     def merge(self, other: "HistogramObserver") -> "HistogramObserver":
         """Combine with another histogram of the same tensor (e.g. from another process)."""
         if other.empty:

@@ -26,6 +26,9 @@ from .prepare import prepare_graph, prepare_leaf
 from .saving import copy_weights, meta_copy
 from .saving import save as save_sim
 
+#: calibration warns about activation quantizers that clip more than this share of the values they saw
+CLIP_WARNING = 0.3
+
 #: what each ``role=`` filter of disable/enable selects
 _ROLE_FILTERS = {"weight": ("weight",), "activation": ("input", "activation", "output"), "input": ("input",),
                  "output": ("output",)}
@@ -374,6 +377,11 @@ class QuantSim(nn.Module):
             warnings.warn(f"{len(collapsed)} quantizer(s) saw only zeros, so their range is empty: {', '.join(collapsed[:8])}"
                           f"{', ...' if len(collapsed) > 8 else ''}. Check that the calibration data is real (not all "
                           "zeros or constant) and the layers' weights are not all zero", QuantSimWarning, stacklevel=2)
+        clipped = [f"{q.tensor_name} ({q.clipped:.0%})" for q in acts if q.is_initialized and q.clipped > CLIP_WARNING]
+        if clipped:
+            warnings.warn(f"{len(clipped)} activation quantizer(s) clip most of what they saw (values outside the grid): "
+                          f"{', '.join(clipped[:8])}{', ...' if len(clipped) > 8 else ''}. Check the spec (an unsigned "
+                          "grid on signed data?) and the range method", QuantSimWarning, stacklevel=2)
         unobserved = [q.tensor_name for q in acts if not q.is_initialized]
         if unobserved:
             warnings.warn(f"{len(unobserved)} activation quantizer(s) saw no data during calibration and have no "

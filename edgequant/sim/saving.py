@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from torch import nn
 from ..config.plan import QuantPlan
 from ..config.spec import QuantConfig
 from ..errors import PlanError
-from ..io.encodings import atomic_write_text, file_mode
+from ..io.encodings import atomic_write_text, file_mode, replace_folder
 
 FORMAT, VERSION = "edgequant.sim", 1
 
@@ -67,33 +65,6 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
     return dst
 
 
-def _write_folder(folder: Path, write) -> None:
-    """Write into a fresh folder beside ``folder`` with ``write(tmp)``, then swap it in."""
-    folder = Path(folder)
-    parent = folder.resolve().parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"cannot write {folder}: folder {parent} does not exist")
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"cannot write the sim to {folder}: it is a file, not a folder")
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".tmp"))
-    old = None
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode() | ((file_mode() & 0o444) >> 2))  # a folder: x where r
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f".{folder.name}.", suffix=".old"))
-            os.rmdir(old)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-    except BaseException:
-        if old is not None and old.exists() and not folder.exists():
-            os.replace(old, folder)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
     os.chmod(path, file_mode())
@@ -123,7 +94,7 @@ def save(sim, folder) -> Path:
             "format": FORMAT, "version": VERSION, "edgequant": __version__, "capture_mode": sim.capture_mode,
             "disabled": disabled, "pickled_model": pickled}, indent=1))
 
-    _write_folder(Path(folder), write)
+    replace_folder(Path(folder), write)
     return Path(folder)
 
 

@@ -149,3 +149,19 @@ def test_calibration_data_mistakes_get_one_clear_error():
         QuantSim(nn.Sequential(nn.Linear(3, 2)).to("meta"), torch.randn(1, 3))
     with pytest.warns(QuantSimWarning, match="saw only zeros"):
         sim.calibrate([torch.zeros(4, 3)], progress=False)
+
+
+def test_calibration_warns_when_most_values_are_clipped():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).eval()
+    cfg = edgequant.QuantConfig(activation=edgequant.QuantSpec(bits=8, symmetric=True, signed=False, range_method="percentile"))
+    sim = QuantSim(net, torch.randn(1, 8), cfg)
+    with pytest.warns(QuantSimWarning, match="clip most"):
+        sim.calibrate([torch.randn(64, 8) for _ in range(2)], progress=False)
+    assert sim.quantizers()["input"].clipped > 0.3
+    ok = QuantSim(net, torch.randn(1, 8), "w8a8")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantSimWarning)
+        ok.calibrate([torch.randn(64, 8) for _ in range(2)], progress=False)
+    assert ok.quantizers()["input"].clipped < 0.01

@@ -121,7 +121,11 @@ def load(folder, model: nn.Module = None, map_location="cpu"):
     if model is None:
         if not man.get("pickled_model"):
             raise ValueError(f"{folder}: the float model could not be pickled when it was saved; pass load(folder, model=...)")
-        model = torch.load(folder / "float_model.pt", map_location=map_location, weights_only=False)
+        try:
+            model = torch.load(folder / "float_model.pt", map_location=map_location, weights_only=False)
+        except Exception as e:  # noqa: BLE001 -- e.g. the model's class lives in a script that is not importable here
+            raise ValueError(f"{folder}/float_model.pt cannot be unpickled here ({type(e).__name__}: {e}); pass the "
+                             "architecture: edgequant.load(folder, model=YourModel())") from None
     else:
         model = copy.deepcopy(model)
         state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # torch/torchvision pinned for the dev and CI environment (they lie on local disk there).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast bench bench-ptq bench-export bench-peers setup clean
+.PHONY: demo test test-fast bench bench-ptq bench-export bench-peers bench-cli setup clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,9 @@ bench-ptq: $(STAMP)
 
 bench-export: $(STAMP)
 	$(BIN)/python benchmarks/bench_export.py --out benchmarks/results/export.md
+
+bench-cli: $(STAMP)
+	$(BIN)/python benchmarks/bench_cli.py
 
 # one virtual environment per peer under .peers/ (git-ignored), each sharing this project's torch
 bench-peers: $(STAMP)

@@ -13,22 +13,33 @@ or, with the post-training techniques chosen for you::
     result.sim, result.encodings, print(result.report)
 
 Tensor primitives (``quantize``, ``dequantize``, ``fake_quantize``, ``qrange``, ...) live in
-:mod:`edgequant.core`; errors in :mod:`edgequant.errors`.
+:mod:`edgequant.core`; errors in :mod:`edgequant.errors`. The names below are imported on first use,
+so ``import edgequant`` (and ``edgequant --help``) does not pay for torch until it is needed.
 """
-from .config import PRESETS, Override, PerBlock, PerChannel, PerTensor, PlanEntry, QuantConfig, QuantPlan, QuantSpec
-from .core import Encoding
-from .errors import (DataError, EdgequantError, ExportError, GraphCaptureError, IntegerEngineError, NotCalibratedError,
-                     PlanError)
-from .nn import Quantizer, register_quantized
-from .sim import CalibrationReport, QuantSim, QuantSimWarning, load
-from .ptq import quantize  # the one-call pipeline; the tensor-level quantize() is edgequant.core.quantize
-from .export import export_onnx
+import importlib
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "quantize", "load", "QuantSim", "QuantSimWarning", "CalibrationReport", "QuantConfig", "QuantSpec", "Override", "PRESETS",
-    "QuantPlan", "PlanEntry", "PerTensor", "PerChannel", "PerBlock", "Encoding", "Quantizer", "register_quantized",
-    "export_onnx", "EdgequantError", "NotCalibratedError", "DataError", "GraphCaptureError", "ExportError",
-    "IntegerEngineError", "PlanError", "__version__",
-]
+#: public name -> the module that defines it
+_EXPORTS = {
+    "quantize": ".ptq", "load": ".sim", "QuantSim": ".sim", "QuantSimWarning": ".sim", "CalibrationReport": ".sim",
+    "QuantConfig": ".config", "QuantSpec": ".config", "Override": ".config", "PRESETS": ".config",
+    "QuantPlan": ".config", "PlanEntry": ".config", "PerTensor": ".config", "PerChannel": ".config",
+    "PerBlock": ".config", "Encoding": ".core", "Quantizer": ".nn", "register_quantized": ".nn",
+    "export_onnx": ".export", "EdgequantError": ".errors", "NotCalibratedError": ".errors", "DataError": ".errors",
+    "GraphCaptureError": ".errors", "ExportError": ".errors", "IntegerEngineError": ".errors", "PlanError": ".errors",
+}
+
+__all__ = list(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'edgequant' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

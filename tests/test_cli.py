@@ -19,15 +19,36 @@ def test_help_documents_commands():
 
 @pytest.mark.slow
 def test_demo_writes_report(tmp_path):
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--calib", "32", "--eval", "32", "--threads", "2"])
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--calib", "32", "--eval", "32", "--threads", "2",
+                                  "--adaround-iterations", "2", "--adaround-crops", "16"])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "report.json").read_text())
-    rows = {row["config"]: row for row in rep["results"]}
+    rows = {row["config"].split(" (")[0] if row["config"].startswith("w4a8") else row["config"]: row for row in rep["results"]}
     assert rows["fp32"]["top1"] == 1.0
-    assert rows["w8a8"]["sqnr_db"] > 5 and rows["w8a8"]["top1"] > 0.5  # real 8-bit fidelity floor
-    assert rows["w8a8"]["size_mb"] < rows["fp32"]["size_mb"] / 3
-    assert (tmp_path / "report.md").read_text().count("|") > 20
-    assert (tmp_path / "mobilenet_v2.w8a8.encodings.json").exists()
+    w8 = rows["w8a8 (BN folded)"]
+    assert w8["sqnr_db"] > 5 and w8["top1"] > 0.5  # real 8-bit fidelity floor
+    assert w8["size_mb"] < rows["fp32"]["size_mb"] / 3
+    auto = next(v for k, v in rows.items() if k.startswith("w8a8 ptq=auto"))
+    assert auto["sqnr_db"] > 5 and "w4a8 AdaRound" in rows
+    ort = rows["ONNX Runtime int8 (model.onnx)"]
+    assert ort["ort_top1_same_as_sim"] > 0.8 and ort["sqnr_db"] > 5 and (tmp_path / "model.onnx").exists()
+    assert rep["onnx_runtime_batch1_ms"]["int8"] > 0
+    assert "top-1 agreement with FP32" in r.output and (tmp_path / "report.md").read_text().count("|") > 20
+
+
+def test_help_answers_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; import edgequant.cli; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "ok"
+    from edgequant.cli import PRESET_NAMES
+    from edgequant.config import PRESETS
+    assert PRESET_NAMES == tuple(sorted(PRESETS))
+    r = CliRunner().invoke(main, ["quantize", "--help"])
+    for opt in ("--eval", "--holdout", "--resize", "--channels", "--mean", "--std", "--preprocess", "--eval-fn", "--device",
+                "--threads", "--batch-size", "--adaround-iterations", "--no-onnx", "Default preprocessing"):
+        assert opt in r.output, opt
 
 
 def make_model():
@@ -147,3 +168,50 @@ def test_quantize_reads_common_checkpoints_and_skips_corrupt_images(tmp_path, mo
     import edgequant
     sim = edgequant.load(out / "sim")
     assert "0.weight" in sim.quantizers()
+
+
+def scale_only(image):
+    """A --preprocess function: grayscale-free 3-channel [0, 1] at 32 x 32, no normalization."""
+    import numpy as np
+
+    arr = np.asarray(image.convert("RGB").resize((32, 32)), dtype=np.float32) / 255
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def accuracy_like(model):
+    """A --eval-fn: any number the user cares about (here the mean logit on fixed inputs)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return float(model(torch.randn(4, 3, 32, 32)).mean())
+
+
+def test_quantize_writes_a_deployable_model_and_a_verdict(tmp_path, monkeypatch):
+    imgs = _image_folder(tmp_path / "imgs", 12, seed=4)
+    evals = _image_folder(tmp_path / "evals", 4, seed=5)
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    out = tmp_path / "out"
+    base = ["quantize", "--model", "tests.test_cli:make_model", "--calib", str(imgs), "--input-size", "32"]
+    r = CliRunner().invoke(main, base + ["--out", str(out), "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert "3 of the 12 --calib images, held apart" in r.output and "top-1 agreement with FP32" in r.output
+    rep = json.loads((out / "report.json").read_text())
+    names = [row["config"] for row in rep["results"]]
+    assert names == ["fp32", "quantized (sim)", "ONNX Runtime (model.onnx)"]
+    ort_row = rep["results"][2]
+    assert ort_row["ort_top1_same_as_sim"] >= 0.5 and ort_row["ort_vs_sim_sqnr_db"] > 10  # ORT runs what the sim simulates
+    assert (out / "model.onnx").exists() and (out / "model.encodings.json").exists() and (out / "sim").is_dir()
+    assert rep["calibration_images"] == 9
+    # preprocessing the user controls, an evaluation folder, the user's metric, no ONNX
+    r = CliRunner().invoke(main, base + ["--eval", str(evals), "--resize", "40", "--mean", "0.5", "--std", "0.25",
+                                         "--eval-fn", "tests.test_cli:accuracy_like", "--no-onnx", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["calibration_images"] == 12 and "resize shorter side to 40" in rep["preprocess"]
+    assert all(row["eval_fn"] is not None for row in rep["results"]) and not (out / "model.onnx").exists()
+    r = CliRunner().invoke(main, base + ["--preprocess", "tests.test_cli:scale_only", "--out", str(out)])
+    assert r.exit_code == 0 and "custom (tests.test_cli:scale_only)" in (out / "report.md").read_text()
+    r = CliRunner().invoke(main, base + ["--mean", "0.1,0.2", "--out", str(out)])
+    assert r.exit_code == 2 and "--mean" in r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, base + ["--device", "cuda", "--out", str(out)])
+        assert r.exit_code == 2 and "CUDA is not available" in r.output

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..batches import evaluating, in_training_mode, model_input, reiterable, to_device
 from ..config.spec import QuantConfig
@@ -135,6 +136,17 @@ class _Run:
         score = float(self.eval_fn(sim)) if self.eval_fn is not None else sq
         return score, sq, (fid.top1 if fid is not None else None)
 
+    def progress(self, label: str) -> None:
+        """Name the stage that runs now on the pipeline's progress bar (a new stage advances it)."""
+        bar = self.opts.get("bar")
+        if bar is None:
+            return
+        if not label.endswith("scoring"):
+            if self.opts.get("started"):
+                bar.update(1)
+            self.opts["started"] = True
+        bar.set_description_str(f"PTQ: {label}")
+
     def done(self, score) -> bool:
         return self.eval_fn is not None and self.max_drop is not None and score is not None \
             and self.float_score - score <= self.max_drop
@@ -181,17 +193,20 @@ class Stage:
     """One technique of the pipeline: ``run(run, target, stages) -> (target, detail)`` on the float
     model (``on="model"``, scored through a freshly calibrated sim) or on a copy of the best sim
     (``on="sim"``); ``needs_data``: skipped without calibration data; ``auto``: whether ``ptq="auto"``
-    tries it for this run."""
+    tries it for this run; ``prefer``: kept in "auto" unless it scores worse by more than the noise
+    tolerance (BN folding: an integer runtime folds batch norms anyway, so the sim should too), where the
+    other stages must score better to be kept."""
     name: str
     on: str
     run: Optional[Callable]
     needs_data: bool = False
     auto: Callable[[_Run], bool] = lambda run: True
+    prefer: bool = False
 
 
 #: the stages in the order they run; a new technique is one entry
 STAGE_TABLE: tuple[Stage, ...] = (
-    Stage("bn_fold", "model", _bn_fold),
+    Stage("bn_fold", "model", _bn_fold, prefer=True),
     Stage("cle", "model", _cle),
     Stage("hba", "model", _hba),
     Stage("calibrate", "sim", None),
@@ -220,8 +235,16 @@ def _resolve(ptq, has_data: bool) -> tuple[list[str], bool]:
     return stages, False
 
 
-def _split(data, num_batches, holdout_batches, eval_fn, example_inputs):
-    """``(calibration batches, scoring batches, held out?, example inputs)``."""
+#: logit-SQNR differences below this (dB) are noise when ``auto`` compares stages
+SQNR_TOLERANCE_DB = 0.1
+#: with fewer calibration samples than this, ``auto``'s choices are flagged as unreliable
+FEW_SAMPLES = 64
+
+
+def _split(data, num_batches, holdout_batches, eval_fn, example_inputs, choose: bool):
+    """``(calibration batches, scoring batches, held out?, example inputs)``. Batches are held out for
+    scoring only when stages are chosen by score (``choose``) without ``eval_fn``; otherwise every
+    batch calibrates."""
     if data is None:
         if example_inputs is None:
             raise ValueError("data-free quantization needs example_inputs (and input_ranges for the model inputs)")
@@ -229,26 +252,33 @@ def _split(data, num_batches, holdout_batches, eval_fn, example_inputs):
     batches = list(data) if num_batches is None else [b for _, b in zip(range(num_batches), data)]
     if not batches:
         raise DataError("calib_data yielded no batches")
-    hold = [] if eval_fn is not None or holdout_batches <= 0 or len(batches) <= holdout_batches else batches[-holdout_batches:]
+    hold = [] if (not choose or eval_fn is not None or holdout_batches <= 0 or len(batches) <= holdout_batches) \
+        else batches[-holdout_batches:]
     calib = batches[: len(batches) - len(hold)]
     if example_inputs is None:
         example_inputs = model_input(batches[0])
     return calib, hold or calib[:2], bool(hold), example_inputs
 
 
-def _try(run: _Run, report: QuantizeReport, name: str, auto: bool, best_score, make) -> tuple[bool, object, object]:
+def _try(run: _Run, report: QuantizeReport, stage: Stage, auto: bool, best_score, make) -> tuple[bool, object, object]:
     """Run one stage (``make() -> (candidate, sim, detail)``), score it and record it; returns
     ``(kept, candidate, sim)``."""
     t0 = time.perf_counter()
+    name = stage.name
+    run.progress(name)
     cand, sim, detail = make()
+    run.progress(f"{name}: scoring")
     score, sq, top1 = run.measure(sim)
-    keep = (not auto) or best_score is None or score is None or score > best_score
+    tol = SQNR_TOLERANCE_DB if run.eval_fn is None else 0.0
+    keep = (not auto) or best_score is None or score is None or \
+        (score >= best_score - tol if stage.prefer else score > best_score + tol)
     report.stages.append(StageResult(name, keep, score, sq, top1, time.perf_counter() - t0, detail))
     return keep, cand, (sim, score)
 
 
 def _baseline(run: _Run, report: QuantizeReport, model, label: str):
     t0 = time.perf_counter()
+    run.progress("calibrate")
     sim = run.build(model)
     score, sq, top1 = run.measure(sim)
     report.stages.append(StageResult(label, True, score, sq, top1, time.perf_counter() - t0))
@@ -258,7 +288,7 @@ def _baseline(run: _Run, report: QuantizeReport, model, label: str):
 def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_fn: Optional[Callable] = None,
              max_drop: Optional[float] = None, *, example_inputs=None, num_batches: Optional[int] = None,
              holdout_batches: int = 2, input_ranges: Optional[dict] = None, input_stats: Optional[dict] = None,
-             adaround_iterations: int = 800, progress: bool = True) -> QuantizeResult:
+             adaround_iterations: int = 800, progress: bool = True, recipe_name: Optional[str] = None) -> QuantizeResult:
     """Quantize ``model`` in one call; the float model is never modified.
 
     Args:
@@ -277,6 +307,8 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
             SQNR against the float model) and are not used to calibrate; 0 scores on calibration data.
         input_ranges, input_stats: for data-free quantization (see :func:`~edgequant.ptq.set_bn_ranges`).
         adaround_iterations: Adam steps per layer for AdaRound.
+        progress: show a progress bar naming the stage that runs (and the passes' own bars).
+        recipe_name: the name the report gives the recipe (default: the preset's name, else "custom").
 
     >>> import torch
     >>> from torch import nn
@@ -292,23 +324,42 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
     config = QuantConfig.coerce(recipe)
     data = reiterable(calib_data)
     stages, auto = _resolve(ptq, data is not None)
-    calib, score_batches, held_out, example_inputs = _split(data, num_batches, holdout_batches, eval_fn, example_inputs)
+    calib, score_batches, held_out, example_inputs = _split(data, num_batches, holdout_batches, eval_fn, example_inputs, auto)
+    n_samples = sum(len(model_input(b)) for b in (calib or []) + (score_batches if held_out else [])
+                    if hasattr(model_input(b), "__len__"))
+    if auto and calib is not None and eval_fn is None and n_samples < FEW_SAMPLES:
+        warnings.warn(f"ptq='auto' chooses stages by logit SQNR on {n_samples} samples "
+                      f"({'held out' if held_out else 'the calibration samples themselves'}): with fewer than "
+                      f"{FEW_SAMPLES} its choices are unreliable; pass more data or eval_fn", QuantSimWarning, stacklevel=2)
     training = in_training_mode(model)
     if training:
         warnings.warn(f"the model is in train mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}): "
                       "it is quantized and scored as in eval mode (batch norms use their running statistics, dropout is "
                       "off); call model.eval() first to silence this", QuantSimWarning, stacklevel=2)
     with evaluating(model):
+        bar = tqdm(total=len(stages), desc="PTQ", unit="stage", disable=not progress)
         run = _Run(model, config, calib, score_batches, eval_fn, max_drop,
                    dict(example_inputs=example_inputs, input_ranges=input_ranges, input_stats=input_stats,
-                        adaround_iterations=adaround_iterations, progress=progress))
+                        adaround_iterations=adaround_iterations, progress=progress, bar=bar))
         score_name = ("eval_fn" if eval_fn is not None else "logit SQNR dB on held-out calibration batches" if held_out
                       else "logit SQNR dB on calibration batches") if run.has_data or eval_fn else "none (no data, no eval_fn)"
-        report = QuantizeReport(recipe if isinstance(recipe, str) else "custom", score_name, run.float_score)
-        current, best_sim, best_score = _run_stages(run, report, stages, auto)
+        report = QuantizeReport(recipe_name or _recipe_name(recipe, config), score_name, run.float_score)
+        try:
+            current, best_sim, best_score = _run_stages(run, report, stages, auto)
+        finally:
+            bar.update(bar.total - bar.n)
+            bar.close()
         float_model = best_sim.copy_weights_to(current)  # the float model that goes with the encodings
     report.seconds = time.perf_counter() - t_start
     return QuantizeResult(best_sim, best_sim.encodings(), report, float_model)
+
+
+def _recipe_name(recipe, config) -> str:
+    if isinstance(recipe, str):
+        return recipe
+    from ..config.spec import PRESETS
+
+    return next((name for name, preset in PRESETS.items() if preset == config), "custom")
 
 
 def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool):
@@ -323,7 +374,7 @@ def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool
         def make(st=st):
             cand, detail = st.run(run, current, stages)
             return cand, run.build(cand), detail
-        keep, cand, (sim, score) = _try(run, report, st.name, auto, best_score, make)
+        keep, cand, (sim, score) = _try(run, report, st, auto, best_score, make)
         if keep:
             current, best_sim, best_score = cand, sim, score
     if best_sim is None:
@@ -337,7 +388,7 @@ def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool
         def make(st=st):
             sim, detail = st.run(run, copy.deepcopy(best_sim), stages)
             return None, sim, detail
-        keep, _, (sim, score) = _try(run, report, st.name, auto, best_score, make)
+        keep, _, (sim, score) = _try(run, report, st, auto, best_score, make)
         if keep:
             best_sim, best_score = sim, score
     return current, best_sim, best_score

@@ -1,0 +1,62 @@
+"""The one-call pipeline: what it calibrates on, how it chooses, what it tells."""
+import pytest
+import torch
+
+from edgequant import QuantSimWarning, quantize
+from edgequant.ptq import pipeline
+
+
+def _batches(x, n, size=32):
+    return [x[i * size:(i + 1) * size] for i in range(n)]
+
+
+def test_explicit_stages_calibrate_on_every_batch(tiny_net, digits, monkeypatch):
+    """ptq='none' used to hold the last two batches out for scoring: it calibrated on half of a 4-batch set."""
+    seen = []
+    real = pipeline.QuantSim.calibrate
+
+    def spy(self, data, *a, **k):
+        seen.append(len(data))
+        return real(self, data, *a, **k)
+
+    monkeypatch.setattr(pipeline.QuantSim, "calibrate", spy)
+    quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq="none", progress=False)
+    quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq=["bn_fold"], progress=False)
+    assert seen and all(n == 4 for n in seen)
+    seen.clear()
+    quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq="auto", progress=False)
+    assert seen and all(n == 2 for n in seen)  # 'auto' chooses by score: it holds batches out for that
+
+
+def test_auto_on_few_samples_says_so_and_names_the_recipe(tiny_net, digits):
+    from edgequant import QuantConfig
+
+    with pytest.warns(QuantSimWarning, match="unreliable"):
+        r = quantize(tiny_net, _batches(digits[0], 3, size=8), recipe=QuantConfig.preset("w8a8"), ptq="auto", progress=False)
+    assert r.report.recipe == "w8a8"  # a config equal to a preset is reported by the preset's name
+    assert quantize(tiny_net, _batches(digits[0], 2), recipe="w8a8", ptq="none", progress=False,
+                    recipe_name="mine").report.recipe == "mine"
+
+
+def test_bn_folding_is_kept_unless_it_clearly_loses(tiny_net, digits, monkeypatch):
+    """'auto' dropped bn_fold over a 0.001 dB difference; it is what an integer runtime runs."""
+    import itertools
+
+    scores = itertools.chain([10.0, 9.999, 10.5], itertools.repeat(0.0))  # baseline, bn_fold (within noise), cle, ...
+
+    def fake_measure(self, sim):
+        s = next(scores)
+        return s, s, None
+
+    monkeypatch.setattr(pipeline._Run, "measure", fake_measure)
+    r = quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq="auto", progress=False)
+    kept = {s.name: s.kept for s in r.report.stages}
+    assert kept["bn_fold"] is True and kept["cle"] is True
+    scores = itertools.chain([10.0, 9.5, 10.05], itertools.repeat(0.0))  # bn_fold clearly worse; cle within noise
+    r = quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq=["bn_fold", "cle"], progress=False)
+    assert all(s.kept for s in r.report.stages)  # an explicit list keeps everything
+    monkeypatch.setattr(pipeline, "_resolve", lambda ptq, has: (["bn_fold", "cle", "calibrate"], True))
+    scores = itertools.chain([10.0, 9.5, 10.05], itertools.repeat(0.0))
+    r = quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq="auto", progress=False)
+    kept = {s.name: s.kept for s in r.report.stages}
+    assert kept["bn_fold"] is False and kept["cle"] is False

@@ -1,6 +1,5 @@
 """The one-call pipeline: what it calibrates on, how it chooses, what it tells."""
 import pytest
-import torch
 
 from edgequant import QuantSimWarning, quantize
 from edgequant.ptq import pipeline

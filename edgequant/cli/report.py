@@ -44,11 +44,16 @@ def row(name: str, ref, out, size_mb: float, seconds: float, **extra) -> dict:
     return {"config": name, **fid, "size_mb": size_mb, "seconds": seconds, **extra}
 
 
+def _cell(column: str, value) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # missing, or NaN (no confident inputs)
+        return "-"
+    return (COLUMNS[column][1] if column in COLUMNS else "{}").format(value)
+
+
 def print_table(rows: list[dict], extra: tuple[str, ...] = ()) -> None:
     cols = [c for c in COLUMNS if any(c in r for r in rows)] + list(extra)
     heads = ["model"] + [COLUMNS[c][0] if c in COLUMNS else c for c in cols]
-    cells = [[r["config"]] + [(COLUMNS[c][1] if c in COLUMNS else "{}").format(r[c]) if r.get(c) is not None else "-"
-                              for c in cols] for r in rows]
+    cells = [[r["config"]] + [_cell(c, r.get(c)) for c in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
     click.echo("  ".join(h.ljust(w) for h, w in zip(heads, widths)))
     for c in cells:
@@ -62,7 +67,7 @@ def markdown(rows: list[dict], header: dict, extra: tuple[str, ...] = ()) -> str
     lines += ["", "| model | " + " | ".join(COLUMNS[c][0] if c in COLUMNS else c for c in cols) + " |",
               "|---" * (len(cols) + 1) + "|"]
     for r in rows:
-        vals = [(COLUMNS[c][1] if c in COLUMNS else "{}").format(r[c]) if r.get(c) is not None else "" for c in cols]
+        vals = [_cell(c, r.get(c)) for c in cols]
         lines.append(f"| {r['config']} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 

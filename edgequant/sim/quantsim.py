@@ -45,6 +45,17 @@ def _check_runs(net, args, kwargs, example_inputs) -> None:
         ) from e
 
 
+def _own_copy(x):
+    """Tensors cloned (a slice of a big batch would otherwise keep, and save, the whole batch)."""
+    if torch.is_tensor(x):
+        return x.detach().clone()
+    if isinstance(x, dict):
+        return {k: _own_copy(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_own_copy(v) for v in x)
+    return x
+
+
 def _check_device(net) -> None:
     if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):
         raise DataError("the model's weights are on the meta device (not materialized): load them first, e.g. "
@@ -128,7 +139,7 @@ class QuantSim(nn.Module):
         _check_device(model)
         # the float architecture (no data: meta tensors), and the inputs it was captured with, for sim.save()
         object.__setattr__(self, "_arch", meta_copy(model))
-        object.__setattr__(self, "_example_inputs", to_device(example_inputs, "cpu"))
+        object.__setattr__(self, "_example_inputs", _own_copy(to_device(example_inputs, "cpu")))
         net = model if inplace else copy.deepcopy(model)
         device = device_of(net)
         args, kwargs = to_device(args, device), to_device(kwargs, device)

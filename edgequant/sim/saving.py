@@ -2,11 +2,11 @@
 
 ``sim.save(folder)`` writes
 
-* ``float_model.pt`` -- the float model that goes with the encodings (the sim's float weights: AdaRound's
-  rounded weights, corrected biases, folded batch norms, CLE scales), pickled whole (``torch.save``);
-* ``float_state.pt`` -- the same weights as a state_dict (for ``load(folder, model=my_model)``);
+* ``float_arch.pt`` -- the float model's structure, pickled with meta tensors (no data);
+* ``float_state.pt`` -- the float model's weights that go with the encodings (AdaRound's rounded weights,
+  corrected biases, folded batch norms, CLE scales), a state_dict;
 * ``example_inputs.pt``, ``config.json``, ``plan.json`` -- how the sim was built;
-* ``sim_state.pt`` -- the sim's state_dict (quantizer state included, disabled quantizers too);
+* ``quantizer_state.pt`` -- every quantizer's state (disabled quantizers too);
 * ``encodings.json`` -- the encodings (when calibrated), for deployment;
 * ``manifest.json`` -- format, version, capture mode, disabled quantizers.
 
@@ -70,6 +70,10 @@ def _save_torch(obj, path: Path) -> None:
     os.chmod(path, file_mode())
 
 
+def _quantizer_state(sim) -> dict:
+    return {k: v for k, v in sim.state_dict().items() if "quantizers." in k}
+
+
 def save(sim, folder) -> Path:
     """Write ``sim`` to ``folder`` (see the module docstring); returns the folder."""
     float_model = sim.float_model()
@@ -77,14 +81,14 @@ def save(sim, folder) -> Path:
 
     def write(tmp: Path):
         try:
-            _save_torch(float_model, tmp / "float_model.pt")
+            _save_torch(copy.deepcopy(sim._arch), tmp / "float_arch.pt")  # the structure only: meta tensors, no data
             pickled = True
         except Exception:  # noqa: BLE001 -- a model whose classes cannot be pickled: load needs model=
-            (tmp / "float_model.pt").unlink(missing_ok=True)
+            (tmp / "float_arch.pt").unlink(missing_ok=True)
             pickled = False
         _save_torch(float_model.state_dict(), tmp / "float_state.pt")
         _save_torch(sim._example_inputs, tmp / "example_inputs.pt")
-        _save_torch(sim.state_dict(), tmp / "sim_state.pt")
+        _save_torch(_quantizer_state(sim), tmp / "quantizer_state.pt")
         atomic_write_text(tmp / "config.json", sim.config.to_json())
         atomic_write_text(tmp / "plan.json", sim.plan.to_json())
         if all(q.is_initialized for q in sim.quantizers().values()):
@@ -98,17 +102,7 @@ def save(sim, folder) -> Path:
     return Path(folder)
 
 
-def load(folder, model: nn.Module = None, map_location="cpu"):
-    """Rebuild the sim saved in ``folder`` by :meth:`QuantSim.save`.
-
-    Args:
-        model: the float model's architecture (its weights are replaced by the saved ones). Without it
-            the pickled ``float_model.pt`` is loaded, which needs the model's classes importable.
-        map_location: where tensors are loaded.
-    """
-    from .quantsim import QuantSim
-
-    folder = Path(folder)
+def _read_manifest(folder: Path) -> dict:
     try:
         man = json.loads((folder / "manifest.json").read_text())
     except FileNotFoundError:
@@ -118,31 +112,57 @@ def load(folder, model: nn.Module = None, map_location="cpu"):
     if man.get("format") != FORMAT or man.get("version") != VERSION:
         raise PlanError(f"{folder} holds format {man.get('format')!r} version {man.get('version')!r}; "
                         f"this edgequant reads {FORMAT!r} version {VERSION}")
+    return man
+
+
+def _float_model(folder: Path, man: dict, model, map_location) -> nn.Module:
+    """The float model: ``model``'s (or the saved) architecture with the saved float weights."""
     if model is None:
         if not man.get("pickled_model"):
             raise ValueError(f"{folder}: the float model could not be pickled when it was saved; pass load(folder, model=...)")
         try:
-            model = torch.load(folder / "float_model.pt", map_location=map_location, weights_only=False)
+            model = torch.load(folder / "float_arch.pt", weights_only=False).to_empty(device=map_location)
         except Exception as e:  # noqa: BLE001 -- e.g. the model's class lives in a script that is not importable here
-            raise ValueError(f"{folder}/float_model.pt cannot be unpickled here ({type(e).__name__}: {e}); pass the "
+            raise ValueError(f"{folder}/float_arch.pt cannot be unpickled here ({type(e).__name__}: {e}); pass the "
                              "architecture: edgequant.load(folder, model=YourModel())") from None
     else:
         model = copy.deepcopy(model)
-        state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)
-        _add_missing_biases(model, state)
-        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-        if missing or unexpected:
-            raise PlanError(f"{folder}: the model passed to load() does not have the saved float model's structure "
-                            f"(missing {sorted(unexpected)[:3]}, extra {sorted(missing)[:3]}; post-training passes may "
-                            "have folded its batch norms or replaced activations): call edgequant.load(folder) "
-                            "without model= to use the saved float model")
-        model.load_state_dict(state, strict=True)
+    state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)
+    _add_missing_biases(model, state)
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise PlanError(f"{folder}: the model passed to load() does not have the saved float model's structure "
+                        f"(missing {sorted(unexpected)[:3]}, extra {sorted(missing)[:3]}; post-training passes may "
+                        "have folded its batch norms or replaced activations): call edgequant.load(folder) "
+                        "without model= to use the saved float model")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load(folder, model: nn.Module = None, map_location="cpu"):
+    """Rebuild the sim saved in ``folder`` by :meth:`QuantSim.save`.
+
+    Args:
+        model: the float model's architecture (its weights are replaced by the saved ones). Without it
+            the pickled architecture ``float_arch.pt`` is used, which needs the model's classes importable.
+        map_location: where tensors are loaded.
+    """
+    from .quantsim import QuantSim
+
+    folder = Path(folder)
+    man = _read_manifest(folder)
+    net = _float_model(folder, man, model, map_location)
     config = QuantConfig.from_json((folder / "config.json").read_text())
     plan = QuantPlan.from_json((folder / "plan.json").read_text())
     example = torch.load(folder / "example_inputs.pt", map_location=map_location, weights_only=True)
-    sim = QuantSim(model, example, config, plan=plan, inplace=True)
+    sim = QuantSim(net, example, config, plan=plan, inplace=True)
     sim.disable(man.get("disabled", []))
-    sim.load_state_dict(torch.load(folder / "sim_state.pt", map_location=map_location, weights_only=True))
+    state = torch.load(folder / "quantizer_state.pt", map_location=map_location, weights_only=True)
+    missing, unexpected = sim.load_state_dict(state, strict=False)
+    lost = [k for k in missing if "quantizers." in k]
+    if lost or unexpected:
+        raise PlanError(f"{folder}: the saved quantizers do not match the rebuilt sim (missing {lost[:3]}, "
+                        f"unexpected {list(unexpected)[:3]})")
     return sim
 
 

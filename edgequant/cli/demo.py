@@ -45,7 +45,7 @@ def demo(out: Path, n_calib: int, n_eval: int, adaround_iterations: int, adaroun
                f"{n_eval} evaluation crops from {len(EVALUATION_PHOTOS)} other photos")
     calib, evalset = calibration_crops(n_calib), evaluation_crops(n_eval)
     cal = batches(calib, batch_size)
-    ref = logits(model, evalset, batch_size)
+    ref = logits(model, evalset, batch_size, desc="evaluating FP32")
     rows = [row("fp32", ref, ref, sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6, 0.0)]
     click.echo("1/4 W8A8, batch norms folded (as an integer runtime runs it)")
     t = time.perf_counter()

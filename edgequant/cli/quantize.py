@@ -171,10 +171,10 @@ def _verdict(model, sim, eval_x, eval_fn, batch_size, device):
         return ([{"config": "fp32", "size_mb": sizes["float"] / 1e6, "eval_fn": f_score},
                  {"config": "quantized (sim)", "size_mb": sizes["quantized"] / 1e6, "eval_fn": q_score}], extra, None)
     t = time.perf_counter()
-    ref = logits(model, eval_x, batch_size, device)
+    ref = logits(model, eval_x, batch_size, device, "evaluating FP32")
     t_float = time.perf_counter() - t
     t = time.perf_counter()
-    out = logits(sim, eval_x, batch_size, device)
+    out = logits(sim, eval_x, batch_size, device, "evaluating the sim")
     t_sim = time.perf_counter() - t
     return ([row("fp32", ref, ref, sizes["float"] / 1e6, t_float, eval_fn=f_score),
              row("quantized (sim)", ref, out, sizes["quantized"] / 1e6, t_sim, eval_fn=q_score)], extra, ref)

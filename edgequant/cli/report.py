@@ -26,11 +26,14 @@ def batches(x, batch_size: int):
     return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
 
 
-def logits(model, x, batch_size: int, device=None):
+def logits(model, x, batch_size: int, device=None, desc: str = "evaluating"):
+    """The model's outputs on ``x``, batch by batch, under a progress bar named ``desc``."""
     import torch
+    from tqdm.auto import tqdm
 
     with torch.no_grad():
-        return torch.cat([model(b.to(device) if device is not None else b).float().cpu() for b in batches(x, batch_size)])
+        return torch.cat([model(b.to(device) if device is not None else b).float().cpu()
+                          for b in tqdm(batches(x, batch_size), desc=desc, unit="batch", leave=False)])
 
 
 def row(name: str, ref, out, size_mb: float, seconds: float, **extra) -> dict:

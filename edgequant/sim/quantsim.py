@@ -500,4 +500,11 @@ class QuantSim(nn.Module):
         head = f"QuantSim ({self.capture_mode} capture): {len(rows) - 1} quantizers"
         if self.unsupported:
             head += f"; left in float: {', '.join(self.unsupported)}"
-        return head + "\n" + "\n".join(lines)
+        return head + f"\ncost: {self.cost()}\n" + "\n".join(lines)
+
+    def cost(self):
+        """The cost model: MACs, bit operations, weight and peak activation memory, an energy estimate,
+        per layer and in total (:mod:`edgequant.sim.cost`)."""
+        from .cost import cost
+
+        return cost(self)

@@ -1,4 +1,8 @@
-"""Analysis: fidelity metrics (defined in :mod:`edgequant.metrics`, a low layer that PTQ uses too)."""
+"""Analysis: fidelity metrics (defined in :mod:`edgequant.metrics`, a low layer that PTQ uses too),
+per-quantizer sensitivity (:func:`analyze`) and the cost model (:func:`edgequant.sim.cost.cost`)."""
 from ..metrics import Fidelity, fidelity, sqnr_db
+from ..sim.cost import Cost, LayerCost, cost
+from .sensitivity import AnalysisReport, QuantizerSensitivity, analyze
 
-__all__ = ["Fidelity", "fidelity", "sqnr_db"]
+__all__ = ["Fidelity", "fidelity", "sqnr_db", "analyze", "AnalysisReport", "QuantizerSensitivity", "cost", "Cost",
+           "LayerCost"]

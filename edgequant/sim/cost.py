@@ -60,21 +60,14 @@ class Cost:
     layers: list[LayerCost] = field(default_factory=list)
     peak_activation_bytes: float = 0.0
 
-    @property
-    def macs(self) -> int:
-        return sum(c.macs for c in self.layers)
+    def total(self, what: str) -> float:
+        """The sum of one ``LayerCost`` field over the layers."""
+        return sum(getattr(c, what) for c in self.layers)
 
-    @property
-    def bops(self) -> int:
-        return sum(c.bops for c in self.layers)
-
-    @property
-    def weight_bytes(self) -> float:
-        return sum(c.weight_bytes for c in self.layers)
-
-    @property
-    def energy_pj(self) -> float:
-        return sum(c.energy_pj for c in self.layers)
+    macs = property(lambda self: int(self.total("macs")), doc="multiply-accumulates in total")
+    bops = property(lambda self: int(self.total("bops")), doc="bit operations in total")
+    weight_bytes = property(lambda self: self.total("weight_bytes"), doc="weight memory in total")
+    energy_pj = property(lambda self: self.total("energy_pj"), doc="energy estimate in total (pJ)")
 
     def to_dict(self) -> dict:
         return {"macs": self.macs, "bops": self.bops, "weight_bytes": self.weight_bytes, "energy_pj": self.energy_pj,

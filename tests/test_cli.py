@@ -215,3 +215,16 @@ def test_quantize_writes_a_deployable_model_and_a_verdict(tmp_path, monkeypatch)
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, base + ["--device", "cuda", "--out", str(out)])
         assert r.exit_code == 2 and "CUDA is not available" in r.output
+
+
+def test_analyze_ranks_the_quantizers(tmp_path, monkeypatch):
+    imgs = _image_folder(tmp_path / "imgs", 6, seed=6)
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    r = CliRunner().invoke(main, ["analyze", "--model", "tests.test_cli:make_model", "--calib", str(imgs), "--input-size",
+                                  "32", "--recipe", "w4a8", "--top", "3", "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    names = [q["name"] for q in rep["quantizers"]]
+    assert "0.weight" in names and "4.weight" in names and r.output.count("| ") >= 3
+    only = [q["only_sqnr_db"] for q in rep["quantizers"]]
+    assert only == sorted(only)  # worst first

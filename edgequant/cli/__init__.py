@@ -19,10 +19,12 @@ def main():
     \b
     edgequant demo                 real MobileNetV2 on real photos: FP32, W8A8, PTQ, W4A8 AdaRound, ONNX Runtime
     edgequant quantize ...         quantize your own image model: ONNX, encodings, saved sim, fidelity verdict
+    edgequant analyze ...          which quantizers cost the most fidelity, and what to do about them
     """
 
 
-from . import demo as _demo  # noqa: E402,F401  (registers the command)
+from . import analyze as _analyze  # noqa: E402,F401  (registers the command)
+from . import demo as _demo  # noqa: E402,F401
 from . import quantize as _quantize  # noqa: E402,F401
 
 __all__ = ["main", "PRESET_NAMES"]

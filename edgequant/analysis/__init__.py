@@ -2,7 +2,8 @@
 per-quantizer sensitivity (:func:`analyze`) and the cost model (:func:`edgequant.sim.cost.cost`)."""
 from ..metrics import Fidelity, fidelity, sqnr_db
 from ..sim.cost import Cost, LayerCost, cost
+from .mixed import FrontPoint, MixedPrecisionResult, mixed_precision
 from .sensitivity import AnalysisReport, QuantizerSensitivity, analyze
 
 __all__ = ["Fidelity", "fidelity", "sqnr_db", "analyze", "AnalysisReport", "QuantizerSensitivity", "cost", "Cost",
-           "LayerCost"]
+           "LayerCost", "mixed_precision", "MixedPrecisionResult", "FrontPoint"]

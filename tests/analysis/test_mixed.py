@@ -1,0 +1,27 @@
+"""Mixed precision: a front between two configs, the chosen point meets its target when rebuilt."""
+import torch
+from torch import nn
+
+from edgequant.analysis import mixed_precision
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+
+
+def test_front_is_monotonic_and_the_choice_meets_the_target():
+    data = [torch.randn(16, 3, 16, 16) for _ in range(3)]
+    res = mixed_precision(_net(), data, high="w8a16", low="w4a8", max_drop=1.0, progress=False)
+    bops = [p.bops for p in res.front]
+    scores = [p.score for p in res.front]
+    assert bops == sorted(bops) and scores == sorted(scores)  # a Pareto front: more cost buys more score
+    assert res.front[0].bops == res.low_bops and res.low_bops < res.high_bops
+    assert res.chosen.score >= res.high_score - 1.0 and res.chosen.bops < res.high_bops
+    assert abs(res.verified_score - res.chosen.score) < 1.0  # the rebuilt plan scores as the search measured
+    lowered = set(res.chosen.lowered)
+    assert {n for n, e in res.plan.items() if e.spec is not None and e.spec.bits == 4} <= lowered  # only those went to 4 bits
+    assert res.sim.cost().bops == res.chosen.bops
+    budget = mixed_precision(_net(), data, budget=0.3, progress=False)
+    assert budget.chosen.bops <= 0.3 * budget.high_bops

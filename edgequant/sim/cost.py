@@ -112,9 +112,21 @@ def _layer_cost(name: str, m: nn.Module, shapes: tuple) -> LayerCost:
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.conv._ConvTransposeNd, nn.Embedding, nn.EmbeddingBag)
 
 
+def _first_sample(x):
+    """The example inputs cut to one sample (the first item along dim 0): costs are per inference."""
+    if torch.is_tensor(x):
+        return x[:1] if x.dim() > 0 else x
+    if isinstance(x, dict):
+        return {k: _first_sample(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_first_sample(v) for v in x)
+    return x
+
+
 @torch.no_grad()
 def cost(sim) -> Cost:
-    """The cost model of ``sim`` (see the module docstring); one float forward pass on its example inputs."""
+    """The cost model of ``sim`` per inference (see the module docstring): one float forward pass on the
+    first sample of its example inputs."""
     from .prepare import propagate_shapes
 
     shapes: dict[str, tuple] = {}
@@ -125,7 +137,7 @@ def cost(sim) -> Cost:
         return hook
 
     hooks = [m.register_forward_hook(record(n)) for n, m in layers.items()]
-    args, kwargs = as_args(to_device(sim._example_inputs, sim.device))
+    args, kwargs = as_args(to_device(_first_sample(sim._example_inputs), sim.device))
     bits = {f"activation_quantizers.{k}": q.spec.bits for k, q in sim.activation_quantizers.items() if isinstance(q, Quantizer)}
     result = Cost()
     try:

@@ -40,3 +40,9 @@ def test_peak_activation_memory_follows_bits():
     p16 = QuantSim(_net(), x, "w8a16").cost().peak_activation_bytes
     # the largest live pair: the depthwise conv's 8x6x6 output, read while the transposed conv writes 4x12x12
     assert p8 == 8 * 6 * 6 + 4 * 12 * 12 and p16 == 2 * p8
+
+
+def test_costs_are_per_inference_whatever_the_example_batch():
+    one = QuantSim(_net(), torch.randn(1, 3, 8, 8), "w8a8").cost()
+    many = QuantSim(_net(), torch.randn(16, 3, 8, 8), "w8a8").cost()
+    assert many.macs == one.macs and many.peak_activation_bytes == one.peak_activation_bytes

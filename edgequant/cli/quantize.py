@@ -149,9 +149,9 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
     rows, extra, _ = verdict
     print_table(rows, extra)
-    click.echo(f"wrote {out}/: model.onnx, model.encodings.json, encodings.json, encodings.aimet.json, sim/, plan.json, "
-               f"config.json, report.md, summary.txt ({header['total_seconds']} s)" if onnx else
-               f"wrote {out}/: encodings.json, encodings.aimet.json, sim/, plan.json, config.json, report.md, summary.txt")
+    onnx_files = "model.onnx, model.encodings.json, " if (out / "model.onnx").exists() else ""
+    click.echo(f"wrote {out}/: {onnx_files}encodings.json, encodings.aimet.json, sim/, plan.json, config.json, report.md, "
+               f"summary.txt ({header['total_seconds']} s)")
 
 
 def _describe(pre: Preprocess) -> str:

@@ -41,15 +41,20 @@ def shapes(x):
     return type(x).__name__
 
 
+def map_tensors(fn: Callable, x):
+    """``x`` with ``fn`` applied to every tensor in it (dicts, tuples and lists keep their type)."""
+    if torch.is_tensor(x):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: map_tensors(fn, v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(map_tensors(fn, v) for v in x)
+    return x
+
+
 def to_device(x, device):
     """``x`` with every tensor in it moved to ``device`` (containers keep their type)."""
-    if torch.is_tensor(x):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
-    return x
+    return map_tensors(lambda t: t.to(device), x)
 
 
 def check_finite(x, where: str) -> None:

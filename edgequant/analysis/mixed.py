@@ -20,12 +20,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import torch
 from tqdm.auto import tqdm
 
-from ..batches import evaluating, model_input, run_batch, to_device
+from ..batches import model_input, to_device
 from ..config.plan import QuantPlan
-from ..metrics import sqnr_db
+from .sensitivity import scorer
 
 
 @dataclass
@@ -76,19 +75,6 @@ class _Switcher:
         self.sim.set_spec(name, spec).set_encoding(enc)
 
 
-def _score_fn(sim, batches, eval_fn):
-    with evaluating(sim), sim.quantization_disabled(), torch.no_grad():
-        ref = torch.cat([run_batch(sim, b, sim._n_positional).float().flatten(1) for b in batches])
-
-    def score() -> float:
-        if eval_fn is not None:
-            return float(eval_fn(sim))
-        with evaluating(sim), torch.no_grad():
-            out = torch.cat([run_batch(sim, b, sim._n_positional).float().flatten(1) for b in batches])
-        return sqnr_db(ref, out)
-    return score
-
-
 def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=None, eval_fn: Optional[Callable] = None,
                     max_drop: Optional[float] = None, budget: Optional[float] = None, num_eval_batches: int = 2,
                     progress: bool = True) -> MixedPrecisionResult:
@@ -117,8 +103,8 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
     base_plan = sim.plan  # plans are immutable: the switches below give the sim new ones
     scoring = [to_device(b, sim.device) for b in (list(eval_data) if eval_data is not None else batches[:num_eval_batches])]
     switch = _Switcher(sim, sims["high"], sims["low"])
-    score = _score_fn(sim, scoring, eval_fn)
-    res = MixedPrecisionResult(score(), _score_fn(sims["low"], scoring, eval_fn)(), sim.cost().bops, sims["low"].cost().bops)
+    score = scorer(sim, scoring, eval_fn)
+    res = MixedPrecisionResult(score(), scorer(sims["low"], scoring, eval_fn)(), sim.cost().bops, sims["low"].cost().bops)
     ratios = {}
     for name in tqdm(list(switch.cand), desc="mixed precision: sensitivity", unit="quantizer", disable=not progress):
         switch.set(name, low=True)
@@ -166,4 +152,4 @@ def _verify(res, model, example, batches, base_plan, config, switch, scoring, ev
     sim = QuantSim(model, example, config, plan=plan)
     sim.calibrate(batches, progress=progress)
     res.plan, res.sim = plan, sim
-    res.verified_score = _score_fn(sim, scoring, eval_fn)()
+    res.verified_score = scorer(sim, scoring, eval_fn)()

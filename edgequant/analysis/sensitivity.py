@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..batches import evaluating, run_batch, to_device
+from ..batches import evaluating, model_input, run_batch, to_device
 from ..core.granularity import PerTensor
 from ..metrics import sqnr_db
 
@@ -106,13 +106,18 @@ def _suggest(q, spread, clipped, only_db, all_db) -> str:
     return ""
 
 
-def _scorer(sim, ref, batches, eval_fn):
+def scorer(sim, batches, eval_fn: Optional[Callable] = None) -> Callable[[], float]:
+    """``score()`` of ``sim`` as it is now: ``eval_fn(sim)``, or the SQNR (dB) of its outputs on ``batches``
+    against the float model's (taken once, here, with every quantizer disabled). Runs in eval mode."""
+    def outputs():
+        with evaluating(sim), torch.no_grad():
+            return torch.cat([run_batch(sim, b, sim._n_positional).float().flatten(1) for b in batches])
+
+    with sim.quantization_disabled():
+        ref = outputs()
+
     def score() -> float:
-        if eval_fn is not None:
-            return float(eval_fn(sim))
-        with torch.no_grad():
-            out = torch.cat([run_batch(sim, b, sim._n_positional).float().flatten(1) for b in batches])
-        return sqnr_db(ref, out)
+        return float(eval_fn(sim)) if eval_fn is not None else sqnr_db(ref, outputs())
     return score
 
 
@@ -134,14 +139,12 @@ def analyze(model_or_sim, calib_data, config="w8a8", *, eval_data=None, eval_fn:
         sim = model_or_sim
     else:
         batches = list(calib_data)
-        sim = QuantSim(model_or_sim, batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0], config)
+        sim = QuantSim(model_or_sim, model_input(batches[0]), config)
         sim.calibrate(batches, progress=progress)
     scoring = [to_device(b, sim.device) for b in (list(eval_data) if eval_data is not None else list(calib_data)[:num_eval_batches])]
     names = list(sim.quantizers())
     with evaluating(sim):
-        with sim.quantization_disabled(), torch.no_grad():
-            ref = torch.cat([run_batch(sim, b, sim._n_positional).float().flatten(1) for b in scoring])
-        score = _scorer(sim, ref, scoring, eval_fn)
+        score = scorer(sim, scoring, eval_fn)
         report = AnalysisReport("eval_fn" if eval_fn is not None else "output SQNR dB against the float model", score())
         qs = sim.quantizers()
         for name in tqdm(names, desc="sensitivity", unit="quantizer", disable=not progress):
@@ -152,7 +155,7 @@ def analyze(model_or_sim, calib_data, config="w8a8", *, eval_data=None, eval_fn:
             only = score()
             sim.enable(others)
             q = qs[name]
-            weight = _weight_of(sim, name) if q.is_weight else None
+            weight = sim.model.get_parameter(name) if q.is_weight else None
             spread = _channel_spread(q, weight)
             report.quantizers.append(QuantizerSensitivity(name, q.role, q.spec.bits, only, all_but, q.clipped, spread,
                                                           _suggest(q, spread, q.clipped, only, report.all_sqnr_db)))
@@ -160,10 +163,3 @@ def analyze(model_or_sim, calib_data, config="w8a8", *, eval_data=None, eval_fn:
     report.seconds = time.perf_counter() - t0
     return report
 
-
-def _weight_of(sim, name: str):
-    layer, _, pname = name.rpartition(".")
-    try:
-        return getattr(sim.model.get_submodule(layer), pname)
-    except AttributeError:
-        return None

@@ -11,8 +11,6 @@ from typing import Callable, Optional
 import click
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class UserError(click.UsageError):
@@ -156,6 +154,8 @@ class Preprocess:
         import numpy as np
         import torch
         import torch.nn.functional as F
+
+        from ..data.photos import IMAGENET_MEAN, IMAGENET_STD
 
         if self.fn is not None:
             return torch.as_tensor(self.fn(image), dtype=torch.float32)

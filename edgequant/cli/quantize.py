@@ -147,7 +147,7 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
     verdict = _verdict(model, sim, eval_x, eval_fn, batch_size, dev)
     _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads)
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
-    rows, extra, _ = verdict
+    rows, extra = verdict[:2]
     print_table(rows, extra)
     onnx_files = "model.onnx, model.encodings.json, " if (out / "model.onnx").exists() else ""
     click.echo(f"wrote {out}/: {onnx_files}encodings.json, encodings.aimet.json, sim/, plan.json, config.json, report.md, "
@@ -162,14 +162,14 @@ def _describe(pre: Preprocess) -> str:
 
 
 def _verdict(model, sim, eval_x, eval_fn, batch_size, device):
-    """``(rows, extra columns, FP32 logits)`` of the verdict on the evaluation images."""
+    """``(rows, extra columns, FP32 logits, the sim's logits)`` of the verdict on the evaluation images."""
     sizes = sim.size_bytes()
     extra = ("eval_fn",) if eval_fn is not None else ()
     f_score = float(eval_fn(model)) if eval_fn is not None else None
     q_score = float(eval_fn(sim)) if eval_fn is not None else None
     if eval_x is None:
         return ([{"config": "fp32", "size_mb": sizes["float"] / 1e6, "eval_fn": f_score},
-                 {"config": "quantized (sim)", "size_mb": sizes["quantized"] / 1e6, "eval_fn": q_score}], extra, None)
+                 {"config": "quantized (sim)", "size_mb": sizes["quantized"] / 1e6, "eval_fn": q_score}], extra, None, None)
     t = time.perf_counter()
     ref = logits(model, eval_x, batch_size, device, "evaluating FP32")
     t_float = time.perf_counter() - t
@@ -177,7 +177,7 @@ def _verdict(model, sim, eval_x, eval_fn, batch_size, device):
     out = logits(sim, eval_x, batch_size, device, "evaluating the sim")
     t_sim = time.perf_counter() - t
     return ([row("fp32", ref, ref, sizes["float"] / 1e6, t_float, eval_fn=f_score),
-             row("quantized (sim)", ref, out, sizes["quantized"] / 1e6, t_sim, eval_fn=q_score)], extra, ref)
+             row("quantized (sim)", ref, out, sizes["quantized"] / 1e6, t_sim, eval_fn=q_score)], extra, ref, out)
 
 
 def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads) -> None:
@@ -186,7 +186,7 @@ def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, 
 
     from ..io.encodings import atomic_write_text, replace_folder
 
-    rows, extra, ref = verdict
+    rows, extra, ref, sim_out = verdict
 
     def write(tmp: Path):
         if result is not None:
@@ -200,13 +200,13 @@ def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, 
         atomic_write_text(tmp / "summary.txt", sim.summary() + "\n")
         sim.save(tmp / "sim")
         if onnx:
-            _export_and_check(tmp, sim, rows, header, ref, eval_x, batch_size, threads)
+            _export_and_check(tmp, sim, rows, header, ref, sim_out, eval_x, batch_size, threads)
         write_report(tmp, rows, header, extra)
 
     replace_folder(out, write)
 
 
-def _export_and_check(tmp: Path, sim, rows, header, ref, eval_x, batch_size, threads) -> None:
+def _export_and_check(tmp: Path, sim, rows, header, ref, sim_out, eval_x, batch_size, threads) -> None:
     """model.onnx + model.encodings.json; ONNX Runtime's outputs on the evaluation images: their fidelity
     to FP32 (what deploys) and their agreement with the sim."""
     from ..errors import ExportError
@@ -224,6 +224,5 @@ def _export_and_check(tmp: Path, sim, rows, header, ref, eval_x, batch_size, thr
     t = time.perf_counter()
     ort_out = onnx_runtime(tmp / "model.onnx", eval_x, batch_size, threads or 0)
     seconds = time.perf_counter() - t
-    sim_out = logits(sim, eval_x.to(sim.device), batch_size)
     size_mb = (tmp / "model.onnx").stat().st_size / 1e6
     rows.append(row("ONNX Runtime (model.onnx)", ref, ort_out, size_mb, seconds, **ort_agreement(ort_out, sim_out)))

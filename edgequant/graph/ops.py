@@ -178,20 +178,20 @@ def is_fusable_act(node: fx.Node, modules: dict) -> bool:
     return _flag(node, modules, "fusable")
 
 
-def is_nonneg(node: fx.Node, modules: dict) -> bool:
-    """Whether ``node``'s output is always >= 0 (an unsigned grid fits it)."""
-    op = node_op(node, modules)
+def _nonneg(op: Optional[Op], module: Optional[nn.Module]) -> bool:
     if op is None:
         return False
-    return op.nonneg(modules[node.target]) if callable(op.nonneg) else bool(op.nonneg)
+    return op.nonneg(module) if callable(op.nonneg) else bool(op.nonneg)
+
+
+def is_nonneg(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node``'s output is always >= 0 (an unsigned grid fits it)."""
+    return _nonneg(node_op(node, modules), modules.get(node.target) if node.op == "call_module" else None)
 
 
 def is_nonneg_module(m: nn.Module) -> bool:
     """Whether module ``m``'s output is always >= 0."""
-    op = module_op(m)
-    if op is None:
-        return False
-    return op.nonneg(m) if callable(op.nonneg) else bool(op.nonneg)
+    return _nonneg(module_op(m), m)
 
 
 def is_leaf_module(m: nn.Module) -> bool:

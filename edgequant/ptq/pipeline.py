@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import evaluating, in_training_mode, model_input, reiterable, to_device
+from ..batches import device_of, evaluating, in_training_mode, model_input, reiterable, run_batch, to_device
 from ..config.spec import QuantConfig
 from ..errors import DataError
 from ..metrics import fidelity, sqnr_db
@@ -97,11 +97,12 @@ class QuantizeResult:
 class _Run:
     """What the stages of one :func:`quantize` call share: config, data split, scoring."""
 
-    def __init__(self, model, config, calib, score_batches, eval_fn, max_drop, opts):
+    def __init__(self, model, config, calib, score_batches, eval_fn, max_drop, opts, bar=None):
         self.model, self.config, self.calib, self.score_batches = model, config, calib, score_batches
         self.eval_fn, self.max_drop, self.opts = eval_fn, max_drop, opts
+        self.bar, self._stages_started = bar, 0  # the progress bar over the stages
         self.has_data = calib is not None
-        self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self.device = device_of(model)
         self.w_bits = config.weight.bits if config.weight is not None else 32
         with torch.no_grad():
             self.ref = [self.call(model, b) for b in score_batches]
@@ -112,8 +113,7 @@ class _Run:
         return to_device(model_input(b), self.device)
 
     def call(self, m, b):
-        x = self.first(b)
-        return m(**x) if isinstance(x, dict) else m(x)
+        return run_batch(m, self.first(b))
 
     def build(self, m: nn.Module) -> QuantSim:
         """A sim of ``m``, calibrated on the data (BN-based ranges without data)."""
@@ -138,14 +138,13 @@ class _Run:
 
     def progress(self, label: str) -> None:
         """Name the stage that runs now on the pipeline's progress bar (a new stage advances it)."""
-        bar = self.opts.get("bar")
-        if bar is None:
+        if self.bar is None:
             return
         if not label.endswith("scoring"):
-            if self.opts.get("started"):
-                bar.update(1)
-            self.opts["started"] = True
-        bar.set_description_str(f"PTQ: {label}")
+            if self._stages_started:
+                self.bar.update(1)
+            self._stages_started += 1
+        self.bar.set_description_str(f"PTQ: {label}")
 
     def done(self, score) -> bool:
         return self.eval_fn is not None and self.max_drop is not None and score is not None \
@@ -325,8 +324,8 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
     data = reiterable(calib_data)
     stages, auto = _resolve(ptq, data is not None)
     calib, score_batches, held_out, example_inputs = _split(data, num_batches, holdout_batches, eval_fn, example_inputs, auto)
-    n_samples = sum(len(model_input(b)) for b in (calib or []) + (score_batches if held_out else [])
-                    if hasattr(model_input(b), "__len__"))
+    n_samples = sum(len(x) for x in map(model_input, (calib or []) + (score_batches if held_out else []))
+                    if hasattr(x, "__len__"))
     if auto and calib is not None and eval_fn is None and n_samples < FEW_SAMPLES:
         warnings.warn(f"ptq='auto' chooses stages by logit SQNR on {n_samples} samples "
                       f"({'held out' if held_out else 'the calibration samples themselves'}): with fewer than "
@@ -340,7 +339,7 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
         bar = tqdm(total=len(stages), desc="PTQ", unit="stage", disable=not progress)
         run = _Run(model, config, calib, score_batches, eval_fn, max_drop,
                    dict(example_inputs=example_inputs, input_ranges=input_ranges, input_stats=input_stats,
-                        adaround_iterations=adaround_iterations, progress=progress, bar=bar))
+                        adaround_iterations=adaround_iterations, progress=progress), bar)
         score_name = ("eval_fn" if eval_fn is not None else "logit SQNR dB on held-out calibration batches" if held_out
                       else "logit SQNR dB on calibration batches") if run.has_data or eval_fn else "none (no data, no eval_fn)"
         report = QuantizeReport(recipe_name or _recipe_name(recipe, config), score_name, run.float_score)

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
-from ..batches import as_args, evaluating, to_device
+from ..batches import as_args, evaluating, map_tensors, to_device
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer
 
@@ -112,17 +112,6 @@ def _layer_cost(name: str, m: nn.Module, shapes: tuple) -> LayerCost:
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.conv._ConvTransposeNd, nn.Embedding, nn.EmbeddingBag)
 
 
-def _first_sample(x):
-    """The example inputs cut to one sample (the first item along dim 0): costs are per inference."""
-    if torch.is_tensor(x):
-        return x[:1] if x.dim() > 0 else x
-    if isinstance(x, dict):
-        return {k: _first_sample(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_first_sample(v) for v in x)
-    return x
-
-
 @torch.no_grad()
 def cost(sim) -> Cost:
     """The cost model of ``sim`` per inference (see the module docstring): one float forward pass on the
@@ -137,7 +126,9 @@ def cost(sim) -> Cost:
         return hook
 
     hooks = [m.register_forward_hook(record(n)) for n, m in layers.items()]
-    args, kwargs = as_args(to_device(_first_sample(sim._example_inputs), sim.device))
+    # costs are per inference: the example inputs cut to their first sample
+    one = map_tensors(lambda t: t[:1] if t.dim() > 0 else t, sim._example_inputs)
+    args, kwargs = as_args(to_device(one, sim.device))
     bits = {f"activation_quantizers.{k}": q.spec.bits for k, q in sim.activation_quantizers.items() if isinstance(q, Quantizer)}
     result = Cost()
     try:
@@ -161,8 +152,8 @@ def _peak_activation_bytes(gm: fx.GraphModule, bits: dict[str, int]) -> float:
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
 
-    def alias(n):  # a quantizer's output is its input's value; reshape-like ops move no data
-        return str(n.target).startswith("activation_quantizers.") or ops.keeps_grid(n, modules)
+    def alias(n):  # reshape-like ops move no data; so do the quantizer slots (Identity while disabled)
+        return ops.keeps_grid(n, modules)
 
     def end(n):  # a fused kernel (conv -> bn -> relu) reads its input until its last op
         while patterns.in_supergroup(n, modules):

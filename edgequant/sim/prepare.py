@@ -264,13 +264,13 @@ def _nodes_in(args):
     return found
 
 
-def plan_graph(gm: fx.GraphModule, names: dict[fx.Node, str], config: QuantConfig):
-    """``(plan, anchors, bias links, unsupported)``: the plan of a shape-propagated graph, the node each
-    activation entry's quantizer follows, each quantized layer's input tensor, and the ops left in float."""
+def plan_graph(gm: fx.GraphModule, names: dict[fx.Node, str], config: QuantConfig, weighted: dict[str, nn.Module]):
+    """``(plan, anchors, bias links, unsupported)``: the plan of a shape-propagated graph (``weighted``: its
+    registered layers by name), the node each activation entry's quantizer follows, each quantized layer's
+    input tensor, and the ops left in float."""
     planner = _GraphPlanner(gm, names, config)
     for n in gm.graph.nodes:
         planner.visit(n)
-    weighted = {n.target: planner.modules[n.target] for n in gm.graph.nodes if ops.kind(n, planner.modules) == "weighted"}
     entries = {**weight_entries(weighted, config), **planner.entries}
     planner.entries = entries
     links = planner.bias_links()
@@ -334,17 +334,19 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
                   plan: Optional[QuantPlan] = None) -> Prepared:
     gm = capture(model)
     propagate_shapes(gm, args, kwargs)
-    derived, anchors, links, unsupported = plan_graph(gm, name_nodes(gm), config)
-    final = merge_plan(derived, plan)
+    names = name_nodes(gm)
     modules = dict(gm.named_modules())
-    attach_param_quantizers({n.target: modules[n.target] for n in gm.graph.nodes if ops.kind(n, modules) == "weighted"}, final)
-    names = set(name_nodes(gm).values()) | set(modules)
+    weighted = {n.target: modules[n.target] for n in gm.graph.nodes if ops.kind(n, modules) == "weighted"}
+    derived, anchors, links, unsupported = plan_graph(gm, names, config, weighted)
+    final = merge_plan(derived, plan)
+    attach_param_quantizers(weighted, final)
     types = {t for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
              for t in (type_names(modules[n.target]) if n.op == "call_module" else type_names(n.target))}
+    unmatched = unmatched_overrides(config, set(names.values()) | set(modules), types)
     aq = insert_quantizers(gm, final, anchors, links)
     gm.graph.lint()
     gm.recompile()
-    return Prepared(gm, aq, final, unsupported, "graph", unmatched_overrides(config, names, types))
+    return Prepared(gm, aq, final, unsupported, "graph", unmatched)
 
 
 # ---------------------------------------------------------------------- leaf mode
@@ -378,6 +380,13 @@ def _output_shapes(model: nn.Module, leaves: dict[str, nn.Module], args, kwargs)
     return shapes
 
 
+def _float_inputs(model: nn.Module, args: tuple) -> dict[str, int]:
+    """``{name: position}`` of the model's float tensor inputs (names from ``forward``'s signature)."""
+    params = list(inspect.signature(model.forward).parameters)
+    return {(params[i] if i < len(params) else f"input_{i}"): i
+            for i, a in enumerate(args) if torch.is_tensor(a) and a.is_floating_point()}
+
+
 def plan_leaf(model: nn.Module, leaves: dict[str, nn.Module], shapes: dict, args: tuple, config: QuantConfig) -> QuantPlan:
     entries = weight_entries({n: m for n, m in leaves.items() if lookup(m) is not None}, config)
     for name, m in leaves.items():
@@ -386,13 +395,9 @@ def plan_leaf(model: nn.Module, leaves: dict[str, nn.Module], shapes: dict, args
         shape = tuple(shapes[name])
         e = PlanEntry("activation", None, type_names(m)[0], shape, 1 if len(shape) >= 2 else 0, ops.is_nonneg_module(m))
         entries[name] = replace(e, spec=e.resolve(config.spec_for("activation", name, type_names(m))))
-    params = list(inspect.signature(model.forward).parameters)
-    for i, a in enumerate(args):
-        if torch.is_tensor(a) and a.is_floating_point():
-            name = params[i] if i < len(params) else f"input_{i}"
-            e = PlanEntry("input", None, "input", tuple(a.shape), 1 if a.ndim >= 2 else 0, source=(str(i),))
-            spec = config.activation if config.quantize_inputs else None
-            entries[name] = replace(e, spec=e.resolve(spec))
+    for name, i in _float_inputs(model, args).items():
+        e = PlanEntry("input", None, "input", tuple(args[i].shape), 1 if args[i].ndim >= 2 else 0)
+        entries[name] = replace(e, spec=e.resolve(config.activation if config.quantize_inputs else None))
     return QuantPlan(entries)
 
 
@@ -405,6 +410,7 @@ def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfi
     attach_param_quantizers({n: m for n, m in leaves.items() if lookup(m) is not None}, final)
     aq = nn.ModuleDict()
     keys = _KeyMaker()
+    positions = _float_inputs(model, args)
     input_keys: dict[int, str] = {}
     for name, e in final.items():
         if e.role == "weight" or e.spec is None:
@@ -412,7 +418,7 @@ def prepare_leaf(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfi
         key = keys(name)
         aq[key] = make_quantizer(e.spec, e.shape, name, e.role, e.owner_type)
         if e.role == "input":
-            input_keys[int(e.source[0])] = key
+            input_keys[positions[name]] = key
         else:
             leaves[name].register_forward_hook(
                 lambda mod, i, o, key=key: aq[key](o) if torch.is_tensor(o) and o.is_floating_point() else o)

@@ -5,16 +5,16 @@ import contextlib
 import copy
 import fnmatch
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
-from ..batches import as_args, check_iterable, device_of, evaluating, iterate, run_batch, shapes, to_device
+from ..batches import as_args, check_iterable, device_of, evaluating, iterate, map_tensors, run_batch, shapes, to_device
 from ..config.plan import QuantPlan
 from ..config.spec import QuantConfig, QuantSpec
 from ..core.encoding import Encoding
@@ -43,17 +43,6 @@ def _check_runs(net, args, kwargs, example_inputs) -> None:
             f"the model does not run on example_inputs (shapes {shapes(example_inputs)}): "
             f"{type(e).__name__}: {e}. Pass inputs shaped like real ones, e.g. torch.randn(1, 3, 224, 224)"
         ) from e
-
-
-def _own_copy(x):
-    """Tensors cloned (a slice of a big batch would otherwise keep, and save, the whole batch)."""
-    if torch.is_tensor(x):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: _own_copy(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_own_copy(v) for v in x)
-    return x
 
 
 def _check_device(net) -> None:
@@ -139,7 +128,8 @@ class QuantSim(nn.Module):
         _check_device(model)
         # the float architecture (no data: meta tensors), and the inputs it was captured with, for sim.save()
         object.__setattr__(self, "_arch", meta_copy(model))
-        object.__setattr__(self, "_example_inputs", _own_copy(to_device(example_inputs, "cpu")))
+        # cloned: a slice of a big batch would otherwise keep (and save) the whole batch
+        object.__setattr__(self, "_example_inputs", map_tensors(lambda t: t.detach().cpu().clone(), example_inputs))
         net = model if inplace else copy.deepcopy(model)
         device = device_of(net)
         args, kwargs = to_device(args, device), to_device(kwargs, device)
@@ -246,7 +236,7 @@ class QuantSim(nn.Module):
                 t.zero_()
         return self.copy_weights_to(model)
 
-    def save(self, folder) -> "os.PathLike":
+    def save(self, folder) -> Path:
         """Write everything needed to rebuild this sim into ``folder`` (atomically); read it back with
         :func:`edgequant.load`. See :mod:`edgequant.sim.saving` for the files."""
         return save_sim(self, folder)
@@ -274,7 +264,7 @@ class QuantSim(nn.Module):
         old = container[key] if isinstance(container[key], Quantizer) else self._disabled[name]
         q = make_quantizer(e.spec, e.shape, name, e.role, e.owner_type).to(old.scale.device)
         if q.is_weight:
-            q.calibrate_from(getattr(self.model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]))
+            q.calibrate_from(self.model.get_parameter(name))
         if name in self._disabled:
             self._disabled[name] = q
         else:

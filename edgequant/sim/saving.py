@@ -58,10 +58,12 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
             else:
                 target._parameters[pname].data.copy_(p.detach())
         for bname, b in m._buffers.items():
-            if b is not None and target._buffers.get(bname) is not None:
+            if b is None:
+                continue
+            if target._buffers.get(bname) is not None:
                 target._buffers[bname].copy_(b)
-            elif b is not None and bname in ("bn_mean", "bn_std"):  # what BN folding recorded (non-persistent)
-                target.register_buffer(bname, b.detach().clone(), persistent=False)
+            else:  # a buffer a pass added (BN folding's bn_mean / bn_std), with its own persistence
+                target.register_buffer(bname, b.detach().clone(), persistent=bname not in m._non_persistent_buffers_set)
     return dst
 
 
@@ -81,7 +83,7 @@ def save(sim, folder) -> Path:
 
     def write(tmp: Path):
         try:
-            _save_torch(copy.deepcopy(sim._arch), tmp / "float_arch.pt")  # the structure only: meta tensors, no data
+            _save_torch(sim._arch, tmp / "float_arch.pt")  # the structure only: meta tensors, no data
             pickled = True
         except Exception:  # noqa: BLE001 -- a model whose classes cannot be pickled: load needs model=
             (tmp / "float_arch.pt").unlink(missing_ok=True)
@@ -129,10 +131,10 @@ def _float_model(folder: Path, man: dict, model, map_location) -> nn.Module:
         model = copy.deepcopy(model)
     state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)
     _add_missing_biases(model, state)
-    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
-    if missing or unexpected:
+    lacks, extra = set(state) - set(model.state_dict()), set(model.state_dict()) - set(state)
+    if lacks or extra:
         raise PlanError(f"{folder}: the model passed to load() does not have the saved float model's structure "
-                        f"(missing {sorted(unexpected)[:3]}, extra {sorted(missing)[:3]}; post-training passes may "
+                        f"(missing {sorted(lacks)[:3]}, extra {sorted(extra)[:3]}; post-training passes may "
                         "have folded its batch norms or replaced activations): call edgequant.load(folder) "
                         "without model= to use the saved float model")
     model.load_state_dict(state, strict=True)

@@ -41,7 +41,10 @@ class Data:
         self.folder = Path(folder)
         ld = lambda n: torch.from_numpy(np.load(self.folder / f"{n}.npy"))  # noqa: E731
         self.cal, self.ev = ld("imagenet_calibration"), ld("imagenet_evaluation")
-        self.mnist_cal, self.mnist_ev, self.mnist_labels = ld("mnist_calibration"), ld("mnist_evaluation"), ld("mnist_labels")
+        #: the multi-split benchmark saves MobileNetV2 inputs only: then every MNIST part is None
+        self.has_mnist = (self.folder / "mnist_net.pt").exists()
+        self.mnist_cal, self.mnist_ev, self.mnist_labels = (
+            (ld("mnist_calibration"), ld("mnist_evaluation"), ld("mnist_labels")) if self.has_mnist else (None, None, None))
         self.fp32_onnx = self.folder / "mobilenet_v2_folded_fp32.onnx"
         self.mnist_fp32_onnx = self.folder / "mnist_net_folded_fp32.onnx"
 
@@ -54,6 +57,8 @@ class Data:
     def mnist_net(self):
         from edgequant.models.mnist_net import MnistMobileNet
 
+        if not self.has_mnist:
+            return None
         net = MnistMobileNet()
         net.load_state_dict(torch.load(self.folder / "mnist_net.pt", weights_only=True))
         return net.eval()
@@ -62,7 +67,7 @@ class Data:
         return list(self.cal.split(bs))
 
     def mnist_cal_batches(self, bs=64):
-        return list(self.mnist_cal.split(bs))
+        return list(self.mnist_cal.split(bs)) if self.has_mnist else None
 
 
 def logits_of(fn, x, bs=32) -> tuple[np.ndarray, float]:
@@ -150,7 +155,7 @@ def pair(data: Data, model, mnist, make, note=None):
     given, is called afterwards for the row's note."""
     def run():
         qm, t = timed(lambda: make(model, data.cal_batches()))
-        mq, mt = timed(lambda: make(mnist, data.mnist_cal_batches()))
+        mq, mt = timed(lambda: make(mnist, data.mnist_cal_batches())) if mnist is not None else (None, None)
         r = dict(seconds=t, imagenet=qm, fp32=model, mnist=mq, mnist_seconds=mt)
         if note is not None:
             r["note"] = note(t)

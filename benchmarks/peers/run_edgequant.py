@@ -31,8 +31,16 @@ def main():
                 return sim
             return timed(go)
         sim, t = one(model, cb)
-        msim, mt = one(mnist, mcb)
+        msim, mt = one(mnist, mcb) if mnist is not None else (None, None)
         return dict(seconds=t, imagenet=sim, fp32=model, mnist=msim, mnist_seconds=mt)
+
+    def recipe(stages, cfg="w8a8"):
+        """``edgequant.quantize`` with a fixed list of stages (every batch calibrates, nothing is scored)."""
+        def run():
+            q = lambda m, b: timed(lambda: edgequant.quantize(copy.deepcopy(m), b, cfg, ptq=stages, progress=False))  # noqa: E731
+            (res, t), (mres, mt) = q(model, cb), (q(mnist, mcb) if mnist is not None else (None, None))
+            return dict(seconds=t, imagenet=res.sim, fp32=model, mnist=mres.sim if mres else None, mnist_seconds=mt)
+        return run
 
     fold = lambda m, b: fold_batch_norms(m)[0]  # noqa: E731
     keep_bn = lambda m, b: m  # noqa: E731  (weights quantized before the BN, as NNCF and the demo do)
@@ -42,7 +50,8 @@ def main():
     pt_mse = _weight_ranges("w8a8_per_tensor", "mse")
     w4_sqnr = _weight_ranges("w4a8", "sqnr")
     todo = {
-        "w8a8_pc": ("BN fold + calibrate (percentile 99.99 activations)", lambda: sim_pair(fold, "w8a8")),
+        "w8a8_pc": [("BN fold + calibrate (no other PTQ)", lambda: sim_pair(fold, "w8a8")),
+                    ("BN fold + activation equalization + bias correction", recipe(["bn_fold", "act_eq", "bias_correction"]))],
         "w8a8_pt": [("BN fold + calibrate", lambda: sim_pair(fold, "w8a8_per_tensor")),
                     ("calibrate, BN kept after the quantized conv", lambda: sim_pair(keep_bn, "w8a8_per_tensor")),
                     ("calibrate (MSE weight ranges), BN kept after the quantized conv", lambda: sim_pair(keep_bn, pt_mse))],
@@ -77,7 +86,8 @@ def twice(rec, row, method, run):
     def second():
         r = dict(done["r"])
         for key in ("imagenet", "mnist"):
-            r[key].disable(r[key].output_quantizers())
+            if r.get(key) is not None:
+                r[key].disable(r[key].output_quantizers())
         r["note"] = "the same sims, model output not quantized"
         return r
 
@@ -88,9 +98,11 @@ def twice(rec, row, method, run):
 
 def _best(model, mnist, cb, mcb):
     res, t = timed(lambda: edgequant.quantize(copy.deepcopy(model), cb, "w8a8", ptq="auto", progress=False))
-    mres, mt = timed(lambda: edgequant.quantize(copy.deepcopy(mnist), mcb, "w8a8", ptq="auto", progress=False))
+    mres, mt = timed(lambda: edgequant.quantize(copy.deepcopy(mnist), mcb, "w8a8", ptq="auto", progress=False)) \
+        if mnist is not None else (None, None)
     kept = ", ".join(s.name for s in res.report.stages if s.kept)
-    return dict(seconds=t, imagenet=res.sim, fp32=model, mnist=mres.sim, mnist_seconds=mt, note=f"stages kept: {kept}")
+    return dict(seconds=t, imagenet=res.sim, fp32=model, mnist=mres.sim if mres else None, mnist_seconds=mt,
+                note=f"stages kept: {kept}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import nncf
+import torch
 from common import Data, Recorder, main_args
 from common import pair as pair_of
 from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
@@ -16,7 +17,12 @@ def main():
     model, mnist = data.mobilenet(), data.mnist_net()
 
     def q(m, batches, **kw):
-        return nncf.quantize(copy.deepcopy(m), nncf.Dataset(batches), subset_size=sum(len(b) for b in batches), **kw).eval()
+        # as NNCF's documentation feeds it: a DataLoader of single samples, subset_size counted in samples
+        # (statistics are reduced per dataset item, so items of 32 samples would change its MEAN_MINMAX ranges)
+        x = torch.cat(batches)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=1)
+        dataset = nncf.Dataset(loader, lambda item: item[0])
+        return nncf.quantize(copy.deepcopy(m), dataset, subset_size=len(x), **kw).eval()
 
     def pair(**kw):
         return pair_of(data, model, mnist, lambda m, b: q(m, b, **kw))

@@ -49,6 +49,8 @@ def main():
     def pair(tag, **kw):
         def run():
             p, t = timed(lambda: quant(data.fp32_onnx, data.cal_batches(), out / f"{tag}.onnx", **kw))
+            if not data.has_mnist:
+                return dict(seconds=t, imagenet=runner(p), fp32=runner(data.fp32_onnx))
             mp, mt = timed(lambda: quant(data.mnist_fp32_onnx, data.mnist_cal_batches(), out / f"{tag}.mnist.onnx", **kw))
             return dict(seconds=t, imagenet=runner(p), fp32=runner(data.fp32_onnx), mnist=runner(mp), mnist_seconds=mt)
         return run

@@ -8,6 +8,7 @@ of the integer lowering.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -54,6 +55,29 @@ def call_counts(gm: fx.GraphModule) -> dict[str, int]:
         if n.op == "call_module":
             counts[n.target] = counts.get(n.target, 0) + 1
     return counts
+
+
+def split_shared_activations(gm: fx.GraphModule) -> list[str]:
+    """Give every call of a shared parameter-free activation module (one ``nn.ReLU6`` instance called in
+    every block) its own copy, so that passes which change an activation per call site (a per-channel
+    clamp after equalization) can; returns the names of the copies. ``gm`` is recompiled when any."""
+    counts, seen, made = call_counts(gm), {}, []
+    modules = dict(gm.named_modules())
+    for n in gm.graph.nodes:
+        m = module_of(n, modules)
+        op = ops.node_op(n, modules) if m is not None else None
+        if m is None or op is None or not op.fusable or counts[n.target] < 2 or any(True for _ in m.parameters()):
+            continue
+        seen[n.target] = seen.get(n.target, 0) + 1
+        if seen[n.target] == 1:
+            continue  # the first call keeps the module
+        name = f"{n.target}_call{seen[n.target]}"
+        gm.add_submodule(name, copy.deepcopy(m))
+        n.target = name
+        made.append(name)
+    if made:
+        gm.recompile()
+    return made
 
 
 def only_user(node: fx.Node) -> Optional[fx.Node]:

@@ -122,6 +122,60 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
         return self
 
 
+class MeanMinMaxObserver(MinMaxObserver):
+    """Mean over samples of each sample's minimum and maximum per group (dim 0 is the sample axis).
+
+    Robust to rare outliers (one crop with a bright highlight moves a running max for good, but a mean
+    only by 1/N) and independent of how the data is batched: a batch of 32 counts as 32 samples. A
+    tensor without a batch axis (0-d or 1-d) counts as one sample.
+
+    >>> obs = MeanMinMaxObserver(); obs.update(torch.tensor([[0.0, 2.0], [-2.0, 4.0]]))
+    >>> obs.min.tolist(), obs.max.tolist(), obs.count
+    ([-1.0], [3.0], 2)
+    """
+
+    def __init__(self, granularity: Granularity = PerTensor(), name: str = "tensor"):
+        super().__init__(granularity, name)
+        self.count = 0
+        self._sum_lo: torch.Tensor | None = None
+        self._sum_hi: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        samples = x.reshape(1, -1) if x.dim() < 2 else x
+        lo, hi = self._per_sample(samples)
+        _check_finite(x, self.name, lo, hi)
+        self._add(lo.double().sum(0), hi.double().sum(0), samples.shape[0], x.shape)
+
+    def _per_sample(self, x: torch.Tensor):
+        """Per-sample, per-group (min, max), each (B, G)."""
+        if isinstance(self.granularity, PerTensor):
+            return torch.aminmax(x.float().reshape(x.shape[0], -1), dim=1, keepdim=True)
+        los, his = zip(*(group_aminmax(to_groups(s.float(), self.granularity)) for s in x.split(1)))
+        return torch.stack(los), torch.stack(his)
+
+    def _add(self, sum_lo, sum_hi, n, shape):
+        if self._sum_lo is None:
+            self._sum_lo, self._sum_hi, self.shape = sum_lo, sum_hi, shape
+        elif sum_lo.shape != self._sum_lo.shape:
+            raise ValueError(f"{self.name}: tensor shape changed between batches in a way that changes "
+                             f"the number of quantization groups ({self._sum_lo.numel()} -> {sum_lo.numel()})")
+        else:
+            self._sum_lo, self._sum_hi = self._sum_lo + sum_lo, self._sum_hi + sum_hi
+        self.count += n
+        self.min = (self._sum_lo / self.count).float()
+        self.max = (self._sum_hi / self.count).float()
+
+    def merge(self, other: "MeanMinMaxObserver") -> "MeanMinMaxObserver":
+        """Combine with another observer of the same tensor: the mean over both sets of samples."""
+        if not other.empty:
+            self._add(other._sum_lo, other._sum_hi, other.count, other.shape)
+        return self
+
+
 class HistogramObserver:
     """A histogram of ``bins`` equal bins per group over the running ``[min, max]``.
 

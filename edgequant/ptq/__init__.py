@@ -1,11 +1,13 @@
 """Post-training quantization: one file per technique, each ``technique(model_or_sim, ...) -> report``.
 
 Float-model passes return ``(model, report)`` and copy the model unless ``inplace=True``:
-:func:`fold_batch_norms`, :func:`cross_layer_equalization`, :func:`absorb_high_biases`.
+:func:`fold_batch_norms`, :func:`cross_layer_equalization`, :func:`absorb_high_biases`,
+:func:`equalize_activations` (needs data).
 Sim passes change the sim in place and return a report: :func:`set_bn_ranges` (data-free ranges),
 :func:`correct_bias`, :func:`correct_bias_analytical`, :func:`adaround`, :func:`loss_aware_output_range`.
 :func:`quantize` chains them.
 """
+from .act_eq import ActEqReport, equalize_activations
 from .adaround import AdaRoundReport, adaround
 from .bias_correction import BiasCorrectionReport, correct_bias, correct_bias_analytical
 from .bn_fold import FoldReport, fold_batch_norms
@@ -16,6 +18,7 @@ from .pipeline import STAGES, QuantizeReport, QuantizeResult, quantize
 
 __all__ = [
     "fold_batch_norms", "FoldReport", "cross_layer_equalization", "absorb_high_biases", "CLEReport",
+    "equalize_activations", "ActEqReport",
     "correct_bias", "correct_bias_analytical", "BiasCorrectionReport", "set_bn_ranges", "propagate_moments",
     "Moments", "clipped_normal_moments", "adaround", "AdaRoundReport", "loss_aware_output_range",
     "LossAwareReport", "quantize", "QuantizeResult", "QuantizeReport", "STAGES",

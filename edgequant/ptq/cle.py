@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-from ..graph.patterns import Pair, equalization_pairs, set_submodule, trace
+from ..graph.patterns import Pair, equalization_pairs, set_submodule, split_shared_activations, trace
 from ..metrics import sqnr_db
 from ..nn.clamp import ChannelClamp
 from .bn_fold import FoldReport, fold_batch_norms
@@ -92,6 +92,34 @@ def _scale_pair(l1: nn.Module, l2: nn.Module, act: Optional[nn.Module], s: torch
     l2.weight.mul_(S.view(*S.shape, *[1] * (l2.weight.ndim - 2)))
 
 
+def trace_unshared(net: nn.Module) -> tuple[nn.Module, fx.GraphModule, dict]:
+    """``(model, graph, modules)`` where every call of a shared activation module has its own copy;
+    the model is then the graph module itself (the original class cannot express the copies)."""
+    gm, modules = trace(net)
+    if split_shared_activations(gm):
+        return gm, gm, dict(gm.named_modules())
+    return net, gm, modules
+
+
+def _channel_clamps(net, pairs: list[Pair], modules: dict, replaced: list) -> dict[str, Optional[nn.Module]]:
+    """Each pair's activation module, ReLU6/Hardtanh replaced by a :class:`ChannelClamp` (names appended
+    to ``replaced``) so that its bounds can be scaled per channel; keyed by the pair's first layer."""
+    acts: dict[str, Optional[nn.Module]] = {}
+    for p in pairs:
+        a = modules.get(p.act) if p.act is not None else None
+        if p.act_kind == "clamp" and not isinstance(a, ChannelClamp):
+            c = ChannelClamp.from_module(a, modules[p.first].weight.shape[0])
+            if isinstance(modules[p.first], nn.Linear):
+                c.channel_axis = -1
+            c.to(modules[p.first].weight.device)
+            set_submodule(net, p.act, c)
+            modules[p.act] = c
+            replaced.append(p.act)
+            a = c
+        acts[p.first] = a
+    return acts
+
+
 def _run(model, example_inputs):
     if isinstance(example_inputs, dict):
         return model(**example_inputs)
@@ -116,7 +144,9 @@ def cross_layer_equalization(model: nn.Module, example_inputs=None, *, absorb_hi
             layer followed by a BatchNorm is not equalized.
         inplace: change ``model`` itself instead of a copy.
 
-    Returns ``(model, report)``.
+    Returns ``(model, report)``. A model that calls one activation module in several places (a single
+    ``nn.ReLU6`` shared by every block) comes back as an ``fx.GraphModule`` in which each call has its
+    own copy, so that each pair gets its own per-channel clamp.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
     >>> x = torch.randn(2, 3, 8, 8)
@@ -129,21 +159,10 @@ def cross_layer_equalization(model: nn.Module, example_inputs=None, *, absorb_hi
     report = CLEReport()
     if fold:
         net, report.fold = fold_batch_norms(net, inplace=True)
-    gm, modules = trace(net)
+    net, gm, modules = trace_unshared(net)
     pairs = equalization_pairs(gm, modules)
-    acts: dict[str, Optional[nn.Module]] = {}
-    for p in pairs:
-        a = modules.get(p.act) if p.act is not None else None
-        if p.act_kind == "clamp" and not isinstance(a, ChannelClamp):
-            c = ChannelClamp.from_module(a, modules[p.first].weight.shape[0])
-            if isinstance(modules[p.first], nn.Linear):
-                c.channel_axis = -1
-            c.to(modules[p.first].weight.device)
-            set_submodule(net, p.act, c)
-            report.replaced_activations.append(p.act)
-            a = c
-        acts[p.first] = a
-        report.pairs.append((p.first, p.second))
+    acts = _channel_clamps(net, pairs, modules, report.replaced_activations)
+    report.pairs.extend((p.first, p.second) for p in pairs)
     for sweep in range(1, max_sweeps + 1):
         worst = 0.0
         for p in pairs:

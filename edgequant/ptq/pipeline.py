@@ -4,8 +4,11 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 
 ==================  =========================================================================
 ``bn_fold``         fold batch norms into the layers before them (float model)
-``cle``             cross-layer equalization (float model, exact)
-``hba``             high-bias absorption (float model, approximate; needs ``bn_fold``)
+``act_eq``          equalize channel ranges at depthwise inputs (float model, exact; with data; in
+                    "auto" when weights are per-channel)
+``cle``             cross-layer equalization (float model, exact; in "auto" for per-tensor weights)
+``hba``             high-bias absorption (float model, approximate; needs ``bn_fold``; in "auto" for
+                    per-tensor weights)
 ``calibrate``       activation and weight ranges from the data (always; BN-based without data)
 ``adaround``        learned rounding of the weights (default in "auto" when weights have <= 4 bits)
 ``bias_correction`` empirical bias correction (default in "auto" for 5 bits and more), or the
@@ -13,8 +16,9 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 ``loss_aware``      cross-entropy range for the output quantizer (classifiers: 2-D outputs)
 ==================  =========================================================================
 
-``ptq="auto"`` runs them in that order and keeps a stage only if it scores better than the best so
-far (the score is ``eval_fn(sim)`` when given, else logit SQNR against the float model on held-out
+``ptq="auto"`` runs them in that order. BN folding, activation equalization and bias correction are
+kept unless they score worse than the best so far by more than the noise tolerance (they are the
+default recipe); every other stage is kept only if it scores better (the score is ``eval_fn(sim)`` when given, else logit SQNR against the float model on held-out
 calibration batches); with ``eval_fn`` and ``max_drop`` it stops at the first stage whose drop from
 the float model's score is within ``max_drop``. A list of stage names runs exactly those, in the
 order above, and keeps them all. ``"none"`` only calibrates.
@@ -33,9 +37,11 @@ from tqdm.auto import tqdm
 
 from ..batches import device_of, evaluating, in_training_mode, model_input, reiterable, run_batch, to_device
 from ..config.spec import QuantConfig
+from ..core.granularity import PerTensor
 from ..errors import DataError
 from ..metrics import fidelity, sqnr_db
 from ..sim.quantsim import QuantSim, QuantSimWarning
+from .act_eq import equalize_activations
 from .adaround import adaround
 from .bias_correction import correct_bias, correct_bias_analytical
 from .bn_fold import fold_batch_norms
@@ -104,6 +110,7 @@ class _Run:
         self.has_data = calib is not None
         self.device = device_of(model)
         self.w_bits = config.weight.bits if config.weight is not None else 32
+        self.per_channel = config.weight is not None and not isinstance(config.weight.granularity, PerTensor)
         with torch.no_grad():
             self.ref = [self.call(model, b) for b in score_batches]
         self.float_score = float(eval_fn(model)) if eval_fn is not None else None
@@ -157,6 +164,11 @@ def _bn_fold(run: _Run, model, stages):
     return cand, f"folded {len(r.folded)}, left {len(r.skipped)}"
 
 
+def _act_eq(run: _Run, model, stages):
+    cand, r = equalize_activations(model, run.calib, fold="bn_fold" in stages, progress=run.opts["progress"])
+    return cand, str(r)
+
+
 def _cle(run: _Run, model, stages):
     cand, r = cross_layer_equalization(model, absorb_high_bias=False, fold="bn_fold" in stages)
     return cand, f"{len(r.pairs)} pairs, {len(r.replaced_activations)} ReLU6->ChannelClamp"
@@ -206,11 +218,12 @@ class Stage:
 #: the stages in the order they run; a new technique is one entry
 STAGE_TABLE: tuple[Stage, ...] = (
     Stage("bn_fold", "model", _bn_fold, prefer=True),
-    Stage("cle", "model", _cle),
-    Stage("hba", "model", _hba),
+    Stage("act_eq", "model", _act_eq, needs_data=True, auto=lambda run: run.per_channel, prefer=True),
+    Stage("cle", "model", _cle, auto=lambda run: not run.per_channel),
+    Stage("hba", "model", _hba, auto=lambda run: not run.per_channel),
     Stage("calibrate", "sim", None),
     Stage("adaround", "sim", _adaround, needs_data=True, auto=lambda run: run.w_bits <= 4),
-    Stage("bias_correction", "sim", _bias_correction, auto=lambda run: run.w_bits > 4),
+    Stage("bias_correction", "sim", _bias_correction, auto=lambda run: run.w_bits > 4, prefer=True),
     Stage("loss_aware", "sim", _loss_aware, needs_data=True,
           auto=lambda run: run.has_data and bool(run.ref) and run.ref[0].ndim == 2),
 )
@@ -365,6 +378,8 @@ def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool
     """The loop over the stage table: float-model stages first, then sim stages on the best sim."""
     current, best_sim, best_score = copy.deepcopy(run.model), None, None
     for st in [_BY_NAME[s] for s in stages if _BY_NAME[s].on == "model"]:
+        if (auto and not st.auto(run)) or (st.needs_data and not run.has_data):
+            continue
         if best_sim is None:  # baseline: calibration only
             best_sim, best_score = _baseline(run, report, current, "calibrate (no PTQ)")
         if run.done(best_score):

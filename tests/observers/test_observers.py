@@ -75,3 +75,36 @@ def test_nan_in_observed_tensor_names_it():
     o = make_observer("minmax", name="x")
     with pytest.raises(ValueError, match="Inf"):
         o.update(torch.tensor([1.0, float("inf")]))
+
+
+def test_mean_minmax_counts_samples_not_batches_and_merges():
+    from edgequant.observers import MeanMinMaxObserver
+
+    x = torch.randn(12, 3, 5, 5) * torch.linspace(0.5, 4, 12).view(-1, 1, 1, 1)
+    whole, batched, a, b = (MeanMinMaxObserver() for _ in range(4))
+    whole.update(x)
+    for chunk in x.split(5):  # batches of 5, 5 and 2: each sample counts once
+        batched.update(chunk)
+    a.update(x[:7])
+    b.update(x[7:])
+    a.merge(b)
+    per_sample = x.reshape(12, -1)
+    for obs in (whole, batched, a):
+        assert obs.count == 12
+        assert torch.allclose(obs.max, per_sample.amax(1).mean().reshape(1), atol=1e-6)
+        assert torch.allclose(obs.min, per_sample.amin(1).mean().reshape(1), atol=1e-6)
+    # narrower than the running extremes: one outlier sample moves the range by 1/N only
+    assert float(whole.max) < float(x.max()) and float(whole.min) > float(x.min())
+
+
+def test_mean_minmax_per_channel_and_weights_fall_back_to_minmax():
+    from edgequant.core.granularity import PerChannel
+    from edgequant.observers import MeanMinMaxObserver, MinMaxObserver, make_observer
+
+    x = torch.randn(4, 3, 6, 6) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1)
+    obs = MeanMinMaxObserver(PerChannel(1))
+    obs.update(x)
+    want = x.transpose(0, 1).reshape(3, 4, -1).amax(2).mean(1)
+    assert torch.allclose(obs.max, want, atol=1e-6)
+    # a weight is one tensor, not a batch of samples: its range is its min-max
+    assert type(make_observer("mean_minmax", PerChannel(0), exact=True)) is MinMaxObserver

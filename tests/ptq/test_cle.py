@@ -56,3 +56,27 @@ def test_high_bias_absorption_moves_bias_and_reports_float_error():
     # absorbing again finds nothing new: bn_mean was updated
     _, again = absorb_high_biases(eq)
     assert all(v < 1e-6 for v in again.absorbed.values())
+
+
+class _SharedAct(nn.Module):
+    """Three conv pairs that all call one ReLU6 instance (as some hand-written models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU6()
+        self.convs = nn.ModuleList(nn.Conv2d(4 if i == 0 else 8, 8, 1) for i in range(4))
+
+    def forward(self, x):
+        for conv in self.convs[:-1]:
+            x = self.act(conv(x))
+        return self.convs[-1](x)
+
+
+def test_shared_activation_module_is_handled_per_call():
+    model = _spread(_SharedAct())
+    x = torch.randn(8, 4, 5, 5)
+    eq, report = cross_layer_equalization(model, x, absorb_high_bias=False)
+    assert len(report.pairs) == 3  # every call site, not only a module called once
+    assert len(report.replaced_activations) == 3
+    assert isinstance(model.act, nn.ReLU6)  # the input model is untouched
+    assert report.sqnr_db_scaling > 80

@@ -52,6 +52,7 @@ from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import INT32_MAX, INT32_MIN, bias_integers, bias_scale, quantize, storage_offset
 from ..errors import IntegerEngineError, NotCalibratedError
 from ..graph import lowering, ops, patterns
+from ..nn.modules import own_forward
 from ..nn.quantizer import Quantizer
 
 
@@ -119,6 +120,9 @@ class IntegerEngine:
                 if not ok:
                     raise IntegerEngineError(self._unsupported(base))
                 if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                    if own_forward(bm):
+                        raise IntegerEngineError(f"{base.target}: {type(bm).__name__} computes in its own forward; the engine "
+                                                 "runs layers from their attributes and would compute it differently")
                     wq = getattr(bm.param_quantizers, "weight", None)
                     if not isinstance(wq, Quantizer) or not wq.spec.symmetric:
                         raise IntegerEngineError(f"{base.target}: needs a symmetric weight quantizer (zero point 0)")

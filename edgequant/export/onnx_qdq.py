@@ -37,10 +37,43 @@ from ..errors import ExportError, NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
+from ..nn.modules import own_forward
+from . import generic as generic_export
 from ..nn.quantizer import Quantizer
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
-_NOOP_METHODS = {"to", "cpu", "cuda", "type_as"}
+_NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous"}
+
+
+class _NoMapping(ExportError):
+    """No hand-written mapping: the generic path (:mod:`edgequant.export.generic`) exports the op."""
+
+
+def _static_value(n: fx.Node, folded: dict, shape_of):
+    """Shape arithmetic folded to Python values from the recorded shapes (``x.size()``, ``x.size(0)``,
+    ``x.shape``, ``x.shape[1]``, ``x.dim()``), or None when ``n`` is not shape arithmetic. Reshapes take
+    their target from the recorded output shape with a dynamic batch axis, so these constants only ever
+    feed shape arguments."""
+    args = n.args
+    if n.op == "call_method" and n.target in ("size", "dim") and args and isinstance(args[0], fx.Node):
+        shape = shape_of(args[0])
+        if shape is None:
+            return None
+        if n.target == "dim":
+            return len(shape)
+        dim = n.kwargs.get("dim", args[1] if len(args) > 1 else None)
+        return torch.Size(shape) if dim is None else shape[dim]
+    if n.op == "call_function" and n.target is getattr and len(args) == 2 and args[1] == "shape":
+        shape = shape_of(args[0])
+        return torch.Size(shape) if shape is not None else None
+    if n.op == "call_function" and n.target is operator.getitem and args and args[0] in folded:
+        idx = args[1]
+        return folded[args[0]][idx] if not isinstance(idx, fx.Node) else None
+    if n.op == "call_function" and n.target in (operator.mul, operator.add, operator.sub, operator.floordiv) \
+            and all(isinstance(a, (int, float)) or a in folded for a in args):
+        vals = [folded[a] if isinstance(a, fx.Node) else a for a in args]
+        return n.target(*vals)
+    return None
 
 
 def _container(bits: int, signed: bool, opset: int):
@@ -201,7 +234,7 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
     else:
         w = b.const(f"{name}.weight", m.weight.detach().cpu().numpy())
     inputs = [x, w]
-    if m.bias is not None:
+    if getattr(m, "bias", None) is not None:  # an Embedding has none
         s_in = _input_scale(node, modules)
         if q is not None and s_in is not None and not isinstance(q.spec.granularity, PerBlock):
             s_b = bias_scale(s_in, q.scale, m.bias.shape[0]).cpu()
@@ -337,15 +370,21 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         return list(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
     def vinfo(name, n):
-        shape = shape_of(n)
-        if shape is None:
-            return helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-        dims = ["N" if (i == 0 and dynamic_batch) else d for i, d in enumerate(shape)]
-        return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+        return _value_info(name, n, shape_of(n), dynamic_batch)
+
+    folded: dict[fx.Node, object] = {}  # shape arithmetic, folded to Python values
+
+    def generic(n, m, out):
+        ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded)]
+        return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded)
 
     for n in gm.graph.nodes:
         out = want.get(n) or n.name
         m = patterns.module_of(n, modules)
+        static = _static_value(n, folded, shape_of) if n.op in ("call_method", "call_function") else None
+        if static is not None:
+            folded[n] = val[n] = static
+            continue
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if isinstance(src, _Quantized) and _moves_integers(n, modules):
             # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in
@@ -372,10 +411,11 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
                 outputs.append(vinfo(name, r))
         elif isinstance(m, Quantizer):
             val[n] = _activation_qdq(b, m, a[0], len(shape_of(n) or []))
-        elif m is not None:
-            val[n] = _module(b, n, m, a, out, modules, shape_of)
-        elif n.op in ("call_function", "call_method"):
-            val[n] = _function(b, n, a, out, shape_of)
+        elif m is not None or n.op in ("call_function", "call_method"):
+            try:
+                val[n] = _module(b, n, m, a, out, modules, shape_of) if m is not None else _function(b, n, a, out, shape_of)
+            except _NoMapping:
+                val[n] = generic(n, m, out)
         elif n.op == "get_attr":
             t = operator.attrgetter(n.target)(gm)
             val[n] = b.const(n.target, t.detach().cpu().numpy())
@@ -387,6 +427,16 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _value_info(name: str, n: fx.Node, shape, dynamic_batch: bool):
+    """A graph input/output: float32, or the recorded integer type (token ids)."""
+    dtype = getattr(n.meta.get("tensor_meta"), "dtype", torch.float32)
+    elem = TensorProto.FLOAT if dtype == torch.float32 else \
+        helper.np_dtype_to_tensor_dtype(np.dtype(str(dtype).replace("torch.", "")))
+    if shape is None:
+        return helper.make_tensor_value_info(name, elem, None)
+    return helper.make_tensor_value_info(name, elem, ["N" if (i == 0 and dynamic_batch) else d for i, d in enumerate(shape)])
 
 
 def _moves_integers(n: fx.Node, modules) -> bool:
@@ -404,6 +454,10 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
     ndim = len(shape_of(n) or [])
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                       nn.Linear, nn.Embedding)):
+        if own_forward(m):
+            raise ExportError(f"{name}: {type(m).__name__} computes in its own forward (e.g. its own padding or weight "
+                              "standardization); exporting it from its attributes would be wrong, so it is refused. Rewrite "
+                              "it as a plain layer plus ops (F.pad before nn.Conv2d) to export it")
         return _weighted(b, n, m, x, out, modules, ndim)
     if ops.is_identity(n, modules):
         return x
@@ -439,7 +493,7 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
         osz = m.output_size if isinstance(m.output_size, (tuple, list)) else [m.output_size]
         if all(o == 1 for o in osz):
             return b.node("GlobalAveragePool", [x], out=out, base=name)
-        raise ExportError(f"{name}: AdaptiveAvgPool with output size {m.output_size} has no integer ONNX kernel; use 1")
+        raise _NoMapping(name)  # no integer kernel: the float op between DQ and Q
     if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
         nd = ndim - 2
         tup = lambda v: list(v) if isinstance(v, (tuple, list)) else [v] * nd  # noqa: E731
@@ -454,8 +508,7 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
         if m.end_dim not in (-1, ndim - 1 + (m.start_dim if m.start_dim < 0 else 0)):
             return _reshape(b, x, shape_of(n), out, name)
         return b.node("Flatten", [x], out=out, base=name, axis=int(m.start_dim))
-    raise ExportError(f"{name} ({type(m).__name__}) has no ONNX export mapping; supported: conv, linear, batch norm, "
-                      "ReLU/ReLU6/clamps, sigmoid/tanh/hardswish, pooling, flatten, add/mul/cat/reshape")
+    raise _NoMapping(name)
 
 
 def _reshape(b, x, shape, out, base):
@@ -500,8 +553,11 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
     if t in (torch.mean, "mean"):
         dims = n.kwargs.get("dim", a[1] if len(a) > 1 else None)
         keep = n.kwargs.get("keepdim", a[2] if len(a) > 2 else False)
+        if dims is None or n.kwargs.get("dtype") is not None:
+            raise _NoMapping(base)
         dims = [dims] if isinstance(dims, int) else list(dims)
+        if b.opset < 18:  # axes became an input in opset 18
+            return b.node("ReduceMean", [a[0]], out=out, base=base, axes=dims, keepdims=int(keep))
         return b.node("ReduceMean", [a[0], b.const(f"{base}_axes", np.array(dims, dtype=np.int64))], out=out, base=base,
                       keepdims=int(keep))
-    name = getattr(t, "__name__", str(t))
-    raise ExportError(f"{base}: the op {name!r} has no ONNX export mapping yet (source: {n.stack_trace.strip().splitlines()[-1] if n.stack_trace else 'unknown'})")
+    raise _NoMapping(base)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..nn.modules import own_forward
 from . import ops
 from .capture import capture
 
@@ -266,11 +267,11 @@ def equalization_pairs(gm: fx.GraphModule, modules: dict) -> list[Pair]:
     pairs = []
     for node in gm.graph.nodes:
         l1 = module_of(node, modules)
-        if not isinstance(l1, EQUALIZABLE) or counts[node.target] != 1:
+        if not isinstance(l1, EQUALIZABLE) or counts[node.target] != 1 or own_forward(l1):
             continue
         n, act, kind = _walk_to_second(node, modules, counts)
         l2 = module_of(n, modules) if n is not None else None
-        if not isinstance(l2, EQUALIZABLE) or counts[n.target] != 1:
+        if not isinstance(l2, EQUALIZABLE) or counts[n.target] != 1 or own_forward(l2):
             continue
         out1 = l1.weight.shape[0]
         in2 = l2.weight.shape[1] * getattr(l2, "groups", 1)

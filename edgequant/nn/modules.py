@@ -76,6 +76,21 @@ class QuantizedModuleMixin:
         return type(self).__mro__[2]
 
 
+def own_forward(m: nn.Module) -> bool:
+    """Whether ``m`` is a subclass of a torch layer that computes its own way (a conv with TensorFlow's
+    "same" padding or weight standardization in its forward): passes that read a layer's attributes
+    (BN folding, equalization, AdaRound, the ONNX export, the integer engine) would get it wrong, so
+    they skip it by name or refuse it."""
+    for cls in type(m).__mro__:
+        if cls is QuantizedModuleMixin:
+            continue
+        if (cls.__module__ or "").startswith("torch."):
+            return False
+        if "forward" in cls.__dict__:
+            return True
+    return False
+
+
 def quantized_class(cls: type) -> type:
     """The cached ``Quantized<cls>`` subclass of ``(QuantizedModuleMixin, cls)``."""
     if issubclass(cls, QuantizedModuleMixin):

@@ -129,16 +129,23 @@ class MeanMinMaxObserver(MinMaxObserver):
     only by 1/N) and independent of how the data is batched: a batch of 32 counts as 32 samples. A
     tensor without a batch axis (0-d or 1-d) counts as one sample.
 
-    >>> obs = MeanMinMaxObserver(); obs.update(torch.tensor([[0.0, 2.0], [-2.0, 4.0]]))
+    The extremes of a small sample are not extremes of the distribution (the maximum of 16 Gaussian
+    values is about 1.8 sigma), so where a sample holds fewer than :attr:`MIN_VALUES` values per group
+    (a linear layer's input, a pooled feature vector of a small net) the observer reports the running
+    minimum and maximum instead, as ``minmax`` would.
+
+    >>> obs = MeanMinMaxObserver(); obs.update(torch.arange(4096.0).reshape(2, 2048))
     >>> obs.min.tolist(), obs.max.tolist(), obs.count
-    ([-1.0], [3.0], 2)
+    ([1024.0], [3071.0], 2)
     """
+
+    MIN_VALUES = 1024
 
     def __init__(self, granularity: Granularity = PerTensor(), name: str = "tensor"):
         super().__init__(granularity, name)
         self.count = 0
-        self._sum_lo: torch.Tensor | None = None
-        self._sum_hi: torch.Tensor | None = None
+        self.values_per_sample: int | None = None
+        self._sum_lo = self._sum_hi = self._run_lo = self._run_hi = None
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -148,7 +155,8 @@ class MeanMinMaxObserver(MinMaxObserver):
         samples = x.reshape(1, -1) if x.dim() < 2 else x
         lo, hi = self._per_sample(samples)
         _check_finite(x, self.name, lo, hi)
-        self._add(lo.double().sum(0), hi.double().sum(0), samples.shape[0], x.shape)
+        per_group = samples[0].numel() // max(1, lo.shape[1])
+        self._add(lo.double().sum(0), hi.double().sum(0), lo.amin(0), hi.amax(0), samples.shape[0], per_group, x.shape)
 
     def _per_sample(self, x: torch.Tensor):
         """Per-sample, per-group (min, max), each (B, G)."""
@@ -157,22 +165,28 @@ class MeanMinMaxObserver(MinMaxObserver):
         los, his = zip(*(group_aminmax(to_groups(s.float(), self.granularity)) for s in x.split(1)))
         return torch.stack(los), torch.stack(his)
 
-    def _add(self, sum_lo, sum_hi, n, shape):
+    def _add(self, sum_lo, sum_hi, run_lo, run_hi, n, per_group, shape):
         if self._sum_lo is None:
-            self._sum_lo, self._sum_hi, self.shape = sum_lo, sum_hi, shape
+            self._sum_lo, self._sum_hi, self._run_lo, self._run_hi, self.shape = sum_lo, sum_hi, run_lo, run_hi, shape
         elif sum_lo.shape != self._sum_lo.shape:
             raise ValueError(f"{self.name}: tensor shape changed between batches in a way that changes "
                              f"the number of quantization groups ({self._sum_lo.numel()} -> {sum_lo.numel()})")
         else:
             self._sum_lo, self._sum_hi = self._sum_lo + sum_lo, self._sum_hi + sum_hi
+            self._run_lo, self._run_hi = torch.minimum(self._run_lo, run_lo), torch.maximum(self._run_hi, run_hi)
         self.count += n
-        self.min = (self._sum_lo / self.count).float()
-        self.max = (self._sum_hi / self.count).float()
+        self.values_per_sample = per_group if self.values_per_sample is None else min(self.values_per_sample, per_group)
+        if self.values_per_sample < self.MIN_VALUES:
+            self.min, self.max = self._run_lo.float(), self._run_hi.float()
+        else:
+            self.min = (self._sum_lo / self.count).float()
+            self.max = (self._sum_hi / self.count).float()
 
     def merge(self, other: "MeanMinMaxObserver") -> "MeanMinMaxObserver":
         """Combine with another observer of the same tensor: the mean over both sets of samples."""
         if not other.empty:
-            self._add(other._sum_lo, other._sum_hi, other.count, other.shape)
+            self._add(other._sum_lo, other._sum_hi, other._run_lo, other._run_hi, other.count,
+                      other.values_per_sample, other.shape)
         return self
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..graph import ops
+from ..nn.modules import own_forward
 from ..graph.patterns import bn_producer, call_counts, module_of, set_submodule, trace
 
 
@@ -138,7 +139,9 @@ def fold_batch_norms(model: nn.Module, inplace: bool = False) -> tuple[nn.Module
             report.skipped.append((node.target, f"it follows {what}, not a conv/linear layer"))
             continue
         reason = None
-        if not chain_ok:
+        if own_forward(layer):
+            reason = f"{src.target} ({type(layer).__name__}) computes in its own forward, which folding cannot see into"
+        elif not chain_ok:
             reason = f"the output of {src.target} is also used elsewhere"
         elif counts.get(src.target, 0) > 1 or counts.get(node.target, 0) > 1:
             reason = "the layer or the batch norm is called more than once"

@@ -28,7 +28,7 @@ from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import dequantize, quantize, storage_offset
 from ..errors import NotCalibratedError
 from ..graph import lowering, ops, patterns
-from ..nn.modules import QuantizedModuleMixin
+from ..nn.modules import QuantizedModuleMixin, own_forward
 from ..nn.quantizer import Quantizer
 
 
@@ -64,7 +64,8 @@ class IntegerExactMode:
             return self._plain
         base, act = patterns.split_producer(n.args[0], self.modules)
         bm = patterns.module_of(base, self.modules)
-        if isinstance(bm, lowering.INTEGER_WEIGHTED) and isinstance(bm, QuantizedModuleMixin):
+        # a layer with its own forward (weight standardization) need not sum its integer weights: fake-quantize
+        if isinstance(bm, lowering.INTEGER_WEIGHTED) and isinstance(bm, QuantizedModuleMixin) and not own_forward(bm):
             q_in = bm._bias_input[0][bm._bias_input[1]] if bm._bias_input is not None else None
             q_w = getattr(bm.param_quantizers, "weight", None)
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):

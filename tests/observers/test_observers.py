@@ -80,7 +80,7 @@ def test_nan_in_observed_tensor_names_it():
 def test_mean_minmax_counts_samples_not_batches_and_merges():
     from edgequant.observers import MeanMinMaxObserver
 
-    x = torch.randn(12, 3, 5, 5) * torch.linspace(0.5, 4, 12).view(-1, 1, 1, 1)
+    x = torch.randn(12, 3, 20, 20) * torch.linspace(0.5, 4, 12).view(-1, 1, 1, 1)
     whole, batched, a, b = (MeanMinMaxObserver() for _ in range(4))
     whole.update(x)
     for chunk in x.split(5):  # batches of 5, 5 and 2: each sample counts once
@@ -101,10 +101,15 @@ def test_mean_minmax_per_channel_and_weights_fall_back_to_minmax():
     from edgequant.core.granularity import PerChannel
     from edgequant.observers import MeanMinMaxObserver, MinMaxObserver, make_observer
 
-    x = torch.randn(4, 3, 6, 6) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1)
+    x = torch.randn(4, 3, 32, 32) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1)
     obs = MeanMinMaxObserver(PerChannel(1))
     obs.update(x)
     want = x.transpose(0, 1).reshape(3, 4, -1).amax(2).mean(1)
     assert torch.allclose(obs.max, want, atol=1e-6)
+    # 16 values per sample are too few for their extremes to mean anything: the running extremes
+    small = MeanMinMaxObserver()
+    v = torch.randn(64, 16)
+    small.update(v)
+    assert float(small.max) == float(v.max()) and float(small.min) == float(v.min())
     # a weight is one tensor, not a batch of samples: its range is its min-max
     assert type(make_observer("mean_minmax", PerChannel(0), exact=True)) is MinMaxObserver

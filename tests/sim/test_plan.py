@@ -19,7 +19,7 @@ def test_plan_roles_and_output_range_method(block):
     plan = sim.plan
     assert plan["x"].role == "input" and plan["conv1.weight"].role == "weight"
     assert plan["fc"].role == "output" and plan["fc"].spec.range_method == "minmax"  # outputs calibrate min-max
-    assert plan["relu"].role == "activation" and plan["relu"].spec.range_method == "percentile"
+    assert plan["relu"].role == "activation" and plan["relu"].spec.range_method == "mean_minmax"
     assert plan["relu"].spec.signed is False and plan["conv1.weight"].spec.granularity.axis == 0  # resolved
     assert plan["fc.bias"].role == "bias" and plan["fc.bias"].source == ("adaptive_avg_pool2d", "fc.weight")
     assert sim.output_quantizers() == ["fc"]

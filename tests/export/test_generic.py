@@ -1,0 +1,81 @@
+"""Ops without a hand-written ONNX mapping go through torch.onnx in float between DQ and Q."""
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgequant import QuantSim, export_onnx
+from edgequant.metrics import sqnr_db
+
+
+class Mixed(nn.Module):
+    """LayerNorm over permuted channels, GELU, avg_pool2d, an adaptive pool to 2x2, the classifier-head
+    idiom ``x.view(x.size(0), -1)`` and ``x.mean(dim)``: none has a hand-written mapping."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.act = nn.GELU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = F.avg_pool2d(self.act(x), 2)
+        x = self.pool(x).contiguous()
+        y = self.fc(x.view(x.size(0), -1))
+        return y - y.mean(dim=1, keepdim=True)
+
+
+def _ort(path, feeds):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {i.name: v for i, v in zip(s.get_inputs(), feeds)})[0]
+
+
+def test_unmapped_ops_export_generically_and_ort_agrees(tmp_path):
+    torch.manual_seed(0)
+    model, x = Mixed().eval(), torch.randn(16, 3, 16, 16)
+    sim = QuantSim(model, x[:1], "w8a8")
+    sim.calibrate([x], progress=False)
+    export_onnx(sim, tmp_path / "m.onnx", opset=17)
+    m = onnx.load(tmp_path / "m.onnx")
+    onnx.checker.check_model(m, full_check=True)  # ReduceMean in its opset-17 form
+    ops = Counter(n.op_type for n in m.graph.node)
+    assert ops["LayerNormalization"] == 1 and ops["Erf"] == 1 and ops["Transpose"] == 2
+    out = _ort(tmp_path / "m.onnx", [x.numpy()])
+    with torch.no_grad():
+        ref = sim(x).numpy()
+    assert sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30
+    assert (out.argmax(1) == ref.argmax(1)).mean() == 1.0
+    # the batch axis stays dynamic through the spliced ops
+    assert _ort(tmp_path / "m.onnx", [x[:3].numpy()]).shape == (3, 5)
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(dim=1))
+
+
+def test_embedding_exports_with_integer_token_ids(tmp_path):
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (8, 12))
+    sim = QuantSim(TokenModel().eval(), ids[:1], "w8a8")
+    sim.calibrate([ids], progress=False)
+    export_onnx(sim, tmp_path / "t.onnx")
+    m = onnx.load(tmp_path / "t.onnx")
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    out = _ort(tmp_path / "t.onnx", [ids.numpy()])
+    with torch.no_grad():
+        ref = sim(ids).numpy()
+    assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max()) or sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30

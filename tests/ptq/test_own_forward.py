@@ -1,0 +1,70 @@
+"""Layers that subclass a torch layer but compute in their own forward (TensorFlow's "same" padding,
+weight standardization) go through every pass and the export without being silently mis-modelled."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import edgequant
+from edgequant import QuantSim, export_onnx
+from edgequant.errors import ExportError, IntegerEngineError
+from edgequant.export.integer import IntegerEngine
+from edgequant.metrics import sqnr_db
+from edgequant.nn import own_forward
+from edgequant.ptq import adaround, cross_layer_equalization, fold_batch_norms
+
+
+class SamePadConv(nn.Conv2d):
+    def forward(self, x):
+        ih, iw = x.shape[-2:]
+        ph = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - ih, 0)
+        pw = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class StdConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(SamePadConv(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), StdConv(8, 8, 3, padding=1),
+                         nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+def test_predicate():
+    net = _net()
+    assert own_forward(net[0]) and own_forward(net[3]) and not own_forward(net[6]) and not own_forward(nn.Linear(2, 2))
+
+
+def test_every_pass_keeps_the_float_model_and_skips_by_name(tmp_path):
+    net, x = _net(), torch.randn(8, 3, 15, 15)
+    with torch.no_grad():
+        ref = net(x)
+    folded, report = fold_batch_norms(net)
+    assert {name for name, _ in report.skipped} == {"1", "4"} and all("own forward" in why for _, why in report.skipped)
+    eq, _ = cross_layer_equalization(net, x)
+    with torch.no_grad():
+        assert sqnr_db(ref, folded(x)) > 80 and sqnr_db(ref, eq(x)) > 80
+    sim = QuantSim(net, x[:1], "w4a8")
+    sim.calibrate([x], progress=False)
+    r = adaround(sim, [x], iterations=3, progress=False)
+    assert set(r.skipped) == {"0", "3"}
+    res = edgequant.quantize(net, [x, x], "w4a8", progress=False, adaround_iterations=3)  # ptq="auto" runs through
+    assert res.report.stages
+    with pytest.raises(ExportError, match="own forward"):
+        export_onnx(sim, tmp_path / "m.onnx")
+    plain = QuantSim(nn.Sequential(SamePadConv(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(), x[:1], "w8a8")
+    plain.calibrate([x], progress=False)
+    with pytest.raises(IntegerEngineError, match="0: .*own forward"):
+        IntegerEngine(plain)
+    with torch.no_grad(), sim.integer_exact():  # those layers fake-quantize as in the float sim
+        y = sim(x)
+    with torch.no_grad():
+        assert sqnr_db(sim(x), y) > 30

@@ -135,7 +135,7 @@ def main():
                 if k in only and not args.table_only:
                     print(f"== partition {k}, {n_cal} calibration crops: {peer}", flush=True)
                     try:
-                        bench_peers.run_peer(peer, folder, out, rows, None, args.timeout)
+                        bench_peers.run_peer(peer, folder, out, rows, None, args.timeout, keep_other_rows=True)
                     except Exception as e:  # a peer that fails is reported, the others still run
                         errors.append(f"partition {k}, {n_cal} crops, {peer}: {type(e).__name__}: {e}"[:300])
                 res_file = out / "results.json"

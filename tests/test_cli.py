@@ -19,8 +19,8 @@ def test_help_documents_commands():
 
 @pytest.mark.slow
 def test_demo_writes_report(tmp_path):
-    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--calib", "32", "--eval", "32", "--threads", "2",
-                                  "--adaround-iterations", "2", "--adaround-crops", "16"])
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), "--calib", "16", "--eval", "16", "--threads", "2",
+                                  "--adaround-iterations", "2", "--adaround-crops", "8", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "report.json").read_text())
     rows = {row["config"].split(" (")[0] if row["config"].startswith("w4a8") else row["config"]: row for row in rep["results"]}

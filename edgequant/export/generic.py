@@ -81,18 +81,29 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
         dyn["out"] = {0: "N"}
     buf = io.BytesIO()
     op = _OneOp(node, module, consts).eval()
+    with torch.no_grad():
+        result = op(*examples)
+    # chunk, split, unbind, MultiheadAttention: several outputs (a None among them is no ONNX output)
+    multi = isinstance(result, (tuple, list))
+    is_tensor = [torch.is_tensor(r) for r in result] if multi else [True]
+    n_out = sum(is_tensor)
+    out_names = ["out"] if not multi else [f"out{i}" for i in range(n_out)]
+    if dyn is not None:
+        dyn.pop("out", None)
+        dyn.update({o: {0: "N"} for o in out_names})
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(op, examples, buf, dynamo=False, opset_version=b.opset, input_names=in_names,
-                              output_names=["out"], dynamic_axes=dyn, do_constant_folding=True)
+                              output_names=out_names, dynamic_axes=dyn, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 -- any exporter failure is reported with the op's name
         what = node.target if node.op != "call_module" else type(module).__name__
         raise ExportError(f"{node.name}: {what} has no integer kernel and torch.onnx could not export it in float "
                           f"either ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
     sub = onnx.load_from_string(buf.getvalue()).graph
     rename = dict(zip(in_names, inputs))
-    rename["out"] = out
+    outs = [out] if not multi else [b.fresh(f"{out}_{i}") for i in range(n_out)]
+    rename.update(zip(out_names, outs))
     base = node.name
 
     def name_of(v: str) -> str:
@@ -118,11 +129,14 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
         new.output.extend(name_of(v) for v in nd.output)
         new.name = b.fresh(f"{base}/{nd.op_type}")
         b.nodes.append(new)
-    if out not in b.names:
-        b.names.add(out)
-    if out not in {o for nd in sub.node for o in nd.output} and rename.get("out") == out:
-        # the op was an identity for the exporter (output == an input): keep the name with an Identity
-        src = next((i for i, n in zip(inputs, in_names) if n == sub.output[0].name), None)
-        if src is not None:
-            b.nodes.append(onnx.helper.make_node("Identity", [src], [out], name=b.fresh(f"{base}/Identity")))
-    return out
+    produced = {name_of(o) for nd in sub.node for o in nd.output}
+    for g, o in zip(sub.output, outs):
+        b.names.add(o)
+        if o not in produced:  # the exporter passed an input straight through: keep the name with an Identity
+            if g.name not in in_names:
+                raise ExportError(f"{node.name}: torch.onnx produced no node for its output {g.name}")
+            b.nodes.append(onnx.helper.make_node("Identity", [rename[g.name]], [o], name=b.fresh(f"{base}/Identity")))
+    if not multi:
+        return outs[0]
+    it = iter(outs)
+    return [next(it) if t else None for t in is_tensor]

@@ -45,6 +45,11 @@ from ..nn.quantizer import Quantizer
 _NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous"}
 
 
+#: arithmetic and comparisons on shape values (``torch._assert(h == self.image_size)`` in ViT)
+_INT_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv, operator.eq, operator.ne,
+            operator.lt, operator.le, operator.gt, operator.ge, operator.mod}
+
+
 class _NoMapping(ExportError):
     """No hand-written mapping: the generic path (:mod:`edgequant.export.generic`) exports the op."""
 
@@ -69,8 +74,7 @@ def _static_value(n: fx.Node, folded: dict, shape_of):
     if n.op == "call_function" and n.target is operator.getitem and args and args[0] in folded:
         idx = args[1]
         return folded[args[0]][idx] if not isinstance(idx, fx.Node) else None
-    if n.op == "call_function" and n.target in (operator.mul, operator.add, operator.sub, operator.floordiv) \
-            and all(isinstance(a, (int, float)) or a in folded for a in args):
+    if n.op == "call_function" and n.target in _INT_OPS and all(isinstance(a, (int, float)) or a in folded for a in args):
         vals = [folded[a] if isinstance(a, fx.Node) else a for a in args]
         return n.target(*vals)
     return None
@@ -385,6 +389,16 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         if static is not None:
             folded[n] = val[n] = static
             continue
+        if n.op == "call_function" and n.target is torch._assert and n.args and n.args[0] in folded:
+            if not folded[n.args[0]]:
+                raise ExportError(f"{n.name}: the model's own assertion fails on the recorded shapes")
+            continue  # checked here, on the shapes the graph was recorded with
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(val.get(n.args[0]), list) \
+                and isinstance(n.args[1], int):
+            val[n] = val[n.args[0]][n.args[1]]  # one output of a multi-output op (chunk, split, unbind)
+            if n in want:
+                val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+            continue
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if isinstance(src, _Quantized) and _moves_integers(n, modules):
             # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in
@@ -506,15 +520,18 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
         return b.node("AveragePool", [x], out=out, base=name, count_include_pad=int(m.count_include_pad), **attrs)
     if isinstance(m, nn.Flatten):
         if m.end_dim not in (-1, ndim - 1 + (m.start_dim if m.start_dim < 0 else 0)):
-            return _reshape(b, x, shape_of(n), out, name)
+            return _reshape(b, x, shape_of(n), out, name, shape_of(n.args[0]))
         return b.node("Flatten", [x], out=out, base=name, axis=int(m.start_dim))
     raise _NoMapping(name)
 
 
-def _reshape(b, x, shape, out, base):
+def _reshape(b, x, shape, out, base, in_shape=None):
+    """A reshape to the recorded ``shape``; its first dimension follows the input's batch (0) when the
+    reshape keeps it, else -1 (windows folded into the batch axis: ``B * windows``)."""
     if shape is None:
         raise ExportError(f"{base}: unknown output shape for reshape")
-    target = np.array([0] + list(shape[1:]), dtype=np.int64)
+    first = 0 if in_shape is None or (len(in_shape) and in_shape[0] == shape[0]) else -1
+    target = np.array([first] + list(shape[1:]), dtype=np.int64)
     return b.node("Reshape", [x, b.const(f"{base}_shape", target)], out=out, base=base)
 
 
@@ -545,9 +562,9 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
         end = n.kwargs.get("end_dim", a[2] if len(a) > 2 else -1)
         if end == -1:
             return b.node("Flatten", [a[0]], out=out, base=base, axis=int(start))
-        return _reshape(b, a[0], shape_of(n), out, base)
+        return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
     if t in ("view", "reshape", torch.reshape):
-        return _reshape(b, a[0], shape_of(n), out, base)
+        return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
     if t in (F.adaptive_avg_pool2d,) and tuple(np.atleast_1d(a[1])) in ((1,), (1, 1)):
         return b.node("GlobalAveragePool", [a[0]], out=out, base=base)
     if t in (torch.mean, "mean"):

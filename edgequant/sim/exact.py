@@ -22,6 +22,7 @@ multiplier-and-shift (see :mod:`edgequant.core.requant`). Evaluation only: no gr
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
@@ -98,12 +99,16 @@ class IntegerExactMode:
         y = self.tape.pop(id(layer))  # the layer's float64 output, before the activation
         s_x, _ = self._grid(q_in)
         s_w = q_w.scale.detach().double().reshape(-1)
-        cout = y.shape[1] if y.ndim > 1 else y.shape[0]
+        if isinstance(layer, nn.Linear):  # channels last, whatever the rank (tokens, channels-last blocks)
+            cout, shape = y.shape[-1], [1] * (y.ndim - 1) + [-1]
+        else:
+            cout = y.shape[1] if y.ndim > 1 else y.shape[0]
+            shape = [1, -1] + [1] * (y.ndim - 2) if y.ndim > 2 else [1, -1]
         s_w = s_w.expand(cout) if s_w.numel() == 1 else s_w
-        shape = [1, -1] + [1] * (y.ndim - 2) if y.ndim > 2 else [1, -1]
         acc = torch.round(y / (s_x * s_w).view(shape)).long()
         s_y, z_y = self._grid(q)
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, cout, y.ndim)
+        lo, hi = lo.reshape(shape), hi.reshape(shape)  # the layer's channel axis (last for a Linear)
         return self._out(q, rq.requantize(acc, s_x, s_w, s_y, z_y, lo, hi, self.mode, shape))
 
     def _add(self, q: Quantizer, qa: Quantizer, qb: Quantizer, act, x) -> torch.Tensor:

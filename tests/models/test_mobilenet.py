@@ -63,7 +63,7 @@ def test_mobilenet_onnx_and_integer_engine_match_the_sim(setup, tmp_path):
     sess = ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert ops["QLinearConv"] == 52 and ops["QLinearAdd"] == 10 and ops["Conv"] == 0, ops
-    ev = ev[:32]
+    ev = ev[:8]  # the integer engine runs integer convolutions without a fast kernel: 8 crops keep it short
     out = torch.from_numpy(np.concatenate([sess.run(None, {"x": b.numpy()})[0] for b in ev.split(16)]))
     step = float(sim.quantizers()["classifier.1"].scale)
     for mode in ("float32", "fixed_point"):
@@ -76,6 +76,6 @@ def test_mobilenet_onnx_and_integer_engine_match_the_sim(setup, tmp_path):
             steps = (out - exact).abs() / step
             assert (out.argmax(1) == exact.argmax(1)).all() and (steps <= 1.001).double().mean() >= 0.999
     with torch.no_grad():
-        f_sim = fidelity(ref[:32], sim(ev))
-    f = fidelity(ref[:32], out)
-    assert f.sqnr_db > f_sim.sqnr_db - 1.0 and f.top1 > f_sim.top1 - 0.1, (f, f_sim)
+        f_sim = fidelity(ref[:8], sim(ev))
+    f = fidelity(ref[:8], out)
+    assert f.sqnr_db > f_sim.sqnr_db - 1.0 and f.top1 >= f_sim.top1 - 0.125, (f, f_sim)  # one crop of 8

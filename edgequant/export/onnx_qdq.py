@@ -385,19 +385,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     for n in gm.graph.nodes:
         out = want.get(n) or n.name
         m = patterns.module_of(n, modules)
-        static = _static_value(n, folded, shape_of) if n.op in ("call_method", "call_function") else None
-        if static is not None:
-            folded[n] = val[n] = static
-            continue
-        if n.op == "call_function" and n.target is torch._assert and n.args and n.args[0] in folded:
-            if not folded[n.args[0]]:
-                raise ExportError(f"{n.name}: the model's own assertion fails on the recorded shapes")
-            continue  # checked here, on the shapes the graph was recorded with
-        if n.op == "call_function" and n.target is operator.getitem and isinstance(val.get(n.args[0]), list) \
-                and isinstance(n.args[1], int):
-            val[n] = val[n.args[0]][n.args[1]]  # one output of a multi-output op (chunk, split, unbind)
-            if n in want:
-                val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+        if _shape_or_selection(b, n, val, folded, want, shape_of):
             continue
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if isinstance(src, _Quantized) and _moves_integers(n, modules):
@@ -441,6 +429,27 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: dict, shape_of) -> bool:
+    """Handle ``n`` if it is shape arithmetic (folded to a value), a shape assertion (checked here) or one
+    output of a multi-output op (chunk, split, unbind); False for every other node."""
+    if n.op not in ("call_method", "call_function"):
+        return False
+    static = _static_value(n, folded, shape_of)
+    if static is not None:
+        folded[n] = val[n] = static
+        return True
+    if n.target is torch._assert and n.args and n.args[0] in folded:
+        if not folded[n.args[0]]:
+            raise ExportError(f"{n.name}: the model's own assertion fails on the recorded shapes")
+        return True
+    if n.target is operator.getitem and isinstance(val.get(n.args[0]), list) and isinstance(n.args[1], int):
+        val[n] = val[n.args[0]][n.args[1]]
+        if n in want:
+            val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+        return True
+    return False
 
 
 def _value_info(name: str, n: fx.Node, shape, dynamic_batch: bool):

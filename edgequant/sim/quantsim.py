@@ -22,6 +22,7 @@ from ..errors import DataError, GraphCaptureError, NotCalibratedError, PlanError
 from ..io import encodings as enc_io
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer, make_quantizer
+from .pool_grid import cap_pool_grids
 from .prepare import prepare_graph, prepare_leaf
 from .saving import copy_weights, meta_copy
 from .saving import save as save_sim
@@ -373,6 +374,7 @@ class QuantSim(nn.Module):
                         raise DataError(f"calibration batch {i} (shapes {shapes(batch)}) failed in the model: "
                                         f"{type(e).__name__}: {e}") from e
                     n += 1
+        cap_pool_grids(self)
         collapsed = [n for n, q in qs.items() if q.is_initialized and q.range_collapsed]
         if collapsed:
             warnings.warn(f"{len(collapsed)} quantizer(s) saw only zeros, so their range is empty: {', '.join(collapsed[:8])}"

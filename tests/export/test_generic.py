@@ -79,3 +79,31 @@ def test_embedding_exports_with_integer_token_ids(tmp_path):
     with torch.no_grad():
         ref = sim(ids).numpy()
     assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max()) or sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30
+
+
+class Squeeze(nn.Module):
+    """A squeeze-and-excitation-like pool whose outputs span a sliver of its input's range."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x)).flatten(1))
+
+
+def test_global_pool_grid_is_never_finer_than_input_step_over_count(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 2, 32, 32) * 1e-3
+    x[:, :, 0, 0], x[:, :, 5, 5] = 50.0, -50.0  # pooled values near 0, input range +-50
+    sim = QuantSim(Squeeze().eval(), x[:1], "w8a8")
+    sim.calibrate([x], progress=False)
+    q_in, q_out = sim.quantizers()["conv"], sim.quantizers()["pool"]
+    assert float(q_out.scale) >= float(q_in.scale) / (32 * 32) * 0.999
+    export_onnx(sim, tmp_path / "se.onnx")
+    out = _ort(tmp_path / "se.onnx", [x.numpy()])  # ORT's QLinearGlobalAveragePool accepts the multiplier
+    with torch.no_grad():
+        ref = sim(x).numpy()
+    assert np.abs(out - ref).max() <= 1.001 * float(sim.quantizers()["fc"].scale) + 1e-6

@@ -1,0 +1,60 @@
+"""A global average pool's output grid is never finer than its input step divided by the pooled count.
+
+The mean of ``N`` values on a grid of step ``s_x`` is a multiple of ``s_x / N``: an output grid finer
+than that represents nothing more, and ONNX Runtime's ``QLinearGlobalAveragePool`` refuses a
+multiplier ``s_x / (s_y N)`` of 256 or more ("parameter out of computation range", seen on
+EfficientNet's squeeze-and-excitation pools, whose pooled values span a sliver of their input's
+range). After calibration such an output grid is widened to step ``s_x / N`` (its range grows, so
+nothing more is clipped).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.granularity import PerTensor
+from ..core.quant import choose_qparams
+from ..graph import lowering, ops, patterns
+from ..nn.quantizer import Quantizer
+
+
+def _pooled_count(pool, modules) -> int:
+    src = pool.args[0]
+    meta = src.meta.get("tensor_meta")
+    while meta is None and src.op == "call_module" and src.args:
+        src = src.args[0]
+        meta = src.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return 0
+    dims, _ = patterns.pool_dims(pool, modules, len(meta.shape))
+    return math.prod(int(meta.shape[d]) for d in dims)
+
+
+@torch.no_grad()
+def cap_pool_grids(sim) -> list[str]:
+    """Widen every too-fine global-pool output grid of a calibrated graph-mode sim; returns their names."""
+    if sim.capture_mode != "graph":
+        return []
+    modules = dict(sim.model.named_modules())
+    widened = []
+    for n in sim.model.graph.nodes:
+        q = patterns.module_of(n, modules)
+        if not isinstance(q, Quantizer) or q.is_weight or not q.is_initialized or q.is_frozen \
+                or not isinstance(q.spec.granularity, PerTensor) or not patterns.is_global_pool(n.args[0], modules):
+            continue
+        pool = n.args[0]
+        qx = lowering.source_quantizer(pool.args[0], modules, through=ops.is_identity)
+        count = _pooled_count(pool, modules)
+        if not isinstance(qx, Quantizer) or not qx.is_initialized or not isinstance(qx.spec.granularity, PerTensor) or not count:
+            continue
+        floor = float(qx.scale) / count
+        s, z = float(q.scale), float(q.zero_point)
+        if s >= floor:
+            continue
+        f = floor / s
+        lo, hi = s * (q.qmin - z) * f, s * (q.qmax - z) * f
+        scale, zp = choose_qparams(torch.tensor([lo]), torch.tensor([hi]), q.qmin, q.qmax, q.spec.symmetric)
+        q._set(scale.reshape(q.scale.shape), zp.reshape(q.zero_point.shape))
+        widened.append(q.tensor_name)
+    return widened

@@ -5,7 +5,8 @@ than that represents nothing more, and ONNX Runtime's ``QLinearGlobalAveragePool
 multiplier ``s_x / (s_y N)`` of 256 or more ("parameter out of computation range", seen on
 EfficientNet's squeeze-and-excitation pools, whose pooled values span a sliver of their input's
 range). After calibration such an output grid is widened to step ``s_x / N`` (its range grows, so
-nothing more is clipped).
+nothing more is clipped), and one coarser than the input's own grid (an output that saw only zeros) takes
+the input's grid, which holds every mean of its values.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _pooled_count(pool, modules) -> int:
 
 @torch.no_grad()
 def cap_pool_grids(sim) -> list[str]:
-    """Widen every too-fine global-pool output grid of a calibrated graph-mode sim; returns their names."""
+    """Fix every too-fine or too-coarse global-pool output grid of a calibrated graph-mode sim; returns their names."""
     if sim.capture_mode != "graph":
         return []
     modules = dict(sim.model.named_modules())
@@ -50,6 +51,13 @@ def cap_pool_grids(sim) -> list[str]:
             continue
         floor = float(qx.scale) / count
         s, z = float(q.scale), float(q.zero_point)
+        if s > float(qx.scale) and (q.qmin, q.qmax) == (qx.qmin, qx.qmax):
+            # coarser than the input's grid (an output that saw only zeros gets scale 1): the mean of values on
+            # the input grid stays in the input's range, so the input's grid serves (and keeps ORT's multiplier
+            # s_x / (s_y N) above its floor of 2**-32)
+            q._set(qx.scale.detach().clone().reshape(q.scale.shape), qx.zero_point.detach().clone().reshape(q.zero_point.shape))
+            widened.append(q.tensor_name)
+            continue
         if s >= floor:
             continue
         f = floor / s

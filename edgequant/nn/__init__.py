@@ -5,5 +5,5 @@ from .modules import QuantizedModuleMixin, own_forward, quantize_module, quantiz
 from .quantizer import ROLES, Quantizer, make_quantizer
 from .registry import Registration, lookup, register_quantized
 
-__all__ = ["own_forward", "ChannelClamp", "Quantizer", "make_quantizer", "ROLES", "NotCalibratedError", "QuantizedModuleMixin",
-           "quantize_module", "quantized_class", "register_quantized", "lookup", "Registration"]
+__all__ = ["ChannelClamp", "Quantizer", "make_quantizer", "ROLES", "NotCalibratedError", "QuantizedModuleMixin",
+           "quantize_module", "quantized_class", "own_forward", "register_quantized", "lookup", "Registration"]

@@ -44,8 +44,6 @@ def make_observer(method: str, granularity: Granularity = PerTensor(), name: str
         return MinMaxObserver(granularity, name)
     if method == "mean_minmax":
         return MeanMinMaxObserver(granularity, name)
-    if method == "minmax":
-        return MinMaxObserver(granularity, name)
     if method == "ema":
         return MovingAverageMinMaxObserver(granularity, name)
     if method in ("percentile", "mse", "sqnr"):

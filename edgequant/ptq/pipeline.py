@@ -18,8 +18,8 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 
 ``ptq="auto"`` runs them in that order. BN folding, activation equalization and bias correction are
 kept unless they score worse than the best so far by more than the noise tolerance (they are the
-default recipe); every other stage is kept only if it scores better (the score is ``eval_fn(sim)`` when given, else logit SQNR against the float model on held-out
-calibration batches); with ``eval_fn`` and ``max_drop`` it stops at the first stage whose drop from
+default recipe); every other stage is kept only if it scores better (the score is ``eval_fn(sim)``
+when given, else logit SQNR against the float model on held-out calibration batches); with ``eval_fn`` and ``max_drop`` it stops at the first stage whose drop from
 the float model's score is within ``max_drop``. A list of stage names runs exactly those, in the
 order above, and keeps them all. ``"none"`` only calibrates.
 """

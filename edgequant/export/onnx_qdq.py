@@ -38,8 +38,8 @@ from ..graph import lowering, ops, patterns
 from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
 from ..nn.modules import own_forward
-from . import generic as generic_export
 from ..nn.quantizer import Quantizer
+from . import generic as generic_export
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
 _NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous"}
@@ -57,8 +57,8 @@ class _NoMapping(ExportError):
 def _static_value(n: fx.Node, folded: dict, shape_of):
     """Shape arithmetic folded to Python values from the recorded shapes (``x.size()``, ``x.size(0)``,
     ``x.shape``, ``x.shape[1]``, ``x.dim()``), or None when ``n`` is not shape arithmetic. Reshapes take
-    their target from the recorded output shape with a dynamic batch axis, so these constants only ever
-    feed shape arguments."""
+    their target from the recorded output shape with a dynamic batch axis, so ``x.view(x.size(0), -1)``
+    stays batch-agnostic; a batch size used otherwise (``torch.zeros(x.size(0), ...)``) is the recorded one."""
     args = n.args
     if n.op == "call_method" and n.target in ("size", "dim") and args and isinstance(args[0], fx.Node):
         shape = shape_of(args[0])

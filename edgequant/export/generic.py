@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ExportError
+from ..graph.patterns import recorded_meta
 
 
 class _OneOp(nn.Module):
@@ -55,10 +56,7 @@ def tensor_nodes(node: fx.Node, consts: dict) -> list[fx.Node]:
 
 
 def _example(n: fx.Node) -> torch.Tensor:
-    meta = n.meta.get("tensor_meta")
-    while meta is None and n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node):
-        n = n.args[0]  # a quantizer inserted after shape propagation keeps its input's shape
-        meta = n.meta.get("tensor_meta")
+    meta = recorded_meta(n)
     if meta is None or not hasattr(meta, "shape"):
         raise ExportError(f"{n.name}: no recorded shape for an input of a generically exported op")
     if meta.dtype.is_floating_point:

@@ -367,10 +367,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     inputs, outputs = [], []
 
     def shape_of(n):
-        meta = n.meta.get("tensor_meta")
-        if meta is None and n.op == "call_module" and (isinstance(modules.get(n.target), Quantizer) or ops.is_identity(n, modules)):
-            # quantizers were inserted after shape propagation (a disabled one is an Identity)
-            meta = n.args[0].meta.get("tensor_meta")
+        meta = patterns.recorded_meta(n)
         return list(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
     def vinfo(name, n):

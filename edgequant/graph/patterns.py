@@ -81,6 +81,16 @@ def split_shared_activations(gm: fx.GraphModule) -> list[str]:
     return made
 
 
+def recorded_meta(n: fx.Node):
+    """The ``tensor_meta`` shape propagation recorded for ``n``; for a module inserted after it (a
+    quantizer, or the Identity of a disabled one) that of the value it passes on. None if there is none."""
+    meta = n.meta.get("tensor_meta")
+    while meta is None and n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node):
+        n = n.args[0]
+        meta = n.meta.get("tensor_meta")
+    return meta
+
+
 def only_user(node: fx.Node) -> Optional[fx.Node]:
     """The single node that consumes ``node`` as its first argument, or None."""
     if len(node.users) != 1:

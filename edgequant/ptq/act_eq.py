@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..batches import evaluating, iterate, run_batch
+from ..batches import device_of, evaluating, iterate, run_batch
 from ..graph.patterns import equalization_pairs
 from .bn_fold import FoldReport, fold_batch_norms
 from .cle import _channel_clamps, _scale_pair, trace_unshared
@@ -116,10 +116,9 @@ def _input_ranges(net, layers: list[nn.Module], data, num_batches, forward_fn, p
         return pre
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(layers)]
-    device = next((p.device for p in net.parameters()), None)
     try:
         with evaluating(net):
-            for _, batch in iterate(data, num_batches=num_batches, device=device, desc="activation equalization",
+            for _, batch in iterate(data, num_batches=num_batches, device=device_of(net), desc="activation equalization",
                                     progress=progress):
                 run_batch(net, batch, forward_fn=forward_fn)
     finally:

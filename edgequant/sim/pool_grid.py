@@ -21,11 +21,7 @@ from ..nn.quantizer import Quantizer
 
 
 def _pooled_count(pool, modules) -> int:
-    src = pool.args[0]
-    meta = src.meta.get("tensor_meta")
-    while meta is None and src.op == "call_module" and src.args:
-        src = src.args[0]
-        meta = src.meta.get("tensor_meta")
+    meta = patterns.recorded_meta(pool.args[0])
     if meta is None or not hasattr(meta, "shape"):
         return 0
     dims, _ = patterns.pool_dims(pool, modules, len(meta.shape))

@@ -74,9 +74,6 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
         raise ExportError(f"{node.name}: {len(inputs)} ONNX inputs for {len(tnodes)} tensor arguments")
     examples = tuple(_example(t) for t in tnodes)
     in_names = [f"in{i}" for i in range(len(examples))]
-    dyn = {name: {0: "N"} for name, x in zip(in_names, examples) if x.dim() > 0} if dynamic_batch else None
-    if dyn is not None:
-        dyn["out"] = {0: "N"}
     buf = io.BytesIO()
     op = _OneOp(node, module, consts).eval()
     with torch.no_grad():
@@ -86,8 +83,9 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
     is_tensor = [torch.is_tensor(r) for r in result] if multi else [True]
     n_out = sum(is_tensor)
     out_names = ["out"] if not multi else [f"out{i}" for i in range(n_out)]
-    if dyn is not None:
-        dyn.pop("out", None)
+    dyn = None
+    if dynamic_batch:
+        dyn = {name: {0: "N"} for name, x in zip(in_names, examples) if x.dim() > 0}
         dyn.update({o: {0: "N"} for o in out_names})
     try:
         with warnings.catch_warnings(), torch.no_grad():

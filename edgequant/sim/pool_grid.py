@@ -34,7 +34,7 @@ def cap_pool_grids(sim) -> list[str]:
     if sim.capture_mode != "graph":
         return []
     modules = dict(sim.model.named_modules())
-    widened = []
+    changed = []
     for n in sim.model.graph.nodes:
         q = patterns.module_of(n, modules)
         if not isinstance(q, Quantizer) or q.is_weight or not q.is_initialized or q.is_frozen \
@@ -52,7 +52,7 @@ def cap_pool_grids(sim) -> list[str]:
             # the input grid stays in the input's range, so the input's grid serves (and keeps ORT's multiplier
             # s_x / (s_y N) above its floor of 2**-32)
             q._set(qx.scale.detach().clone().reshape(q.scale.shape), qx.zero_point.detach().clone().reshape(q.zero_point.shape))
-            widened.append(q.tensor_name)
+            changed.append(q.tensor_name)
             continue
         if s >= floor:
             continue
@@ -60,5 +60,5 @@ def cap_pool_grids(sim) -> list[str]:
         lo, hi = s * (q.qmin - z) * f, s * (q.qmax - z) * f
         scale, zp = choose_qparams(torch.tensor([lo]), torch.tensor([hi]), q.qmin, q.qmax, q.spec.symmetric)
         q._set(scale.reshape(q.scale.shape), zp.reshape(q.zero_point.shape))
-        widened.append(q.tensor_name)
-    return widened
+        changed.append(q.tensor_name)
+    return changed

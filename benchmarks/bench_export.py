@@ -10,9 +10,7 @@ Usage: python benchmarks/bench_export.py [--calib 128] [--eval 256] [--repeats 2
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -27,6 +25,7 @@ from edgequant.data import calibration_crops, evaluation_crops
 from edgequant.export.integer import IntegerEngine
 from edgequant.models import mobilenet_v2_imagenet
 from edgequant.ptq import fold_batch_norms
+from ort_latency import latencies, timing_parser
 
 
 def session(path, threads):
@@ -34,38 +33,6 @@ def session(path, threads):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def _time_sessions(paths, x32, threads, repeats, queue):
-    times = {k: {} for k in paths}
-    sessions = {k: session(p, threads) for k, p in paths.items()}
-    for bs in (1, 32):
-        x = x32[:bs]
-        for s in sessions.values():  # warm-up
-            s.run(None, {"x": x})
-        samples = {k: [] for k in sessions}
-        for _ in range(repeats):  # interleaved, so load changes hit every model alike
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s.run(None, {"x": x})
-                samples[k].append(time.perf_counter() - t)
-        for k in sessions:
-            times[k][bs] = statistics.median(samples[k]) * 1000
-    queue.put(times)
-
-
-def _latencies_in_fresh_process(paths, x32, threads, repeats):
-    """Time ONNX Runtime in a process that never ran torch: torch's OpenMP threads keep spinning after
-    its last op and slowed ORT by up to 4x in the same process."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_time_sessions, args=(paths, x32, threads, repeats, q))
-    p.start()
-    times = q.get()
-    p.join()
-    return times
 
 
 def _ort_quantize_static(fp32_path, cal, out):
@@ -86,13 +53,7 @@ def _ort_quantize_static(fp32_path, cal, out):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calib", type=int, default=128)
-    ap.add_argument("--eval", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = timing_parser(__doc__, 128, 256).parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     model = mobilenet_v2_imagenet().eval()
@@ -110,7 +71,9 @@ def main():
     sim7.calibrate(cal.split(32), progress=False)
     paths["int8 w7a8 (int8 weights)"] = export_onnx(sim7, os.path.join(tmp, "int8_w7a8.onnx"))["onnx"]
     paths["ORT quantize_static (its own QDQ)"] = _ort_quantize_static(paths["fp32"], cal, os.path.join(tmp, "ort_qs.onnx"))
-    times = _latencies_in_fresh_process(paths, ev[:32].numpy(), args.threads, args.repeats)
+    x32 = ev[:32].numpy()
+    times = latencies({k: {1: p, 32: p} for k, p in paths.items()}, {1: {"x": x32[:1]}, 32: {"x": x32}},
+                      args.threads, args.repeats)
     sessions = {k: session(p, args.threads) for k, p in paths.items()}
 
     lines = [f"real MobileNetV2 (BN folded, w8a8 per-channel), ONNX Runtime {ort.__version__} CPU, "

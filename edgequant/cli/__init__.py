@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 #: the preset names (kept here so that ``--help`` does not import torch; a test checks them against PRESETS)
-PRESET_NAMES = ("w4a16", "w4a8", "w4a8_per_tensor", "w7a8", "w8a16", "w8a8", "w8a8_per_tensor")
+PRESET_NAMES = ("w4a16", "w4a8", "w4a8_per_tensor", "w7a8", "w8a16", "w8a8", "w8a8_per_tensor", "w8a8_transformer")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from ..core.granularity import PerBlock, PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
+from ..batches import as_args
 from ..errors import ExportError, NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..io.encodings import to_edgequant, write_files_together
@@ -68,6 +69,8 @@ def _static_value(n: fx.Node, folded: dict, shape_of):
             return len(shape)
         dim = n.kwargs.get("dim", args[1] if len(args) > 1 else None)
         return torch.Size(shape) if dim is None else shape[dim]
+    if n.op == "call_function" and n.target is getattr and len(args) == 2 and args[1] == "device":
+        return torch.device("cpu")  # where a factory op puts its result: nothing in an ONNX graph
     if n.op == "call_function" and n.target is getattr and len(args) == 2 and args[1] == "shape":
         shape = shape_of(args[0])
         return torch.Size(shape) if shape is not None else None
@@ -277,7 +280,7 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
 
 
 def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "auto",
-                dynamic_batch: bool = True, encodings_path=None) -> dict:
+                dynamic_batch: bool = True, encodings_path=None, example_inputs=None) -> dict:
     """Write ``sim`` as an ONNX QDQ model to ``path`` and its encodings beside it (atomically).
 
     Args:
@@ -290,7 +293,11 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             Weights of at most 7 bits (preset ``w7a8``) cannot saturate and run exactly, and faster.
             ``"auto"`` (default): ``"int8"`` when every such weight grid has at most 7 bits, else
             ``"uint8"``. Use ``"int8"`` for VNNI/ARM targets or other runtimes.
-        dynamic_batch: make the first input/output dimension symbolic.
+        dynamic_batch: make the first input/output dimension symbolic. Other dimensions keep the
+            shapes recorded on the sim's example inputs. A model that builds tensors from its batch size
+            (a transformer's attention mask) needs ``dynamic_batch=False`` and one export per batch size.
+        example_inputs: inputs whose shapes the exported graph takes (a tensor, a tuple or a dict, as for
+            ``QuantSim``) in place of the sim's own example inputs: another batch size or sequence length.
 
     Returns ``{"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}``.
     """
@@ -323,7 +330,10 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     if weight_dtype == "auto":
         wide = [q for q in qs.values() if q.role == "weight" and q.spec.signed and q.qmin < -64 and q.spec.bits <= 8]
         weight_dtype = "uint8" if wide else "int8"
-    model = _build(sim, opset, dynamic_batch, weight_dtype == "uint8")
+    if example_inputs is not None:
+        model = _build_on(sim, example_inputs, opset, dynamic_batch, weight_dtype == "uint8")
+    else:
+        model = _build(sim, opset, dynamic_batch, weight_dtype == "uint8")
     onnx.checker.check_model(model)
     _check_names(model, sim)
     acts, params = sim.encodings()
@@ -333,6 +343,22 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+
+
+def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx.ModelProto:
+    """``_build`` with the shapes of ``example_inputs`` recorded on the graph for the time of the export."""
+    from ..sim.prepare import propagate_shapes
+
+    args, kwargs = as_args(example_inputs)
+    nodes = list(sim.model.graph.nodes)
+    saved = [n.meta.get("tensor_meta") for n in nodes]
+    try:
+        with torch.no_grad():
+            propagate_shapes(sim.model, args, kwargs)
+        return _build(sim, opset, dynamic_batch, unsigned_weights)
+    finally:
+        for n, meta in zip(nodes, saved):
+            n.meta["tensor_meta"] = meta
 
 
 def _check_names(model: onnx.ModelProto, sim) -> None:
@@ -374,6 +400,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         return _value_info(name, n, shape_of(n), dynamic_batch)
 
     folded: dict[fx.Node, object] = {}  # shape arithmetic, folded to Python values
+    batch: set[fx.Node] = set()  # the folded values that hold the recorded batch size
+    flat: dict[fx.Node, list] = {}  # linear layers run on 2-D integers whose quantizer reshapes back: N-D shape
 
     def generic(n, m, out):
         ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded)]
@@ -382,8 +410,13 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     for n in gm.graph.nodes:
         out = want.get(n) or n.name
         m = patterns.module_of(n, modules)
-        if _shape_or_selection(b, n, val, folded, want, shape_of):
+        if _shape_or_selection(b, n, val, folded, want, shape_of, batch):
             continue
+        if dynamic_batch and n.op == "call_method" and n.target == "expand" and any(a in batch for a in n.args[1:]):
+            val[n] = _expand_to_batch(b, n, val, batch, shape_of, out)
+            continue
+        if dynamic_batch:
+            _refuse_baked_batch(n, folded, batch)
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if isinstance(src, _Quantized) and _moves_integers(n, modules):
             # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in
@@ -395,21 +428,18 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
             if n in want:
                 val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
             continue
+        if isinstance(src, _Quantized) and _is_linear_nd(n, m, shape_of):
+            val[n] = _linear_nd(b, n, m, src, out, modules, shape_of, flat)
+            continue
         a = list(fx.node.map_aggregate(n.args, lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
         if n.op == "placeholder":
             b.names.add(out)
             inputs.append(vinfo(out, n))
             val[n] = out
         elif n.op == "output":
-            res = n.args[0]
-            res = res if isinstance(res, (tuple, list)) else [res]
-            for i, r in enumerate(res):
-                name = _resolve(b, val[r])
-                if name in {vi.name for vi in inputs} or name in (o.name for o in outputs):
-                    name = b.node("Identity", [name], out=b.fresh(f"output_{i}"))
-                outputs.append(vinfo(name, r))
+            _add_outputs(b, n, val, inputs, outputs, vinfo)
         elif isinstance(m, Quantizer):
-            val[n] = _activation_qdq(b, m, a[0], len(shape_of(n) or []))
+            val[n] = _quantized(b, n, m, a[0], flat, shape_of)
         elif m is not None or n.op in ("call_function", "call_method"):
             try:
                 val[n] = _module(b, n, m, a, out, modules, shape_of) if m is not None else _function(b, n, a, out, shape_of)
@@ -428,7 +458,79 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     return model
 
 
-def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: dict, shape_of) -> bool:
+_BATCH_SAFE = ("view", "reshape", torch.reshape, torch.flatten, "flatten")  # take the recorded shape, batch kept dynamic
+
+
+def _reads_batch(n: fx.Node, derived: set) -> bool:
+    """Whether the folded value of ``n`` holds or is computed from the recorded batch size (``derived``:
+    the folded nodes found so far that do)."""
+    if n.op == "call_method" and n.target == "size":
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+        return dim is None or dim == 0
+    if n.target is getattr:
+        return n.args[1] == "shape"
+    if n.target is operator.getitem and n.args[0] in derived:
+        idx = n.args[1]
+        return idx == 0 or (isinstance(idx, slice) and (idx.start or 0) == 0)
+    return any(a in derived for a in n.all_input_nodes)
+
+
+def _refuse_baked_batch(n: fx.Node, folded: dict, derived: set) -> None:
+    """Raise when exporting ``n`` would write a folded batch size (``derived``) into the graph as a constant."""
+    if n not in folded and n.target not in _BATCH_SAFE and any(a in derived for a in n.all_input_nodes):
+        raise ExportError(f"{n.name} ({ops.function_name(n.target)}) builds a tensor from the batch size, which a "
+                          "dynamic-batch export cannot keep (transformer attention masks do this): export with "
+                          "dynamic_batch=False, once per batch size (example_inputs= sets it)")
+
+
+def _add_outputs(b: _Builder, n: fx.Node, val: dict, inputs: list, outputs: list, vinfo) -> None:
+    """The graph outputs of the fx output node ``n``, each a distinct name (an Identity where needed)."""
+    res = n.args[0]
+    res = res if isinstance(res, (tuple, list)) else [res]
+    for i, r in enumerate(res):
+        name = _resolve(b, val[r])
+        if name in {vi.name for vi in inputs} or name in (o.name for o in outputs):
+            name = b.node("Identity", [name], out=b.fresh(f"output_{i}"))
+        outputs.append(vinfo(name, r))
+
+
+def _batch_source(f: fx.Node) -> Optional[fx.Node]:
+    """The tensor whose batch size the folded value ``f`` is (``x.size(0)``, ``x.shape[0]``), or None."""
+    if f.op == "call_method" and f.target == "size" and len(f.args) > 1 and f.args[1] == 0:
+        return f.args[0]
+    if f.target is operator.getitem and f.args[1] == 0 and isinstance(f.args[0], fx.Node):
+        g = f.args[0]
+        if (g.target is getattr and g.args[1] == "shape") or (g.op == "call_method" and g.target == "size" and len(g.args) == 1):
+            return g.args[0]
+    return None
+
+
+def _expand_to_batch(b: _Builder, n: fx.Node, val: dict, batch: set, shape_of, out: str) -> str:
+    """``t.expand(x.size(0), ...)`` (a class token repeated over the batch) with the batch read from ``x`` at
+    run time: ``Expand(t, Concat(Shape(x)[:1], recorded dims))``."""
+    sources = {_batch_source(a) for a in n.args[1:] if a in batch}
+    if len(sources) != 1 or None in sources or n.args[1] not in batch:
+        raise ExportError(f"{n.name}: expand to a batch size computed from shapes: export with dynamic_batch=False")
+    src = _resolve(b, val[sources.pop()])
+    shape = shape_of(n)
+    first = b.node("Shape", [src], base=f"{n.name}_batch", start=0, end=1)
+    rest = b.const(f"{n.name}_dims", np.array(shape[1:], dtype=np.int64))
+    target = b.node("Concat", [first, rest], base=f"{n.name}_shape", axis=0)
+    return b.node("Expand", [_resolve(b, val[n.args[0]]), target], out=out, base=n.name)
+
+
+def _quantized(b: _Builder, n: fx.Node, q: Quantizer, x: str, flat: dict, shape_of) -> "_Quantized":
+    """The QuantizeLinear of quantizer ``q`` (node ``n``) on value ``x``; after a linear layer run on 2-D
+    integers (``flat``), its integers go back to the layer's N-D shape."""
+    if n.args[0] not in flat:
+        return _activation_qdq(b, q, x, len(shape_of(n) or []))
+    qv = _activation_qdq(b, q, x, 2)
+    shape = flat.pop(n.args[0])
+    qv.q = _reshape(b, qv.q, shape, b.fresh(f"{qv.name}_nd"), qv.name, [-1, shape[-1]])
+    return qv
+
+
+def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: dict, shape_of, batch: set) -> bool:
     """Handle ``n`` if it is shape arithmetic (folded to a value), a shape assertion (checked here) or one
     output of a multi-output op (chunk, split, unbind); False for every other node."""
     if n.op not in ("call_method", "call_function"):
@@ -436,6 +538,8 @@ def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: 
     static = _static_value(n, folded, shape_of)
     if static is not None:
         folded[n] = val[n] = static
+        if _reads_batch(n, batch):
+            batch.add(n)
         return True
     if n.target is torch._assert and n.args and n.args[0] in folded:
         if not folded[n.args[0]]:
@@ -531,6 +635,29 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
     raise _NoMapping(name)
 
 
+def _is_linear_nd(n: fx.Node, m, shape_of) -> bool:
+    return isinstance(m, nn.Linear) and not own_forward(m) and n.op == "call_module" and len(shape_of(n) or []) > 2
+
+
+def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: str, modules, shape_of, flat: dict) -> str:
+    """A linear layer on an N-D quantized input (tokens, windows) as ONNX Runtime runs it fastest: the input's
+    integers reshaped to 2-D, then DequantizeLinear -> Gemm -> QuantizeLinear, which ONNX Runtime fuses into
+    its integer QGemm (int32 accumulation with the int32 bias, one requantization: the arithmetic of the
+    integer-exact sim); the output integers go back to N-D after the quantizer. (MatMul + Add on the N-D
+    input became a float Gemm between DequantizeLinear and QuantizeLinear in ONNX Runtime.)"""
+    in_shape, out_shape = shape_of(n.args[0]), shape_of(n)
+    x2 = b.node("Reshape", [src.q, b.const(f"{n.target}_2d", np.array([-1, in_shape[-1]], dtype=np.int64))],
+                base=f"{n.target}_2d")
+    x = _Quantized(x2, src.scale, src.zero_point, src.name).dequantized(b)
+    user = patterns.only_user(n)
+    q = patterns.module_of(user, modules) if user is not None else None
+    if isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor):
+        flat[n] = out_shape
+        return _weighted(b, n, m, x, out, modules, 2)
+    y = _weighted(b, n, m, x, b.fresh(f"{out}_2d"), modules, 2)
+    return _reshape(b, y, out_shape, out, n.target, [-1, out_shape[-1]])
+
+
 def _reshape(b, x, shape, out, base, in_shape=None):
     """A reshape to the recorded ``shape``; its first dimension follows the input's batch (0) when the
     reshape keeps it, else -1 (windows folded into the batch axis: ``B * windows``)."""
@@ -552,7 +679,12 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
     if t in binary:
         if len(n.kwargs) and set(n.kwargs) - {"alpha"} or n.kwargs.get("alpha", 1) != 1:
             raise ExportError(f"{base}: {t} with keyword arguments {dict(n.kwargs)} is not exported")
-        ins = [v if isinstance(v, str) else b.const(f"{base}_const", np.array(v, dtype=np.float32)) for v in a[:2]]
+        meta = patterns.recorded_meta(n)
+        dtype = getattr(meta, "dtype", torch.float32)
+        if any(getattr(patterns.recorded_meta(x), "dtype", dtype) != dtype for x in n.args[:2] if isinstance(x, fx.Node)):
+            raise _NoMapping(f"{base}: mixed dtypes")  # int / int -> float, int + bool, ...: torch.onnx knows the casts
+        np_dtype = np.dtype(str(dtype).replace("torch.", ""))
+        ins = [v if isinstance(v, str) else b.const(f"{base}_const", np.array(v, dtype=np_dtype)) for v in a[:2]]
         return b.node(binary[t], ins, out=out, base=base)
     if t in (F.relu, torch.relu, "relu"):
         return b.node("Relu", a[:1], out=out, base=base)

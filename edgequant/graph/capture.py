@@ -1,13 +1,16 @@
-"""Graph capture: one path, ``torch.fx`` symbolic tracing, with a readable error when it fails."""
+"""Graph capture: ``torch.fx`` symbolic tracing, then ``torch.export`` raised to layer level, with a readable
+error when both fail."""
 from __future__ import annotations
 
 import os
 import traceback
+from typing import Optional
 
 import torch
 from torch import fx, nn
 
 from ..errors import GraphCaptureError
+from .exported import capture_exported
 from .ops import is_leaf_module
 
 
@@ -20,16 +23,26 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def capture(model: nn.Module) -> fx.GraphModule:
+def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dict] = None) -> fx.GraphModule:
     """Trace ``model`` into a ``GraphModule`` sharing its submodules.
 
-    Raises :class:`GraphCaptureError` naming the user source line where tracing stopped.
+    ``torch.fx`` symbolic tracing first; when it fails and example inputs are given, ``torch.export``
+    raised back to layer level (:mod:`edgequant.graph.exported`: Hugging Face transformers and other
+    models whose Python inspects sizes or values). Raises :class:`GraphCaptureError` naming the user
+    source line where tracing stopped, and why ``torch.export`` failed too.
     """
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure becomes one clear error
-        raise GraphCaptureError(_describe_failure(e)) from e
+        message = _describe_failure(e)
+        if args is None and not kwargs:
+            raise GraphCaptureError(message) from e
+        try:
+            return capture_exported(model, tuple(args or ()), dict(kwargs or {}))
+        except Exception as e2:  # noqa: BLE001
+            first = str(e2).strip().splitlines()[0] if str(e2).strip() else ""
+            raise GraphCaptureError(f"{message}; torch.export failed too: {type(e2).__name__}: {first[:300]}") from e2
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.train(model.training)
     return gm

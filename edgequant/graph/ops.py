@@ -93,6 +93,13 @@ MODULE_OPS: dict[type, Op] = _table([
       nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle), PASS),
 ])
 
+def add_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x + mask`` where ``mask`` is computed from integer inputs only (a transformer's additive attention
+    mask: 0 where attended, a huge negative number elsewhere). Its output keeps ``x``'s grid where it
+    matters (the attended positions) and gets no quantizer: the masked values only feed a softmax."""
+    return x + mask
+
+
 FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg, torch.sub, torch.mul, torch.div,
       torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.exp, torch.sqrt,
@@ -111,6 +118,7 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.getitem, torch.permute, torch.transpose, torch.chunk, torch.split, torch.narrow, torch.t, torch.select,
       torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
       F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
+    ((add_mask,), PASS),
 ])
 
 METHOD_OPS: dict[str, Op] = _table([

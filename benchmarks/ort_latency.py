@@ -1,0 +1,58 @@
+"""ONNX Runtime latency measured in a fresh process, shared by the benchmarks that time exported models.
+
+torch's OpenMP threads keep spinning after its last op and slowed ONNX Runtime by up to 4x in the same
+process, so sessions are timed in a spawned process that never imports torch. Models are run
+interleaved (one run of each in turn), so a load change on the machine hits every model alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+
+def _time_sessions(paths, feeds, threads, repeats, queue):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    out = {k: {} for k in paths}
+    for bs, feed in feeds.items():
+        sessions = {k: ort.InferenceSession(p[bs], so, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
+        for s in sessions.values():  # warm-up
+            s.run(None, feed)
+        samples = {k: [] for k in sessions}
+        for _ in range(repeats):
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s.run(None, feed)
+                samples[k].append(time.perf_counter() - t)
+        for k in sessions:
+            out[k][bs] = statistics.median(samples[k]) * 1000
+    queue.put(out)
+
+
+def latencies(paths: dict, feeds: dict, threads: int, repeats: int) -> dict:
+    """``{label: {batch: median ms}}`` for ``paths = {label: {batch: onnx path}}`` fed ``feeds = {batch:
+    {input name: array}}``."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_time_sessions, args=(paths, feeds, threads, repeats, q))
+    p.start()
+    res = q.get()
+    p.join()
+    return res
+
+
+def timing_parser(doc: str, calib: int, evaluation: int):
+    """The command line the timing benchmarks share: data sizes, repeats, threads, output file."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calib", type=int, default=calib)
+    ap.add_argument("--eval", type=int, default=evaluation)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    return ap

@@ -1,0 +1,245 @@
+"""The second capture path: ``torch.export``, raised back to layer level.
+
+``torch.fx`` symbolic tracing stops at Python that inspects values: Hugging Face models build their
+attention masks and position ids from tensor sizes, check config flags inside decorators and slice
+buffers with traced sizes. ``torch.export`` runs that Python for real and records the tensor ops
+(ATen) it performed, with sizes kept symbolic (batch and sequence length stay free). Its graph is one
+level too low for quantization, though: a Linear is ``aten.linear(x, weight, bias)``, not a layer.
+
+:func:`capture_exported` rebuilds a layer-level ``fx.GraphModule`` from it:
+
+* ``aten.linear`` / ``conv*d`` / ``layer_norm`` / ``embedding`` whose weight is a layer's own parameter
+  become ``call_module`` nodes of that layer (so registration, BN/CLE passes, the plan and the export see
+  the same layers as in an fx capture);
+* the common tensor ops become the torch functions and methods :mod:`edgequant.graph.ops` knows
+  (``aten.add.Tensor`` -> ``operator.add``, ``aten.softmax.int`` -> ``torch.softmax``,
+  ``aten.sym_size.int`` -> ``x.size(d)``, ...); other ATen ops stay as they are (left in float);
+* dropout in eval mode and export's runtime assertions are dropped;
+* an addition of a *mask* (a float tensor computed from integer inputs only, such as a transformer's
+  additive attention mask of 0 and -3.4e38) becomes :func:`~edgequant.graph.ops.add_mask`: it keeps its
+  input's grid instead of getting an output quantizer that the mask's huge negative values would ruin.
+
+Inputs and outputs keep the model's structure (export's pytree in/out specs), so the captured module is
+called exactly like the model. Example batches of one are doubled for the trace, so the batch size
+stays free.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .ops import add_mask
+
+aten = torch.ops.aten
+
+# aten overload -> (kind, target): "function" keeps positional args, "method" calls a tensor method
+_FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
+    aten.add.Tensor: ("function", operator.add),
+    aten.sub.Tensor: ("function", operator.sub),
+    aten.mul.Tensor: ("function", operator.mul),
+    aten.div.Tensor: ("function", operator.truediv),
+    aten.matmul.default: ("function", torch.matmul),
+    aten.bmm.default: ("function", torch.bmm),
+    aten.softmax.int: ("function", torch.softmax),
+    aten.tanh.default: ("function", torch.tanh),
+    aten.relu.default: ("function", torch.relu),
+    aten.sigmoid.default: ("function", torch.sigmoid),
+    aten.cat.default: ("function", torch.cat),
+    aten.mean.dim: ("function", torch.mean),
+    aten.sum.dim_IntList: ("function", torch.sum),
+    aten.exp.default: ("function", torch.exp),
+    aten.sqrt.default: ("function", torch.sqrt),
+    aten.rsqrt.default: ("function", torch.rsqrt),
+    aten.silu.default: ("function", F.silu),
+    aten.hardswish.default: ("function", F.hardswish),
+    aten.squeeze.dim: ("function", torch.squeeze),
+    aten.transpose.int: ("function", torch.transpose),
+    aten.permute.default: ("function", torch.permute),
+    aten.reshape.default: ("function", torch.reshape),
+    aten.unsqueeze.default: ("function", torch.unsqueeze),
+    aten.flatten.using_ints: ("function", torch.flatten),
+    aten.select.int: ("function", torch.select),
+    aten.view.default: ("method", "view"),
+    aten.contiguous.default: ("method", "contiguous"),
+    aten.expand.default: ("method", "expand"),
+    aten.sym_size.int: ("method", "size"),
+}
+# aten op -> (layer types it stands for, index of the data argument, indices of (weight, bias) arguments)
+_LAYERS = {
+    aten.linear.default: ((nn.Linear,), 0, (1, 2)),
+    aten.conv1d.default: ((nn.Conv1d,), 0, (1, 2)),
+    aten.conv2d.default: ((nn.Conv2d,), 0, (1, 2)),
+    aten.layer_norm.default: ((nn.LayerNorm,), 0, (2, 3)),
+    aten.embedding.default: ((nn.Embedding,), 1, (0, None)),
+}
+
+
+def _batch_doubled(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Tensors with a batch of one repeated to two (export specializes sizes of 1)."""
+    def grow(x):
+        return torch.cat([x, x]) if torch.is_tensor(x) and x.ndim >= 1 and x.shape[0] == 1 else x
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Every dimension of every tensor input free (``Dim.AUTO``), keyed by ``forward``'s argument names."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(x):
+        if torch.is_tensor(x):
+            return {d: auto for d in range(x.ndim)}
+        if isinstance(x, (tuple, list)):
+            return type(x)(spec(v) for v in x)
+        if isinstance(x, dict):
+            return {k: spec(v) for k, v in x.items()}
+        return None
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {k: spec(v) for k, v in bound.arguments.items()}
+
+
+def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``model`` on the example inputs, every tensor dimension left free where the
+    model allows it."""
+    args, kwargs = _batch_doubled(tuple(args), dict(kwargs))
+    with torch.no_grad():
+        return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False)
+
+
+def _owner(node, layers: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
+    """The layer whose parameter a ``get_attr`` node reads, with its name."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    path, _, attr = str(node.target).rpartition(".")
+    m = layers.get(path)
+    return (path, m) if m is not None and getattr(m, attr, None) is not None else None
+
+
+def _as_layer(n: fx.Node, layers: dict[str, nn.Module]):
+    """``(layer name, data argument)`` when aten node ``n`` is exactly the computation of one of the
+    model's layers (its own weight and bias, default options), else None."""
+    entry = _LAYERS.get(n.target)
+    if entry is None:
+        return None
+    types, data, (wi, bi) = entry
+    owner = _owner(n.args[wi] if len(n.args) > wi else None, layers)
+    if owner is None or type(owner[1]) not in types:
+        return None
+    name, m = owner
+    bias = n.args[bi] if bi is not None and len(n.args) > bi else None
+    want_bias = getattr(m, "bias", None) if bi is not None else None
+    if (bias is None) != (want_bias is None) or (bias is not None and _owner(bias, layers) != owner):
+        return None
+    if isinstance(m, nn.LayerNorm) and (list(n.args[1]) != list(m.normalized_shape) or (len(n.args) > 4 and n.args[4] != m.eps)):
+        return None
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not _conv_matches(n, m):
+        return None
+    return name, n.args[data]
+
+
+def _conv_matches(n: fx.Node, m: nn.Module) -> bool:
+    k = len(m.kernel_size)
+    want = [list(m.stride), list(m.padding) if not isinstance(m.padding, str) else m.padding, list(m.dilation), m.groups]
+    got = list(n.args[3:7]) + [None] * (4 - len(n.args[3:7]))
+    defaults = [[1] * k, [0] * k, [1] * k, 1]
+    got = [defaults[i] if g is None else (list(g) if isinstance(g, (list, tuple)) else g) for i, g in enumerate(got)]
+    return got == want and m.padding_mode == "zeros"
+
+
+def _static_float(n: fx.Node, static: dict[fx.Node, bool]) -> bool:
+    val = n.meta.get("val")
+    return static.get(n, False) and isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+
+
+def _mark_static(src: fx.Graph) -> dict[fx.Node, bool]:
+    """Nodes computed from non-float model inputs and constants only (masks, position ids)."""
+    static: dict[fx.Node, bool] = {}
+    for n in src.nodes:
+        if n.op == "placeholder":
+            val = n.meta.get("val")
+            static[n] = not (isinstance(val, torch.Tensor) and val.dtype.is_floating_point)
+        elif n.op == "get_attr":
+            static[n] = False  # weights: a float parameter makes whatever uses it data
+        else:
+            static[n] = all(static.get(a, True) for a in n.all_input_nodes)
+    return static
+
+
+def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None:
+    layer = _as_layer(n, layers)
+    if layer is not None:
+        return g.call_module(layer[0], (load(layer[1]),))
+    args, kwargs = load(n.args), load(n.kwargs)
+    if n.target is aten.add.Tensor and not kwargs and len(n.args) == 2:
+        a, b = n.args
+        if isinstance(b, fx.Node) and _static_float(b, static) and not _static_float(a, static):
+            return g.call_function(add_mask, (args[0], args[1]))
+        if isinstance(a, fx.Node) and _static_float(a, static) and not _static_float(b, static):
+            return g.call_function(add_mask, (args[1], args[0]))
+    if n.target is aten.gelu.default:
+        return g.call_function(F.gelu, args, kwargs)
+    if n.target in _FUNCTIONS and not (n.target is aten.add.Tensor and kwargs):
+        how, target = _FUNCTIONS[n.target]
+        return g.call_method(target, args, kwargs) if how == "method" else g.call_function(target, args, kwargs)
+    return g.call_function(n.target, args, kwargs)
+
+
+def _replace_devices(a, device: fx.Node):
+    """``a`` with every ``torch.device`` constant (export records the trace's device in factory calls such as
+    ``arange``) replaced by ``device``, so the graph runs wherever its inputs are."""
+    if isinstance(a, torch.device):
+        return device
+    if isinstance(a, (tuple, list)):
+        return type(a)(_replace_devices(v, device) for v in a)
+    if isinstance(a, dict):
+        return {k: _replace_devices(v, device) for k, v in a.items()}
+    return a
+
+
+def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
+    """A layer-level ``GraphModule`` of ``model`` through ``torch.export`` (see the module docstring).
+    Raises whatever ``torch.export`` raises when it cannot export the model."""
+    ep = export_program(model, args, kwargs)
+    src = ep.module()
+    layers = dict(model.named_modules())
+    static = _mark_static(src.graph)
+    g = fx.Graph()
+    env: dict[fx.Node, Any] = {}
+
+    device: list[fx.Node] = []  # the device of the first tensor input, read at run time
+
+    def load(a):
+        a = fx.node.map_arg(a, lambda x: env[x])
+        return _replace_devices(a, device[0]) if device else a
+
+    for n in src.graph.nodes:
+        if n.op == "placeholder":
+            env[n] = g.placeholder(n.target)
+            if not device and isinstance(n.meta.get("val"), torch.Tensor):
+                device.append(g.call_function(getattr, (env[n], "device")))
+        elif n.op == "get_attr":
+            env[n] = g.get_attr(str(n.target))
+        elif n.op == "output":
+            g.output(load(n.args[0]))
+        elif n.op == "call_module" or n.target is aten._assert_tensor_metadata.default:  # export's input guards
+            env[n] = None
+        elif n.target is aten.dropout.default and not (n.args[2] if len(n.args) > 2 else n.kwargs.get("train")):
+            env[n] = load(n.args[0])
+        else:
+            env[n] = _lower_node(g, n, load, layers, static)
+        if isinstance(env.get(n), fx.Node) and n.op not in ("placeholder", "output"):
+            env[n].meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    g._codegen = src.graph._codegen
+    for n in [n for n in g.nodes if n.op == "get_attr" and not n.users]:  # the weights now inside layers
+        g.erase_node(n)
+    root: dict[str, Any] = {n.target: operator.attrgetter(n.target)(src) for n in g.nodes if n.op == "get_attr"}
+    root.update({n.target: layers[n.target] for n in g.nodes if n.op == "call_module"})
+    gm = fx.GraphModule(root, g, type(model).__name__)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    gm.train(model.training)
+    return gm

@@ -1,0 +1,142 @@
+"""The torch.export capture path: models torch.fx cannot trace, raised back to layer level."""
+import warnings
+
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from edgequant import QuantSim, export_onnx
+from edgequant.graph import ops
+from edgequant.graph.exported import capture_exported
+from edgequant.metrics import sqnr_db
+
+
+class TinyEncoder(nn.Module):
+    """What stops torch.fx in Hugging Face models: a buffer sliced with a traced size, and an additive
+    attention mask built from integer inputs."""
+
+    def __init__(self, vocab=50, d=16, seq=12):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        self.register_buffer("position_ids", torch.arange(seq).unsqueeze(0), persistent=False)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask):
+        n = input_ids.shape[1]
+        h = self.norm(self.tok(input_ids) + self.pos(self.position_ids[:, :n]))
+        mask = (1.0 - attention_mask[:, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        scores = self.q(h) @ self.k(h).transpose(1, 2) / 4.0 + mask
+        h = self.norm(h + self.o(torch.softmax(scores, -1) @ self.v(h)))
+        w = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * w).sum(1) / w.sum(1))
+
+
+def _inputs(batch, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[: batch // 2, seq - 3:] = 0
+    return ids, mask
+
+
+def test_export_capture_keeps_layers_and_the_model_output():
+    torch.manual_seed(0)
+    m = TinyEncoder().eval()
+    ids, mask = _inputs(1)
+    gm = capture_exported(m, (ids, mask), {})
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"tok", "pos", "q", "k", "v", "o", "norm", "head"} <= called
+    assert any(n.target is ops.add_mask for n in gm.graph.nodes)  # the mask add keeps its input's grid
+    for batch in (1, 5):  # a batch of one at capture does not fix the batch size
+        x = _inputs(batch, seed=batch)
+        with torch.no_grad():
+            assert torch.equal(gm(*x), m(*x))
+
+
+def test_untraceable_model_is_quantized_in_graph_mode_and_exported(tmp_path):
+    torch.manual_seed(0)
+    m = TinyEncoder().eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        sim = QuantSim(m, _inputs(4), "w8a8_transformer")
+    assert sim.capture_mode == "graph"
+    qs = sim.quantizers()
+    assert {"q", "k", "v", "tok.weight", "pos.weight"} <= set(qs)
+    assert qs["norm"].spec.bits == 16  # the residual stream of the transformer preset
+    assert not any("add_mask" in n for n in qs)  # no quantizer after the mask: its -3.4e38 would take the grid
+    data = [_inputs(8, seed=s) for s in range(4)]
+    sim.calibrate(data, progress=False)
+    x = _inputs(8, seed=9)
+    with torch.no_grad():
+        ref, got = m(*x), sim(*x)
+    assert sqnr_db(ref, got) > 18
+    keys_hidden = x[0].clone()
+    keys_hidden[: 4, -3:] = 7  # other tokens where the mask hides them: the quantized attention ignores them too
+    with torch.no_grad():
+        assert torch.equal(sim(keys_hidden, x[1])[:4], got[:4])
+    path = export_onnx(sim, tmp_path / "tiny.onnx", dynamic_batch=False, example_inputs=x)["onnx"]
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = s.run(None, {"input_ids": x[0].numpy(), "attention_mask": x[1].numpy()})[0]
+    assert sqnr_db(got, torch.from_numpy(out)) > 30
+
+
+def test_export_of_other_batch_size_takes_example_inputs(tmp_path):
+    m = TinyEncoder().eval()
+    sim = QuantSim(m, _inputs(4), "w8a8_transformer")
+    sim.calibrate([_inputs(8, seed=s) for s in range(2)], progress=False)
+    x = _inputs(3, seed=5)
+    path = export_onnx(sim, tmp_path / "b3.onnx", dynamic_batch=False, example_inputs=x)["onnx"]
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [d.shape for d in s.get_inputs()] == [[3, 12], [3, 12]]
+    out = s.run(None, {"input_ids": x[0].numpy(), "attention_mask": x[1].numpy()})[0]
+    with torch.no_grad():
+        assert sqnr_db(sim(*x), torch.from_numpy(out)) > 30
+    assert all(n.meta.get("tensor_meta") is None or n.meta["tensor_meta"].shape[0] != 3
+               for n in sim.model.graph.nodes if n.op == "placeholder")  # the sim's own shapes are restored
+
+
+def test_dynamic_batch_export_refuses_a_graph_that_builds_tensors_from_the_batch_size(tmp_path):
+    class BatchBuilds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) * torch.ones(x.size(0), 1)
+
+    sim = QuantSim(BatchBuilds().eval(), torch.randn(2, 4))
+    sim.calibrate([torch.randn(8, 4)], progress=False)
+    with pytest.raises(Exception, match="builds a tensor from the batch size.*dynamic_batch=False"):
+        export_onnx(sim, tmp_path / "dyn.onnx")
+    assert not (tmp_path / "dyn.onnx").exists()
+    x = torch.randn(2, 4)
+    path = export_onnx(sim, tmp_path / "static.onnx", dynamic_batch=False)["onnx"]
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert sqnr_db(sim(x), torch.from_numpy(out)) > 30
+
+
+def test_class_token_expanded_over_the_batch_exports_with_a_dynamic_batch(tmp_path):
+    class ClassToken(nn.Module):  # torchvision's ViT: class_token.expand(x.shape[0], -1, -1)
+        def __init__(self):
+            super().__init__()
+            self.cls = nn.Parameter(torch.randn(1, 1, 4))
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            n = x.shape[0]
+            return self.fc(torch.cat([self.cls.expand(n, -1, -1), x], dim=1))
+
+    sim = QuantSim(ClassToken().eval(), torch.randn(1, 5, 4))
+    sim.calibrate([torch.randn(8, 5, 4)], progress=False)
+    path = export_onnx(sim, tmp_path / "cls.onnx")["onnx"]
+    x = torch.randn(3, 5, 4)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert out.shape == (3, 6, 4) and sqnr_db(sim(x), torch.from_numpy(out)) > 30

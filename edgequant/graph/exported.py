@@ -67,6 +67,7 @@ _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
     aten.view.default: ("method", "view"),
     aten.contiguous.default: ("method", "contiguous"),
     aten.expand.default: ("method", "expand"),
+    aten.expand_as.default: ("method", "expand_as"),
     aten.sym_size.int: ("method", "size"),
 }
 # aten op -> (layer types it stands for, index of the data argument, indices of (weight, bias) arguments)

@@ -21,20 +21,26 @@ import torch
 
 from edgequant import QuantSim, export_onnx
 from edgequant.config.spec import QuantConfig, QuantSpec
-from edgequant.core.granularity import PerChannel
+from edgequant.core.granularity import PerBlock, PerChannel
 from edgequant.data import sentence_split
 from edgequant.models import minilm_l6_v2, tokenize
+from edgequant.ptq import smooth_linear_inputs
 from ort_latency import latencies, timing_parser
 
 SEQ = 64
+SMOOTHED = "w8a8_transformer + smooth_linear_inputs"
 ROWS = {
     "w8a8 (CNN preset)": "w8a8",
     "w8a8_transformer": "w8a8_transformer",
+    SMOOTHED: "w8a8_transformer",
     "w8a16": "w8a16",
     "weight-only int4 (per channel, MSE)": QuantConfig(
         weight=QuantSpec(bits=4, symmetric=True, signed=True, granularity=PerChannel(), range_method="mse"), activation=None),
+    "weight-only int4 (blocks of 32, min-max)": QuantConfig(
+        weight=QuantSpec(bits=4, symmetric=True, signed=True, granularity=PerBlock(32, axis=1), range_method="minmax"),
+        activation=None),
 }
-EXPORTED = ("w8a8_transformer", "w8a16")
+EXPORTED = ("w8a8_transformer", SMOOTHED, "w8a16")
 
 
 def batches(ids, mask, size=16):
@@ -86,7 +92,8 @@ def run_split(enc, tok, seed, n_calib, n_eval, tmp):
     rows, sims = {}, {}
     for label, cfg in ROWS.items():
         t = time.perf_counter()
-        sim = QuantSim(enc, cal[0], cfg)
+        model = smooth_linear_inputs(enc, cal)[0] if label == SMOOTHED else enc
+        sim = QuantSim(model, cal[0], cfg)
         sim.calibrate(cal, progress=False)
         rows[label] = {"sim": fidelity(ref, embed(sim, ev)), "s": time.perf_counter() - t, "mode": sim.capture_mode}
         sims[label] = sim
@@ -105,7 +112,7 @@ def run_split(enc, tok, seed, n_calib, n_eval, tmp):
 
 def latency_table(enc, tok, sims, tmp, threads, repeats):
     ids, mask = tokenize(tok, sentence_split(32, 1, seed=0)[0], SEQ)
-    paths = {"FP32": {}, "edgequant w8a8_transformer": {}, "ORT quantize_static": {}}
+    paths = {"FP32": {}, "edgequant w8a8_transformer": {}, f"edgequant {SMOOTHED}": {}, "ORT quantize_static": {}}
     feeds = {}
     for bs in (1, 32):
         ex = (ids[:bs], mask[:bs])
@@ -116,6 +123,8 @@ def latency_table(enc, tok, sims, tmp, threads, repeats):
                                             example_inputs=ex)["onnx"]
         paths["edgequant w8a8_transformer"][bs] = export_onnx(sim, os.path.join(tmp, f"lat_eq_{bs}.onnx"),
                                                              dynamic_batch=False, example_inputs=ex)["onnx"]
+        paths[f"edgequant {SMOOTHED}"][bs] = export_onnx(sims[SMOOTHED], os.path.join(tmp, f"lat_sm_{bs}.onnx"),
+                                                         dynamic_batch=False, example_inputs=ex)["onnx"]
         paths["ORT quantize_static"][bs] = ort_quantize_static(paths["FP32"][bs], [ex], os.path.join(tmp, f"lat_qs_{bs}.onnx"))
     return latencies(paths, feeds, threads, repeats)
 

@@ -38,6 +38,7 @@ from ..errors import ExportError, NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
+from ..nn.scale import ChannelScale
 from ..nn.modules import own_forward
 from ..nn.quantizer import Quantizer
 from . import generic as generic_export
@@ -585,6 +586,8 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
         return _weighted(b, n, m, x, out, modules, ndim)
     if ops.is_identity(n, modules):
         return x
+    if isinstance(m, ChannelScale):
+        return b.node("Mul", [x, b.const(f"{name}.scale", m.scale.detach().cpu().numpy())], out=out, base=name)
     if isinstance(m, ChannelClamp):
         shape = [-1] + [1] * (ndim - 2) if m.channel_axis == 1 else [-1]
         lo = b.const(f"{name}.lo", m.lo.detach().cpu().numpy().reshape(shape))

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from ..errors import GraphCaptureError
 from .exported import capture_exported
-from .ops import is_leaf_module
+from .ops import add_mask, is_leaf_module
 
 
 class _Tracer(fx.Tracer):
@@ -31,7 +31,7 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
     models whose Python inspects sizes or values). Raises :class:`GraphCaptureError` naming the user
     source line where tracing stopped, and why ``torch.export`` failed too.
     """
-    tracer = _Tracer()
+    tracer = _Tracer(autowrap_functions=(add_mask,))  # stays one node when a captured graph is traced again
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure becomes one clear error

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.clamp import ChannelClamp
+from ..nn.scale import ChannelScale
 from ..nn.registry import lookup
 
 
@@ -84,6 +85,7 @@ MODULE_OPS: dict[type, Op] = _table([
     ((nn.ReLU,), RELU),
     ((nn.Hardtanh,), Op("compute", fusable=True, nonneg=_hardtanh_nonneg)),  # ReLU6 is a Hardtanh
     ((ChannelClamp,), Op("compute", fusable=True, nonneg=lambda m: m.nonneg)),
+    ((ChannelScale,), Op("compute", homogeneous=True)),
     ((nn.Sigmoid, nn.Softmax, nn.Hardsigmoid), NONNEG),
     ((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), IDENTITY),
     ((nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), MOVE),

@@ -6,6 +6,8 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 ``bn_fold``         fold batch norms into the layers before them (float model)
 ``act_eq``          equalize channel ranges at depthwise inputs (float model, exact; with data; in
                     "auto" when weights are per-channel)
+``smooth``          smooth the inputs of linear layers after LayerNorms into their weights (float model,
+                    exact; with data; in "auto" for transformers with per-channel weights)
 ``cle``             cross-layer equalization (float model, exact; in "auto" for per-tensor weights)
 ``hba``             high-bias absorption (float model, approximate; needs ``bn_fold``; in "auto" for
                     per-tensor weights)
@@ -16,7 +18,7 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 ``loss_aware``      cross-entropy range for the output quantizer (classifiers: 2-D outputs)
 ==================  =========================================================================
 
-``ptq="auto"`` runs them in that order. BN folding, activation equalization and bias correction are
+``ptq="auto"`` runs them in that order. BN folding, activation equalization, smoothing and bias correction are
 kept unless they score worse than the best so far by more than the noise tolerance (they are the
 default recipe); every other stage is kept only if it scores better (the score is ``eval_fn(sim)``
 when given, else logit SQNR against the float model on held-out calibration batches); with ``eval_fn`` and ``max_drop`` it stops at the first stage whose drop from
@@ -48,6 +50,7 @@ from .bn_fold import fold_batch_norms
 from .cle import absorb_high_biases, cross_layer_equalization
 from .data_free import set_bn_ranges
 from .loss_aware import loss_aware_output_range
+from .smooth import smooth_linear_inputs
 
 
 @dataclass
@@ -169,6 +172,15 @@ def _act_eq(run: _Run, model, stages):
     return cand, str(r)
 
 
+def _smooth(run: _Run, model, stages):
+    cand, r = smooth_linear_inputs(model, run.calib, example_inputs=run.opts["example_inputs"], progress=run.opts["progress"])
+    return cand, str(r)
+
+
+def _has_layer_norm(run: _Run) -> bool:
+    return any(isinstance(m, nn.LayerNorm) for m in run.model.modules())
+
+
 def _cle(run: _Run, model, stages):
     cand, r = cross_layer_equalization(model, absorb_high_bias=False, fold="bn_fold" in stages)
     return cand, f"{len(r.pairs)} pairs, {len(r.replaced_activations)} ReLU6->ChannelClamp"
@@ -219,6 +231,8 @@ class Stage:
 STAGE_TABLE: tuple[Stage, ...] = (
     Stage("bn_fold", "model", _bn_fold, prefer=True),
     Stage("act_eq", "model", _act_eq, needs_data=True, auto=lambda run: run.per_channel, prefer=True),
+    # transformers: 8-bit inputs for the linear layers after LayerNorms (integer GEMMs), same accuracy
+    Stage("smooth", "model", _smooth, needs_data=True, auto=lambda run: run.per_channel and _has_layer_norm(run), prefer=True),
     Stage("cle", "model", _cle, auto=lambda run: not run.per_channel),
     Stage("hba", "model", _hba, auto=lambda run: not run.per_channel),
     Stage("calibrate", "sim", None),

@@ -25,7 +25,8 @@ from edgequant import QuantSim, export_onnx
 from edgequant.data import calibration_crops
 from edgequant.models import mobilenet_v2_imagenet
 from edgequant.ptq import fold_batch_norms
-from ort_latency import latencies, timing_parser
+from bench_export import _ort_quantize_static
+from ort_latency import emit, latencies, timing_parser
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -35,21 +36,6 @@ def _model(name: str) -> torch.nn.Module:
 
     torch.manual_seed(0)
     return torchvision.models.get_model(name, weights=None).eval()
-
-
-def _ort_quantize_static(fp32_path, cal, out):
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"x": b.numpy()} for b in cal.split(8)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(fp32_path, out, Reader(), per_channel=True, reduce_range=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
 
 
 def export_all(name: str, cal: torch.Tensor, tmp: str) -> dict[str, str]:
@@ -88,11 +74,7 @@ def main():
             lines.append(f"| {name} | {k} | {t[k][1]:.2f} | {t[k][32]:.1f} | {t['FP32'][1] / t[k][1]:.2f}x | "
                          f"{t['FP32'][32] / t[k][32]:.2f}x | {t['ORT quantize_static'][1] / t[k][1]:.2f}x | "
                          f"{t['ORT quantize_static'][32] / t[k][32]:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from edgequant.core.granularity import PerBlock, PerChannel
 from edgequant.data import sentence_split
 from edgequant.models import minilm_l6_v2, tokenize
 from edgequant.ptq import smooth_linear_inputs
-from ort_latency import latencies, timing_parser
+from ort_latency import emit, latencies, timing_parser
 
 SEQ = 64
 SMOOTHED = "w8a8_transformer + smooth_linear_inputs"
@@ -157,11 +157,7 @@ def main():
               "| model | batch 1 ms | batch 32 ms | vs FP32 b1 | vs FP32 b32 |", "|---|---|---|---|---|"]
     for k, t in times.items():
         lines.append(f"| {k} | {t[1]:.2f} | {t[32]:.1f} | {times['FP32'][1] / t[1]:.2f}x | {times['FP32'][32] / t[32]:.2f}x |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,13 @@ def timing_parser(doc: str, calib: int, evaluation: int):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
     return ap
+
+
+def emit(lines: list[str], out) -> None:
+    """Print the table and write it to ``out`` (atomically) when given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        from edgequant.io.encodings import atomic_write_text
+
+        atomic_write_text(out, text + "\n")

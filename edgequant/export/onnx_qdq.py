@@ -486,12 +486,22 @@ def _refuse_baked_batch(n: fx.Node, folded: dict, derived: set) -> None:
 
 def _add_outputs(b: _Builder, n: fx.Node, val: dict, inputs: list, outputs: list, vinfo) -> None:
     """The graph outputs of the fx output node ``n``, each a distinct name (an Identity where needed)."""
-    res = n.args[0]
-    res = res if isinstance(res, (tuple, list)) else [res]
-    for i, r in enumerate(res):
+    flat: list[tuple[str, fx.Node]] = []
+
+    def walk(v, key):
+        if isinstance(v, dict):  # segmentation models: {"out": ..., "aux": ...}, outputs named by their keys
+            for k, x in v.items():
+                walk(x, str(k))
+        elif isinstance(v, (tuple, list)):
+            for i, x in enumerate(v):
+                walk(x, f"{key}_{i}" if key else f"output_{i}")
+        elif isinstance(v, fx.Node):
+            flat.append((key or "output_0", v))
+    walk(n.args[0], "")
+    for key, r in flat:
         name = _resolve(b, val[r])
-        if name in {vi.name for vi in inputs} or name in (o.name for o in outputs):
-            name = b.node("Identity", [name], out=b.fresh(f"output_{i}"))
+        if name in {vi.name for vi in inputs} or name in (o.name for o in outputs) or isinstance(n.args[0], dict):
+            name = b.node("Identity", [name], out=b.fresh(key))
         outputs.append(vinfo(name, r))
 
 

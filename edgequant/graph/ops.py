@@ -146,6 +146,19 @@ def module_op(m: nn.Module) -> Optional[Op]:
     return None
 
 
+#: functions of other libraries, by qualified name (no import of those libraries here)
+NAMED_FUNCTION_OPS: dict[str, Op] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": IDENTITY,  # identity in eval mode, like dropout
+}
+
+
+def _function_op(target) -> Optional[Op]:
+    op = FUNCTION_OPS.get(target)
+    if op is None and callable(target):
+        op = NAMED_FUNCTION_OPS.get(f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}")
+    return op
+
+
 def node_op(node: fx.Node, modules: dict) -> Optional[Op]:
     """The record of an fx node (``modules``: the graph's named modules); None for unknown ops,
     placeholders, constants and the output."""
@@ -153,7 +166,7 @@ def node_op(node: fx.Node, modules: dict) -> Optional[Op]:
         m = modules.get(node.target)
         return module_op(m) if m is not None else None
     if node.op == "call_function":
-        return FUNCTION_OPS.get(node.target)
+        return _function_op(node.target)
     if node.op == "call_method":
         return METHOD_OPS.get(node.target)
     return None

@@ -1,4 +1,5 @@
 """Ops without a hand-written ONNX mapping go through torch.onnx in float between DQ and Q."""
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -107,3 +108,31 @@ def test_global_pool_grid_is_never_finer_than_input_step_over_count(tmp_path):
     with torch.no_grad():
         ref = sim(x).numpy()
     assert np.abs(out - ref).max() <= 1.001 * float(sim.quantizers()["fc"].scale) + 1e-6
+
+
+def test_dict_outputs_are_named_by_their_keys_and_stochastic_depth_is_an_identity(tmp_path):
+    from torchvision.ops import stochastic_depth
+
+    class Seg(nn.Module):  # torchvision segmentation models return {"out": ..., "aux": ...}
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = h + stochastic_depth(h, 0.2, "row", self.training)
+            return {"out": self.b(h), "aux": h}
+
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stochastic_depth is known: no "left in float" warning
+        sim = QuantSim(Seg().eval(), x)
+    sim.calibrate([torch.randn(4, 3, 8, 8)], progress=False)
+    path = export_onnx(sim, tmp_path / "seg.onnx")["onnx"]
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [o.name for o in s.get_outputs()] == ["out", "aux"]
+    got = dict(zip(["out", "aux"], s.run(None, {"x": x.numpy()})))
+    with torch.no_grad():
+        ref = sim(x)
+    for k in ("out", "aux"):
+        assert sqnr_db(ref[k], torch.from_numpy(got[k])) > 30

@@ -4,7 +4,8 @@ against ONNX Runtime's own ``quantize_static`` model of the same network, side b
 Per model (BatchNorm folded; MobileNetV2 with its real ImageNet weights, the others with random
 weights: latency does not depend on the values), at batch 1 and 32, 2 threads, in a fresh process:
 FP32 (edgequant's export with its quantizers off), edgequant ``w8a8`` (uint8 weight containers, exact
-on every x86 CPU), edgequant ``w7a8`` (int8 weights, exact on ORT's fast u8s8 kernels) and ORT's
+on every x86 CPU), edgequant ``w7a8`` (int8 weights, exact on ORT's fast u8s8 kernels), for models
+with SiLU also ``w7a8`` after ``edgequant.nn.split_silu`` (SiLU as integer sigmoid and multiply), and ORT's
 ``quantize_static`` (uint8 activations, int8 per-channel weights, ``reduce_range``: its setting for
 CPUs without VNNI). Transformers are measured in ``bench_transformers.py``.
 
@@ -24,6 +25,7 @@ import torch
 from edgequant import QuantSim, export_onnx
 from edgequant.data import calibration_crops
 from edgequant.models import mobilenet_v2_imagenet
+from edgequant.nn import split_silu
 from edgequant.ptq import fold_batch_norms
 from bench_export import _ort_quantize_static
 from ort_latency import emit, latencies, timing_parser
@@ -49,6 +51,10 @@ def export_all(name: str, cal: torch.Tensor, tmp: str) -> dict[str, str]:
     sim7 = QuantSim(folded, cal[:1], "w7a8")
     sim7.calibrate(cal.split(8), progress=False)
     paths["edgequant w7a8"] = export_onnx(sim7, os.path.join(tmp, f"{name}_w7a8.onnx"))["onnx"]
+    if any(isinstance(m, torch.nn.SiLU) for m in folded.modules()):  # SiLU as QLinearSigmoid + QLinearMul
+        sim_s = QuantSim(split_silu(folded), cal[:1], "w7a8")
+        sim_s.calibrate(cal.split(8), progress=False)
+        paths["edgequant w7a8 + split_silu"] = export_onnx(sim_s, os.path.join(tmp, f"{name}_w7a8_split.onnx"))["onnx"]
     paths["ORT quantize_static"] = _ort_quantize_static(paths["FP32"], cal, os.path.join(tmp, f"{name}_ort.onnx"))
     return paths
 

@@ -1,10 +1,10 @@
 """Quantizer modules, quantized twins of torch layers, and the registry that maps one to the other."""
 from ..errors import NotCalibratedError
 from .clamp import ChannelClamp
-from .scale import ChannelScale
+from .scale import ChannelScale, SigmoidMul, split_silu
 from .modules import QuantizedModuleMixin, own_forward, quantize_module, quantized_class
 from .quantizer import ROLES, Quantizer, make_quantizer
 from .registry import Registration, lookup, register_quantized
 
-__all__ = ["ChannelClamp", "ChannelScale", "Quantizer", "make_quantizer", "ROLES", "NotCalibratedError", "QuantizedModuleMixin",
+__all__ = ["ChannelClamp", "ChannelScale", "SigmoidMul", "split_silu", "Quantizer", "make_quantizer", "ROLES", "NotCalibratedError", "QuantizedModuleMixin",
            "quantize_module", "quantized_class", "own_forward", "register_quantized", "lookup", "Registration"]

@@ -31,16 +31,16 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
+from ..batches import as_args
 from ..core.granularity import PerBlock, PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
-from ..batches import as_args
 from ..errors import ExportError, NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
-from ..nn.scale import ChannelScale
 from ..nn.modules import own_forward
 from ..nn.quantizer import Quantizer
+from ..nn.scale import ChannelScale
 from . import generic as generic_export
 
 #: methods that are no-ops in an exported graph (besides the identity ops)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..nn.modules import own_forward
 from .ops import add_mask
 
 aten = torch.ops.aten
@@ -128,7 +129,7 @@ def _as_layer(n: fx.Node, layers: dict[str, nn.Module]):
         return None
     types, data, (wi, bi) = entry
     owner = _owner(n.args[wi] if len(n.args) > wi else None, layers)
-    if owner is None or type(owner[1]) not in types:
+    if owner is None or not isinstance(owner[1], types) or own_forward(owner[1]):  # own forward: its own ops
         return None
     name, m = owner
     bias = n.args[bi] if bi is not None and len(n.args) > bi else None

@@ -364,17 +364,18 @@ def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_wei
 
 def _check_names(model: onnx.ModelProto, sim) -> None:
     """Every encoding names exactly one ONNX tensor: activations feed a QuantizeLinear, weights are the
-    integer initializers a DequantizeLinear reads."""
+    integer initializers a DequantizeLinear (or a MatMulInteger, through its Transpose) reads."""
     q_in = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     clip_src = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Clip"}
     q_in |= {clip_src[v] for v in list(q_in) if v in clip_src}
     dq_in = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    w_in = dq_in | {n.input[0] for n in model.graph.node if n.op_type == "Transpose"}  # MatMulInteger's weights
     inits = {i.name for i in model.graph.initializer}
     bad = []
     for name, q in sim.quantizers().items():
         if not q.is_weight and name not in q_in:
             bad.append(f"activation {name!r} is not the input of a QuantizeLinear")
-        if q.role == "weight" and not (name in inits and name in dq_in):
+        if q.role == "weight" and not (name in inits and name in w_in):
             bad.append(f"weight {name!r} is not an initializer read by a DequantizeLinear")
     if bad:
         raise ExportError("encodings do not match the ONNX graph one-to-one: " + "; ".join(bad[:5]))
@@ -419,6 +420,9 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         if dynamic_batch:
             _refuse_baked_batch(n, folded, batch)
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if isinstance(src, _Quantized) and ops.is_identity(n, modules) and n not in want:
+            val[n] = src  # contiguous(), dropout: the integers pass on, still quantized
+            continue
         if isinstance(src, _Quantized) and _moves_integers(n, modules):
             # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in
             # float, Flatten -> DQ -> Gemm -> Q fuses into its integer QGemm
@@ -662,13 +666,57 @@ def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: st
     x2 = b.node("Reshape", [src.q, b.const(f"{n.target}_2d", np.array([-1, in_shape[-1]], dtype=np.int64))],
                 base=f"{n.target}_2d")
     x = _Quantized(x2, src.scale, src.zero_point, src.name).dequantized(b)
-    user = patterns.only_user(n)
+    user, act = patterns.only_user(n), None
+    if user is not None and ops.is_fusable_act(user, modules) and not isinstance(patterns.module_of(user, modules), ChannelClamp):
+        act, user = user, patterns.only_user(user)  # linear -> ReLU -> quantizer: the ReLU runs on the 2-D values
     q = patterns.module_of(user, modules) if user is not None else None
-    if isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor):
-        flat[n] = out_shape
-        return _weighted(b, n, m, x, out, modules, 2)
-    y = _weighted(b, n, m, x, b.fresh(f"{out}_2d"), modules, 2)
+    fused = isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor)
+    q_in = lowering.source_quantizer(n.args[0], modules)
+    if not (fused and q.spec.bits <= 8) and _integer_matmul_fits(q_in, _weight_quantizer(m)):
+        y = _matmul_integer(b, n, m, x2, src, q_in, out if fused else b.fresh(f"{out}_2d"))
+    else:
+        y = _weighted(b, n, m, x, out if fused else b.fresh(f"{out}_2d"), modules, 2)
+    if fused:
+        flat[act if act is not None else n] = out_shape
+        return y
     return _reshape(b, y, out_shape, out, n.target, [-1, out_shape[-1]])
+
+
+def _integer_matmul_fits(q_in: Optional[Quantizer], q_w: Optional[Quantizer]) -> bool:
+    """Whether a linear layer can run as ``MatMulInteger``: 8-bit per-tensor input, 8-bit symmetric weights
+    per tensor or per output channel."""
+    return (isinstance(q_in, Quantizer) and isinstance(q_in.spec.granularity, PerTensor) and q_in.spec.bits <= 8
+            and isinstance(q_w, Quantizer) and q_w.spec.bits <= 8 and q_w.spec.symmetric and q_w.spec.signed
+            and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)))
+
+
+def _matmul_integer(b: _Builder, n: fx.Node, m: nn.Linear, x2: str, src: "_Quantized", q_in: Quantizer, out: str) -> str:
+    """A linear layer whose output is not an 8-bit grid (a 16-bit residual stream) on ONNX Runtime's integer
+    ``MatMulInteger``: the 8-bit input integers times the integer weights, accumulated in int32, then
+    ``acc * s_x s_w + bias`` in float (what a fused ``QGemm`` cannot do: its output must be 8-bit)."""
+    q_w = _weight_quantizer(m)
+    name = n.target
+    wi = quantize(m.weight.detach(), q_w.scale, q_w.zero_point, q_w.qmin, q_w.qmax, q_w.spec.granularity).cpu().numpy()
+    wi = wi.astype(np.int64)
+    dtype, zp = TensorProto.INT8, 0
+    if b.unsigned_weights:  # u8u8 kernels: exact on x86 without VNNI (see weight_dtype)
+        dtype, wi, zp = TensorProto.UINT8, wi + 128, 128
+    w = b.int_const(q_w.tensor_name, wi, dtype)
+    wzp = b.fresh(f"{q_w.tensor_name}_zero_point")
+    b.names.discard(wzp)
+    b.int_const(wzp, np.full((wi.shape[0],), zp), dtype)
+    wt = b.node("Transpose", [w], base=f"{name}.weight_t", perm=[1, 0])
+    acc = b.node("MatMulInteger", [x2, wt, src.zero_point, wzp], base=name)
+    s_x = q_in.scale.detach().double().reshape(())
+    s_w = q_w.scale.detach().double().reshape(-1).expand(wi.shape[0])
+    y = b.node("Mul", [b.node("Cast", [acc], base=name, to=TensorProto.FLOAT),
+                       b.const(f"{name}.acc_scale", (s_x * s_w).float().cpu().numpy())], base=name,
+               out=out if m.bias is None else None)
+    if m.bias is None:
+        return y
+    s_b = bias_scale(q_in.scale, q_w.scale.detach(), m.bias.shape[0]).cpu()
+    bias = (bias_integers(m.bias.detach().cpu(), s_b).double() * s_b.double()).float().numpy()
+    return b.node("Add", [y, b.const(f"{name}.bias", bias)], out=out, base=name)
 
 
 def _reshape(b, x, shape, out, base, in_shape=None):
@@ -714,6 +762,16 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
         if end == -1:
             return b.node("Flatten", [a[0]], out=out, base=base, axis=int(start))
         return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
+    if t in (torch.transpose, "transpose", torch.permute, "permute"):
+        ndim = len(shape_of(n) or [])
+        if t in (torch.transpose, "transpose"):
+            d0, d1 = (n.kwargs.get(k, a[i]) if len(a) > i else n.kwargs[k] for i, k in ((1, "dim0"), (2, "dim1")))
+            perm = list(range(ndim))
+            perm[d0 % ndim], perm[d1 % ndim] = perm[d1 % ndim], perm[d0 % ndim]
+        else:
+            dims = n.kwargs.get("dims", a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:])
+            perm = [int(d) % ndim for d in dims]
+        return b.node("Transpose", [a[0]], out=out, base=base, perm=perm)
     if t in ("view", "reshape", torch.reshape):
         return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
     if t in (F.adaptive_avg_pool2d,) and tuple(np.atleast_1d(a[1])) in ((1,), (1, 1)):

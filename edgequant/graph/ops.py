@@ -116,8 +116,8 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
     ((F.leaky_relu,), Op("compute", homogeneous=True)),
     ((torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.hardsigmoid), NONNEG),
     ((F.dropout,), IDENTITY),
-    ((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze), MOVE),
-    ((operator.getitem, torch.permute, torch.transpose, torch.chunk, torch.split, torch.narrow, torch.t, torch.select,
+    ((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose), MOVE),
+    ((operator.getitem, torch.chunk, torch.split, torch.narrow, torch.t, torch.select,
       torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
       F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
     ((add_mask,), PASS),
@@ -130,8 +130,8 @@ METHOD_OPS: dict[str, Op] = _table([
     (("relu",), RELU),
     (("sigmoid", "softmax"), NONNEG),
     (("contiguous", "clone", "detach"), IDENTITY),
-    (("view", "reshape", "flatten", "squeeze", "unsqueeze"), MOVE),
-    (("permute", "transpose", "expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select",
+    (("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose"), MOVE),
+    (("expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select",
       "view_as", "unflatten", "to", "cpu", "cuda", "type_as"), PASS),
 ])
 

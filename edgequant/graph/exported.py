@@ -56,6 +56,7 @@ _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
     aten.exp.default: ("function", torch.exp),
     aten.sqrt.default: ("function", torch.sqrt),
     aten.rsqrt.default: ("function", torch.rsqrt),
+    aten.gelu.default: ("function", F.gelu),
     aten.silu.default: ("function", F.silu),
     aten.hardswish.default: ("function", F.hardswish),
     aten.squeeze.dim: ("function", torch.squeeze),
@@ -182,8 +183,6 @@ def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None
             return g.call_function(add_mask, (args[0], args[1]))
         if isinstance(a, fx.Node) and _static_float(a, static) and not _static_float(b, static):
             return g.call_function(add_mask, (args[1], args[0]))
-    if n.target is aten.gelu.default:
-        return g.call_function(F.gelu, args, kwargs)
     if n.target in _FUNCTIONS and not (n.target is aten.add.Tensor and kwargs):
         how, target = _FUNCTIONS[n.target]
         return g.call_method(target, args, kwargs) if how == "method" else g.call_function(target, args, kwargs)

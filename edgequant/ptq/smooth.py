@@ -119,12 +119,12 @@ def smooth_linear_inputs(model: nn.Module, data: Iterable, *, alpha: float = 0.5
         w = torch.stack([modules[u.target].weight.detach().abs().amax(0).double() for u in users]).amax(0)
         s = (a.clamp(min=1e-5) ** alpha / w.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
         name = f"{norm.target.replace('.', '_')}_smooth"
-        gm.add_submodule(name, ChannelScale((1.0 / s).float()).to(a.device if a.is_cuda else "cpu"))
+        gm.add_submodule(name, ChannelScale(1.0 / s))  # on the device of the observed activations
         with gm.graph.inserting_after(norm):
             scaled = gm.graph.call_module(name, (norm,))
         for u in users:
             u.replace_input_with(norm, scaled)
-            modules[u.target].weight.mul_(s.to(modules[u.target].weight.dtype).to(modules[u.target].weight.device))
+            modules[u.target].weight.mul_(s.to(modules[u.target].weight))
         report.groups[norm.target] = [u.target for u in users]
         xs = a / s
         report.spread[norm.target] = (float(a.max() / a.median().clamp(min=1e-12)), float(xs.max() / xs.median().clamp(min=1e-12)))

@@ -25,7 +25,7 @@ from edgequant.data import calibration_crops, evaluation_crops
 from edgequant.export.integer import IntegerEngine
 from edgequant.models import mobilenet_v2_imagenet
 from edgequant.ptq import fold_batch_norms
-from ort_latency import latencies, timing_parser
+from ort_latency import latencies, ort_quantize_static, timing_parser
 
 
 def session(path, threads):
@@ -33,23 +33,6 @@ def session(path, threads):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def _ort_quantize_static(fp32_path, cal, out):
-    """ONNX Runtime's own static quantization of the same float model, with its settings for x86 CPUs
-    without VNNI (uint8 activations, int8 per-channel weights, reduce_range): the bar for speed."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"x": b.numpy()} for b in cal.split(32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(fp32_path, out, Reader(), per_channel=True, reduce_range=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
 
 
 def main():
@@ -70,7 +53,8 @@ def main():
     sim7 = QuantSim(folded, cal[:1], "w7a8")  # 7-bit weights: exact on u8s8 kernels without VNNI
     sim7.calibrate(cal.split(32), progress=False)
     paths["int8 w7a8 (int8 weights)"] = export_onnx(sim7, os.path.join(tmp, "int8_w7a8.onnx"))["onnx"]
-    paths["ORT quantize_static (its own QDQ)"] = _ort_quantize_static(paths["fp32"], cal, os.path.join(tmp, "ort_qs.onnx"))
+    paths["ORT quantize_static (its own QDQ)"] = ort_quantize_static(  # its setting for x86 without VNNI
+        paths["fp32"], [{"x": b.numpy()} for b in cal.split(32)], os.path.join(tmp, "ort_qs.onnx"), reduce_range=True)
     x32 = ev[:32].numpy()
     times = latencies({k: {1: p, 32: p} for k, p in paths.items()}, {1: {"x": x32[:1]}, 32: {"x": x32}},
                       args.threads, args.repeats)

@@ -27,8 +27,7 @@ from edgequant.data import calibration_crops
 from edgequant.models import mobilenet_v2_imagenet
 from edgequant.nn import split_silu
 from edgequant.ptq import fold_batch_norms
-from bench_export import _ort_quantize_static
-from ort_latency import emit, latencies, timing_parser
+from ort_latency import emit, latencies, ort_quantize_static, timing_parser
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -55,7 +54,8 @@ def export_all(name: str, cal: torch.Tensor, tmp: str) -> dict[str, str]:
         sim_s = QuantSim(split_silu(folded), cal[:1], "w7a8")
         sim_s.calibrate(cal.split(8), progress=False)
         paths["edgequant w7a8 + split_silu"] = export_onnx(sim_s, os.path.join(tmp, f"{name}_w7a8_split.onnx"))["onnx"]
-    paths["ORT quantize_static"] = _ort_quantize_static(paths["FP32"], cal, os.path.join(tmp, f"{name}_ort.onnx"))
+    paths["ORT quantize_static"] = ort_quantize_static(paths["FP32"], [{"x": b.numpy()} for b in cal.split(32)],
+                                                       os.path.join(tmp, f"{name}_ort.onnx"), reduce_range=True)
     return paths
 
 

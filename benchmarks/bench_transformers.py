@@ -25,7 +25,7 @@ from edgequant.core.granularity import PerBlock, PerChannel
 from edgequant.data import sentence_split
 from edgequant.models import minilm_l6_v2, tokenize
 from edgequant.ptq import smooth_linear_inputs
-from ort_latency import emit, latencies, timing_parser
+from ort_latency import emit, latencies, ort_quantize_static, timing_parser
 
 SEQ = 64
 SMOOTHED = "w8a8_transformer + smooth_linear_inputs"
@@ -64,25 +64,14 @@ def fidelity(ref: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
     return cos, (nn_index(ref) == nn_index(got)).float().mean().item()
 
 
+def _feed(batch) -> dict:
+    """ONNX Runtime's inputs for one ``(input_ids, attention_mask)`` batch."""
+    return {"input_ids": batch[0].numpy(), "attention_mask": batch[1].numpy()}
+
+
 def ort_embed(path, data):
     s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return torch.cat([torch.from_numpy(s.run(None, {"input_ids": i.numpy(), "attention_mask": m.numpy()})[0]) for i, m in data])
-
-
-def ort_quantize_static(fp32_path, cal, out):
-    """ONNX Runtime's own static QDQ quantization (per-channel int8 weights, uint8 activations, MinMax)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{"input_ids": i.numpy(), "attention_mask": m.numpy()} for i, m in cal])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(fp32_path, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
+    return torch.cat([torch.from_numpy(s.run(None, _feed(b))[0]) for b in data])
 
 
 def run_split(enc, tok, seed, n_calib, n_eval, tmp):
@@ -105,18 +94,18 @@ def run_split(enc, tok, seed, n_calib, n_eval, tmp):
     with sims["w8a8_transformer"].quantization_disabled():
         fp32 = export_onnx(sims["w8a8_transformer"], os.path.join(tmp, f"fp32_{seed}.onnx"), dynamic_batch=False)["onnx"]
     rows["FP32 ONNX (edgequant export, quantizers off)"] = {"ort": fidelity(ref, ort_embed(fp32, ev))}
-    qs = ort_quantize_static(fp32, cal, os.path.join(tmp, f"ort_qs_{seed}.onnx"))
+    qs = ort_quantize_static(fp32, [_feed(b) for b in cal], os.path.join(tmp, f"ort_qs_{seed}.onnx"))
     rows["ONNX Runtime quantize_static (QDQ, per-channel, MinMax)"] = {"ort": fidelity(ref, ort_embed(qs, ev))}
     return rows, sims
 
 
-def latency_table(enc, tok, sims, tmp, threads, repeats):
+def latency_table(tok, sims, tmp, threads, repeats):
     ids, mask = tokenize(tok, sentence_split(32, 1, seed=0)[0], SEQ)
     paths = {"FP32": {}, "edgequant w8a8_transformer": {}, f"edgequant {SMOOTHED}": {}, "ORT quantize_static": {}}
     feeds = {}
     for bs in (1, 32):
         ex = (ids[:bs], mask[:bs])
-        feeds[bs] = {"input_ids": ex[0].numpy(), "attention_mask": ex[1].numpy()}
+        feeds[bs] = _feed(ex)
         sim = sims["w8a8_transformer"]
         with sim.quantization_disabled():
             paths["FP32"][bs] = export_onnx(sim, os.path.join(tmp, f"lat_fp32_{bs}.onnx"), dynamic_batch=False,
@@ -125,7 +114,7 @@ def latency_table(enc, tok, sims, tmp, threads, repeats):
                                                              dynamic_batch=False, example_inputs=ex)["onnx"]
         paths[f"edgequant {SMOOTHED}"][bs] = export_onnx(sims[SMOOTHED], os.path.join(tmp, f"lat_sm_{bs}.onnx"),
                                                          dynamic_batch=False, example_inputs=ex)["onnx"]
-        paths["ORT quantize_static"][bs] = ort_quantize_static(paths["FP32"][bs], [ex], os.path.join(tmp, f"lat_qs_{bs}.onnx"))
+        paths["ORT quantize_static"][bs] = ort_quantize_static(paths["FP32"][bs], [_feed(ex)], os.path.join(tmp, f"lat_qs_{bs}.onnx"))
     return latencies(paths, feeds, threads, repeats)
 
 
@@ -139,7 +128,7 @@ def main():
     for seed in (0, 1):
         results[seed], s = run_split(enc, tok, seed, args.calib, args.eval, tmp)
         sims = sims or s
-    times = latency_table(enc, tok, sims, tmp, args.threads, args.repeats)
+    times = latency_table(tok, sims, tmp, args.threads, args.repeats)
     lines = [f"all-MiniLM-L6-v2 (real weights), sequence length {SEQ}, {args.calib} calibration / {args.eval} evaluation "
              f"sentences per split (`edgequant.data.sentence_split`, seeds 0 and 1), torch {torch.__version__}, "
              f"ONNX Runtime {ort.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}", "",

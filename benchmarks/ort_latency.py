@@ -1,4 +1,5 @@
-"""ONNX Runtime latency measured in a fresh process, shared by the benchmarks that time exported models.
+"""ONNX Runtime helpers shared by the benchmarks that time exported models: latency measured in a fresh
+process, and ONNX Runtime's own ``quantize_static`` (the bar for speed).
 
 torch's OpenMP threads keep spinning after its last op and slowed ONNX Runtime by up to 4x in the same
 process, so sessions are timed in a spawned process that never imports torch. Models are run
@@ -66,3 +67,21 @@ def emit(lines: list[str], out) -> None:
         from edgequant.io.encodings import atomic_write_text
 
         atomic_write_text(out, text + "\n")
+
+
+def ort_quantize_static(fp32_path, feeds: list[dict], out, **options) -> str:
+    """ONNX Runtime's own static QDQ quantization of ``fp32_path`` calibrated on ``feeds`` (input name ->
+    array, one dict per batch): per-channel int8 weights, uint8 activations, MinMax; ``options`` go to
+    ``quantize_static`` (``reduce_range=True``: its setting for x86 CPUs without VNNI). Returns ``out``."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(fp32_path, out, Reader(), per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, **options)
+    return out

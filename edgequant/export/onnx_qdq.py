@@ -676,7 +676,6 @@ def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: st
     in_shape, out_shape = shape_of(n.args[0]), shape_of(n)
     x2 = b.node("Reshape", [src.q, b.const(f"{n.target}_2d", np.array([-1, in_shape[-1]], dtype=np.int64))],
                 base=f"{n.target}_2d")
-    x = _Quantized(x2, src.scale, src.zero_point, src.name).dequantized(b)
     user, act = patterns.only_user(n), None
     if user is not None and ops.is_fusable_act(user, modules) and not isinstance(patterns.module_of(user, modules), ChannelClamp):
         act, user = user, patterns.only_user(user)  # linear -> ReLU -> quantizer: the ReLU runs on the 2-D values
@@ -686,6 +685,7 @@ def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: st
     if not (fused and q.spec.bits <= 8) and _integer_matmul_fits(q_in, _weight_quantizer(m)):
         y = _matmul_integer(b, n, m, x2, src, q_in, out if fused else b.fresh(f"{out}_2d"))
     else:
+        x = _Quantized(x2, src.scale, src.zero_point, src.name).dequantized(b)
         y = _weighted(b, n, m, x, out if fused else b.fresh(f"{out}_2d"), modules, 2)
     if fused:
         flat[act if act is not None else n] = out_shape

@@ -6,6 +6,7 @@ full stops, stripped of markup, deduplicated and kept between 30 and 200 charact
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 import re
@@ -46,14 +47,19 @@ def _readme_sentences() -> list[str]:
     return _clean(text)
 
 
-def real_sentences() -> list[str]:
-    """Every sentence of both sources, deduplicated, in a fixed order."""
+@functools.cache
+def _all_sentences() -> tuple[str, ...]:
     seen, out = set(), []
     for s in _torch_nn_sentences() + _readme_sentences():
         if s.lower() not in seen:
             seen.add(s.lower())
             out.append(s)
-    return out
+    return tuple(out)
+
+
+def real_sentences() -> list[str]:
+    """Every sentence of both sources, deduplicated, in a fixed order (read once per process)."""
+    return list(_all_sentences())
 
 
 def sentence_split(n_calib: int = 128, n_eval: int = 128, seed: int = 0) -> tuple[list[str], list[str]]:

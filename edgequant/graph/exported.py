@@ -145,8 +145,10 @@ def _as_layer(n: fx.Node, layers: dict[str, nn.Module]):
 
 
 def _conv_matches(n: fx.Node, m: nn.Module) -> bool:
+    if isinstance(m.padding, str):  # "same"/"valid" export as aten.conv2d.padding, not matched here
+        return False
     k = len(m.kernel_size)
-    want = [list(m.stride), list(m.padding) if not isinstance(m.padding, str) else m.padding, list(m.dilation), m.groups]
+    want = [list(m.stride), list(m.padding), list(m.dilation), m.groups]
     got = list(n.args[3:7]) + [None] * (4 - len(n.args[3:7]))
     defaults = [[1] * k, [0] * k, [1] * k, 1]
     got = [defaults[i] if g is None else (list(g) if isinstance(g, (list, tuple)) else g) for i, g in enumerate(got)]

@@ -95,6 +95,7 @@ MODULE_OPS: dict[type, Op] = _table([
       nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle), PASS),
 ])
 
+
 def add_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x + mask`` where ``mask`` is computed from integer inputs only (a transformer's additive attention
     mask: 0 where attended, a huge negative number elsewhere). Its output keeps ``x``'s grid where it

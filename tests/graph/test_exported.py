@@ -150,3 +150,25 @@ def test_export_capture_shares_the_model_parameters():
     gm = capture_exported(m, _inputs(2), {})
     shared = {id(t) for t in gm.parameters()}
     assert id(m.bias_vec) in shared and id(m.q.weight) in shared
+
+
+def test_export_capture_keeps_convolutions_as_layers():
+    class Windowed(nn.Module):  # slices a buffer with a traced size: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+            self.other = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2)
+            self.register_buffer("gain", torch.linspace(0.5, 1.5, 16), persistent=False)
+
+        def forward(self, x):
+            y = self.other(self.conv(x))
+            return y * self.gain[: y.shape[-1]]
+
+    m = Windowed().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(m)
+    gm = capture_exported(m, (x,), {})
+    assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"conv", "other"}
+    with torch.no_grad():
+        assert torch.equal(gm(torch.randn(3, 3, 16, 16) * 0 + x), m(x.expand(3, -1, -1, -1)))

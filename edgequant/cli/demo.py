@@ -34,7 +34,7 @@ def demo(out: Path, n_calib: int, n_eval: int, adaround_iterations: int, adaroun
 
     from ..data.photos import CALIBRATION_PHOTOS, EVALUATION_PHOTOS, calibration_crops, evaluation_crops
     from ..models.mobilenet import mobilenet_v2_imagenet
-    from ..ptq import fold_batch_norms, quantize
+    from ..ptq import quantize
     from ..sim.quantsim import QuantSim
 
     if threads:
@@ -49,8 +49,7 @@ def demo(out: Path, n_calib: int, n_eval: int, adaround_iterations: int, adaroun
     rows = [row("fp32", ref, ref, sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6, 0.0)]
     click.echo("1/4 W8A8, batch norms folded (as an integer runtime runs it)")
     t = time.perf_counter()
-    folded, _ = fold_batch_norms(model)
-    w8 = QuantSim(folded, calib[:1], "w8a8")
+    w8 = QuantSim(model, calib[:1], "w8a8")  # folds the batch norms (fold_bn=True)
     w8.calibrate(cal)
     seconds = time.perf_counter() - t
     w8_out = logits(w8, evalset, batch_size, desc="evaluating w8a8")

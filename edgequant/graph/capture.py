@@ -44,7 +44,7 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
             first = str(e2).strip().splitlines()[0] if str(e2).strip() else ""
             raise GraphCaptureError(f"{message}; torch.export failed too: {type(e2).__name__}: {first[:300]}") from e2
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    gm.train(model.training)
+    gm.training = model.training  # the flag only: gm.train() would reset the modes of the shared submodules
     return gm
 
 

@@ -3,7 +3,8 @@
 Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQuant:
 
 ==================  =========================================================================
-``bn_fold``         fold batch norms into the layers before them (float model)
+``bn_fold``         fold batch norms into the layers before them (float model), so that the passes
+                    after it see the folded layers (every sim folds them anyway: ``QuantSim(fold_bn=True)``)
 ``split_silu``      write SiLU as ``x * sigmoid(x)`` so both run as integer kernels (float model, exact; in
                     "auto" when the model has SiLUs)
 ``act_eq``          equalize channel ranges at depthwise inputs (float model, exact; with data; in

@@ -19,6 +19,9 @@ from ..config.plan import QuantPlan
 from ..config.spec import QuantConfig, QuantSpec
 from ..core.encoding import Encoding
 from ..errors import DataError, GraphCaptureError, NotCalibratedError, PlanError
+from ..graph.bn_fold import FoldReport, fold_batch_norms
+from ..graph.ops import BN_MODULES
+from ..graph.patterns import set_submodule
 from ..io import encodings as enc_io
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer, make_quantizer
@@ -80,6 +83,20 @@ class QuantSimWarning(UserWarning):
     """Something was left unquantized or could not be done as asked; the message says what."""
 
 
+def _fold_bn(net: nn.Module) -> FoldReport:
+    """Fold ``net``'s batch norms in place (what an integer runtime does); those that cannot be folded stay."""
+    bns = [name for name, m in net.named_modules() if isinstance(m, BN_MODULES)]
+    if not bns:
+        return FoldReport()
+    try:
+        return fold_batch_norms(net, inplace=True)[1]
+    except GraphCaptureError as e:
+        warnings.warn(f"{len(bns)} batch norm(s) stay unfolded: folding needs the torch.fx graph ({e}). Fold them "
+                      "by hand (edgequant.ptq.fold_batch_norms on a traceable copy) to simulate what an integer "
+                      "runtime computes", QuantSimWarning, stacklevel=3)
+        return FoldReport(skipped=[(name, "the model cannot be traced by torch.fx") for name in bns])
+
+
 @dataclass
 class CalibrationReport:
     batches: int
@@ -101,6 +118,12 @@ class QuantSim(nn.Module):
             or loaded with ``QuantPlan.from_json``): the specs it gives win over the config's, tensor by
             tensor; its names must exist in this model (else :class:`~edgequant.errors.PlanError`).
         inplace: quantize ``model`` itself instead of a copy.
+        fold_bn: fold every batch norm that follows a conv, transposed conv or linear layer into that
+            layer before quantizing it (what integer runtimes and the ONNX export compute; the sim then
+            quantizes the folded weights). ``sim.bn_folding`` lists what was folded and what was left
+            and why (also in :meth:`summary`); ``sim.float_model()`` has the folded structure (each
+            folded BatchNorm an ``nn.Identity``). ``False`` keeps batch norms as float ops between the
+            quantizers (they then run in float in an export).
         allow_fallback: when graph capture fails, warn and quantize leaf modules only (else raise
             :class:`~edgequant.graph.GraphCaptureError`).
 
@@ -120,18 +143,20 @@ class QuantSim(nn.Module):
     """
 
     def __init__(self, model: nn.Module, example_inputs, config="w8a8", *, plan: Optional[QuantPlan] = None,
-                 inplace: bool = False, allow_fallback: bool = True):
+                 inplace: bool = False, allow_fallback: bool = True, fold_bn: bool = True):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"QuantSim needs a torch.nn.Module, got {type(model).__name__}")
         self.config = QuantConfig.coerce(config)
         args, kwargs = as_args(example_inputs)
         _check_device(model)
-        # the float architecture (no data: meta tensors), and the inputs it was captured with, for sim.save()
-        object.__setattr__(self, "_arch", meta_copy(model))
         # cloned: a slice of a big batch would otherwise keep (and save) the whole batch
         object.__setattr__(self, "_example_inputs", map_tensors(lambda t: t.detach().cpu().clone(), example_inputs))
         net = model if inplace else copy.deepcopy(model)
+        self.fold_bn = bool(fold_bn)
+        self.bn_folding = _fold_bn(net) if fold_bn else FoldReport()
+        # the float architecture (batch norms folded; no data: meta tensors), for float_model() and sim.save()
+        object.__setattr__(self, "_arch", meta_copy(net))
         device = device_of(net)
         args, kwargs = to_device(args, device), to_device(kwargs, device)
         modes = {name: m.training for name, m in net.named_modules()}
@@ -224,7 +249,15 @@ class QuantSim(nn.Module):
     # ------------------------------------------------------------------ float model, save
     def copy_weights_to(self, model: nn.Module) -> nn.Module:
         """Copy the sim's float weights (AdaRound's rounded weights, corrected biases, ...) into ``model``,
-        which has the structure of the model the sim was built from; returns it."""
+        which has the structure of the model the sim was built from; returns it. The batch norms the sim
+        folded are replaced by ``nn.Identity`` in ``model`` too (their layers get the folded weights)."""
+        for _, bn in self.bn_folding.folded:
+            try:
+                found = model.get_submodule(bn)
+            except AttributeError:
+                continue
+            if isinstance(found, BN_MODULES):
+                set_submodule(model, bn, nn.Identity())
         return copy_weights(self.model, model)
 
     def float_model(self) -> nn.Module:
@@ -492,7 +525,20 @@ class QuantSim(nn.Module):
         head = f"QuantSim ({self.capture_mode} capture): {len(rows) - 1} quantizers"
         if self.unsupported:
             head += f"; left in float: {', '.join(self.unsupported)}"
-        return head + f"\ncost: {self.cost()}\n" + "\n".join(lines)
+        return head + self._bn_summary() + f"\ncost: {self.cost()}\n" + "\n".join(lines)
+
+    def _bn_summary(self) -> str:
+        f = self.bn_folding
+        if not self.fold_bn:
+            n = sum(isinstance(m, BN_MODULES) for m in self.model.modules())
+            return f"\nbatch norms: not folded (fold_bn=False): {n} stay float ops" if n else ""
+        if not f.folded and not f.skipped:
+            return ""
+        out = f"\nbatch norms: {len(f.folded)} folded into the layers before them (as an integer runtime does)"
+        if f.skipped:
+            out += f"; {len(f.skipped)} left in float: " + "; ".join(f"{bn}: {why}" for bn, why in f.skipped[:5])
+            out += f"; ... ({len(f.skipped) - 5} more)" if len(f.skipped) > 5 else ""
+        return out
 
     def cost(self):
         """The cost model: MACs, bit operations, weight and peak activation memory, an energy estimate,

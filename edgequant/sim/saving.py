@@ -25,7 +25,9 @@ from torch import nn
 
 from ..config.plan import QuantPlan
 from ..config.spec import QuantConfig
-from ..errors import PlanError
+from ..errors import GraphCaptureError, PlanError
+from ..graph.bn_fold import fold_batch_norms
+from ..graph.ops import BN_MODULES
 from ..io.encodings import atomic_write_text, file_mode, replace_folder
 
 FORMAT, VERSION = "edgequant.sim", 1
@@ -98,7 +100,7 @@ def save(sim, folder) -> Path:
         from .. import __version__
         atomic_write_text(tmp / "manifest.json", json.dumps({
             "format": FORMAT, "version": VERSION, "edgequant": __version__, "capture_mode": sim.capture_mode,
-            "disabled": disabled, "pickled_model": pickled}, indent=1))
+            "disabled": disabled, "pickled_model": pickled, "fold_bn": sim.fold_bn}, indent=1))
 
     replace_folder(Path(folder), write)
     return Path(folder)
@@ -130,6 +132,8 @@ def _float_model(folder: Path, man: dict, model, map_location) -> nn.Module:
     else:
         model = copy.deepcopy(model)
     state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)
+    if set(model.state_dict()) - set(state) and any(isinstance(m, BN_MODULES) for m in model.modules()):
+        model = _folded_like(model, state)  # the user's unfolded architecture of a sim that folded its batch norms
     _add_missing_biases(model, state)
     lacks, extra = set(state) - set(model.state_dict()), set(model.state_dict()) - set(state)
     if lacks or extra:
@@ -157,7 +161,7 @@ def load(folder, model: nn.Module = None, map_location="cpu"):
     config = QuantConfig.from_json((folder / "config.json").read_text())
     plan = QuantPlan.from_json((folder / "plan.json").read_text())
     example = torch.load(folder / "example_inputs.pt", map_location=map_location, weights_only=True)
-    sim = QuantSim(net, example, config, plan=plan, inplace=True)
+    sim = QuantSim(net, example, config, plan=plan, inplace=True, fold_bn=man.get("fold_bn", False))
     sim.disable(man.get("disabled", []))
     state = torch.load(folder / "quantizer_state.pt", map_location=map_location, weights_only=True)
     missing, unexpected = sim.load_state_dict(state, strict=False)
@@ -166,6 +170,16 @@ def load(folder, model: nn.Module = None, map_location="cpu"):
         raise PlanError(f"{folder}: the saved quantizers do not match the rebuilt sim (missing {lost[:3]}, "
                         f"unexpected {list(unexpected)[:3]})")
     return sim
+
+
+def _folded_like(model: nn.Module, state: dict) -> nn.Module:
+    """``model`` with its batch norms folded when that gives the saved state's structure (the weights are
+    replaced by the saved ones next); else ``model`` as it is."""
+    try:
+        folded = fold_batch_norms(model)[0]
+    except GraphCaptureError:
+        return model
+    return model if set(folded.state_dict()) - set(state) else folded
 
 
 def _add_missing_biases(model: nn.Module, state: dict) -> None:

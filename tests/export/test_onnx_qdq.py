@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 
@@ -115,3 +116,44 @@ def test_float_export_with_quantization_disabled(folded, tmp_path):
     with torch.no_grad():
         ref = model(x[1000:1100]).numpy()
     assert np.abs(o - ref).max() < 1e-4
+
+
+def test_a_sim_of_an_unfolded_model_deploys_folded(tmp_path):
+    """An export of an unfolded sim ran BN as float ops between Q/DQ pairs (3x slower than FP32 in ORT)
+    and the integer engine refused it: the sim now folds batch norms itself, as the runtime does."""
+    from edgequant.export.integer import IntegerEngine, IntegerEngineError
+    from tests.ptq.conftest import TinyNet, _digits
+
+    torch.manual_seed(0)
+    x, _ = _digits()
+    net = TinyNet().train()
+    with torch.no_grad():  # real BN statistics on real digits, and the user's model keeps its batch norms
+        for i in range(0, 512, 64):
+            net(x[i:i + 64])
+    net.eval()
+    data = [x[i:i + 64] for i in range(0, 256, 64)]
+    sim = QuantSim(net, x[:1], "w8a8")
+    assert len(sim.bn_folding.folded) == 5 and any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    sim.calibrate(data, progress=False)
+    info = export_onnx(sim, tmp_path / "m.onnx")
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(info["onnx"]).graph.node}
+    xe = x[1000:1200]
+    o, _ = _run_ort(info["onnx"], xe)
+    with torch.no_grad(), sim.integer_exact():
+        assert np.array_equal(o, sim(xe).numpy())  # bit-identical, as built
+    kept = QuantSim(net, x[:1], "w8a8", fold_bn=False)  # the other mode, for those who ask
+    kept.calibrate(data, progress=False)
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(export_onnx(kept, tmp_path / "k.onnx")["onnx"]).graph.node}
+    with pytest.raises(IntegerEngineError, match="BatchNorm2d"):  # the integer engine refuses it by name
+        IntegerEngine(kept)
+    # the user's own (unfolded) architecture takes the sim's weights: its batch norms become identities
+    mine = copy.deepcopy(net)
+    sim.copy_weights_to(mine)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in mine.modules())
+    with torch.no_grad(), sim.quantization_disabled():
+        assert torch.equal(mine(xe), sim(xe))
+    sim.save(tmp_path / "saved")  # and edgequant.load(folder, model=<the user's architecture>) folds it alike
+    import edgequant
+    again = edgequant.load(tmp_path / "saved", model=net)
+    with torch.no_grad():
+        assert torch.equal(again(xe), sim(xe))

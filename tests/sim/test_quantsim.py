@@ -59,11 +59,22 @@ def test_placement_supergroups_and_signedness(block):
     assert sim.capture_mode == "graph"
     # one quantizer after conv1+bn1+relu (none between), add+relu fused, max-pool and flatten pass through
     # the add's two inputs (conv2+bn2 and skip) are integer tensors on a device, so each is quantized
-    assert set(qs) == {"x", "relu", "bn2", "skip", "relu_1", "adaptive_avg_pool2d", "fc", "conv1.weight",
+    assert set(qs) == {"x", "relu", "conv2", "skip", "relu_1", "adaptive_avg_pool2d", "fc", "conv1.weight",
                        "conv2.weight", "skip.weight", "fc.weight"}
     assert qs["relu"].spec.signed is False and qs["x"].spec.signed is True  # unsigned after ReLU
     assert qs["conv1.weight"].spec.granularity == PerChannel(0) and qs["conv1.weight"].scale.shape == (8,)
-    assert "conv1" not in qs and "bn1" not in qs and "conv2" not in qs and "pool" not in qs
+    assert "conv1" not in qs and "bn1" not in qs and "bn2" not in qs and "pool" not in qs
+    # both batch norms were folded into their convs (as an integer runtime does), and the summary says so
+    assert sim.bn_folding.folded == [("conv1", "bn1"), ("conv2", "bn2")]
+    assert "batch norms: 2 folded" in sim.summary()
+    assert isinstance(sim.float_model().bn1, nn.Identity) and isinstance(block.bn1, nn.BatchNorm2d)
+
+
+def test_fold_bn_false_keeps_batch_norms_as_float_ops(block):
+    sim = QuantSim(block, torch.randn(1, 3, 12, 12), fold_bn=False)
+    assert "bn2" in sim.quantizers() and "conv2" not in sim.quantizers()
+    assert sim.bn_folding.folded == [] and "not folded (fold_bn=False): 2 stay float ops" in sim.summary()
+    assert isinstance(sim.float_model().bn1, nn.BatchNorm2d)
 
 
 def test_user_model_untouched_unless_inplace(block):
@@ -85,8 +96,9 @@ def test_w8a8_is_close_to_float_and_disabled_is_exact(block):
     with torch.no_grad():
         ref, out = block(x), sim(x)
         assert sqnr_db(ref, out) > 25  # 8-bit floor for this small net
-        with sim.quantization_disabled():
-            assert torch.equal(sim(x), ref)
+        with sim.quantization_disabled():  # the float model with its batch norms folded, to the last bit
+            assert torch.equal(sim(x), sim.float_model()(x))
+            assert sqnr_db(ref, sim(x)) > 100
         assert torch.equal(sim(x), out)  # re-enabled
     w4 = QuantSim(block, torch.randn(1, 3, 12, 12), config="w4a8")
     w4.calibrate(_data(), progress=False)

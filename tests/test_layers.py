@@ -9,7 +9,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "edgequant"
 #: top to bottom; each may import only from itself and the entries before it
-LAYERS = ["errors", "core", "metrics", "batches", "observers", "config", "io", "nn", "graph", "sim", "ptq", "export",
+LAYERS = ["errors", "core", "metrics", "batches", "observers", "config", "io", "nn", "graph", "sim", "ptq", "qat", "export",
           "analysis", "models", "data", "cli"]
 
 

@@ -25,6 +25,8 @@ from ..core.quant import qrange
 from ..observers.ranges import RANGE_METHODS
 
 SCHEMA_VERSION = 1
+#: what quantization-aware training may learn of a grid (``QuantSpec.learn``)
+LEARN_MODES = (None, "scale", "scale_offset")
 
 
 def read_json(text: str, what: str, error: type = ValueError):
@@ -51,6 +53,9 @@ class QuantSpec:
             extremes), ``percentile``, ``mse``, ``sqnr``.
         percentile: for ``range_method="percentile"``, in (50, 100].
         bins: histogram bins for the histogram-based methods.
+        learn: quantization-aware training of the grid: ``None`` (fixed: the calibrated range stays),
+            ``"scale"`` (LSQ: the scale is a trainable parameter) or ``"scale_offset"`` (LSQ+: the scale
+            and, on asymmetric grids, a float offset whose rounding is the zero point).
     """
 
     bits: int = 8
@@ -61,6 +66,7 @@ class QuantSpec:
     range_method: str = "minmax"
     percentile: float = 99.99
     bins: int = 2048
+    learn: Optional[str] = None
 
     def __post_init__(self):
         for name in ("symmetric", "narrow_range"):
@@ -78,10 +84,14 @@ class QuantSpec:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         if not isinstance(self.bins, int) or self.bins < 8:
             raise ValueError(f"bins must be an int >= 8, got {self.bins!r}")
+        if self.learn not in LEARN_MODES:
+            raise ValueError(f"learn must be one of {LEARN_MODES}, got {self.learn!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["granularity"] = granularity_to_dict(self.granularity)
+        if d["learn"] is None:  # files of fixed grids read as before in versions without QAT
+            del d["learn"]
         return d
 
     @classmethod

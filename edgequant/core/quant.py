@@ -247,3 +247,67 @@ def bias_integers(bias: torch.Tensor, s_bias: torch.Tensor) -> torch.Tensor:
     """``clamp(round(b / s_bias), int32)`` as int64: the bias on the accumulator grid (see :func:`bias_scale`)."""
     b = bias.detach().double().to(s_bias.device)
     return torch.clamp(torch.round(b / s_bias), INT32_MIN, INT32_MAX).long()
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    granularity: Granularity = PerTensor(),
+    grad_scale: float = 1.0,
+) -> torch.Tensor:
+    r"""Fake quantization with a learnable scale (LSQ, Esser et al. 2020) and offset (LSQ+, Bhalgat et
+    al. 2020): the value of :func:`fake_quantize` to the last bit, with gradients for all three inputs.
+
+    ``offset`` is a float zero point; the grid uses ``z = clamp(round(offset), qmin, qmax)``, so the
+    zero point is an integer at every step. With ``r = round(x / s)`` and ``g = grad_scale``:
+
+    ==================  ===================  ====================  ===============
+    where               d x_hat / d x        d x_hat / d s          d x_hat / d offset
+    ==================  ===================  ====================  ===============
+    inside the grid     1                    g (r - x / s)          0
+    below ``qmin``      0                    g (qmin - z)           -s
+    above ``qmax``      0                    g (qmax - z)           -s
+    ==================  ===================  ====================  ===============
+
+    LSQ's ``grad_scale`` is ``1 / sqrt(n qmax)``, ``n`` the number of values one scale covers (per
+    sample, for activations). The gradients are summed to the shapes of ``scale`` and ``offset``.
+
+    >>> s = torch.tensor(0.5, requires_grad=True)
+    >>> y = lsq_fake_quantize(torch.tensor([0.26, 9.0]), s, torch.tensor(3.0), 0, 15)
+    >>> y.tolist(), torch.autograd.grad(y.sum(), s)[0].item()  # (1 - 0.52) + (15 - 3)
+    ([0.5, 6.0], 12.479999542236328)
+    """
+    s, z = _expanded(scale, offset, x.shape, granularity)
+    return _LSQ.apply(x, s.to(x.dtype), z.to(x.dtype), qmin, qmax, float(grad_scale))
+
+
+class _LSQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s, offset, qmin, qmax, g):
+        z = torch.clamp(torch.round(offset), qmin, qmax)
+        r = torch.round(x / s)
+        lo, hi = qmin - z, qmax - z
+        out = torch.clamp(r, lo, hi) * s
+        ctx.save_for_backward(x, s, z)
+        ctx.grid = (qmin, qmax, g)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s, z = ctx.saved_tensors
+        qmin, qmax, g = ctx.grid
+        v = x / s
+        r = torch.round(v)
+        below, above = r < qmin - z, r > qmax - z
+        inside = ~(below | above)
+        gx = grad * inside if ctx.needs_input_grad[0] else None
+        gs = go = None
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(below, qmin - z, torch.where(above, qmax - z, r - v))
+            gs = (grad * ds * g).sum_to_size(s.shape)
+        if ctx.needs_input_grad[2]:
+            go = (grad * (~inside) * -s).sum_to_size(z.shape)
+        return gx, gs, go, None, None, None

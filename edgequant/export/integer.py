@@ -179,7 +179,7 @@ class IntegerEngine:
         return n.target(q, *args, **n.kwargs)
 
     def _out_grid(self, q: Quantizer):
-        return float(q.scale.reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
+        return float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
 
     def _clamp_bounds(self, act, s_y: float, z_y: int, q: Quantizer, channels: int, ndim: int):
         return lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, channels, ndim)

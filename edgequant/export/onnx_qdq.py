@@ -244,7 +244,7 @@ def _weight_quantizer(m: nn.Module) -> Optional[Quantizer]:
 def _input_scale(node: fx.Node, modules) -> Optional[float]:
     """Scale of the per-tensor activation quantizer that feeds ``node`` (through pass-through ops)."""
     q = lowering.source_quantizer(node.args[0], modules) if node.args else None
-    return float(q.scale.reshape(-1)[0]) if q is not None and isinstance(q.spec.granularity, PerTensor) else None
+    return float(q.scale.detach().reshape(-1)[0]) if q is not None and isinstance(q.spec.granularity, PerTensor) else None
 
 
 def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, modules, meta_ndim: int) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -9,7 +10,7 @@ from torch import nn
 from ..config.spec import QuantSpec
 from ..core.encoding import Encoding
 from ..core.granularity import from_groups
-from ..core.quant import fake_quantize, fill_empty_ranges, grid_range, qrange
+from ..core.quant import MIN_SCALE, fake_quantize, fill_empty_ranges, grid_range, lsq_fake_quantize, qrange
 from ..errors import NotCalibratedError
 from ..observers.ranges import compute_qparams, make_observer
 from ..observers.stats import HistogramObserver
@@ -198,7 +199,65 @@ class Quantizer(nn.Module):
         self._ready = bool(self.initialized)
 
 
+class LearnedQuantizer(Quantizer):
+    r"""A :class:`Quantizer` whose grid trains with the model (``QuantSpec.learn``): the scale is an
+    ``nn.Parameter`` (LSQ), and with ``learn="scale_offset"`` on an asymmetric grid so is a float
+    ``offset`` whose rounding is the zero point (LSQ+). The gradients are those of
+    :func:`~edgequant.core.quant.lsq_fake_quantize`, with LSQ's scaling ``1 / sqrt(n qmax)``.
+
+    The encoding stays integral at every step: ``zero_point`` is read as ``clamp(round(offset))``, and the
+    scale is kept at least ``MIN_SCALE`` (on every forward and whenever the encoding is read). The
+    state_dict keys are those of a :class:`Quantizer` (``scale``, ``zero_point`` when the offset is fixed),
+    plus ``offset`` when it is learned.
+    """
+
+    def __init__(self, spec: QuantSpec, tensor_shape: torch.Size, name: str, role: str = "activation", owner_type: str = ""):
+        super().__init__(spec, tensor_shape, name, role=role, owner_type=owner_type)
+        self.scale = nn.Parameter(self._buffers.pop("scale"))
+        self.learns_offset = spec.learn == "scale_offset" and not spec.symmetric
+        if self.learns_offset:
+            self.offset = nn.Parameter(self._buffers.pop("zero_point").float())
+
+    def __getattr__(self, name):
+        if name == "zero_point" and "offset" in self._parameters:
+            return self._parameters["offset"].detach().round().clamp(self.qmin, self.qmax).to(torch.int32)
+        return super().__getattr__(name)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put the learned values back on their constraints (scale >= MIN_SCALE, offset inside the grid)."""
+        self.scale.clamp_(min=MIN_SCALE)
+        if self.learns_offset:
+            self.offset.clamp_(self.qmin, self.qmax)
+
+    @torch.no_grad()
+    def _set(self, scale, zero_point):
+        if tuple(scale.shape) != tuple(self.scale.shape):
+            raise ValueError(f"{self.tensor_name}: encoding shape {tuple(scale.shape)} does not match the quantizer's {tuple(self.scale.shape)}")
+        self.scale.copy_(scale.to(self.scale))
+        (self.offset if self.learns_offset else self._buffers["zero_point"]).copy_(zero_point.to(torch.float32))
+        self.initialized.fill_(True)
+        self._ready = True
+
+    def encoding(self) -> Encoding:
+        self.project_()
+        return super().encoding()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observer is not None or not self._ready or self._exact is not None:
+            return super().forward(x)
+        self.project_()
+        if not torch.is_grad_enabled():
+            return fake_quantize(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax, self.spec.granularity)
+        groups = self.scale.numel()
+        n = x.numel() if self.is_weight or x.dim() == 0 else x.numel() // max(x.shape[0], 1)
+        g = 1.0 / math.sqrt(max(n / groups, 1.0) * self.qmax)
+        offset = self.offset if self.learns_offset else self._buffers["zero_point"]
+        return lsq_fake_quantize(x, self.scale, offset, self.qmin, self.qmax, self.spec.granularity, g)
+
+
 def make_quantizer(spec: QuantSpec, tensor_shape, name: str, role: str = "activation", owner_type: str = "") -> Quantizer:
-    """The one factory of quantizers: the kind of quantizer follows from the spec (QAT's learnable
-    quantizers will be chosen here from a spec field), so every caller builds them the same way."""
-    return Quantizer(spec, torch.Size(tensor_shape), name, role=role, owner_type=owner_type)
+    """The one factory of quantizers: the kind of quantizer follows from the spec (``spec.learn``: a
+    :class:`LearnedQuantizer` for quantization-aware training), so every caller builds them the same way."""
+    cls = LearnedQuantizer if spec.learn else Quantizer
+    return cls(spec, torch.Size(tensor_shape), name, role=role, owner_type=owner_type)

@@ -85,7 +85,7 @@ class IntegerExactMode:
     # ------------------------------------------------------------------ steps
     @staticmethod
     def _grid(q: Quantizer):
-        return float(q.scale.reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
+        return float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
 
     def _out(self, q: Quantizer, qi: torch.Tensor) -> torch.Tensor:
         self.tape[id(q)] = qi

@@ -45,9 +45,9 @@ def cap_pool_grids(sim) -> list[str]:
         count = _pooled_count(pool, modules)
         if not isinstance(qx, Quantizer) or not qx.is_initialized or not isinstance(qx.spec.granularity, PerTensor) or not count:
             continue
-        floor = float(qx.scale) / count
-        s, z = float(q.scale), float(q.zero_point)
-        if s > float(qx.scale) and (q.qmin, q.qmax) == (qx.qmin, qx.qmax):
+        floor = float(qx.scale.detach()) / count
+        s, z = float(q.scale.detach()), float(q.zero_point)
+        if s > float(qx.scale.detach()) and (q.qmin, q.qmax) == (qx.qmin, qx.qmax):
             # coarser than the input's grid (an output that saw only zeros gets scale 1): the mean of values on
             # the input grid stays in the input's range, so the input's grid serves (and keeps ORT's multiplier
             # s_x / (s_y N) above its floor of 2**-32)

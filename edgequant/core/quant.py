@@ -285,29 +285,32 @@ def lsq_fake_quantize(
 
 
 class _LSQ(torch.autograd.Function):
+    """Saves ``x`` and the output (both kept by the neighbouring layers anyway) and finds the clipped
+    values again in the backward pass, so that no mask is stored."""
+
     @staticmethod
     def forward(ctx, x, s, offset, qmin, qmax, g):
         z = torch.clamp(torch.round(offset), qmin, qmax)
-        r = torch.round(x / s)
-        lo, hi = qmin - z, qmax - z
-        out = torch.clamp(r, lo, hi) * s
-        ctx.save_for_backward(x, s, z)
+        out = torch.div(x, s).round_()
+        out = out.clamp_(qmin - z, qmax - z).mul_(s)  # the operations of fake_quantize: the same bits
+        ctx.save_for_backward(x, out, s, z)
         ctx.grid = (qmin, qmax, g)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, s, z = ctx.saved_tensors
+        x, out, s, z = ctx.saved_tensors
         qmin, qmax, g = ctx.grid
-        v = x / s
-        r = torch.round(v)
-        below, above = r < qmin - z, r > qmax - z
-        inside = ~(below | above)
-        gx = grad * inside if ctx.needs_input_grad[0] else None
+        # round(x / s) lies in [qmin - z, qmax - z] where x is within half a step of the grid's ends
+        inside = x >= (qmin - z - 0.5) * s
+        inside &= x <= (qmax - z + 0.5) * s
+        gx = torch.where(inside, grad, 0.0)
         gs = go = None
         if ctx.needs_input_grad[1]:
-            ds = torch.where(below, qmin - z, torch.where(above, qmax - z, r - v))
-            gs = (grad * ds * g).sum_to_size(s.shape)
+            e = torch.where(inside, out - x, out)  # d out / d s, times s: (round(v) - v) inside, the bound outside
+            gs = torch.dot(grad.reshape(-1), e.reshape(-1)).reshape(s.shape) if s.numel() == 1 else \
+                (grad * e).sum_to_size(s.shape)
+            gs = gs * (g / s)
         if ctx.needs_input_grad[2]:
-            go = (grad * (~inside) * -s).sum_to_size(z.shape)
-        return gx, gs, go, None, None, None
+            go = -s * (grad.sum_to_size(z.shape) - gx.sum_to_size(z.shape))
+        return (gx if ctx.needs_input_grad[0] else None), gs, go, None, None, None

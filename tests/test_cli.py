@@ -106,6 +106,24 @@ def test_quantize_with_ptq_auto(tmp_path, monkeypatch):
     assert r.exit_code != 0 and "unknown PTQ stage" in r.output
 
 
+def test_quantize_with_qat_steps(tmp_path, monkeypatch):
+    """--qat-steps: distillation from the float model on the augmented calibration images; the sim saved and
+    exported is the trained one."""
+    imgs = _image_folder(tmp_path / "imgs", 12, seed=2)
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["quantize", "--model", "tests.test_cli:make_model", "--calib", str(imgs), "--recipe", "w4a8",
+                                  "--input-size", "32", "--batch-size", "4", "--qat-steps", "6", "--qat-lr", "1e-3",
+                                  "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "qat" / "report.json").read_text())
+    assert rep["steps"] == 6 and len(rep["sqnr_db"]) == 6 and (out / "qat" / "qat.png").exists()
+    assert "QAT: 6 steps" in r.output and "qat" in (out / "report.md").read_text().lower()
+    import edgequant
+    sim = edgequant.load(out / "sim")  # the trained grids come back (learned scales and offsets)
+    assert sim.plan["0.weight"].spec.learn == "scale_offset" and (out / "model.onnx").exists()
+
+
 def needs_args(width):
     return make_model()
 

@@ -41,6 +41,11 @@ PREPROCESS_HELP = ("Default preprocessing: the largest centered square of each i
                    "weights or bias correction, each kept only if it helps), 'none' (calibration only), or a "
                    "comma-separated list of: bn_fold,cle,hba,adaround,bias_correction,loss_aware.")
 @click.option("--adaround-iterations", type=click.IntRange(1), default=800, show_default=True, help="Adam steps per layer for AdaRound.")
+@click.option("--qat-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Quantization-aware training after PTQ: this many steps of distillation from the float model on "
+                   "the calibration images (lightly augmented: random crops of 80-100%, flips), learned scales and offsets.")
+@click.option("--qat-lr", type=click.FloatRange(0, min_open=True), default=1e-5, show_default=True,
+              help="Adam learning rate of the QAT steps for the weights (scales and offsets: a tenth of it; cosine decay to zero).")
 @click.option("--eval-fn", "eval_fn_spec", default=None, help="MODULE:FN, FN(model) -> float (higher is better, e.g. your accuracy): "
               "reported for the float model and the quantized one, and used to pick PTQ stages.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs.")
@@ -120,7 +125,7 @@ def _quantize_model(model, calib, config, recipe_name, ptq, batch_size, adaround
 
 
 def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, input_size, resize, channels, mean, std,
-         preprocess_spec, batch_size, ptq, adaround_iterations, eval_fn_spec, device, threads, onnx, out):
+         preprocess_spec, batch_size, ptq, adaround_iterations, qat_steps, qat_lr, eval_fn_spec, device, threads, onnx, out):
     t0 = time.perf_counter()
     dev = _setup(device, threads)
     check_writable(out)
@@ -144,14 +149,31 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
         click.echo(result.report.to_markdown())
     header = {"model": model_spec, "weights": str(weights) if weights else None, "recipe": recipe if not config_file else str(config_file),
               "ptq": ptq, "calibration_images": len(calib_x), "data": data_note, "preprocess": _describe(pre)}
+    qat = _qat(model, sim, calib_x, qat_steps, qat_lr, batch_size) if qat_steps else None
+    if qat is not None:
+        header["qat"] = str(qat)
+        click.echo(str(qat))
     verdict = _verdict(model, sim, eval_x, eval_fn, batch_size, dev)
-    _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads)
+    _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat)
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
     rows, extra = verdict[:2]
     print_table(rows, extra)
     onnx_files = "model.onnx, model.encodings.json, " if (out / "model.onnx").exists() else ""
     click.echo(f"wrote {out}/: {onnx_files}encodings.json, encodings.aimet.json, sim/, plan.json, config.json, report.md, "
                f"summary.txt ({header['total_seconds']} s)")
+
+
+def _qat(model, sim, calib_x, steps: int, lr: float, batch_size: int):
+    """Distillation from ``model`` on the (augmented, shuffled) calibration images; returns the QATReport."""
+    import torch
+
+    from ..qat import finetune, light_augment, prepare_qat
+
+    g = torch.Generator().manual_seed(0)
+    order = calib_x[torch.randperm(len(calib_x), generator=g)]
+    data = [b for b in order.split(batch_size) if len(b) > 1] or [order]
+    prepare_qat(sim)
+    return finetune(sim, data, steps=steps, lr=lr, teacher=model, augment=lambda x: light_augment(x, g))
 
 
 def _describe(pre: Preprocess) -> str:
@@ -180,7 +202,7 @@ def _verdict(model, sim, eval_x, eval_fn, batch_size, device):
              row("quantized (sim)", ref, out, sizes["quantized"] / 1e6, t_sim, eval_fn=q_score)], extra, ref, out)
 
 
-def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads) -> None:
+def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads, qat=None) -> None:
     """Everything into a fresh folder beside ``out``, swapped in at the end (a failed run changes nothing)."""
     import torch
 
@@ -193,6 +215,8 @@ def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, 
             atomic_write_text(tmp / "ptq_report.md", result.report.to_markdown() + "\n")
             atomic_write_text(tmp / "ptq_report.json", json.dumps(result.report.to_dict(), indent=2))
             torch.save(result.model.state_dict(), tmp / "float_model_ptq.pt")
+        if qat is not None:
+            qat.save(tmp / "qat")  # report.json and the loss / SQNR plot
         sim.save_encodings(tmp / "encodings.json")
         sim.save_encodings(tmp / "encodings.aimet.json", format="aimet")
         atomic_write_text(tmp / "config.json", config.to_json())

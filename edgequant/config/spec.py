@@ -167,8 +167,9 @@ class QuantConfig:
         weight: spec for weights of Conv/ConvTranspose/Linear/Embedding (``None``: weights stay float).
         activation: spec for activations: model inputs and op outputs (``None``: activations stay float).
         module_types: ``{"Linear": Override(...)}``, keyed by class name; matches subclasses too.
-        module_names: ``{"classifier.*": Override(...)}``, glob patterns on module names; these win
-            over ``module_types``, and later patterns win over earlier ones.
+        module_names: ``{"classifier.*": Override(...)}``, glob patterns on module names (and on the
+            names of the model's inputs, for their activation spec); these win over ``module_types``,
+            and later patterns win over earlier ones.
         supergroups: give conv/linear/bn/add followed by ReLU-like activations one output quantizer
             after the activation (as a fused kernel would compute them).
         quantize_inputs: quantize the model's float inputs.

@@ -21,7 +21,8 @@ def mnist_5k_path() -> str:
 
 def mnist_5k(test_fraction: float = 0.2, seed: int = 0):
     """``(x_train, y_train, x_test, y_test)``: images ``(N, 1, 28, 28)`` scaled to [0, 1] and normalized
-    with the MNIST mean/std (0.1307, 0.3081); a class-stratified split with a fixed seed."""
+    with the MNIST mean/std (0.1307, 0.3081); a class-stratified split with a fixed seed, each part in
+    a random (seeded) order."""
     with gzip.open(mnist_5k_path(), "rt") as f:
         arr = np.loadtxt(f, delimiter=",", dtype=np.float32)
     x = torch.from_numpy(arr[:, :784]).reshape(-1, 1, 28, 28) / 255.0
@@ -33,4 +34,7 @@ def mnist_5k(test_fraction: float = 0.2, seed: int = 0):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
         test[idx[: int(round(len(idx) * test_fraction))]] = True
-    return x[~test], y[~test], x[test], y[test]
+    # the file is sorted by class: shuffle both parts, so that any slice (x_train[:512]) holds every digit
+    tr, te = torch.nonzero(~test).flatten(), torch.nonzero(test).flatten()
+    tr, te = tr[torch.randperm(len(tr), generator=g)], te[torch.randperm(len(te), generator=g)]
+    return x[tr], y[tr], x[te], y[te]

@@ -12,7 +12,8 @@
 >>> report.steps, len(report.sqnr_db)
 (3, 3)
 """
+from .augment import light_augment
 from .finetune import QATReport, distillation_loss, finetune
 from .prepare import prepare_qat, project_, quantizer_parameters
 
-__all__ = ["prepare_qat", "finetune", "QATReport", "distillation_loss", "project_", "quantizer_parameters"]
+__all__ = ["prepare_qat", "finetune", "QATReport", "distillation_loss", "project_", "quantizer_parameters", "light_augment"]

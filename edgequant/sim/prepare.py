@@ -195,6 +195,8 @@ class _GraphPlanner:
         name = self.names.get(n, n.name)
         if n.op == "placeholder":
             role, spec, owner, nonneg = "input", (self.config.activation if self.config.quantize_inputs else None), "input", False
+            if self.config.names_activation(name):  # module_names={"x": Override(activation=...)} names an input
+                spec = self.config.spec_for("activation", name, ())
         else:
             role = "output" if n in self.model_outputs else "activation"
             spec, owner, nonneg = self.config.spec_for("activation", name, self.type_of(n)), self.type_of(n)[0], ops.is_nonneg(n, self.modules)
@@ -423,7 +425,8 @@ def plan_leaf(model: nn.Module, leaves: dict[str, nn.Module], shapes: dict, args
         entries[name] = replace(e, spec=e.resolve(config.spec_for("activation", name, type_names(m))))
     for name, i in _float_inputs(model, args).items():
         e = PlanEntry("input", None, "input", tuple(args[i].shape), 1 if args[i].ndim >= 2 else 0)
-        entries[name] = replace(e, spec=e.resolve(config.activation if config.quantize_inputs else None))
+        spec = config.activation if config.quantize_inputs else None
+        entries[name] = replace(e, spec=e.resolve(config.spec_for("activation", name, ()) if config.names_activation(name) else spec))
     return QuantPlan(entries)
 
 

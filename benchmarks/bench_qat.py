@@ -1,0 +1,237 @@
+"""Quantization-aware training: what it recovers over PTQ, and what a step costs.
+
+Parts (``--part``, each writes ``.peers/qat/<part>.json``; the table ``benchmarks/results/qat.md`` is
+rebuilt from all parts present after every run):
+
+* ``mnist``: the project's MNIST-5k network (trained here, fixed seed) at W4A4, W3A3 and W2A8: FP32,
+  the one-call PTQ (``edgequant.quantize(ptq="auto")``: AdaRound at these widths), then QAT from it
+  (LSQ+ grids) with labels (cross-entropy) and without (distillation from FP32), held-out accuracy.
+* ``mobilenet``: real MobileNetV2 (ImageNet weights) at W4A8 per-channel and W4A4: AdaRound start
+  (200 it/layer, 128 calibration crops), then QAT by distillation from FP32 on fresh crops of the
+  calibration photos (never the evaluation photos), evaluated on held-out photos every ``--eval-every``
+  steps: top-1 agreement, SQNR, KL against FP32, with training wall time.
+* ``cost``: time per training step and peak memory of the QAT sim vs the FP32 model (BN in training),
+  MobileNetV2 at batch 32, each measured in a fresh process.
+
+Usage: python benchmarks/bench_qat.py --part mnist|mobilenet|cost|table [--steps 300] [--eval-seed 1]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+STORE = ROOT / ".peers" / "qat"
+
+
+def _config(w_bits: int, a_bits: int, io=("x", "classifier", "classifier.*")):
+    """W{w}A{a} with MSE activation ranges below 8 bits; the model input and the logits stay on 8-bit grids
+    (first and last layer at 8 bits, as in the LSQ paper's W4A4 and W3A3)."""
+    from edgequant import Override, QuantConfig
+
+    base = QuantConfig.preset("w4a8")
+    act = replace(base.activation, bits=a_bits, range_method="mse" if a_bits < 8 else base.activation.range_method)
+    names = {n: Override(activation=base.activation) for n in io} if a_bits < 8 else {}
+    return replace(base, weight=replace(base.weight, bits=w_bits), activation=act, module_names=names)
+
+
+def _save(part: str, rows) -> None:
+    STORE.mkdir(parents=True, exist_ok=True)
+    (STORE / f"{part}.json").write_text(json.dumps(rows, indent=1))
+
+
+def part_mnist(args) -> list:
+    from edgequant import quantize
+    from edgequant.data.mnist import mnist_5k
+    from edgequant.models.mnist_net import train_mnist_net
+    from edgequant.qat import finetune, prepare_qat
+
+    xtr, ytr, xte, yte = mnist_5k()
+    net = train_mnist_net(xtr, ytr, epochs=8)
+
+    def acc(m):
+        with torch.no_grad():
+            return float(torch.cat([m(b).argmax(1) for b in xte.split(256)]).eq(yte).float().mean())
+
+    fp32 = acc(net)
+    rows = []
+    cal = list(xtr[:512].split(64))
+    labelled = [(xtr[i:i + 64], ytr[i:i + 64]) for i in range(0, len(xtr), 64)]
+    for w, a in ((4, 4), (3, 3), (2, 8)):
+        t = time.perf_counter()
+        res = quantize(net, cal, _config(w, a), ptq="auto", adaround_iterations=400, progress=False)
+        row = {"config": f"W{w}A{a}", "fp32": fp32, "ptq": acc(res.sim), "ptq_s": time.perf_counter() - t,
+               "stages": [s.name for s in res.report.stages if s.kept]}
+        for mode in ("labels", "distill"):
+            torch.manual_seed(0)
+            sim = copy.deepcopy(res.sim)
+            prepare_qat(sim)
+            t = time.perf_counter()
+            if mode == "labels":
+                rep = finetune(sim, labelled, epochs=args.mnist_epochs, lr=1e-3, progress=False,
+                               loss=lambda out, b: F.cross_entropy(out, b[1]))
+            else:
+                rep = finetune(sim, [b for b, _ in labelled], epochs=args.mnist_epochs, lr=1e-3, teacher=net, progress=False)
+            row[f"qat_{mode}"], row[f"qat_{mode}_s"], row["qat_steps"] = acc(sim), time.perf_counter() - t, rep.steps
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def part_mobilenet(args) -> list:
+    from edgequant import quantize
+    from edgequant.data import calibration_crops, evaluation_crops
+    from edgequant.data.photos import CALIBRATION_PHOTOS, photo_crops
+    from edgequant.metrics import fidelity
+    from edgequant.models import mobilenet_v2_imagenet
+    from edgequant.qat import finetune, prepare_qat
+
+    model = mobilenet_v2_imagenet().eval()
+    cal = calibration_crops(128)
+    ev = evaluation_crops(args.eval, seed=args.eval_seed)
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in ev.split(64)])
+    # fresh crops of the calibration photos, a new set per batch (seeds away from the calibration crops')
+    train = [photo_crops(CALIBRATION_PHOTOS, args.batch, seed=10_000 + i) for i in range(args.steps)]
+    rows = []
+    for w, a in ((4, 8), (4, 4)):
+        t = time.perf_counter()
+        sim = quantize(model, list(cal.split(32)), _config(w, a), ptq=["bn_fold", "adaround"],
+                       adaround_iterations=200, progress=False).sim
+        start_s = time.perf_counter() - t
+        curve = []
+
+        def evaluate(s):
+            with torch.no_grad():
+                f = fidelity(ref, torch.cat([s(b) for b in ev.split(64)]))
+            curve.append({"top1": f.top1, "sqnr_db": f.sqnr_db, "kl": f.kl})
+            return f.top1
+
+        evaluate(sim)
+        prepare_qat(sim)
+        rep = finetune(sim, train, steps=args.steps, lr=args.lr, teacher=model, eval_fn=evaluate,
+                       eval_every=args.eval_every, progress=True)
+        steps = [0] + [s for s, _ in rep.evals]
+        secs = [0.0] + [rep.seconds[s - 1] for s in steps[1:]]
+        row = {"config": f"W{w}A{a}", "adaround_s": start_s, "lr": args.lr, "batch": args.batch, "eval_seed": args.eval_seed,
+               "curve": [dict(c, step=s, seconds=sec) for c, s, sec in zip(curve, steps, secs)]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def _cost_child(kind: str, batch: int) -> dict:
+    """One measurement in this (fresh) process: seconds per step and peak RSS growth."""
+    import resource
+
+    from edgequant import QuantSim
+    from edgequant.data import calibration_crops
+    from edgequant.models import mobilenet_v2_imagenet
+    from edgequant.qat import distillation_loss, prepare_qat
+
+    model = mobilenet_v2_imagenet().eval()
+    x = calibration_crops(batch, seed=5)
+    with torch.no_grad():
+        target = model(x)
+    net = model
+    if kind == "sim":
+        net = QuantSim(model, x[:1], _config(4, 8))
+        net.calibrate([x], progress=False)
+        prepare_qat(net)
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), 1e-6)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        distillation_loss(net(x), target).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kind": kind, "step_s": sorted(times[1:])[1], "peak_growth_mb": (peak - base) / 1024}
+
+
+def part_cost(args) -> list:
+    rows = []
+    for _ in range(2):  # alternate, twice, so that a slow moment hits both
+        for kind in ("fp32", "sim"):
+            out = subprocess.run([sys.executable, __file__, "--cost-child", kind, "--batch", str(args.batch)],
+                                 capture_output=True, text=True, check=True, env=dict(os.environ))
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def table() -> str:
+    out = ["# Quantization-aware training", "",
+           "Generated by `python benchmarks/bench_qat.py --part ...` (2 CPU threads). QAT = `prepare_qat(sim)` (LSQ+ grids) "
+           "+ `finetune` (Adam, cosine schedule) from the PTQ result in the row.", ""]
+    if (STORE / "mnist.json").exists():
+        rows = json.loads((STORE / "mnist.json").read_text())
+        out += ["## MNIST-5k network (labelled; held-out accuracy)", "",
+                "| config | FP32 | PTQ (`ptq=\"auto\"`) | PTQ stages kept | QAT, labels | QAT, distillation (no labels) | QAT steps | QAT time (labels / distill) |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r['config']} | {r['fp32']:.4f} | {r['ptq']:.4f} | {', '.join(r['stages'])} | {r['qat_labels']:.4f} | "
+                f"{r['qat_distill']:.4f} | {r['qat_steps']} | {r['qat_labels_s']:.0f} s / {r['qat_distill_s']:.0f} s |" for r in rows]
+        out.append("")
+    if (STORE / "mobilenet.json").exists():
+        rows = json.loads((STORE / "mobilenet.json").read_text())
+        out += ["## MobileNetV2 (ImageNet weights): distillation QAT from AdaRound, held-out photos", ""]
+        for r in rows:
+            c = r["curve"]
+            out += [f"### {r['config']} (AdaRound start {r['adaround_s']:.0f} s; lr {r['lr']}, batch {r['batch']}, "
+                    f"evaluation seed {r['eval_seed']})", "",
+                    "| step | training time (s) | top-1 agreement | SQNR (dB) | KL |", "|---|---|---|---|---|"]
+            out += [f"| {p['step']} | {p['seconds']:.0f} | {p['top1']:.3f} | {p['sqnr_db']:.2f} | {p['kl']:.3f} |" for p in c]
+            out.append("")
+    if (STORE / "cost.json").exists():
+        rows = json.loads((STORE / "cost.json").read_text())
+        by = {k: [r for r in rows if r["kind"] == k] for k in ("fp32", "sim")}
+        t = {k: sorted(r["step_s"] for r in v)[0] for k, v in by.items()}
+        m = {k: sorted(r["peak_growth_mb"] for r in v)[0] for k, v in by.items()}
+        out += ["## Cost of a training step (MobileNetV2, batch 32, W4A8 LSQ+ sim vs FP32 with BN in training)", "",
+                "| | FP32 | QAT sim | ratio |", "|---|---|---|---|",
+                f"| seconds per step (best of 2 processes) | {t['fp32']:.2f} | {t['sim']:.2f} | {t['sim'] / t['fp32']:.2f}x |",
+                f"| peak memory growth during training (MB) | {m['fp32']:.0f} | {m['sim']:.0f} | {m['sim'] / m['fp32']:.2f}x |", ""]
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["mnist", "mobilenet", "cost", "table"], default="table")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--eval", type=int, default=256)
+    ap.add_argument("--eval-seed", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--mnist-epochs", type=int, default=8)
+    ap.add_argument("--cost-child", default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.md"))
+    args = ap.parse_args()
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(int(os.environ.get("EDGEQUANT_BENCH_THREADS", "2")))
+    torch.manual_seed(0)
+    if args.cost_child:
+        print(json.dumps(_cost_child(args.cost_child, args.batch)))
+        return
+    if args.part != "table":
+        _save(args.part, {"mnist": part_mnist, "mobilenet": part_mobilenet, "cost": part_cost}[args.part](args))
+    Path(args.out).write_text(table())
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

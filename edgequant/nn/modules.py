@@ -68,9 +68,11 @@ class QuantizedModuleMixin:
         channels = bias.shape[0]
         if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and q_w.scale.numel() == channels)):
             return None
-        s64 = bias_scale(q_in.scale, q_w.scale, channels).to(bias.device)
-        b = bias_integers(bias, s64).double() * s64
-        return b.to(dtype or bias.dtype)
+        s64 = bias_scale(q_in.scale.detach(), q_w.scale.detach(), channels).to(bias.device)
+        b = (bias_integers(bias.detach(), s64).double() * s64).to(dtype or bias.dtype)
+        if bias.requires_grad and torch.is_grad_enabled() and dtype is None:
+            b = bias + (b - bias).detach()  # straight through: the bias trains in QAT (same value, same bits)
+        return b
 
     def float_class(self) -> type:
         return type(self).__mro__[2]

@@ -112,15 +112,21 @@ class Quantizer(nn.Module):
 
     # ---- calibration ----
     @contextlib.contextmanager
-    def calibrating(self):
-        """Observe inputs inside the block; compute and set the encoding when it exits normally."""
+    def calibrating(self, reduce=None):
+        """Observe inputs inside the block; compute and set the encoding when it exits normally.
+
+        ``reduce``: a list; ``(self, observer)`` is appended to it instead, and the caller sets the encoding
+        (``set_from_observer``) once the observers of several processes are merged (distributed calibration).
+        """
         self._observer = make_observer(self.spec.range_method, self.spec.granularity, self.tensor_name, self.spec.bins)
         try:
             yield self
             observer = self._observer
         finally:
             self._observer = None
-        if not observer.empty:
+        if reduce is not None:
+            reduce.append((self, observer))
+        elif not observer.empty:
             self.set_from_observer(observer)
 
     @torch.no_grad()

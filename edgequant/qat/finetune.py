@@ -177,9 +177,9 @@ def _loss_fn(loss, temperature, teacher) -> Callable:
 class _Checkpoint:
     """Saves and restores ``(step, sim, optimizer, scheduler, report)`` in one file, atomically."""
 
-    def __init__(self, path, every: Optional[int]):
+    def __init__(self, path, every: Optional[int], writer: bool = True):
         self.path = Path(path) if path is not None else None
-        self.every = every
+        self.every, self.writer = every, writer  # under torch.distributed only rank 0 writes
 
     def load(self, sim, opt, sched, report: QATReport) -> int:
         if self.path is None or not self.path.exists():
@@ -198,7 +198,7 @@ class _Checkpoint:
         return state["step"]
 
     def maybe_save(self, step: int, total: int, sim, opt, sched, report: QATReport) -> None:
-        if self.path is None or not (step == total or (self.every and step % self.every == 0)):
+        if self.path is None or not self.writer or not (step == total or (self.every and step % self.every == 0)):
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         torch.save({"step": step, "sim": sim.state_dict(), "optimizer": opt.state_dict(),
@@ -244,7 +244,10 @@ def finetune(sim, data, *, steps: Optional[int] = None, epochs: Optional[int] = 
 
     Args:
         sim: a calibrated :class:`~edgequant.sim.QuantSim`; make its grids trainable first with
-            :func:`~edgequant.qat.prepare_qat` (else only the weights train, on fixed ranges).
+            :func:`~edgequant.qat.prepare_qat` (else only the weights train, on fixed ranges). Under
+            ``torchrun``, the sim wrapped in ``DistributedDataParallel`` (each process passes its shard of
+            the data; gradients of weights, scales and offsets are averaged; rank 0 writes checkpoints and
+            the report).
         data: re-iterable batches (a tensor, a dict of keyword inputs, or a tuple whose first item is the
             input and the rest e.g. labels); it is cycled for ``steps`` (or ``epochs`` passes).
         loss: ``"kl"`` (default: distillation from ``teacher``'s logits; MSE on outputs that are not 2-D
@@ -266,23 +269,24 @@ def finetune(sim, data, *, steps: Optional[int] = None, epochs: Optional[int] = 
     after each step (integer zero points, positive scales), so it exports at any point.
     """
     check_iterable(data, "data")
+    net, sim = sim, _unwrapped(sim)  # a DistributedDataParallel wrapper runs the steps; the sim inside holds the rest
     total = _resolve_steps(data, steps, epochs)
     teacher = _teacher(sim, teacher, loss)
     loss_fn = _loss_fn(loss, temperature, teacher)
     opt = _optimizer(sim, lr, quantizer_lr, weight_decay)
     sched = _scheduler(opt, schedule, total)
     report = QATReport()
-    ckpt = _Checkpoint(checkpoint, checkpoint_every)
+    ckpt = _Checkpoint(checkpoint, checkpoint_every, writer=_rank() == 0)
     start = ckpt.load(sim, opt, sched, report)
     t0 = time.perf_counter() - (report.seconds[-1] if report.seconds else 0.0)
     device = sim.device
     skip = start % len(data) if hasattr(data, "__len__") and len(data) else start
-    bar = tqdm(total=total, initial=start, desc="QAT", unit="step", disable=not progress)
+    bar = tqdm(total=total, initial=start, desc="QAT", unit="step", disable=not progress or _rank() != 0)
     try:
         for step, batch in enumerate(_cycle(data, total - start, skip), start=start + 1):
             sim.train()
             opt.zero_grad(set_to_none=True)
-            value, sq = _step(sim, to_device(batch, device), teacher, loss_fn, augment, forward_fn, sim._n_positional)
+            value, sq = _step(net, to_device(batch, device), teacher, loss_fn, augment, forward_fn, sim._n_positional)
             opt.step()
             sched.step()
             project_(sim)
@@ -302,6 +306,15 @@ def finetune(sim, data, *, steps: Optional[int] = None, epochs: Optional[int] = 
     finally:
         bar.close()
         sim.eval()
-    if report_dir is not None:
+    if report_dir is not None and _rank() == 0:
         report.save(report_dir)
     return report
+
+
+def _unwrapped(model):
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0

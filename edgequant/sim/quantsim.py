@@ -25,6 +25,7 @@ from ..graph.patterns import set_submodule
 from ..io import encodings as enc_io
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer, make_quantizer
+from .distributed import distributed_group, merge_across_processes
 from .pool_grid import cap_pool_grids
 from .prepare import prepare_graph, prepare_leaf
 from .saving import copy_weights, meta_copy
@@ -368,7 +369,7 @@ class QuantSim(nn.Module):
 
     # ------------------------------------------------------------------ calibration
     def calibrate(self, data: Iterable, forward_fn: Optional[Callable] = None, num_batches: Optional[int] = None,
-                  progress: bool = True) -> CalibrationReport:
+                  progress: bool = True, distributed="auto") -> CalibrationReport:
         """Set every quantizer's encoding.
 
         Weights are calibrated from the weights themselves. Quantizers that are frozen (see
@@ -383,6 +384,11 @@ class QuantSim(nn.Module):
             forward_fn: ``forward_fn(sim, batch)`` runs one batch, for batches of another form.
             num_batches: stop after this many batches.
             progress: show a progress bar.
+            distributed: under ``torch.distributed`` (``torchrun``; ``"auto"``: when a process group with
+                more than one process is initialized, or pass a group), each process observes its own
+                shard of the data; the statistics are merged (min/max, sums of per-sample extremes,
+                histograms) in rank order, so every process ends with the same encodings, those of one
+                process that saw all the shards. ``False``: each process calibrates on its own data.
         """
         t0 = time.perf_counter()
         check_iterable(data, "calibration")
@@ -394,10 +400,12 @@ class QuantSim(nn.Module):
                         q.calibrate_from(getattr(m, pname))
         acts = [q for q in qs.values() if not q.is_weight and not (q.is_frozen and q.is_initialized)]
         n = 0
+        merge, group = distributed_group(distributed)
+        observers = [] if merge else None
         with evaluating(self):
             with contextlib.ExitStack() as stack, torch.no_grad():
                 for q in acts:
-                    stack.enter_context(q.calibrating())
+                    stack.enter_context(q.calibrating(reduce=observers))
                 for i, batch in iterate(data, num_batches=num_batches, device=self.device, desc="calibration", progress=progress):
                     try:
                         self.run_batch(batch, forward_fn)
@@ -407,6 +415,8 @@ class QuantSim(nn.Module):
                         raise DataError(f"calibration batch {i} (shapes {shapes(batch)}) failed in the model: "
                                         f"{type(e).__name__}: {e}") from e
                     n += 1
+        if merge:
+            n = merge_across_processes(observers, n, group)
         cap_pool_grids(self)
         collapsed = [n for n, q in qs.items() if q.is_initialized and q.range_collapsed]
         if collapsed:

@@ -105,7 +105,7 @@ def part_mobilenet(args) -> list:
     # fresh crops of the calibration photos, a new set per batch (seeds away from the calibration crops')
     train = [photo_crops(CALIBRATION_PHOTOS, args.batch, seed=10_000 + i) for i in range(args.steps)]
     rows = []
-    for w, a in ((4, 8), (4, 4)):
+    for w, a in [tuple(int(v) for v in c.lower().lstrip("w").split("a")) for c in args.configs.split(",")]:
         t = time.perf_counter()
         sim = quantize(model, list(cal.split(32)), _config(w, a), ptq=["bn_fold", "adaround"],
                        adaround_iterations=200, progress=False).sim
@@ -120,11 +120,11 @@ def part_mobilenet(args) -> list:
 
         evaluate(sim)
         prepare_qat(sim)
-        rep = finetune(sim, train, steps=args.steps, lr=args.lr, teacher=model, eval_fn=evaluate,
+        rep = finetune(sim, train, steps=args.steps, lr=args.lr, quantizer_lr=args.quantizer_lr, teacher=model, eval_fn=evaluate,
                        eval_every=args.eval_every, progress=True)
         steps = [0] + [s for s, _ in rep.evals]
         secs = [0.0] + [rep.seconds[s - 1] for s in steps[1:]]
-        row = {"config": f"W{w}A{a}", "adaround_s": start_s, "lr": args.lr, "batch": args.batch, "eval_seed": args.eval_seed,
+        row = {"config": f"W{w}A{a}", "adaround_s": start_s, "lr": args.lr, "quantizer_lr": args.quantizer_lr, "batch": args.batch, "eval_seed": args.eval_seed,
                "curve": [dict(c, step=s, seconds=sec) for c, s, sec in zip(curve, steps, secs)]}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -191,7 +191,8 @@ def table() -> str:
         out += ["## MobileNetV2 (ImageNet weights): distillation QAT from AdaRound, held-out photos", ""]
         for r in rows:
             c = r["curve"]
-            out += [f"### {r['config']} (AdaRound start {r['adaround_s']:.0f} s; lr {r['lr']}, batch {r['batch']}, "
+            out += [f"### {r['config']} (AdaRound start {r['adaround_s']:.0f} s; lr {r['lr']}, quantizer lr "
+                    f"{r.get('quantizer_lr') or r['lr'] / 10:.3g}, batch {r['batch']}, "
                     f"evaluation seed {r['eval_seed']})", "",
                     "| step | training time (s) | top-1 agreement | SQNR (dB) | KL |", "|---|---|---|---|---|"]
             out += [f"| {p['step']} | {p['seconds']:.0f} | {p['top1']:.3f} | {p['sqnr_db']:.2f} | {p['kl']:.3f} |" for p in c]
@@ -214,6 +215,8 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--quantizer-lr", type=float, default=None, help="default: finetune's (lr / 10)")
+    ap.add_argument("--configs", default="w4a8,w4a4", help="MobileNetV2 configs, e.g. w4a8,w4a4")
     ap.add_argument("--eval", type=int, default=256)
     ap.add_argument("--eval-seed", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=50)

@@ -6,6 +6,8 @@ report (loss and SQNR against the teacher per step, a plot when matplotlib is in
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import check_iterable, model_input, run_batch, to_device
+from ..batches import check_iterable, device_of, evaluating, model_input, run_batch, to_device
 from ..errors import DataError
 from ..io.encodings import atomic_write_text, file_mode
 from ..metrics import sqnr_db
@@ -155,10 +157,8 @@ def _teacher(sim, teacher, loss):
         if loss is not None and loss not in ("kl", "mse"):
             return None  # the user's own loss on labelled data needs no teacher
         teacher = sim.float_model()
-    if teacher is not None:
-        teacher = teacher.to(sim.device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    if teacher is not None and device_of(teacher) != sim.device:
+        teacher = copy.deepcopy(teacher).to(sim.device)  # the user's model stays where it is
     return teacher
 
 
@@ -238,7 +238,7 @@ def finetune(sim, data, *, steps: Optional[int] = None, epochs: Optional[int] = 
              temperature: float = 1.0, lr: float = 1e-5, quantizer_lr: Optional[float] = None,
              weight_decay: float = 0.0, schedule="cosine", augment: Optional[Callable] = None,
              forward_fn: Optional[Callable] = None, eval_fn: Optional[Callable] = None, eval_every: Optional[int] = None,
-             checkpoint=None, checkpoint_every: Optional[int] = None, report_dir=None,
+             checkpoint=None, checkpoint_every: Optional[int] = None, report_dir=None, dropout: bool = False,
              progress: bool = True) -> QATReport:
     """Fine-tune ``sim`` (quantization-aware training) on ``data``; returns a :class:`QATReport`.
 
@@ -264,8 +264,11 @@ def finetune(sim, data, *, steps: Optional[int] = None, epochs: Optional[int] = 
         checkpoint: a file: written every ``checkpoint_every`` steps and at the end (atomically); when
             it exists at the start, training resumes from it.
         report_dir: a folder for ``report.json`` and the loss / SQNR plot.
+        dropout: keep dropout active while training. Off by default: fine-tuning a trained model towards
+            its own float outputs, dropout only adds noise the teacher does not have (a MobileNetV2 sim's
+            SQNR against the teacher on its training batches stayed at 8-9 dB with it).
 
-    The sim trains in train mode and is left in eval mode; every learned grid stays on its constraints
+    The sim trains in train mode (dropout off unless ``dropout=True``) and is left in eval mode; every learned grid stays on its constraints
     after each step (integer zero points, positive scales), so it exports at any point.
     """
     check_iterable(data, "data")
@@ -279,12 +282,22 @@ def finetune(sim, data, *, steps: Optional[int] = None, epochs: Optional[int] = 
     ckpt = _Checkpoint(checkpoint, checkpoint_every, writer=_rank() == 0)
     start = ckpt.load(sim, opt, sched, report)
     t0 = time.perf_counter() - (report.seconds[-1] if report.seconds else 0.0)
-    device = sim.device
     skip = start % len(data) if hasattr(data, "__len__") and len(data) else start
     bar = tqdm(total=total, initial=start, desc="QAT", unit="step", disable=not progress or _rank() != 0)
+    with evaluating(teacher) if teacher is not None else contextlib.nullcontext():  # its modes come back as they were
+        _loop(net, sim, data, total, start, skip, teacher, loss_fn, augment, forward_fn, opt, sched, report, ckpt,
+              eval_fn, eval_every, dropout, t0, bar)
+    if report_dir is not None and _rank() == 0:
+        report.save(report_dir)
+    return report
+
+
+def _loop(net, sim, data, total, start, skip, teacher, loss_fn, augment, forward_fn, opt, sched, report, ckpt,
+          eval_fn, eval_every, dropout, t0, bar) -> None:
+    device = sim.device
     try:
         for step, batch in enumerate(_cycle(data, total - start, skip), start=start + 1):
-            sim.train()
+            _train_mode(sim, dropout)
             opt.zero_grad(set_to_none=True)
             value, sq = _step(net, to_device(batch, device), teacher, loss_fn, augment, forward_fn, sim._n_positional)
             opt.step()
@@ -306,9 +319,14 @@ def finetune(sim, data, *, steps: Optional[int] = None, epochs: Optional[int] = 
     finally:
         bar.close()
         sim.eval()
-    if report_dir is not None and _rank() == 0:
-        report.save(report_dir)
-    return report
+
+
+def _train_mode(sim, dropout: bool) -> None:
+    sim.train()
+    if not dropout:
+        for m in sim.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
 
 
 def _unwrapped(model):

@@ -1,6 +1,9 @@
 """Two CPU processes (gloo): distributed calibration gives every rank the encodings of one process that saw
 all the shards, and DDP QAT keeps the ranks identical and equal to one process on the global batches."""
+import datetime
 import json
+import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,8 +25,8 @@ def _setup():
     return net.eval(), [x[i:i + 32] for i in range(0, 256, 32)], [x[400 + i:400 + i + 16] for i in range(0, 96, 16)]
 
 
-def _worker(rank, world, init_file, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank, world, init, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         net, cal, train = _setup()
@@ -39,7 +42,16 @@ def _worker(rank, world, init_file, out):
 
 
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.spawn(_worker, args=(2, f"tcp://127.0.0.1:{port}", str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=5):  # never hang the suite: fail after 4 minutes
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise AssertionError("the two processes did not finish in 240 s")
     e0, e1 = (json.loads((tmp_path / f"enc{r}.json").read_text()) for r in (0, 1))
     assert e0 == e1  # identical encodings on both ranks
     net, cal, train = _setup()

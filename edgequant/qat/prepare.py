@@ -40,13 +40,11 @@ def prepare_qat(sim, learn: Optional[str] = "scale_offset", weights: bool = True
     learning = []
     for name, q in qs.items():
         mode = learn if q.role in roles else None
-        if q.spec.learn == mode:
-            learning += [name] if mode else []
-            continue
-        enc, frozen = q.encoding(), q.is_frozen
-        new = sim.set_spec(name, replace(q.spec, learn=mode))
-        new.set_encoding(enc)
-        new.freeze(frozen)
+        if q.spec.learn != mode:
+            enc, frozen = q.encoding(), q.is_frozen
+            new = sim.set_spec(name, replace(q.spec, learn=mode))
+            new.set_encoding(enc)
+            new.freeze(frozen)
         if mode:
             learning.append(name)
     return learning

@@ -42,8 +42,13 @@ class MnistMobileNet(nn.Module):
 def train_mnist_net(x, y, epochs: int = 8, seed: int = 0, batch_size: int = 64, lr: float = 3e-3) -> MnistMobileNet:
     """Train :class:`MnistMobileNet` deterministically (fixed seed, Adam with cosine decay)."""
     torch.manual_seed(seed)
+    return train_classifier(MnistMobileNet(), x, y, epochs, seed, batch_size, lr)
+
+
+def train_classifier(net: nn.Module, x, y, epochs: int, seed: int, batch_size: int, lr: float,
+                     clip: float | None = None) -> nn.Module:
+    """Cross-entropy training with Adam and cosine decay, batches in a seeded order (``clip``: gradient norm)."""
     g = torch.Generator().manual_seed(seed)
-    net = MnistMobileNet()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -55,6 +60,8 @@ def train_mnist_net(x, y, epochs: int = 8, seed: int = 0, batch_size: int = 64, 
             loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(net.parameters(), clip)
             opt.step()
             sched.step()
     return net.eval()

@@ -15,7 +15,7 @@ from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale
 from .quantizer import Quantizer
 
-_CLASS_CACHE: dict[type, type] = {}
+_CLASS_CACHE: dict[tuple, type] = {}
 
 
 class QuantizedModuleMixin:
@@ -75,7 +75,13 @@ class QuantizedModuleMixin:
         return b
 
     def float_class(self) -> type:
-        return type(self).__mro__[2]
+        """The torch layer class this quantized twin was made from."""
+        return float_class_of(type(self))
+
+
+def float_class_of(cls: type) -> type:
+    """The first class of ``cls``'s MRO that is not a quantized twin or mixin (``cls`` if it is a float layer)."""
+    return next(c for c in cls.__mro__ if not issubclass(c, QuantizedModuleMixin))
 
 
 def own_forward(m: nn.Module) -> bool:
@@ -84,7 +90,7 @@ def own_forward(m: nn.Module) -> bool:
     (BN folding, equalization, AdaRound, the ONNX export, the integer engine) would get it wrong, so
     they skip it by name or refuse it."""
     for cls in type(m).__mro__:
-        if cls is QuantizedModuleMixin:
+        if issubclass(cls, QuantizedModuleMixin):
             continue
         if (cls.__module__ or "").startswith("torch."):
             return False
@@ -93,13 +99,14 @@ def own_forward(m: nn.Module) -> bool:
     return False
 
 
-def quantized_class(cls: type) -> type:
-    """The cached ``Quantized<cls>`` subclass of ``(QuantizedModuleMixin, cls)``."""
-    if issubclass(cls, QuantizedModuleMixin):
+def quantized_class(cls: type, mixin: type = QuantizedModuleMixin) -> type:
+    """The cached ``Quantized<cls>`` subclass of ``(mixin, cls)``."""
+    if issubclass(cls, mixin):
         return cls
-    if cls not in _CLASS_CACHE:
-        _CLASS_CACHE[cls] = type(f"Quantized{cls.__name__}", (QuantizedModuleMixin, cls), {"__module__": cls.__module__})
-    return _CLASS_CACHE[cls]
+    cls = float_class_of(cls)
+    if (mixin, cls) not in _CLASS_CACHE:
+        _CLASS_CACHE[mixin, cls] = type(f"Quantized{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+    return _CLASS_CACHE[mixin, cls]
 
 
 def quantize_module(module: nn.Module, param_quantizers: dict[str, Quantizer]) -> nn.Module:

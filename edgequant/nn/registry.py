@@ -8,11 +8,18 @@ QuantSim looks a layer up here (by its class and base classes, most specific fir
         ...
 
 ``params`` maps each parameter to quantize to the axis of its output channels (where ``PerChannel()``
-and ``PerBlock()`` without an axis put it). ``convert`` defaults to :func:`~edgequant.nn.quantize_module`,
-which keeps the layer's own ``forward`` and state_dict names and fake-quantizes the parameters.
+and ``PerBlock()`` without an axis put it); a callable ``params(module)`` gives them per instance (an
+LSTM's weights depend on its layers and directions). ``convert`` defaults to
+:func:`~edgequant.nn.quantize_module`, which keeps the layer's own ``forward`` and state_dict names and
+fake-quantizes the parameters.
+
+A layer that computes several tensors of its own (the gates and states of a recurrent cell) lists them
+with ``tensors(module) -> {suffix: TensorSite}``: each becomes a plan entry ``<layer>.<suffix>`` of role
+``activation`` with its own quantizer, and ``convert(module, param_quantizers, tensor_quantizers)``
+receives them.
 
 >>> from torch import nn
->>> lookup(nn.Conv2d).params, lookup(nn.ConvTranspose2d).params, lookup(nn.ReLU) is None
+>>> lookup(nn.Conv2d).params_of(nn.Conv2d(1, 1, 1)), lookup(nn.ConvTranspose2d).params, lookup(nn.ReLU) is None
 ({'weight': 0}, {'weight': 1}, True)
 """
 from __future__ import annotations
@@ -26,34 +33,69 @@ from .modules import QuantizedModuleMixin, quantize_module
 
 
 @dataclass(frozen=True)
+class TensorSite:
+    """A tensor a layer computes inside its forward (a gate, a cell state) that gets its own quantizer.
+
+    Args:
+        shape: its shape for one sample, batch first (``(1, hidden)``); channels on axis 1.
+        nonneg: never negative (a sigmoid's output): ``signed=None`` resolves to unsigned.
+        fixed_range: ``(lo, hi)`` known without data (a sigmoid's ``(0, 1)``): the quantizer is set to it
+            once and frozen, calibration does not touch it.
+        bits: the default bit-width when no ``module_names`` override names the tensor (an LSTM's cell
+            state: 16, as integer LSTM kernels keep it), with min-max ranges.
+    """
+    shape: tuple = (1, 1)
+    nonneg: bool = False
+    fixed_range: Optional[tuple] = None
+    bits: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class Registration:
-    """How ``float_class`` is quantized: ``params`` (name -> output-channel axis) and ``convert``."""
+    """How ``float_class`` is quantized: ``params`` (name -> output-channel axis, or a callable of the
+    module returning that), ``convert``, and the layer's own ``tensors`` (a callable, or None)."""
     float_class: type
-    params: Mapping[str, int] = field(default_factory=lambda: {"weight": 0})
+    params: object = field(default_factory=lambda: {"weight": 0})
     convert: Callable = quantize_module
+    tensors: Optional[Callable] = None
+
+    def params_of(self, module: nn.Module) -> Mapping[str, int]:
+        """``{parameter name: output-channel axis}`` for this instance."""
+        return dict(self.params(module) if callable(self.params) else self.params)
+
+    def tensors_of(self, module: nn.Module) -> Mapping[str, TensorSite]:
+        """``{suffix: TensorSite}`` of the tensors the layer quantizes inside its forward."""
+        return dict(self.tensors(module)) if self.tensors is not None else {}
 
 
 _REGISTRY: dict[type, Registration] = {}
 
 
-def register_quantized(float_class: type, params: Optional[Mapping[str, int]] = None, convert: Optional[Callable] = None):
+def register_quantized(float_class: type, params=None, convert: Optional[Callable] = None,
+                       tensors: Optional[Callable] = None):
     """Register how layers of ``float_class`` (and its subclasses) are quantized.
 
     Call it directly (``register_quantized(nn.Conv2d)``) or as a decorator on ``convert(module,
-    param_quantizers) -> module``. A later registration of the same class replaces the earlier one.
+    param_quantizers) -> module`` (``convert(module, param_quantizers, tensor_quantizers)`` when
+    ``tensors`` is given). A later registration of the same class replaces the earlier one.
     """
     if not (isinstance(float_class, type) and issubclass(float_class, nn.Module)):
         raise TypeError(f"register_quantized needs an nn.Module subclass, got {float_class!r}")
-    params = dict(params or {"weight": 0})
+    if tensors is not None and not callable(tensors):
+        raise TypeError("tensors must be a callable: tensors(module) -> {suffix: TensorSite}")
+    params = params if callable(params) else dict(params or {"weight": 0})
 
     def add(fn: Optional[Callable]):
-        _REGISTRY[float_class] = Registration(float_class, params, fn or quantize_module)
+        if tensors is not None and fn is None:
+            raise TypeError("a registration with tensors needs its own convert(module, param_quantizers, tensor_quantizers)")
+        _REGISTRY[float_class] = Registration(float_class, params, fn or quantize_module, tensors)
         return fn
 
     if convert is not None:
         add(convert)
         return convert
-    add(None)
+    if tensors is None:
+        add(None)  # registered now with the default convert; a decorator may replace it
     return add
 
 
@@ -61,7 +103,7 @@ def lookup(cls_or_module) -> Optional[Registration]:
     """The registration for a layer class (or instance), searching its base classes; None if not registered."""
     cls = cls_or_module if isinstance(cls_or_module, type) else type(cls_or_module)
     for c in cls.__mro__:
-        if c is QuantizedModuleMixin:
+        if issubclass(c, QuantizedModuleMixin):
             continue
         if c in _REGISTRY:
             return _REGISTRY[c]

@@ -46,7 +46,7 @@ from ..core.granularity import expand_param
 from ..core.quant import fake_quantize
 from ..errors import NotCalibratedError
 from ..graph.patterns import following_activation
-from ..nn.modules import QuantizedModuleMixin, own_forward
+from ..nn.modules import QuantizedModuleMixin, float_class_of, own_forward
 from ..nn.quantizer import Quantizer
 
 ZETA, GAMMA = 1.1, -0.1
@@ -216,7 +216,7 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
         elif own_forward(m):
             report.skipped[name] = f"{type(m).__name__[len('Quantized'):]} computes in its own forward (its patches cannot be read from its attributes)"
         elif not isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
-            report.skipped[name] = f"{type(m).__mro__[2].__name__} is not supported (Conv1d, Conv2d and Linear are)"
+            report.skipped[name] = f"{float_class_of(type(m)).__name__} is not supported (Conv1d, Conv2d and Linear are)"
         elif not q.is_initialized:
             raise NotCalibratedError(f"{name}.weight has no encoding: call sim.calibrate(data) before adaround")
         elif isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):

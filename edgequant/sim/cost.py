@@ -33,7 +33,7 @@ import torch
 from torch import fx, nn
 
 from ..batches import as_args, evaluating, map_tensors, to_device
-from ..nn.modules import QuantizedModuleMixin
+from ..nn.modules import float_class_of
 from ..nn.quantizer import Quantizer
 
 #: Horowitz 2014, 45 nm (pJ)
@@ -105,7 +105,7 @@ def _layer_cost(name: str, m: nn.Module, shapes: tuple) -> LayerCost:
     wbytes = m.weight.numel() * wb / 8
     in_bytes = x_shape.numel() * ab / 8
     energy = macs * _mac_energy(wb, ab) + wbytes * DRAM_PJ_PER_BYTE + in_bytes * SRAM_PJ_PER_BYTE
-    kind = type(m).__mro__[2].__name__ if isinstance(m, QuantizedModuleMixin) else type(m).__name__
+    kind = float_class_of(type(m)).__name__
     return LayerCost(name, kind, int(macs), wb, ab, int(macs) * wb * ab, wbytes, energy)
 
 

@@ -158,18 +158,30 @@ def name_nodes(gm: fx.GraphModule) -> dict[fx.Node, str]:
 
 # ---------------------------------------------------------------------- 2. planning
 def weight_entries(layers: dict[str, nn.Module], config: QuantConfig) -> dict[str, PlanEntry]:
-    """Plan entries of the parameters of registered layers (``{layer name: module}``)."""
+    """Plan entries of the registered layers (``{layer name: module}``): their parameters, and the tensors a
+    layer quantizes inside its forward (a recurrent cell's gates and states, role ``activation``)."""
     out = {}
     for name, m in layers.items():
         reg = lookup(m)
         if reg is None:
             continue
-        for pname, axis in reg.params.items():
+        types = type_names(m)
+        for pname, axis in reg.params_of(m).items():
             p = getattr(m, pname, None)
             if p is None:
                 continue
-            e = PlanEntry("weight", None, type_names(m)[0], tuple(p.shape), channel_axis=axis)
-            out[f"{name}.{pname}"] = replace(e, spec=e.resolve(config.spec_for("weight", name, type_names(m))))
+            e = PlanEntry("weight", None, types[0], tuple(p.shape), channel_axis=axis)
+            out[f"{name}.{pname}"] = replace(e, spec=e.resolve(config.spec_for("weight", name, types)))
+        for suffix, site in reg.tensors_of(m).items():
+            tname = f"{name}.{suffix}"
+            spec = config.spec_for("activation", tname, types)
+            if spec is not None and not config.names_activation(tname):
+                if site.bits is not None:
+                    spec = replace(spec, bits=site.bits, range_method="minmax")
+                elif site.fixed_range is not None:
+                    spec = replace(spec, range_method="minmax")
+            e = PlanEntry("activation", None, types[0], tuple(site.shape), channel_axis=1, nonneg=site.nonneg)
+            out[tname] = replace(e, spec=e.resolve(spec))
     return out
 
 
@@ -219,6 +231,10 @@ class _GraphPlanner:
             self.unsupported.append(f"{self.names[n]} ({type_names(t)[0]})")
         if not _is_float(n):  # ints, shapes, or containers: only an unknown op's floats are off-grid
             self.on_grid[n] = k != "unknown" and not (k == "pass" and floats_in and not self.on_grid.get(floats_in[0], True))
+            x = n.args[0] if n.args else None
+            if k == "weighted" and isinstance(x, fx.Node) and _is_float(x) and not self.on_grid.get(x, True):
+                self.add(x)  # a recurrent layer (its outputs are a tuple, on its own grids): its input goes on a grid
+                self.on_grid[x] = True
         elif k in ("weighted", "compute"):
             for a in n.all_input_nodes:
                 if _is_float(a) and not self.on_grid.get(a, True):
@@ -240,6 +256,14 @@ class _GraphPlanner:
         out = {}
         for n in self.gm.graph.nodes:
             m = patterns.module_of(n, self.modules)
+            reg = lookup(m) if m is not None else None
+            if reg is not None and reg.tensors is not None and n.args:  # a recurrent layer: the grid of its input
+                src = n.args[0]
+                while isinstance(src, fx.Node) and src not in quantized_after and ops.keeps_grid(src, self.modules):
+                    src = src.args[0] if src.args else None
+                if src in quantized_after:
+                    out[n.target] = quantized_after[src]
+                continue
             w_entry = self.entries.get(f"{n.target}.weight") if m is not None else None
             if w_entry is None or w_entry.spec is None or not patterns.is_linear_like(n, self.modules) or not n.args:
                 continue
@@ -254,7 +278,7 @@ class _GraphPlanner:
         """Plan entries of the biases that exist now (role ``bias``, ``source = (input, weight)``)."""
         return {f"{layer}.bias": PlanEntry("bias", None, self.entries[f"{layer}.weight"].owner_type,
                                            tuple(self.modules[layer].bias.shape), source=(src, f"{layer}.weight"))
-                for layer, src in links.items() if getattr(self.modules[layer], "bias", None) is not None}
+                for layer, src in links.items() if isinstance(getattr(self.modules[layer], "bias", None), torch.Tensor)}
 
 
 def _nodes_in(args):
@@ -324,15 +348,29 @@ def merge_plan(derived: QuantPlan, given: Optional[QuantPlan]) -> QuantPlan:
 
 # ---------------------------------------------------------------------- 3. inserting
 def attach_param_quantizers(layers: dict[str, nn.Module], plan: QuantPlan) -> None:
-    """Turn each registered layer with planned parameters into its quantized twin (in place)."""
+    """Turn each registered layer with planned parameters (or tensors of its own) into its quantized twin
+    (in place). A tensor with a known range (a sigmoid's output) is set to it and frozen."""
     for name, m in layers.items():
         reg = lookup(m)
         if reg is None:
             continue
         qs = {p: make_quantizer(e.spec, e.shape, f"{name}.{p}", "weight", e.owner_type)
-              for p in reg.params if (e := plan.get(f"{name}.{p}")) is not None and e.spec is not None}
-        if qs:
-            reg.convert(m, qs)
+              for p in reg.params_of(m) if (e := plan.get(f"{name}.{p}")) is not None and e.spec is not None}
+        if reg.tensors is None:
+            if qs:
+                reg.convert(m, qs)
+            continue
+        tqs = {}
+        for suffix, site in reg.tensors_of(m).items():
+            e = plan.get(f"{name}.{suffix}")
+            if e is None or e.spec is None:
+                continue
+            q = tqs[suffix] = make_quantizer(e.spec, e.shape, f"{name}.{suffix}", e.role, e.owner_type)
+            if site.fixed_range is not None:
+                q.calibrate_from(torch.tensor(site.fixed_range, dtype=torch.float32))
+                q.freeze()
+        if qs or tqs:
+            reg.convert(m, qs, tqs)
 
 
 def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx.Node], links: dict[str, str]) -> nn.ModuleDict:
@@ -353,7 +391,7 @@ def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx
         n.replace_all_uses_with(qn, delete_user_cb=lambda u, qn=qn: u is not qn)
     modules = dict(gm.named_modules())
     for layer, src in links.items():
-        if src in key_of and plan[f"{layer}.weight"].spec is not None:
+        if src in key_of and isinstance(modules[layer], QuantizedModuleMixin):
             modules[layer]._bias_input = (aq, key_of[src])
     return aq
 
@@ -370,7 +408,7 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
     attach_param_quantizers(weighted, final)
     types = {t for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
              for t in (type_names(modules[n.target]) if n.op == "call_module" else type_names(n.target))}
-    unmatched = unmatched_overrides(config, set(names.values()) | set(modules), types)
+    unmatched = unmatched_overrides(config, set(names.values()) | set(modules) | set(final), types)
     aq = insert_quantizers(gm, final, anchors, links)
     gm.graph.lint()
     gm.recompile()

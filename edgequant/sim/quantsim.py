@@ -234,6 +234,10 @@ class QuantSim(nn.Module):
             if isinstance(m, QuantizedModuleMixin):
                 table += [(f"{mname}.{pname}", m.param_quantizers, pname, f"model.{mname}.param_quantizers.{pname}.")
                           for pname in m.param_quantizers]
+            tq = getattr(m, "tensor_quantizers", None)  # a recurrent cell's gates and states
+            if isinstance(tq, nn.ModuleDict):
+                table += [(f"{mname}.{key.replace('__', '.')}", tq, key, f"model.{mname}.tensor_quantizers.{key}.")
+                          for key in tq]
         return table
 
     def quantizers(self, include_disabled: bool = False) -> dict[str, Quantizer]:

@@ -34,7 +34,8 @@ def test_op_records():
     assert ops.module_op(nn.MaxPool2d(2)).keeps_grid and not ops.module_op(nn.MaxPool2d(2)).identity
     assert ops.module_op(nn.Dropout()).identity
     assert ops.FUNCTION_OPS[torch.add] is ops.ADD and ops.METHOD_OPS["add_"].lowering is None
-    assert ops.module_op(nn.LSTM(2, 2)) is None  # unknown: stays in float
+    assert ops.module_op(nn.LSTM(2, 2)) is ops.WEIGHTED  # registered: a quantized twin (edgequant.nn.rnn)
+    assert ops.module_op(nn.Transformer(8, 2, 1, 1, 16)) is None  # unknown: stays in float
 
 
 def test_supergroups_bn_chains_and_bounds():

@@ -297,20 +297,21 @@ def test_constant_and_zero_channels_give_finite_scales():
 
 
 def test_unsupported_module_warns_and_rest_is_quantized():
-    class WithLSTM(nn.Module):
+    class WithAttention(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc1, self.lstm, self.fc2 = nn.Linear(4, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 2)
+            self.fc1, self.attn, self.fc2 = nn.Linear(4, 8), nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 2)
 
         def forward(self, x):
-            y, _ = self.lstm(self.fc1(x))
+            h = self.fc1(x)
+            y, _ = self.attn(h, h, h)
             return self.fc2(y)
 
-    with pytest.warns(QuantSimWarning, match=r"lstm \(LSTM\)"):
-        sim = QuantSim(WithLSTM().eval(), torch.randn(2, 3, 4))
+    with pytest.warns(QuantSimWarning, match=r"attn \(MultiheadAttention\)"):
+        sim = QuantSim(WithAttention().eval(), torch.randn(2, 3, 4))
     qs = sim.quantizers()
     assert {"fc1.weight", "fc2.weight", "fc1", "fc2"} <= set(qs)
-    assert "getitem" in qs  # the LSTM's output is quantized where fc2 consumes it
+    assert "getitem" in qs  # the attention's output is quantized where fc2 consumes it
     sim.calibrate([torch.randn(2, 3, 4)], progress=False)
 
 

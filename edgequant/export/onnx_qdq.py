@@ -40,6 +40,7 @@ from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
 from ..nn.modules import own_forward
 from ..nn.quantizer import Quantizer
+from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
 from . import generic as generic_export
 
@@ -104,6 +105,7 @@ class _Builder:
         self.names: set[str] = set()
         self.q_inputs: set[str] = set()  # values that feed a QuantizeLinear
         self.dq_inits: set[str] = set()  # initializers that feed a DequantizeLinear
+        self.prunable: set[int] = set()  # ids of nodes dropped when nothing reads them (a final LSTM cell state)
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -382,8 +384,17 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
     dq_in = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     w_in = dq_in | {n.input[0] for n in model.graph.node if n.op_type == "Transpose"}  # MatMulInteger's weights
     inits = {i.name for i in model.graph.initializer}
+    # a recurrent layer's tensors: the first time step's value carries the name (a table lookup's output
+    # for the gate activations, which no QuantizeLinear computes)
+    values = {o for n in model.graph.node for o in n.output}
+    recurrent = {q.tensor_name for m in sim.model.modules() if isinstance(m, QuantizedRecurrentMixin)
+                 for q in m.tensor_quantizers.values() if isinstance(q, Quantizer)}
     bad = []
     for name, q in sim.quantizers().items():
+        if name in recurrent:
+            if name not in values:
+                bad.append(f"recurrent tensor {name!r} is no value of the graph")
+            continue
         if not q.is_weight and name not in q_in:
             bad.append(f"activation {name!r} is not the input of a QuantizeLinear")
         if q.role == "weight" and not (name in inits and name in w_in):
@@ -398,11 +409,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     b = _Builder(opset, unsigned_weights)
     val: dict[fx.Node, str] = {}
     # values that a quantizer reads carry the quantizer's tensor name
-    want: dict[fx.Node, str] = {}
-    for n in gm.graph.nodes:
-        m = patterns.module_of(n, modules)
-        if isinstance(m, Quantizer):
-            want[n.args[0]] = m.tensor_name
+    want = {n.args[0]: m.tensor_name for n in gm.graph.nodes if isinstance(m := patterns.module_of(n, modules), Quantizer)}
     inputs, outputs = [], []
 
     def shape_of(n):
@@ -444,6 +451,9 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
             if n in want:
                 val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
             continue
+        if isinstance(m, QuantizedRecurrentMixin):
+            val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]))
+            continue
         if isinstance(src, _Quantized) and _is_linear_nd(n, m, shape_of):
             val[n] = _linear_nd(b, n, m, src, out, modules, shape_of, flat)
             continue
@@ -468,10 +478,35 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
             raise ExportError(f"cannot export fx node {n.op} {n.target}")
         if n in want and val.get(n) != want[n] and n.op != "placeholder":
             val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+    _prune(b, {o.name for o in outputs})
     graph = helper.make_graph(b.nodes, "edgequant", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _recurrent(b: _Builder, n: fx.Node, m, src, in_shape) -> list:
+    """A quantized LSTM / GRU / RNN (:mod:`edgequant.export.recurrent`); its nodes may be pruned."""
+    from .recurrent import export_recurrent
+    helpers = {"Quantized": _Quantized, "qdq": _activation_qdq, "container": _container, "weight_integers": _weight_integers}
+    start = len(b.nodes)
+    out = export_recurrent(b, n, m, src, in_shape, helpers)
+    b.prunable.update(id(nd) for nd in b.nodes[start:])
+    return out
+
+
+def _prune(b: _Builder, graph_outputs: set) -> None:
+    """Drop the builder's ``prunable`` nodes whose outputs nothing reads (an unused final LSTM cell state), and the
+    initializers only they read."""
+    while True:
+        used = graph_outputs | {i for nd in b.nodes for i in nd.input}
+        dead = [nd for nd in b.nodes if id(nd) in b.prunable and not any(o in used for o in nd.output)]
+        if not dead:
+            break
+        drop = {id(nd) for nd in dead}
+        b.nodes = [nd for nd in b.nodes if id(nd) not in drop]
+    used = {i for nd in b.nodes for i in nd.input}
+    b.inits = [t for t in b.inits if t.name in used]
 
 
 _BATCH_SAFE = ("view", "reshape", torch.reshape, torch.flatten, "flatten")  # take the recorded shape, batch kept dynamic

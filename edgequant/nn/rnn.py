@@ -28,6 +28,9 @@ initial states, ``proj_size``, dropout between layers in training and ``PackedSe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +38,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale
-from .modules import QuantizedModuleMixin, quantized_class
+from ..core.quant import quantize
+from ..core.recurrent import CellGrids, Grid, IntMatmul, gru_step, lstm_step, rnn_step, table
+from .modules import QuantizedModuleMixin, float_class_of, quantized_class
 from .quantizer import Quantizer
 from .registry import TensorSite, register_quantized
 
@@ -95,6 +100,15 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
     """The forward of quantized LSTM / GRU / RNN layers (see the module docstring)."""
 
     tensor_quantizers: nn.ModuleDict
+    #: ``{weight name: [input rows]}`` while set (AdaRound reads what each weight multiplies), else None
+    _record = None
+    #: set by ``QuantSim.integer_exact()``: run the cell on integers (:mod:`edgequant.core.recurrent`)
+    _exact_requant = None
+
+    def _grid(self, suffix: str) -> Grid:
+        """The per-tensor grid of tensor ``suffix`` (integer-exact mode needs every one quantized)."""
+        q = self._quantizer(suffix)
+        return grid_of(q, f"{suffix} of a quantized {float_class_of(type(self)).__name__}")
 
     # ---------------------------------------------------------------- quantizers
     def _quantizer(self, suffix: str):
@@ -140,6 +154,10 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
         b = (bias_integers(bias, s64).double() * s64).to(bias.dtype)
         return bias + (b - bias).detach() if bias.requires_grad and torch.is_grad_enabled() else b
 
+    def _rec(self, weight: str, rows: torch.Tensor) -> None:
+        if self._record is not None:
+            self._record.setdefault(weight, []).append(rows.detach().reshape(-1, rows.shape[-1]))
+
     # ---------------------------------------------------------------- cells
     def _lstm_step(self, p, k, ix, h, c, w_hh, b_hh, w_hr):
         gates = ix + F.linear(h, w_hh, b_hh)
@@ -148,7 +166,10 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
                           else torch.sigmoid(self._q(f"{p}.{g}_pre", pre[g]))) for g in "ifgo"}
         c = self._q(f"{p}.c", act["f"] * c + act["i"] * act["g"])
         m = act["o"] * self._q(f"{p}.tanh_c", torch.tanh(c))
-        h = self._q(f"l{k}.h", F.linear(self._q(f"{p}.m", m), w_hr) if w_hr is not None else m)
+        if w_hr is not None:
+            m = self._q(f"{p}.m", m)
+            self._rec(f"weight_hr_{p}", m)
+        h = self._q(f"l{k}.h", F.linear(m, w_hr) if w_hr is not None else m)
         return h, c
 
     def _gru_step(self, p, k, ix, h, w_hh, b_hh):
@@ -164,29 +185,43 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
         pre = self._q(f"{p}.pre", ix + F.linear(h, w_hh, b_hh))
         return self._q(f"l{k}.h", torch.tanh(pre) if self.mode == "RNN_TANH" else torch.relu(pre))
 
-    def _direction(self, x, k, d, h, c, lengths):
-        """One layer, one direction over ``x`` (time, batch, features): ``(outputs, h_T, c_T)``."""
+    def _float_cell(self, x, k, d):
+        """``(input projection of every step, step(px, h, c) -> (h, c))`` of the float sim."""
         p = f"l{k}{d}"
         q_in = self._in_quantizer(k)
         w_ih, w_hh = self._w(f"weight_ih_l{k}{d}"), self._w(f"weight_hh_l{k}{d}")
         w_hr = self._w(f"weight_hr_l{k}{d}") if self.mode == "LSTM" and self.proj_size > 0 else None
         b_ih = self._b(f"bias_ih_l{k}{d}", q_in, f"weight_ih_l{k}{d}")
         b_hh = self._b(f"bias_hh_l{k}{d}", self._quantizer(f"l{k}.h"), f"weight_hh_l{k}{d}")
+        self._rec(f"weight_ih_l{k}{d}", x)
         ix = F.linear(x, w_ih, b_ih)  # every step's input projection at once
+
+        def step(px, h, c):
+            self._rec(f"weight_hh_l{k}{d}", h)
+            if self.mode == "LSTM":
+                return self._lstm_step(p, k, px, h, c, w_hh, b_hh, w_hr)
+            if self.mode == "GRU":
+                return self._gru_step(p, k, px, h, w_hh, b_hh), None
+            return self._rnn_step(p, k, px, h, w_hh, b_hh), None
+        return ix, step
+
+    def _direction(self, x, k, d, h, c, lengths):
+        """One layer, one direction over ``x`` (time, batch, features): ``(outputs, h_T, c_T)``; on
+        integers in integer-exact mode."""
+        if self._exact_requant is not None:
+            cell = exact_cell(self, k, d)
+            ix, step, pad = cell.ih(x), cell.step, cell.grids.grids["h"].zero_point
+        else:
+            (ix, step), pad = self._float_cell(x, k, d), 0
         steps = range(x.shape[0] - 1, -1, -1) if d else range(x.shape[0])
         outs = [None] * x.shape[0]
         for t in steps:
-            if self.mode == "LSTM":
-                h_new, c_new = self._lstm_step(p, k, ix[t], h, c, w_hh, b_hh, w_hr)
-            elif self.mode == "GRU":
-                h_new, c_new = self._gru_step(p, k, ix[t], h, w_hh, b_hh), None
-            else:
-                h_new, c_new = self._rnn_step(p, k, ix[t], h, w_hh, b_hh), None
+            h_new, c_new = step(ix[t], h, c)
             if lengths is not None:  # a packed sequence: past its end a sequence keeps its state, outputs 0
                 valid = (t < lengths).unsqueeze(-1)
                 h_new = torch.where(valid, h_new, h)
                 c_new = torch.where(valid, c_new, c) if c_new is not None else None
-                outs[t] = torch.where(valid, h_new, torch.zeros_like(h_new))
+                outs[t] = torch.where(valid, h_new, torch.full_like(h_new, pad))
             else:
                 outs[t] = h_new
             h, c = h_new, c_new
@@ -230,13 +265,19 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
             raise ValueError(f"{type(self).__name__}: input has {x.shape[-1]} features, the layer expects {self.input_size}")
         h0, c0 = self._initial(hx, x.shape[1], x.dtype, x.device)
         self._observed = {}
+        exact = self._exact_requant is not None
+        if exact:
+            x = exact_input(self, x)
         h_n, c_n = [], []
         for k in range(self.num_layers):
             outs = []
             for j, d in enumerate(_directions(self)):
                 i = k * len(_directions(self)) + j
-                h = self._q(f"l{k}.h", h0[i])
-                c = self._q(f"l{k}{d}.c", c0[i]) if c0 is not None else None
+                if exact:
+                    h, c = self._grid(f"l{k}.h").quantize(h0[i]), (self._grid(f"l{k}{d}.c").quantize(c0[i]) if c0 is not None else None)
+                else:
+                    h = self._q(f"l{k}.h", h0[i])
+                    c = self._q(f"l{k}{d}.c", c0[i]) if c0 is not None else None
                 out, h, c = self._direction(x, k, d, h, c, lengths)
                 outs.append(out)
                 h_n.append(h)
@@ -245,6 +286,12 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
             if k < self.num_layers - 1 and self.dropout > 0 and self.training:
                 x = F.dropout(x, self.dropout, True)
         self._flush_observed()
+        if exact:  # back to the values the float sim passes on (dequantized, float32)
+            x = self._grid(f"l{self.num_layers - 1}.h").dequantize(x)
+            dirs = _directions(self)
+            h_n = [self._grid(f"l{i // len(dirs)}.h").dequantize(t) for i, t in enumerate(h_n)]
+            c_n = [self._grid(f"l{i // len(dirs)}{dirs[i % len(dirs)]}.c").dequantize(t) if t is not None else None
+                   for i, t in enumerate(c_n)]
         h_n = torch.stack(h_n)
         c_n = torch.stack(c_n) if self.mode == "LSTM" else None
         if packed:
@@ -255,6 +302,81 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
         else:
             out = x.transpose(0, 1) if self.batch_first else x
         return (out, (h_n, c_n)) if self.mode == "LSTM" else (out, h_n)
+
+
+def grid_of(q, what: str) -> Grid:
+    """The :class:`~edgequant.core.recurrent.Grid` of a calibrated per-tensor quantizer."""
+    if not isinstance(q, Quantizer) or not q.is_initialized:
+        raise ValueError(f"integer-exact recurrent layers need every tensor quantized and calibrated: {what} is not")
+    if not isinstance(q.spec.granularity, PerTensor):
+        raise ValueError(f"{q.tensor_name}: integer-exact recurrent layers need per-tensor grids")
+    return Grid(float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0]), q.qmin, q.qmax)
+
+
+def _int_matmul(m, weight: str, bias: Optional[str], src: Grid) -> IntMatmul:
+    q = m.param_quantizers[weight] if weight in m.param_quantizers else None
+    if not isinstance(q, Quantizer) or not q.spec.symmetric or not isinstance(q.spec.granularity, (PerTensor, PerChannel)):
+        raise ValueError(f"{weight}: integer-exact recurrent layers need a symmetric per-tensor or per-row weight quantizer")
+    w = getattr(m, weight).detach()
+    w_int = quantize(w, q.scale.detach(), q.zero_point, q.qmin, q.qmax, q.spec.granularity).long()
+    s_b = bias_scale(torch.tensor(src.scale, dtype=torch.float64), q.scale.detach(), w.shape[0]).to(w.device)
+    b = getattr(m, bias) if bias is not None and m.bias else None
+    b_int = bias_integers(b, s_b) if b is not None else torch.zeros(w.shape[0], dtype=torch.int64, device=w.device)
+    return IntMatmul(w_int, b_int, s_b.float(), src.zero_point, f"{weight}")
+
+
+@dataclass
+class ExactCell:
+    ih: IntMatmul
+    step: Callable
+    grids: CellGrids
+
+
+def cell_grids(m, k: int, d: str) -> CellGrids:
+    """Grids and lookup tables of layer ``k``, direction ``d`` (see :mod:`edgequant.core.recurrent`)."""
+    p, mode = f"l{k}{d}", m.mode
+    names = {"LSTM": ["i_pre", "f_pre", "g_pre", "o_pre", "i", "f", "g", "o", "c", "tanh_c"] + (["m"] if m.proj_size > 0 else []),
+             "GRU": ["r_pre", "z_pre", "r", "z", "hn", "rhn", "n_pre", "n"]}.get(mode, [])
+    grids = {n: m._grid(f"{p}.{n}") for n in names}
+    grids["h"] = m._grid(f"l{k}.h")
+    dev = next(m.parameters()).device
+    if mode == "LSTM":
+        fns = {"i": torch.sigmoid, "f": torch.sigmoid, "g": torch.tanh, "o": torch.sigmoid}
+        tables = {g: table(fn, grids[f"{g}_pre"], grids[g], dev) for g, fn in fns.items()}
+        tables["tanh_c"] = table(torch.tanh, grids["c"], grids["tanh_c"], dev)
+    elif mode == "GRU":
+        tables = {g: table(fn, grids[f"{g}_pre"], grids[g], dev) for g, fn in (("r", torch.sigmoid), ("z", torch.sigmoid), ("n", torch.tanh))}
+    else:
+        grids["h_pre"] = m._grid(f"{p}.pre")
+        tables = {"h": table(torch.tanh if mode == "RNN_TANH" else torch.relu, grids["h_pre"], grids["h"], dev)}
+    return CellGrids(grids, tables)
+
+
+def exact_cell(m, k: int, d: str) -> ExactCell:
+    """The integer cell of layer ``k``, direction ``d`` of a quantized recurrent layer ``m``."""
+    if m._exact_requant != "float32":
+        raise ValueError(f"recurrent layers are integer-exact for requant='float32' (ONNX Runtime's arithmetic), "
+                         f"not {m._exact_requant!r}")
+    g = cell_grids(m, k, d)
+    src = m._grid(f"l{k - 1}.h") if k > 0 else _input_grid(m)
+    ih = _int_matmul(m, f"weight_ih_l{k}{d}", f"bias_ih_l{k}{d}", src)
+    hh = _int_matmul(m, f"weight_hh_l{k}{d}", f"bias_hh_l{k}{d}", g.grids["h"])
+    if m.mode == "LSTM":
+        proj = _int_matmul(m, f"weight_hr_l{k}{d}", None, g.grids["m"]) if m.proj_size > 0 else None
+        return ExactCell(ih, lambda px, h, c: lstm_step(px, h, c, hh, g, proj), g)
+    if m.mode == "GRU":
+        return ExactCell(ih, lambda px, h, c: (gru_step(px, h, hh, g), None), g)
+    return ExactCell(ih, lambda px, h, c: (rnn_step(px, h, hh, g), None), g)
+
+
+def _input_grid(m) -> Grid:
+    q = m._in_quantizer(0)
+    return grid_of(q, f"the input of {float_class_of(type(m)).__name__} (no quantizer before it)")
+
+
+def exact_input(m, x: torch.Tensor) -> torch.Tensor:
+    """The integers of the layer's input (its values are on the input quantizer's grid)."""
+    return _input_grid(m).quantize(x)
 
 
 def convert_recurrent(module: nn.RNNBase, param_quantizers: dict, tensor_quantizers: dict) -> nn.Module:

@@ -48,6 +48,7 @@ from ..errors import NotCalibratedError
 from ..graph.patterns import following_activation
 from ..nn.modules import QuantizedModuleMixin, float_class_of, own_forward
 from ..nn.quantizer import Quantizer
+from ..nn.rnn import QuantizedRecurrentMixin
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -180,7 +181,9 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
              lr: float = 1e-2, asymmetric: bool = True, num_batches: Optional[int] = None,
              forward_fn: Optional[Callable] = None, layers: Optional[list[str]] = None, seed: int = 0,
              progress: bool = True) -> AdaRoundReport:
-    """Learn the rounding of every quantized conv/linear weight of a calibrated sim (in place).
+    """Learn the rounding of every quantized conv/linear weight of a calibrated sim (in place), and of the
+    weights of quantized LSTM / GRU / RNN layers (each weight matrix against the float product it computes
+    at every time step).
 
     Args:
         sim: a :class:`~edgequant.QuantSim` whose quantizers are calibrated (activation encodings
@@ -194,15 +197,16 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
         beta_range: ``beta`` annealed from the first to the second value.
         warm_start: fraction of iterations without the regularizer.
         asymmetric: reconstruct from the quantized model's inputs (else from float inputs).
-        layers: names of the layers to round (default: all quantized conv/linear layers).
+        layers: names of the layers to round (default: all quantized conv/linear and recurrent layers).
 
     Returns an :class:`AdaRoundReport` with each layer's output error for nearest and learned rounding.
     """
     t_start = time.perf_counter()
     batches = [b for _, b in iterate(data, num_batches=num_batches, device=sim.device, desc="AdaRound", progress=False)]
     all_layers = _layers(sim)
+    recurrent = {n: m for n, m in sim.model.named_modules() if isinstance(m, QuantizedRecurrentMixin)}
     if layers is not None:
-        unknown = sorted(set(layers) - set(all_layers))
+        unknown = sorted(set(layers) - set(all_layers) - set(recurrent))
         if unknown:
             raise ValueError(f"not quantized layers of this sim: {unknown}")
     report = AdaRoundReport(iterations=iterations)
@@ -233,6 +237,10 @@ def adaround(sim, data, *, iterations: int = 800, samples: int = 4096, rows_per_
             report.layers[name] = _round_layer(m, x, targets[name], act, iterations, rows_per_step, reg_weight,
                                                beta_range, warm_start, lr, seed)
             report.layers[name].seconds = time.perf_counter() - t0
+        hyper = (iterations, rows_per_step, reg_weight, beta_range, warm_start, lr, seed)
+        for name, m in recurrent.items():
+            if layers is None or name in layers:
+                _round_recurrent(sim, name, m, batches, forward_fn, samples, asymmetric, hyper, report)
             del x
     report.seconds = time.perf_counter() - t_start
     return report
@@ -354,3 +362,47 @@ def _round_layer(m, x, target, act, iterations, rows_per_step, reg_weight, beta_
         q.freeze()
         changed = float((choice != nearest).float().mean())
     return LayerResult(mse_near, min(mse_ada, mse_near) if kept else mse_ada, kept, changed, 0.0)
+
+
+class _WeightSite:
+    """One weight matrix of a recurrent layer, shaped like a Linear for :func:`_round_layer`."""
+
+    groups = 1
+
+    def __init__(self, layer, weight: str, bias: Optional[str]):
+        self.weight = getattr(layer, weight)  # the layer's Parameter: rounding writes into it
+        self.param_quantizers = {"weight": layer.param_quantizers[weight]}
+        self.bias = getattr(layer, bias) if bias is not None and layer.bias else None
+
+
+@torch.no_grad()
+def _recorded(sim, layer, batches, forward_fn, quantized: bool) -> dict[str, torch.Tensor]:
+    """``{weight name: (rows, K)}``: what each weight of the recurrent ``layer`` multiplied, over the batches."""
+    layer._record = {}
+    try:
+        with contextlib.nullcontext() if quantized else sim.quantization_disabled():
+            for batch in batches:
+                _run(sim, batch, forward_fn)
+        return {w: torch.cat(rows).float() for w, rows in layer._record.items()}
+    finally:
+        layer._record = None
+
+
+def _round_recurrent(sim, name, layer, batches, forward_fn, samples, asymmetric, hyper, report) -> None:
+    """AdaRound of each quantized weight of a recurrent layer, in order (layer 0 first): the float targets
+    come from one float pass; each weight's quantized inputs from a pass after the earlier ones were rounded."""
+    floats = _recorded(sim, layer, batches, forward_fn, quantized=False)
+    for wname in [w for w in layer._flat_weights_names if w in layer.param_quantizers]:
+        q = layer.param_quantizers[wname]
+        if not isinstance(q, Quantizer):
+            report.skipped[f"{name}.{wname}"] = "its weight quantizer is disabled"
+            continue
+        t0 = time.perf_counter()
+        bias = wname.replace("weight", "bias") if not wname.startswith("weight_hr") else None
+        site = _WeightSite(layer, wname, bias)
+        x_f = floats[wname]
+        idx = torch.randperm(len(x_f), generator=torch.Generator().manual_seed(hyper[-1]))[:samples].to(x_f.device)
+        target = F.linear(x_f[idx], site.weight.detach().float(), None if site.bias is None else site.bias.detach().float())
+        x = _recorded(sim, layer, batches, forward_fn, quantized=True)[wname][idx] if asymmetric else x_f[idx]
+        report.layers[f"{name}.{wname}"] = _round_layer(site, x.unsqueeze(1), target, None, *hyper)
+        report.layers[f"{name}.{wname}"].seconds = time.perf_counter() - t0

@@ -13,6 +13,8 @@ apart, and in a deep network such a flip spreads (on MobileNetV2 w8a8: 3e-4 of t
   accumulator with :func:`edgequant.core.requant.requantize`;
 * the output quantizer after an add or a global average pool reads its inputs' integers and applies
   :func:`~edgequant.core.requant.add` / :func:`~edgequant.core.requant.mean`;
+* quantized LSTM / GRU / RNN layers run their cells on integers (:mod:`edgequant.core.recurrent`: integer
+  matmuls, lookup tables for sigmoid/tanh, the export's float32 elementwise steps), ``"float32"`` only;
 * every other quantizer fake-quantizes as usual (ONNX Runtime runs those ops as
   DequantizeLinear -> float op -> QuantizeLinear, which divides just like the sim).
 
@@ -31,6 +33,7 @@ from ..errors import NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..nn.modules import QuantizedModuleMixin, own_forward
 from ..nn.quantizer import Quantizer
+from ..nn.rnn import QuantizedRecurrentMixin
 
 
 def _identity_source(n, modules):
@@ -54,6 +57,8 @@ class IntegerExactMode:
         self.tape: dict[int, torch.Tensor] = {}  # id(quantizer or layer) -> its integers / f64 output
         self.steps: dict[Quantizer, object] = {}
         self.layers: list[QuantizedModuleMixin] = []
+        # recurrent layers run their cells on integers (edgequant.core.recurrent)
+        self.recurrent = [m for m in self.modules.values() if isinstance(m, QuantizedRecurrentMixin)]
         for n in self.gm.graph.nodes:
             q = patterns.module_of(n, self.modules)
             if isinstance(q, Quantizer):
@@ -142,6 +147,8 @@ class IntegerExactMode:
             self._hooks.append(layer.register_forward_hook(lambda m, i, o: self.tape.__setitem__(id(m), o.clone())))
         for q, step in self.steps.items():
             q._exact = step
+        for m in self.recurrent:
+            m._exact_requant = self.mode
         self._grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         return self
@@ -154,5 +161,7 @@ class IntegerExactMode:
             layer._exact_f64 = False
         for q in self.steps:
             q._exact = None
+        for m in self.recurrent:
+            m._exact_requant = None
         self.tape.clear()
         return False

@@ -1,0 +1,172 @@
+"""Recurrent networks (issue 12): LSTM / GRU classifiers of MNIST-5k read row by row, trained here.
+
+Parts (``--part``):
+
+* ``accuracy``: per data split (``mnist_5k(seed=s)``, a model trained on each) and architecture, held-out
+  accuracy of FP32, W8A8 (16-bit cell state, the default), W8A8 with an 8-bit cell state, W8A8 with every
+  internal tensor on 8 bits, W4A8 nearest and W4A8 + AdaRound of the gate weights; calibration on 512
+  training digits.
+* ``speed``: time per sequence of the quantized layer in the sim vs ``nn.LSTM`` / ``nn.GRU`` (batch 1 and
+  64, 2 threads, median of repeats, measured side by side in one process).
+* ``table``: ``benchmarks/results/rnn.md`` from the raw results in ``.peers/rnn/*.json``.
+
+    python benchmarks/bench_rnn.py --part accuracy --seeds 0,1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RAW = ROOT / ".peers" / "rnn"
+RESULTS = ROOT / "benchmarks" / "results" / "rnn.md"
+ARCHS = {"lstm": ("lstm", 1, False), "gru": ("gru", 1, False), "lstm-2-bi": ("lstm", 2, True), "gru-2-bi": ("gru", 2, True)}
+
+
+def _configs():
+    from edgequant.config import Override, QuantConfig, QuantSpec
+    w8a8 = QuantConfig.preset("w8a8")
+    eight = Override(activation=QuantSpec(bits=8, symmetric=True, range_method="minmax"))
+    return {
+        "W8A8": (w8a8, False),
+        "W8A8 8-bit cell": (QuantConfig(w8a8.weight, w8a8.activation, module_names={"rnn.*.c": eight}), False),
+        "W4A8": (QuantConfig.preset("w4a8"), False),
+        "W4A8 + AdaRound": (QuantConfig.preset("w4a8"), True),
+    }
+
+
+def _acc(m, x, y) -> float:
+    with torch.no_grad():
+        return float(torch.cat([m(b).argmax(1) for b in x.split(500)]).eq(y).float().mean())
+
+
+def part_accuracy(args) -> list:
+    import edgequant as eq
+    from edgequant.data.mnist import mnist_5k
+    from edgequant.models.mnist_rnn import train_row_rnn
+    from edgequant.ptq.adaround import adaround
+
+    rows = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        xtr, ytr, xte, yte = mnist_5k(seed=seed)
+        xtr, xte = xtr.flatten(1, 2), xte.flatten(1, 2)
+        cal = list(xtr[:512].split(64))
+        for arch in args.archs.split(","):
+            cell, layers, bi = ARCHS[arch]
+            t = time.perf_counter()
+            net = train_row_rnn(xtr, ytr, cell, args.hidden, layers, bi, epochs=args.epochs, seed=seed)
+            row = {"split": seed, "arch": arch, "hidden": args.hidden, "epochs": args.epochs,
+                   "train_s": time.perf_counter() - t, "FP32": _acc(net, xte, yte)}
+            for name, (cfg, ada) in _configs().items():
+                if "cell" in name and cell != "lstm":
+                    continue
+                t = time.perf_counter()
+                sim = eq.QuantSim(net, xtr[:2], cfg)
+                sim.calibrate(cal, progress=False)
+                if ada:
+                    adaround(sim, cal, iterations=args.adaround_iterations, progress=False)
+                    sim.calibrate(cal, progress=False)
+                row[name], row[f"{name} s"] = _acc(sim, xte, yte), time.perf_counter() - t
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def part_speed(args) -> list:
+    import edgequant as eq
+    from edgequant.models.mnist_rnn import RowRNN
+
+    rows = []
+    torch.manual_seed(0)
+    for arch in args.archs.split(","):
+        cell, layers, bi = ARCHS[arch]
+        net = RowRNN(cell, args.hidden, layers, bi).eval()
+        x = torch.randn(64, 28, 28)
+        sim = eq.QuantSim(net, x[:2], "w8a8")
+        sim.calibrate([x], progress=False)
+        for batch in (1, 64):
+            xb = x[:batch]
+            with torch.no_grad():
+                float_s = _median_time(lambda: net(xb), args.repeats)
+                sim_s = _median_time(lambda: sim(xb), args.repeats)
+                with sim.quantization_disabled():
+                    twin_s = _median_time(lambda: sim(xb), args.repeats)
+            row = {"arch": arch, "batch": batch, "float_ms_per_seq": 1e3 * float_s / batch,
+                   "sim_ms_per_seq": 1e3 * sim_s / batch, "twin_float_ms_per_seq": 1e3 * twin_s / batch,
+                   "ratio": sim_s / float_s}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def table() -> str:
+    acc = json.loads((RAW / "accuracy.json").read_text()) if (RAW / "accuracy.json").exists() else []
+    speed = json.loads((RAW / "speed.json").read_text()) if (RAW / "speed.json").exists() else []
+    names = ["FP32"] + list(_configs())
+    out = ["# Recurrent networks: MNIST-5k read row by row (28 steps of 28 pixels)", "",
+           "Generated by `python benchmarks/bench_rnn.py --part table` from `.peers/rnn/*.json` "
+           "(`--part accuracy`, `--part speed`; 2 CPU threads). Held-out accuracy (1,000 digits of the split); "
+           "calibration on 512 training digits; models trained here with the split's seed. "
+           "W8A8 keeps the LSTM cell state on 16 bits (the default); \"8-bit cell\" overrides `rnn.*.c`.", ""]
+    if acc:
+        out += ["| split | model | " + " | ".join(names) + " | W8A8 drop | W4A8+AdaRound drop |",
+                "|---|---|" + "---|" * (len(names) + 2)]
+        for r in acc:
+            cells = [_fmt(r.get(n, "-")) for n in names]
+            out.append(f"| {r['split']} | {r['arch']} (h={r['hidden']}) | " + " | ".join(cells)
+                       + f" | {100 * (r['FP32'] - r['W8A8']):+.1f} pt | {100 * (r['FP32'] - r['W4A8 + AdaRound']):+.1f} pt |")
+    if speed:
+        out += ["", "Time per sequence, quantized layer in the sim vs the torch layer (random weights, 28 steps, "
+                "median; `twin in float` = the unrolled twin with every quantizer disabled).", "",
+                "| model | batch | torch ms/seq | sim ms/seq | twin in float ms/seq | sim / torch |", "|---|---|---|---|---|---|"]
+        for r in speed:
+            out.append(f"| {r['arch']} | {r['batch']} | {r['float_ms_per_seq']:.3f} | {r['sim_ms_per_seq']:.3f} | "
+                       f"{r['twin_float_ms_per_seq']:.3f} | {r['ratio']:.1f}x |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["accuracy", "speed", "table"], required=True)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--archs", default="lstm,gru,lstm-2-bi")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--adaround-iterations", type=int, default=800)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    if args.part == "table":
+        RESULTS.write_text(table())
+        print(RESULTS.read_text())
+        return
+    rows = {"accuracy": part_accuracy, "speed": part_speed}[args.part](args)
+    RAW.mkdir(parents=True, exist_ok=True)
+    (RAW / f"{args.part}.json").write_text(json.dumps(rows, indent=1))
+    RESULTS.write_text(table())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

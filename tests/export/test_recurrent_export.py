@@ -1,0 +1,88 @@
+"""Quantized LSTM / GRU / RNN exported to ONNX: ONNX Runtime computes what the integer-exact sim computes."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import edgequant as eq
+from edgequant.config import Override, QuantConfig, QuantSpec
+from edgequant.errors import ExportError
+from edgequant.models.mnist_rnn import RowRNN
+
+
+class Seq(nn.Module):
+    def __init__(self, cls, **kw):
+        super().__init__()
+        self.rnn = cls(6, 16, batch_first=True, **kw)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return out
+
+
+class WithState(Seq):
+    def forward(self, x, h0):
+        out, _ = self.rnn(x, h0)
+        return out
+
+
+def _ort(path, x):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _sim(model, x, config="w8a8"):
+    sim = eq.QuantSim(model, x[:2], config)
+    sim.calibrate([x], progress=False)
+    return sim
+
+
+CASES = [(nn.LSTM, {}), (nn.LSTM, dict(num_layers=2, proj_size=4)), (nn.GRU, dict(num_layers=2, bidirectional=True)),
+         (nn.RNN, dict(nonlinearity="relu", bidirectional=True))]
+
+
+@pytest.mark.parametrize("cls,kw", CASES, ids=["LSTM", "LSTM-2-proj", "GRU-2-bi", "RNN-relu-bi"])
+def test_onnx_runtime_equals_the_integer_exact_sim(tmp_path, cls, kw):
+    torch.manual_seed(0)
+    x = torch.randn(24, 9, 6)
+    sim = _sim(Seq(cls, **kw).eval(), x)
+    eq.export_onnx(sim, tmp_path / "m.onnx")
+    got = _ort(tmp_path / "m.onnx", x)
+    with torch.no_grad(), sim.integer_exact("float32"):
+        exact = sim(x).numpy()
+    assert np.array_equal(got, exact)
+    ops = {n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node}
+    assert {"MatMulInteger", "Gather", "QuantizeLinear"} <= ops and not ops & {"LSTM", "GRU", "RNN", "Sigmoid", "Tanh"}
+    with torch.no_grad():
+        assert float(np.abs(sim(x).numpy() - got).max()) <= float(sim.model.rnn.tensor_quantizers[f"l{sim.model.rnn.num_layers - 1}__h"].scale) + 1e-6
+
+
+def test_a_classifier_on_the_last_hidden_state_and_an_8_bit_cell_export_exactly(tmp_path):
+    torch.manual_seed(1)
+    x = torch.randn(32, 28, 28)
+    eight = Override(activation=QuantSpec(bits=8, symmetric=True, range_method="minmax"))
+    base = QuantConfig.preset("w8a8")
+    for config in ("w8a8", QuantConfig(base.weight, base.activation, module_names={"rnn.*.c": eight})):
+        sim = _sim(RowRNN("lstm", 24).eval(), x, config)
+        info = eq.export_onnx(sim, tmp_path / "c.onnx")
+        with torch.no_grad(), sim.integer_exact("float32"):
+            exact = sim(x).numpy()
+        assert np.array_equal(_ort(tmp_path / "c.onnx", x), exact)
+        assert info["opset"] == (21 if config == "w8a8" else 17)  # a 16-bit cell state needs int16 (opset 21)
+
+
+def test_what_is_not_exported_is_refused_by_name(tmp_path):
+    torch.manual_seed(2)
+    x, h0 = torch.randn(8, 5, 6), torch.zeros(1, 8, 16)
+    sim = eq.QuantSim(WithState(nn.GRU).eval(), (x[:2], h0[:, :2]))
+    sim.calibrate([(x, h0)], progress=False)
+    with pytest.raises(ExportError, match="rnn: initial states passed to QuantizedGRU"):
+        eq.export_onnx(sim, tmp_path / "s.onnx")
+    sim = _sim(Seq(nn.LSTM).eval(), x)
+    with pytest.raises(ValueError, match="requant='float32'"), torch.no_grad(), sim.integer_exact("fixed_point"):
+        sim(x)
+    sim.disable("rnn.l0.c")
+    with pytest.raises(ExportError, match="rnn: .*quantized and calibrated: l0.c of a quantized LSTM is not"):
+        eq.export_onnx(sim, tmp_path / "d.onnx")

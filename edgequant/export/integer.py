@@ -41,6 +41,7 @@ converted back to int64 and checked against the int32 range.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,9 @@ from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import INT32_MAX, INT32_MIN, bias_integers, bias_scale, quantize, storage_offset
 from ..errors import IntegerEngineError, NotCalibratedError
 from ..graph import lowering, ops, patterns
-from ..nn.modules import own_forward
+from ..nn.modules import float_class_of, own_forward
 from ..nn.quantizer import Quantizer
+from ..nn.rnn import QuantizedRecurrentMixin
 
 
 @dataclass
@@ -107,6 +109,8 @@ class IntegerEngine:
     def _check(self):
         for n in self.gm.graph.nodes:
             m = self._mod(n)
+            if isinstance(m, QuantizedRecurrentMixin):
+                self._check_recurrent(n, m)
             if isinstance(m, Quantizer):
                 if not isinstance(m.spec.granularity, PerTensor):
                     raise IntegerEngineError(f"{m.tensor_name}: per-tensor activation grids only")
@@ -128,6 +132,46 @@ class IntegerEngine:
                         raise IntegerEngineError(f"{base.target}: needs a symmetric weight quantizer (zero point 0)")
                     if isinstance(bm, nn.Conv2d) and (isinstance(bm.padding, str) or bm.padding_mode != "zeros"):
                         raise IntegerEngineError(f"{base.target}: only zero padding with explicit sizes")
+
+    def _check_recurrent(self, n, m) -> None:
+        if self.requant != "float32":
+            raise IntegerEngineError(f"{n.target}: quantized {float_class_of(type(m)).__name__} layers run with requant='float32' "
+                                     "(ONNX Runtime's arithmetic, edgequant.core.recurrent); a fixed-point cell is not implemented")
+        if len(n.args) > 1 or n.kwargs:
+            raise IntegerEngineError(f"{n.target}: initial states passed to the layer are not supported by the engine")
+
+    def _recurrent(self, n, m, env) -> list:
+        """A quantized LSTM / GRU / RNN on integers (the cell of :mod:`edgequant.core.recurrent`)."""
+        x = env[n.args[0]]
+        if not isinstance(x, QTensor) or x.q.dim() != 3:
+            raise IntegerEngineError(f"{n.target}: its input must be a quantized (batch, time, features) tensor")
+        codes = x.q.transpose(0, 1) if m.batch_first else x.q
+        h0, c0 = m._initial(None, codes.shape[1], torch.float32, codes.device)
+        saved, m._exact_requant = m._exact_requant, "float32"
+        try:
+            out, h_n, c_n = m.run_layers(codes, h0, c0, exact=True)
+            grids = {s: m._grid(s) for s in [f"l{m.num_layers - 1}.h"] + m.state_tensors("h") + m.state_tensors("c")
+                     if m.mode == "LSTM" or not s.endswith(".c")}
+        except ValueError as e:
+            raise IntegerEngineError(f"{n.target}: {e}") from None
+        finally:
+            m._exact_requant = saved
+
+        def qt(t, suffix):
+            g = grids[suffix]
+            q = m._quantizer(suffix)
+            return QTensor(t, g.scale, g.zero_point, storage_offset(q.spec.bits, q.spec.signed))
+
+        def stack(ts, suffixes):  # one QTensor when every slice shares a grid, else one per layer and direction
+            parts = [qt(t, sfx) for t, sfx in zip(ts, suffixes)]
+            if len(set(suffixes)) == 1:
+                return QTensor(torch.stack([p.q for p in parts]), parts[0].scale, parts[0].zero_point, parts[0].offset)
+            return parts
+
+        last = f"l{m.num_layers - 1}.h"
+        y = qt(out.transpose(0, 1) if m.batch_first else out, last)
+        hs = stack(h_n, m.state_tensors("h"))
+        return [y, [hs, stack(c_n, m.state_tensors("c"))]] if m.mode == "LSTM" else [y, hs]
 
     def _is_global_pool(self, n) -> bool:
         return patterns.is_global_pool(n, self.modules)
@@ -151,8 +195,17 @@ class IntegerEngine:
             elif isinstance(m, Quantizer):
                 env[n] = self._quantized(n, m, env)
                 env[n].offset = storage_offset(m.spec.bits, m.spec.signed)
+            elif isinstance(m, QuantizedRecurrentMixin):
+                env[n] = self._recurrent(n, m, env)
             elif n.op == "output":
                 out = env[n.args[0]]
+            elif n.target is operator.getitem and isinstance(env.get(n.args[0]), (list, tuple)):
+                if not isinstance(n.args[1], int):
+                    raise IntegerEngineError(f"{n.name}: selects {n.args[1]!r} from states on several grids; index one layer")
+                env[n] = env[n.args[0]][n.args[1]]
+            elif n.target is operator.getitem and isinstance(env.get(n.args[0]), QTensor):  # a selection moves integers
+                x = env[n.args[0]]
+                env[n] = QTensor(x.q[n.args[1]], x.scale, x.zero_point, x.offset)
             elif self._is_pass(n) and isinstance(env.get(n.args[0]), QTensor):
                 x = env[n.args[0]]
                 env[n] = QTensor(self._apply_pass(n, x.q), x.scale, x.zero_point, x.offset)

@@ -625,7 +625,10 @@ def _value_info(name: str, n: fx.Node, shape, dynamic_batch: bool):
 
 
 def _moves_integers(n: fx.Node, modules) -> bool:
-    """Reshape-like ops that ONNX runs on integer tensors as well (values moved, never computed)."""
+    """Reshape-like ops and plain selections (``x[:, -1]``) that ONNX runs on integer tensors as well
+    (values moved, never computed)."""
+    if n.target is operator.getitem:
+        return len(n.args) == 2 and _plain_index(n.args[1])
     return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
 
 
@@ -822,4 +825,37 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
             return b.node("ReduceMean", [a[0]], out=out, base=base, axes=dims, keepdims=int(keep))
         return b.node("ReduceMean", [a[0], b.const(f"{base}_axes", np.array(dims, dtype=np.int64))], out=out, base=base,
                       keepdims=int(keep))
+    if t is operator.getitem and _plain_index(n.args[1]):
+        return _getitem(b, a[1], a[0], out, base)
     raise _NoMapping(base)
+
+
+def _plain_index(idx) -> bool:
+    """An index of ints and slices of ints (``x[-1]``, ``x[:, -1]``, ``x[1:3]``): selection, no tensors."""
+    parts = idx if isinstance(idx, tuple) else (idx,)
+    return bool(parts) and all(isinstance(i, int) and not isinstance(i, bool) or isinstance(i, slice)
+                               and all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+                               and (i.step is None or i.step > 0) for i in parts)
+
+
+def _getitem(b: _Builder, idx, x: str, out: str, base: str) -> str:
+    """``x[idx]`` for a :func:`_plain_index`: Gather for each int (the axis goes), Slice for each slice."""
+    steps, axis = [], 0
+    for i in (idx if isinstance(idx, tuple) else (idx,)):
+        if isinstance(i, int):
+            steps.append(("Gather", axis, i))
+        else:
+            if i != slice(None):
+                steps.append(("Slice", axis, i))
+            axis += 1
+    if not steps:
+        return b.node("Identity", [x], out=out, base=base)
+    for k, (op, ax, i) in enumerate(steps):
+        o = out if k == len(steps) - 1 else None
+        if op == "Gather":
+            x = b.node("Gather", [x, b.const(f"{base}_index", np.array(i, np.int64))], out=o, base=base, axis=ax)
+        else:
+            lims = [i.start or 0, i.stop if i.stop is not None else np.iinfo(np.int64).max, ax, i.step or 1]
+            x = b.node("Slice", [x] + [b.const(f"{base}_{nm}", np.array([v], np.int64)) for nm, v in zip(("start", "end", "axis", "step"), lims)],
+                       out=o, base=base)
+    return x

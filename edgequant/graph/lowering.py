@@ -7,10 +7,14 @@ integer-exact mode both read the graph through these helpers, so they agree on w
 """
 from __future__ import annotations
 
+import operator
+from typing import Optional
+
 import torch
 from torch import fx, nn
 
 from ..nn.quantizer import Quantizer
+from ..nn.rnn import QuantizedRecurrentMixin
 from . import ops, patterns
 
 INTEGER_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -18,14 +22,55 @@ INTEGER_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
 def source_quantizer(n, modules, through=ops.keeps_grid):
     """The activation quantizer whose grid the value of node ``n`` is on, looking back through the ops
-    ``through`` accepts (grid-keeping ops by default; ``ops.is_identity`` for the same shape), or None."""
+    ``through`` accepts (grid-keeping ops by default; ``ops.is_identity`` for the same shape), or None.
+    A selection from a quantized recurrent layer's outputs is on that layer's hidden-state grid."""
     while isinstance(n, fx.Node):
         m = patterns.module_of(n, modules)
         if isinstance(m, Quantizer):
             return m
+        if n.target is operator.getitem:
+            return recurrent_source(n, modules)
         if not through(n, modules):
             return None
         n = n.args[0]
+    return None
+
+
+def recurrent_source(n, modules) -> Optional[Quantizer]:
+    """The hidden-state quantizer of a quantized LSTM / GRU / RNN that a chain of ``getitem`` nodes selects
+    (see :func:`recurrent_source_name`), or None."""
+    found = recurrent_source_name(n, modules)
+    if found is None:
+        return None
+    layer, suffix = found
+    m = modules[layer]
+    return m._quantizer(suffix) if isinstance(m, QuantizedRecurrentMixin) else None
+
+
+def recurrent_source_name(n, modules) -> Optional[tuple[str, str]]:
+    """``(layer name, tensor suffix)`` of the hidden state of a recurrent layer (float or quantized) that a
+    chain of ``getitem`` nodes selects (``out[:, -1]``, ``h_n[-1]``, ``state[0][-1]``), or None (a cell
+    state, several layers' grids, or no recurrent layer at the root)."""
+    idx = []
+    while isinstance(n, fx.Node) and n.target is operator.getitem:
+        idx.insert(0, n.args[1])
+        n = n.args[0]
+    m = patterns.module_of(n, modules)
+    if not isinstance(m, nn.RNNBase) or not idx:
+        return None
+    last = (n.target, f"l{m.num_layers - 1}.h")
+    if idx[0] == 0:  # the output sequence: the last layer's hidden states
+        return last
+    rest = idx[1:]
+    if m.mode == "LSTM":  # (h_n, c_n): only h_n is on a hidden-state grid
+        if not rest or rest[0] != 0:
+            return None
+        rest = rest[1:]
+    if m.num_layers == 1:
+        return last
+    if rest and isinstance(rest[0], int):  # one (layer, direction) slice of h_n
+        dirs = 2 if m.bidirectional else 1
+        return n.target, f"l{(rest[0] % (m.num_layers * dirs)) // dirs}.h"
     return None
 
 

@@ -245,6 +245,33 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
                                  f"(layers * directions, batch, features), got {tuple(t.shape)}")
         return h0, c0
 
+    def state_tensors(self, kind: str) -> list[str]:
+        """The tensor suffix of each ``(layer, direction)`` slice of ``h_n`` (``kind="h"``) or ``c_n`` (``"c"``)."""
+        return [f"l{k}.h" if kind == "h" else f"l{k}{d}.c" for k in range(self.num_layers) for d in _directions(self)]
+
+    def run_layers(self, x, h0, c0, lengths=None, exact: bool = False):
+        """Every layer over time-major ``x``: ``(output, [h_T per layer and direction], [c_T ...])``. With
+        ``exact``, ``x`` holds the input grid's integers and so do the results (the integer engine and the
+        sim's integer-exact mode); ``h0``/``c0`` are float and go onto their grids."""
+        h_n, c_n = [], []
+        for k in range(self.num_layers):
+            outs = []
+            for j, d in enumerate(_directions(self)):
+                i = k * len(_directions(self)) + j
+                if exact:
+                    h, c = self._grid(f"l{k}.h").quantize(h0[i]), (self._grid(f"l{k}{d}.c").quantize(c0[i]) if c0 is not None else None)
+                else:
+                    h = self._q(f"l{k}.h", h0[i])
+                    c = self._q(f"l{k}{d}.c", c0[i]) if c0 is not None else None
+                out, h, c = self._direction(x, k, d, h, c, lengths)
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
+            if k < self.num_layers - 1 and self.dropout > 0 and self.training:
+                x = F.dropout(x, self.dropout, True)
+        return x, h_n, c_n
+
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
         lengths = None
@@ -266,32 +293,12 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
         h0, c0 = self._initial(hx, x.shape[1], x.dtype, x.device)
         self._observed = {}
         exact = self._exact_requant is not None
-        if exact:
-            x = exact_input(self, x)
-        h_n, c_n = [], []
-        for k in range(self.num_layers):
-            outs = []
-            for j, d in enumerate(_directions(self)):
-                i = k * len(_directions(self)) + j
-                if exact:
-                    h, c = self._grid(f"l{k}.h").quantize(h0[i]), (self._grid(f"l{k}{d}.c").quantize(c0[i]) if c0 is not None else None)
-                else:
-                    h = self._q(f"l{k}.h", h0[i])
-                    c = self._q(f"l{k}{d}.c", c0[i]) if c0 is not None else None
-                out, h, c = self._direction(x, k, d, h, c, lengths)
-                outs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            x = torch.cat(outs, -1) if len(outs) > 1 else outs[0]
-            if k < self.num_layers - 1 and self.dropout > 0 and self.training:
-                x = F.dropout(x, self.dropout, True)
+        x, h_n, c_n = self.run_layers(exact_input(self, x) if exact else x, h0, c0, lengths, exact)
         self._flush_observed()
         if exact:  # back to the values the float sim passes on (dequantized, float32)
             x = self._grid(f"l{self.num_layers - 1}.h").dequantize(x)
-            dirs = _directions(self)
-            h_n = [self._grid(f"l{i // len(dirs)}.h").dequantize(t) for i, t in enumerate(h_n)]
-            c_n = [self._grid(f"l{i // len(dirs)}{dirs[i % len(dirs)]}.c").dequantize(t) if t is not None else None
-                   for i, t in enumerate(c_n)]
+            h_n = [self._grid(s).dequantize(t) for s, t in zip(self.state_tensors("h"), h_n)]
+            c_n = [self._grid(s).dequantize(t) for s, t in zip(self.state_tensors("c"), c_n)] if self.mode == "LSTM" else c_n
         h_n = torch.stack(h_n)
         c_n = torch.stack(c_n) if self.mode == "LSTM" else None
         if packed:

@@ -40,11 +40,12 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from ..config.plan import PlanEntry, QuantPlan
 from ..config.spec import QuantConfig
 from ..errors import PlanError
-from ..graph import ops, patterns
+from ..graph import lowering, ops, patterns
 from ..graph.capture import capture
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import make_quantizer
 from ..nn.registry import lookup
+from ..nn.rnn import tensor_key
 
 
 @dataclass
@@ -272,6 +273,8 @@ class _GraphPlanner:
                 src = src.args[0] if src.args else None
             if src in quantized_after:
                 out[n.target] = quantized_after[src]
+            elif isinstance(src, fx.Node) and (found := lowering.recurrent_source_name(src, self.modules)) is not None:
+                out[n.target] = ".".join(found)  # a recurrent layer's hidden state (its own quantizer, not a graph one)
         return out
 
     def bias_entries(self, links: dict[str, str]) -> dict[str, PlanEntry]:
@@ -391,8 +394,16 @@ def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx
         n.replace_all_uses_with(qn, delete_user_cb=lambda u, qn=qn: u is not qn)
     modules = dict(gm.named_modules())
     for layer, src in links.items():
-        if src in key_of and isinstance(modules[layer], QuantizedModuleMixin):
+        if not isinstance(modules[layer], QuantizedModuleMixin):
+            continue
+        if src in key_of:
             modules[layer]._bias_input = (aq, key_of[src])
+            continue
+        owner, k, h = src.rsplit(".", 2) if src.count(".") >= 2 else (src, "", "")  # a recurrent hidden state "rnn.l0.h"
+        suffix = f"{k}.{h}"
+        tq = getattr(modules.get(owner), "tensor_quantizers", None)
+        if tq is not None and tensor_key(suffix) in tq:
+            modules[layer]._bias_input = (tq, tensor_key(suffix))
     return aq
 
 

@@ -86,3 +86,21 @@ def test_what_is_not_exported_is_refused_by_name(tmp_path):
     sim.disable("rnn.l0.c")
     with pytest.raises(ExportError, match="rnn: .*quantized and calibrated: l0.c of a quantized LSTM is not"):
         eq.export_onnx(sim, tmp_path / "d.onnx")
+
+
+@pytest.mark.parametrize("cell,layers,bi", [("lstm", 1, False), ("gru", 2, True)])
+def test_integer_engine_runs_the_same_cell(tmp_path, cell, layers, bi):
+    from edgequant.errors import IntegerEngineError
+    from edgequant.export.integer import IntegerEngine
+    torch.manual_seed(3)
+    x = torch.randn(16, 28, 28)
+    sim = _sim(RowRNN(cell, 24, layers, bi).eval(), x)
+    if not bi:  # the classifier reads h_n[-1] straight from the layer: its bias is on the hidden grid's int32 grid
+        assert sim.model.classifier._bias_input[0] is sim.model.rnn.tensor_quantizers
+    with torch.no_grad(), sim.integer_exact("float32"):
+        exact = sim(x)
+    assert torch.equal(IntegerEngine(sim, "float32")(x), exact)
+    eq.export_onnx(sim, tmp_path / "e.onnx")
+    assert np.array_equal(_ort(tmp_path / "e.onnx", x), exact.numpy())
+    with pytest.raises(IntegerEngineError, match="rnn: quantized .* requant='float32'"):
+        IntegerEngine(sim)  # the fixed-point default

@@ -8,6 +8,8 @@ Parts (``--part``):
   training digits.
 * ``speed``: time per sequence of the quantized layer in the sim vs ``nn.LSTM`` / ``nn.GRU`` (batch 1 and
   64, 2 threads, median of repeats, measured side by side in one process).
+* ``ort``: the W8A8 models of split 0 exported to ONNX: ONNX Runtime's accuracy, agreement with the sim
+  and the integer-exact sim, and ORT latency int8 vs FP32 (batch 1 and 64, fresh process).
 * ``table``: ``benchmarks/results/rnn.md`` from the raw results in ``.peers/rnn/*.json``.
 
     python benchmarks/bench_rnn.py --part accuracy --seeds 0,1
@@ -115,6 +117,52 @@ def part_speed(args) -> list:
     return rows
 
 
+def part_ort(args) -> list:
+    """Export the W8A8 models of split 0 (and the float model), check ONNX Runtime against the sim and the
+    integer-exact sim, and time ORT int8 vs FP32 (fresh process, interleaved runs)."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    import edgequant as eq
+    from edgequant.data.mnist import mnist_5k
+    from edgequant.models.mnist_rnn import train_row_rnn
+    from ort_latency import latencies
+
+    xtr, ytr, xte, yte = mnist_5k(seed=0)
+    xtr, xte = xtr.flatten(1, 2), xte.flatten(1, 2)
+    rows, tmp = [], Path(tempfile.mkdtemp())
+    for arch in args.archs.split(","):
+        cell, layers, bi = ARCHS[arch]
+        net = train_row_rnn(xtr, ytr, cell, args.hidden, layers, bi, epochs=args.epochs, seed=0)
+        sim = eq.QuantSim(net, xtr[:2], "w8a8")
+        sim.calibrate(list(xtr[:512].split(64)), progress=False)
+        paths = {"int8": {}, "fp32": {}}
+        for bs in (1, 64):
+            paths["int8"][bs] = str(tmp / f"{arch}_int8_{bs}.onnx")
+            eq.export_onnx(sim, paths["int8"][bs], example_inputs=xte[:bs], dynamic_batch=False)
+            paths["fp32"][bs] = str(tmp / f"{arch}_fp32_{bs}.onnx")
+            torch.onnx.export(net, (xte[:bs],), paths["fp32"][bs], dynamo=False, input_names=["x"], opset_version=17)
+        s = ort.InferenceSession(paths["int8"][64], providers=["CPUExecutionProvider"])
+        got = np.concatenate([s.run(None, {"x": b.numpy()})[0] for b in xte.split(64) if len(b) == 64])
+        n = len(got)
+        with torch.no_grad():
+            sim_out = torch.cat([sim(b) for b in xte.split(64) if len(b) == 64]).numpy()
+            with sim.integer_exact("float32"):
+                exact = torch.cat([sim(b) for b in xte.split(64) if len(b) == 64]).numpy()
+        sqnr = 10 * np.log10((sim_out ** 2).sum() / max(((sim_out - got) ** 2).sum(), 1e-30))
+        lat = latencies(paths, {bs: {"x": xte[:bs].numpy()} for bs in (1, 64)}, args.threads, args.repeats)
+        row = {"arch": arch, "digits": n, "ort_acc": float((got.argmax(1) == yte[:n].numpy()).mean()),
+               "sim_acc": float((sim_out.argmax(1) == yte[:n].numpy()).mean()),
+               "top1_agree": float((got.argmax(1) == sim_out.argmax(1)).mean()),
+               "identical_to_exact": float((got == exact).mean()), "sqnr_vs_sim": float(min(sqnr, 999.0)),
+               "int8_ms": lat["int8"], "fp32_ms": lat["fp32"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -135,6 +183,19 @@ def table() -> str:
             cells = [_fmt(r.get(n, "-")) for n in names]
             out.append(f"| {r['split']} | {r['arch']} (h={r['hidden']}) | " + " | ".join(cells)
                        + f" | {100 * (r['FP32'] - r['W8A8']):+.1f} pt | {100 * (r['FP32'] - r['W4A8 + AdaRound']):+.1f} pt |")
+    ort_rows = json.loads((RAW / "ort.json").read_text()) if (RAW / "ort.json").exists() else []
+    if ort_rows:
+        out += ["", "ONNX Runtime on the exported W8A8 model (split 0; unrolled cell, see `edgequant/export/recurrent.py`): "
+                "agreement with the sim on the held-out digits, and latency of ORT int8 vs the float model exported by "
+                "`torch.onnx` (ONNX `LSTM`/`GRU` op), fresh process, 2 threads, median.", "",
+                "| model | ORT acc | sim acc | top-1 agreement | logits identical to `integer_exact` | SQNR ORT vs sim | "
+                "int8 / FP32 ms, batch 1 | int8 / FP32 ms, batch 64 |", "|---|---|---|---|---|---|---|---|"]
+        for r in ort_rows:
+            lat = {bs: (r["int8_ms"][str(bs)] if str(bs) in r["int8_ms"] else r["int8_ms"][bs],
+                        r["fp32_ms"][str(bs)] if str(bs) in r["fp32_ms"] else r["fp32_ms"][bs]) for bs in (1, 64)}
+            out.append(f"| {r['arch']} | {r['ort_acc']:.3f} | {r['sim_acc']:.3f} | {r['top1_agree']:.3f} | "
+                       f"{r['identical_to_exact']:.3f} | {r['sqnr_vs_sim']:.1f} dB | "
+                       + " | ".join(f"{a:.2f} / {f:.2f} ({a / f:.1f}x)" for a, f in lat.values()) + " |")
     if speed:
         out += ["", "Time per sequence, quantized layer in the sim vs the torch layer (random weights, 28 steps, "
                 "median; `twin in float` = the unrolled twin with every quantizer disabled).", "",
@@ -147,7 +208,7 @@ def table() -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["accuracy", "speed", "table"], required=True)
+    p.add_argument("--part", choices=["accuracy", "speed", "ort", "table"], required=True)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--archs", default="lstm,gru,lstm-2-bi")
     p.add_argument("--hidden", type=int, default=128)
@@ -162,7 +223,7 @@ def main():
         RESULTS.write_text(table())
         print(RESULTS.read_text())
         return
-    rows = {"accuracy": part_accuracy, "speed": part_speed}[args.part](args)
+    rows = {"accuracy": part_accuracy, "speed": part_speed, "ort": part_ort}[args.part](args)
     RAW.mkdir(parents=True, exist_ok=True)
     (RAW / f"{args.part}.json").write_text(json.dumps(rows, indent=1))
     RESULTS.write_text(table())

@@ -212,7 +212,8 @@ class LearnedQuantizer(Quantizer):
     :func:`~edgequant.core.quant.lsq_fake_quantize`, with LSQ's scaling ``1 / sqrt(n qmax)``.
 
     The encoding stays integral at every step: ``zero_point`` is read as ``clamp(round(offset))``, and the
-    scale is kept at least ``MIN_SCALE`` (on every forward and whenever the encoding is read). The
+    scale is used clamped to at least ``MIN_SCALE`` on every forward and projected onto that constraint
+    whenever the encoding is read (and by :func:`edgequant.qat.project_` after each optimizer step). The
     state_dict keys are those of a :class:`Quantizer` (``scale``, ``zero_point`` when the offset is fixed),
     plus ``offset`` when it is learned.
     """
@@ -252,14 +253,16 @@ class LearnedQuantizer(Quantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observer is not None or not self._ready or self._exact is not None:
             return super().forward(x)
-        self.project_()
+        # clamped out of place: a quantizer called several times in one forward (a recurrent cell's, once per
+        # time step) must not change a tensor that autograd saved (project_() after each optimizer step)
+        scale = self.scale.clamp(min=MIN_SCALE)
         if not torch.is_grad_enabled():
-            return fake_quantize(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax, self.spec.granularity)
+            return fake_quantize(x, scale.detach(), self.zero_point, self.qmin, self.qmax, self.spec.granularity)
         groups = self.scale.numel()
         n = x.numel() if self.is_weight or x.dim() == 0 else x.numel() // max(x.shape[0], 1)
         g = 1.0 / math.sqrt(max(n / groups, 1.0) * self.qmax)
-        offset = self.offset if self.learns_offset else self._buffers["zero_point"]
-        return lsq_fake_quantize(x, self.scale, offset, self.qmin, self.qmax, self.spec.granularity, g)
+        offset = self.offset.clamp(self.qmin, self.qmax) if self.learns_offset else self._buffers["zero_point"]
+        return lsq_fake_quantize(x, scale, offset, self.qmin, self.qmax, self.spec.granularity, g)
 
 
 def make_quantizer(spec: QuantSpec, tensor_shape, name: str, role: str = "activation", owner_type: str = "") -> Quantizer:

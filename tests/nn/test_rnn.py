@@ -183,3 +183,26 @@ def test_quantized_lstm_trains_and_round_trips(tmp_path):
     again = eq.load(tmp_path / "s")
     assert torch.equal(again(x), before)
     assert isinstance(again.model.rnn.tensor_quantizers["l1__h"], Quantizer)
+
+
+def test_learned_ranges_train_through_the_recurrence_and_the_result_exports(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgequant.qat import finetune, prepare_qat
+    torch.manual_seed(6)
+    model = _Classifier(nn.GRU).eval()
+    x = torch.randn(64, 10, 6)
+    sim = eq.QuantSim(model, x[:2], "w4a8")
+    sim.calibrate([x], progress=False)
+    learning = prepare_qat(sim)
+    assert "rnn.l0.h" in learning and "rnn.weight_hh_l0" in learning
+    before = {n: float(q.scale.detach().reshape(-1)[0]) for n, q in sim.quantizers().items()}
+    finetune(sim, list(x.split(16)), steps=8, teacher=model, lr=1e-3, progress=False)
+    after = {n: float(q.scale.detach().reshape(-1)[0]) for n, q in sim.quantizers().items()}
+    assert after["rnn.l0.h"] != before["rnn.l0.h"] and after["rnn.l0.hn"] != before["rnn.l0.hn"]
+    eq.export_onnx(sim, tmp_path / "q.onnx")
+    s = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad(), sim.integer_exact("float32"):
+        exact = sim(x).numpy()
+    assert np.array_equal(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], exact)

@@ -137,8 +137,6 @@ class IntegerEngine:
         if self.requant != "float32":
             raise IntegerEngineError(f"{n.target}: quantized {float_class_of(type(m)).__name__} layers run with requant='float32' "
                                      "(ONNX Runtime's arithmetic, edgequant.core.recurrent); a fixed-point cell is not implemented")
-        if len(n.args) > 1 or n.kwargs:
-            raise IntegerEngineError(f"{n.target}: initial states passed to the layer are not supported by the engine")
 
     def _recurrent(self, n, m, env) -> list:
         """A quantized LSTM / GRU / RNN on integers (the cell of :mod:`edgequant.core.recurrent`)."""
@@ -146,7 +144,9 @@ class IntegerEngine:
         if not isinstance(x, QTensor) or x.q.dim() != 3:
             raise IntegerEngineError(f"{n.target}: its input must be a quantized (batch, time, features) tensor")
         codes = x.q.transpose(0, 1) if m.batch_first else x.q
-        h0, c0 = m._initial(None, codes.shape[1], torch.float32, codes.device)
+        hx = n.args[1] if len(n.args) > 1 else n.kwargs.get("hx")  # float initial states go onto their grids
+        hx = fx.node.map_aggregate(hx, lambda v: _float(env[v]) if isinstance(v, fx.Node) else v)
+        h0, c0 = m._initial(hx, codes.shape[1], torch.float32, codes.device)
         saved, m._exact_requant = m._exact_requant, "float32"
         try:
             out, h_n, c_n = m.run_layers(codes, h0, c0, exact=True)
@@ -320,6 +320,11 @@ class IntegerEngine:
         acc = (x.q - x.zero_point).sum(dim=dims, keepdim=keep)
         _check_int32(acc, "global average pool")
         return QTensor(rq.mean(acc, count, x.scale, s_y, z_y, q.qmin, q.qmax, self.requant), s_y, z_y)
+
+
+def _float(v):
+    """A float value for an op that takes one (a quantized value dequantized)."""
+    return v.dequantize() if isinstance(v, QTensor) else v
 
 
 def _tuple(v):

@@ -452,7 +452,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
                 val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
             continue
         if isinstance(m, QuantizedRecurrentMixin):
-            val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]))
+            val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]), val)
             continue
         if isinstance(src, _Quantized) and _is_linear_nd(n, m, shape_of):
             val[n] = _linear_nd(b, n, m, src, out, modules, shape_of, flat)
@@ -485,12 +485,14 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     return model
 
 
-def _recurrent(b: _Builder, n: fx.Node, m, src, in_shape) -> list:
+def _recurrent(b: _Builder, n: fx.Node, m, src, in_shape, val: dict) -> list:
     """A quantized LSTM / GRU / RNN (:mod:`edgequant.export.recurrent`); its nodes may be pruned."""
     from .recurrent import export_recurrent
     helpers = {"Quantized": _Quantized, "qdq": _activation_qdq, "container": _container, "weight_integers": _weight_integers}
+    hx = n.args[1] if len(n.args) > 1 else n.kwargs.get("hx")
+    hx = fx.node.map_aggregate(hx, lambda v: _resolve(b, val[v]) if isinstance(v, fx.Node) else v)
     start = len(b.nodes)
-    out = export_recurrent(b, n, m, src, in_shape, helpers)
+    out = export_recurrent(b, n, m, src, in_shape, helpers, hx)
     b.prunable.update(id(nd) for nd in b.nodes[start:])
     return out
 

@@ -11,8 +11,9 @@ written as ``Cast -> Sub -> Mul`` (the same float32 arithmetic as ``DequantizeLi
 fusions (``QLinearMul``, ``QLinearAdd``, whose rounding differs) do not rewrite the cell.
 
 The first time step's values carry the encodings' names (``rnn.l0.i_pre``, ``rnn.l0.c``, ...); later
-steps get ``<name>/t<k>``. Limits (refused by name): initial states passed to the layer, unbatched or
-packed inputs, inputs and hidden states wider than 8 bits (``MatMulInteger`` takes 8-bit codes).
+steps get ``<name>/t<k>``. Initial states given to the layer are graph values quantized onto the ``h`` /
+``c`` grids, as the sim does. Limits (refused by name): unbatched or packed inputs, inputs and hidden
+states wider than 8 bits (``MatMulInteger`` takes 8-bit codes).
 """
 from __future__ import annotations
 
@@ -189,8 +190,18 @@ class _CellExport:
         fn = "tanh" if self.m.mode == "RNN_TANH" else "relu"
         return self.lut(f"{p}.pre", hq, fn, self.quantize(f"{p}.pre", pre), hq)
 
-    def run(self, x: str, x_grid, steps: int, batch: str) -> tuple[str, str, str]:
-        """The direction over time-major codes ``x``: ``(codes (T, B, H), final h codes, final c codes)``."""
+    def initial(self, state, index: int, suffix: str, batch: str, width: int) -> str:
+        """Codes of the initial state: slice ``index`` of the float ``state`` (layers * directions, B, H) put on
+        ``suffix``'s grid, or the codes of zeros when the layer was called without it."""
+        if state is None:
+            return self.zeros(suffix, batch, width)
+        b = self.b
+        v = b.node("Gather", [state, b.const("state_index", np.array(index, np.int64))], base=suffix, axis=0)
+        return self.quantize(suffix, b.node("Identity", [v], out=self.name(suffix)))
+
+    def run(self, x: str, x_grid, steps: int, batch: str, hx=(None, None), index: int = 0) -> tuple[str, str, str]:
+        """The direction over time-major codes ``x``: ``(codes (T, B, H), final h codes, final c codes)``;
+        ``hx``: the float initial states given to the layer (or None), ``index`` this direction's slice."""
         b, m, p = self.b, self.m, self.p
         try:
             cell_grids(m, self.k, self.d)  # every tensor quantized and per-tensor, or a clear error now
@@ -198,8 +209,8 @@ class _CellExport:
             raise ExportError(f"{m._tname}: {e}") from None
         px_all = self.matmul(f"weight_ih_{p}", f"bias_ih_{p}", x, x_grid)
         h_size = m.proj_size if m.mode == "LSTM" and m.proj_size > 0 else m.hidden_size
-        h = self.zeros(f"l{self.k}.h", batch, h_size)
-        c = self.zeros(f"{p}.c", batch, m.hidden_size) if m.mode == "LSTM" else None
+        h = self.initial(hx[0], index, f"l{self.k}.h", batch, h_size)
+        c = self.initial(hx[1], index, f"{p}.c", batch, m.hidden_size) if m.mode == "LSTM" else None
         outs = [None] * steps
         for t in (range(steps - 1, -1, -1) if self.d else range(steps)):
             px = b.node("Gather", [px_all, b.const("t", np.array(t, np.int64))], base=p, axis=0)
@@ -213,14 +224,13 @@ class _CellExport:
         return b.node("Concat", outs, base=p, axis=0), h, c
 
 
-def export_recurrent(b, node, m, x, in_shape, helpers) -> list:
-    """The ONNX of quantized recurrent layer ``m`` (fx ``node``) on quantized input ``x``: ``[output,
-    (h_n, c_n)]`` (LSTM) or ``[output, h_n]``, each a quantized value where it is on one grid."""
+def export_recurrent(b, node, m, x, in_shape, helpers, hx=None) -> list:
+    """The ONNX of quantized recurrent layer ``m`` (fx ``node``) on quantized input ``x`` (``hx``: the float
+    initial states, ``h0`` or ``(h0, c0)``, or None): ``[output, (h_n, c_n)]`` (LSTM) or ``[output, h_n]``,
+    each a quantized value where it is on one grid."""
     name = node.target
     m._tname = name
-    if len(node.args) > 1 or node.kwargs:
-        raise ExportError(f"{name}: initial states passed to {type(m).__name__} are not exported yet; call the layer "
-                          "without them (zeros) to export it")
+    hx = (hx if isinstance(hx, (tuple, list)) else (hx, None)) if hx is not None else (None, None)
     if not isinstance(x, helpers["Quantized"]):
         raise ExportError(f"{name}: the input of a quantized {type(m).__name__} must be quantized to export it")
     if in_shape is None or len(in_shape) != 3:
@@ -235,9 +245,9 @@ def export_recurrent(b, node, m, x, in_shape, helpers) -> list:
     h_n, c_n, dirs = [], [], _directions(m)
     for k in range(m.num_layers):
         outs = []
-        for d in dirs:
+        for j, d in enumerate(dirs):
             cell = _CellExport(b, m, k, d, helpers)
-            seq, h, c = cell.run(codes, src, steps, batch)
+            seq, h, c = cell.run(codes, src, steps, batch, hx, k * len(dirs) + j)
             outs.append(seq)
             h_n.append((cell.grid(f"l{k}.h"), h))
             c_n.append((cell.grid(f"l{k}{d}.c"), c) if c is not None else None)

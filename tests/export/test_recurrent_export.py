@@ -28,6 +28,12 @@ class WithState(Seq):
         return out
 
 
+class WithStates(Seq):
+    def forward(self, x, h0, c0):
+        out, _ = self.rnn(x, (h0, c0))
+        return out
+
+
 def _ort(path, x):
     s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
@@ -73,13 +79,29 @@ def test_a_classifier_on_the_last_hidden_state_and_an_8_bit_cell_export_exactly(
         assert info["opset"] == (21 if config == "w8a8" else 17)  # a 16-bit cell state needs int16 (opset 21)
 
 
+@pytest.mark.parametrize("cls", [nn.GRU, nn.LSTM])
+def test_initial_states_given_to_the_layer_export_onto_their_grids(tmp_path, cls):
+    from edgequant.export.integer import IntegerEngine
+    torch.manual_seed(2)
+    x = torch.randn(8, 5, 6)
+    state = (0.5 * torch.randn(2, 8, 16),) + ((torch.randn(2, 8, 16),) if cls is nn.LSTM else ())
+    model = (WithStates if cls is nn.LSTM else WithState)(cls, num_layers=2).eval()
+    sim = eq.QuantSim(model, (x[:2],) + tuple(t[:, :2] for t in state))
+    sim.calibrate([(x,) + state], progress=False)
+    eq.export_onnx(sim, tmp_path / "s.onnx", example_inputs=(x,) + state)
+    s = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    got = s.run(None, {i.name: t.numpy() for i, t in zip(s.get_inputs(), (x,) + state)})[0]
+    with torch.no_grad(), sim.integer_exact("float32"):
+        exact = sim(x, *state)
+    assert np.array_equal(got, exact.numpy())
+    assert torch.equal(IntegerEngine(sim, "float32")(x, *state), exact)
+    with torch.no_grad():
+        assert not torch.equal(sim(x, *state), sim(x, *(torch.zeros_like(t) for t in state)))
+
+
 def test_what_is_not_exported_is_refused_by_name(tmp_path):
     torch.manual_seed(2)
-    x, h0 = torch.randn(8, 5, 6), torch.zeros(1, 8, 16)
-    sim = eq.QuantSim(WithState(nn.GRU).eval(), (x[:2], h0[:, :2]))
-    sim.calibrate([(x, h0)], progress=False)
-    with pytest.raises(ExportError, match="rnn: initial states passed to QuantizedGRU"):
-        eq.export_onnx(sim, tmp_path / "s.onnx")
+    x = torch.randn(8, 5, 6)
     sim = _sim(Seq(nn.LSTM).eval(), x)
     with pytest.raises(ValueError, match="requant='float32'"), torch.no_grad(), sim.integer_exact("fixed_point"):
         sim(x)

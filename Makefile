@@ -43,6 +43,8 @@ bench-cli: $(STAMP)
 # one virtual environment per peer under .peers/ (git-ignored), each sharing this project's torch
 bench-peers: $(STAMP)
 	$(BIN)/python benchmarks/bench_peers.py --out benchmarks/results/peers.md
+	$(BIN)/python benchmarks/bench_rnn_peers.py --part all
+	$(BIN)/python benchmarks/bench_rnn.py --part table
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

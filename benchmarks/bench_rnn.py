@@ -163,6 +163,32 @@ def part_ort(args) -> list:
     return rows
 
 
+def _peer_summary(doc: dict) -> list[str]:
+    """Per peer and configuration: accuracy drop (points) over every split and model it ran, and failures
+    (`python benchmarks/bench_rnn_peers.py`, models trained there with one thread; full table printed there)."""
+    fp32 = {(m["split"], m["arch"]): m["fp32"] for m in doc["manifest"]["models"]}
+    groups: dict = {}
+    for peer, res in doc["peers"].items():
+        for r in res["rows"]:
+            g = groups.setdefault((f"{peer} {res.get('version', '')}".strip(), r["config"]), {"drops": [], "failed": [], "arch": set()})
+            ref = fp32.get((r["split"], r["arch"]))
+            if r.get("accuracy") is None or ref is None:
+                g["failed"].append(f"{r['arch']}: {' '.join((r.get('error') or '').split())[:90]}")
+            else:
+                g["drops"].append(100 * (ref - r["accuracy"]))
+                g["arch"].add(r["arch"])
+    out = ["", "Peers on the same trained models (`python benchmarks/bench_rnn_peers.py`; 2 splits x LSTM, GRU, "
+           "2-layer bidirectional LSTM, trained there with one thread, so their FP32 differs slightly from the table "
+           "above; edgequant re-run on those models). Accuracy drop vs FP32 in points (positive = loss):", "",
+           "| peer | config | models | mean drop | worst drop | failed |", "|---|---|---|---|---|---|"]
+    for (peer, config), g in groups.items():
+        d = g["drops"]
+        out.append(f"| {peer} | {config} | {', '.join(sorted(g['arch'])) or '-'} | "
+                   + (f"{statistics.mean(d):+.1f} | {max(d):+.1f}" if d else "- | -")
+                   + f" | {'; '.join(sorted(set(g['failed']))[:2]) or '-'} |")
+    return out
+
+
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -196,6 +222,9 @@ def table() -> str:
             out.append(f"| {r['arch']} | {r['ort_acc']:.3f} | {r['sim_acc']:.3f} | {r['top1_agree']:.3f} | "
                        f"{r['identical_to_exact']:.3f} | {r['sqnr_vs_sim']:.1f} dB | "
                        + " | ".join(f"{a:.2f} / {f:.2f} ({a / f:.1f}x)" for a, f in lat.values()) + " |")
+    peers = ROOT / ".peers" / "rnn" / "peers.json"
+    if peers.exists():
+        out += _peer_summary(json.loads(peers.read_text()))
     if speed:
         out += ["", "Time per sequence, quantized layer in the sim vs the torch layer (random weights, 28 steps, "
                 "median; `twin in float` = the unrolled twin with every quantizer disabled).", "",

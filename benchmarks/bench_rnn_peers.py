@@ -119,7 +119,7 @@ class PeerRows:
             rec["seconds"] = time.perf_counter() - t0
             rec["accuracy"] = accuracy(logits_fn, xte, yte)
             rec["notes"] = "; ".join(n for n in (notes, extra_notes) if n)
-        except Exception as e:  # a peer that cannot do a row is reported, never faked
+        except Exception as e:  # noqa: BLE001  (a peer that cannot do a row is reported, never faked)
             rec["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:600]
             traceback.print_exc()
         print(f"[{self.peer}]   -> {rec['accuracy'] if rec['accuracy'] is not None else rec['error']}", flush=True)
@@ -133,6 +133,11 @@ class PeerRows:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self.path)
+
+
+def as_is(net):
+    """A row's ``fn`` for the float model itself."""
+    return net, "the float model in this environment"
 
 
 def runner_args():
@@ -204,7 +209,7 @@ def _run(peer: str, extra: list[str], args) -> dict:
                *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "benchmarks"))
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, timeout=args.timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, env=env, timeout=args.timeout, cwd=ROOT, check=False)
         info.update(exit_code=proc.returncode, wall_seconds=time.perf_counter() - t0)
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         info["error"] = f"{type(e).__name__}: {e}"[:600]
@@ -223,8 +228,9 @@ def part_edgequant(args) -> None:
     """edgequant's own rows (``bench_rnn.py``'s configs) on the same saved models, for a like-for-like table."""
     import warnings
 
-    import edgequant as eq
     from bench_rnn import _configs
+
+    import edgequant as eq
     from edgequant.ptq.adaround import adaround
 
     warnings.simplefilter("ignore")
@@ -237,7 +243,7 @@ def part_edgequant(args) -> None:
             if "cell" in name and entry["cell"] != "lstm":
                 continue
 
-            def run(cfg=cfg, ada=ada):
+            def run(net=net, xcal=xcal, cal=cal, cfg=cfg, ada=ada):
                 sim = eq.QuantSim(net, xcal[:2], cfg)
                 sim.calibrate(cal, progress=False)
                 if ada:
@@ -280,8 +286,8 @@ def table(doc: dict) -> str:
             out.append("| " + " | ".join(cells) + " |")
     lat = doc["peers"].get("ort", {}).get("latency", [])
     if lat:
-        out += ["", "ONNX Runtime latency (median of the runs, intra_op_num_threads=2; the machine may be shared: "
-                "load average recorded):", "",
+        out += ["", ("ONNX Runtime latency (median of the runs, intra_op_num_threads=2; the machine may be shared: "
+                     "load average recorded):"), "",
                 "| split | model | batch | model file | ms / batch | ms / sequence | vs FP32 | load avg |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in lat:

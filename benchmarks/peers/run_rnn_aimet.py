@@ -21,19 +21,20 @@ run over the 512 calibration digits; ``sim.model`` is then evaluated on the 1,00
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (edgequant)
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 
-import aimet_torch  # noqa: E402
-from aimet_torch.common.defs import QuantScheme  # noqa: E402
-from aimet_torch.quantsim import QuantizationSimModel  # noqa: E402
-from bench_rnn_peers import PeerRows, load_model, load_split, runner_args, selected  # noqa: E402
+import aimet_torch
+from aimet_torch.common.defs import QuantScheme
+from aimet_torch.quantsim import QuantizationSimModel
+from bench_rnn_peers import PeerRows, as_is, load_model, load_split, runner_args, selected
 
 
 def _desc(q) -> str:
@@ -46,14 +47,17 @@ def _desc(q) -> str:
 
 
 def describe(sim_model) -> str:
-    """The quantizers on the recurrent layer and the classifier, as AIMET set them up."""
+    """The quantizers on the recurrent layer and the classifier, as AIMET set them up (grouped)."""
     parts = []
     for name in ("rnn", "classifier"):
         m = getattr(sim_model, name)
         ins = [_desc(q) for q in m.input_quantizers]
         outs = [_desc(q) for q in m.output_quantizers]
-        params = {k: _desc(q) for k, q in m.param_quantizers.items()}
-        pq = ", ".join(f"{k} {v}" for k, v in params.items())
+        groups = {}
+        for k, q in m.param_quantizers.items():
+            kind = "weights" if k.startswith("weight") else "biases"
+            groups.setdefault((kind, _desc(q)), []).append(k)
+        pq = ", ".join(f"{len(v)} {kind} {d}" for (kind, d), v in groups.items())
         parts.append(f"{name} ({type(m).__name__}): inputs [{', '.join(ins)}] params [{pq}] outputs [{', '.join(outs)}]")
     return " / ".join(parts)
 
@@ -88,9 +92,9 @@ def main():
         xcal, xte, yte = load_split(entry["split"])
         cal = list(xcal.split(64))
         net = load_model(entry)
-        rec.row(entry, "FP32 (reloaded here)", lambda: (net, "the float model in this environment"), xte, yte)
+        rec.row(entry, "FP32 (reloaded here)", partial(as_is, net), xte, yte)
         for config, (bw, scheme) in CONFIGS.items():
-            rec.row(entry, config, lambda: quantize(net, cal, bw, scheme), xte, yte)
+            rec.row(entry, config, partial(quantize, net, cal, bw, scheme), xte, yte)
 
 
 if __name__ == "__main__":

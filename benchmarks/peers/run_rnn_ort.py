@@ -23,19 +23,33 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (edgequant)
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
 
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from bench_rnn_peers import RAW, PeerRows, accuracy, load_model, load_split, runner_args, selected  # noqa: E402
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static  # noqa: E402
+import onnx
+import onnxruntime as ort
+from bench_rnn_peers import (
+    RAW,
+    PeerRows,
+    accuracy,
+    load_model,
+    load_split,
+    runner_args,
+    selected,
+)
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    quantize_dynamic,
+    quantize_static,
+)
 
 ONNX_DIR = RAW / "onnx"
 RECURRENT = ("LSTM", "GRU", "RNN")
@@ -93,6 +107,30 @@ def inventory(path) -> tuple[str, list[str]]:
     return summary, float_rec
 
 
+def float_row(net, xte, fp32: Path):
+    export(net, xte, fp32)
+    ref = net(xte[:64])
+    diff = float((torch.as_tensor(runner(fp32)(xte[:64])) - ref).abs().max())
+    return runner(fp32), f"torch.onnx.export dynamo=False, opset 17; max |ORT - torch| logit {diff:.1e}"
+
+
+def quant_row(kind: str, fp32: Path, dst: Path, cal, xte, yte, optimize=True):
+    if not fp32.exists():
+        raise FileNotFoundError(f"{fp32} (the FP32 export failed)")
+    if kind == "dynamic":
+        quantize_dynamic(str(fp32), str(dst))
+    else:
+        name = session(fp32).get_inputs()[0].name
+        quantize_static(str(fp32), str(dst), Reader(cal, name), quant_format=QuantFormat.QDQ)
+    summary, float_rec = inventory(dst)
+    if float_rec:
+        part = accuracy(runner(dst, optimize), xte, yte)
+        raise NotImplementedError(
+            f"quantize_{kind} left the {'/'.join(float_rec)} op in float ({summary}); "
+            f"partial_accuracy (model as returned) = {part:.4f}")
+    return runner(dst, optimize), summary
+
+
 def main():
     args = runner_args()
     rec = PeerRows("ort", ort.__version__)
@@ -104,41 +142,17 @@ def main():
         net = load_model(entry)
         stem = ONNX_DIR / f"split{entry['split']}_{entry['arch']}"
         fp32 = Path(f"{stem}.fp32.onnx")
-
-        def float_row():
-            export(net, xte, fp32)
-            ref = net(xte[:64])
-            diff = float((torch.as_tensor(runner(fp32)(xte[:64])) - ref).abs().max())
-            return runner(fp32), f"torch.onnx.export dynamo=False, opset 17; max |ORT - torch| logit {diff:.1e}"
-
-        rec.row(entry, "FP32 ONNX in ORT", float_row, xte, yte)
-
-        def quant(kind, dst: Path, optimize=True):
-            def run():
-                if not fp32.exists():
-                    raise FileNotFoundError(f"{fp32} (the FP32 export failed)")
-                if kind == "dynamic":
-                    quantize_dynamic(str(fp32), str(dst))
-                else:
-                    name = session(fp32).get_inputs()[0].name
-                    quantize_static(str(fp32), str(dst), Reader(cal, name), quant_format=QuantFormat.QDQ)
-                summary, float_rec = inventory(dst)
-                if float_rec:
-                    part = accuracy(runner(dst, optimize), xte, yte)
-                    raise NotImplementedError(
-                        f"quantize_{kind} left the {'/'.join(float_rec)} op in float ({summary}); "
-                        f"partial_accuracy (model as returned) = {part:.4f}")
-                return runner(dst, optimize), summary
-            return run
-
+        rec.row(entry, "FP32 ONNX in ORT", partial(float_row, net, xte, fp32), xte, yte)
         dyn, sta = Path(f"{stem}.dynamic.onnx"), Path(f"{stem}.static_qdq.onnx")
-        for config, run in [("quantize_dynamic (defaults)", quant("dynamic", dyn)),
-                            ("quantize_static QDQ (defaults), optimized session", quant("static", sta)),
-                            ("quantize_static QDQ (defaults), unoptimized session", quant("static", sta, False))]:
+        for config, kind, dst, optimize in [("quantize_dynamic (defaults)", "dynamic", dyn, True),
+                                            ("quantize_static QDQ (defaults), optimized session", "static", sta, True),
+                                            ("quantize_static QDQ (defaults), unoptimized session", "static", sta, False)]:
+            run = partial(quant_row, kind, fp32, dst, cal, xte, yte, optimize)
             r = rec.row(entry, config, run, xte, yte)
             if r.get("error", "").startswith("NotImplementedError") and "partial_accuracy" in r["error"]:
                 r["partial_accuracy"] = float(r["error"].rsplit("=", 1)[1])
                 rec.save()
+    return None
 
 
 def latency(rec, args):

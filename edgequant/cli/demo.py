@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import main
-from .report import batches, latency_ms, logits, onnx_runtime, ort_agreement, print_table, row, write_report
+from .report import batches, latency_ms, logits, onnx_runtime, ort_agreement, print_table, row, sensitivity, write_report
 
 
 def _sim_row(name, sim, ref, evalset, batch_size, seconds, **extra):
@@ -75,9 +75,11 @@ def demo(out: Path, n_calib: int, n_eval: int, adaround_iterations: int, adaroun
     _onnx_rows(out, w8, w8_out, ref, evalset, batch_size, threads or torch.get_num_threads(), rows, header)
     header["total_seconds"] = round(time.perf_counter() - t_start, 1)
     print_table(rows)
-    write_report(out, rows, header)
     w8.save_encodings(out / "mobilenet_v2.w8a8.encodings.json")
-    click.echo(f"report written to {out}/report.md ({header['total_seconds']} s); ONNX model: {out}/model.onnx")
+    click.echo("sensitivity of the W8A8 model's quantizers on 4 evaluation crops, for report.html")
+    analysis, hists = sensitivity(w8, [evalset[:4]])
+    page = write_report(out, rows, header, sim=w8, analysis=analysis, histograms=hists)
+    click.echo(f"report written to {out}/report.md and {page} ({header['total_seconds']} s); ONNX model: {out}/model.onnx")
 
 
 def _onnx_rows(out: Path, sim, sim_out, ref, evalset, batch_size: int, threads: int, rows: list, header: dict) -> None:

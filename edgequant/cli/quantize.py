@@ -11,7 +11,7 @@ import click
 from . import PRESET_NAMES, main
 from .inputs import (Preprocess, UserError, build_model, check_writable, float_list, image_files, import_object,
                      load_images, load_weights, read_config)
-from .report import batches, logits, onnx_runtime, ort_agreement, print_table, row, write_report
+from .report import batches, logits, onnx_runtime, ort_agreement, print_table, row, sensitivity, write_report
 
 PREPROCESS_HELP = ("Default preprocessing: the largest centered square of each image, resized to --input-size, RGB "
                    "(or grayscale with --channels 1), scaled to [0, 1], normalized with ImageNet's mean/std.")
@@ -51,6 +51,9 @@ PREPROCESS_HELP = ("Default preprocessing: the largest centered square of each i
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch and ONNX Runtime CPU threads (default: their choice).")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Write model.onnx (QDQ) and check it in ONNX Runtime.")
+@click.option("--analyze", "analyze_report", is_flag=True,
+              help="Add the per-quantizer sensitivity ranking and histograms of the worst tensors to report.html "
+                   "(two forward passes per quantizer on one batch of the verdict images: minutes on large models).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder (replaced whole at the end): model.onnx + model.encodings.json, encodings (edgequant and "
                    "AIMET formats), the saved sim (sim/, read it with edgequant.load), plan, config, report, summary.")
@@ -125,7 +128,8 @@ def _quantize_model(model, calib, config, recipe_name, ptq, batch_size, adaround
 
 
 def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, input_size, resize, channels, mean, std,
-         preprocess_spec, batch_size, ptq, adaround_iterations, qat_steps, qat_lr, eval_fn_spec, device, threads, onnx, out):
+         preprocess_spec, batch_size, ptq, adaround_iterations, qat_steps, qat_lr, eval_fn_spec, device, threads, onnx, out,
+         analyze_report=False):
     t0 = time.perf_counter()
     dev = _setup(device, threads)
     check_writable(out)
@@ -154,13 +158,16 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
         header["qat"] = str(qat)
         click.echo(str(qat))
     verdict = _verdict(model, sim, eval_x, eval_fn, batch_size, dev)
-    _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat)
+    extra_html = {"sim": sim}
+    if analyze_report:
+        extra_html["analysis"], extra_html["histograms"] = sensitivity(sim, batches((eval_x if eval_x is not None else calib_x)[:batch_size], batch_size))
+    _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat, extra_html)
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
     rows, extra = verdict[:2]
     print_table(rows, extra)
     onnx_files = "model.onnx, model.encodings.json, " if (out / "model.onnx").exists() else ""
     click.echo(f"wrote {out}/: {onnx_files}encodings.json, encodings.aimet.json, sim/, plan.json, config.json, report.md, "
-               f"summary.txt ({header['total_seconds']} s)")
+               f"summary.txt, report.html ({header['total_seconds']} s)")
 
 
 def _qat(model, sim, calib_x, steps: int, lr: float, batch_size: int):
@@ -202,7 +209,8 @@ def _verdict(model, sim, eval_x, eval_fn, batch_size, device):
              row("quantized (sim)", ref, out, sizes["quantized"] / 1e6, t_sim, eval_fn=q_score)], extra, ref, out)
 
 
-def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads, qat=None) -> None:
+def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads, qat=None,
+                   extra_html=None) -> None:
     """Everything into a fresh folder beside ``out``, swapped in at the end (a failed run changes nothing)."""
     import torch
 
@@ -225,7 +233,7 @@ def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, 
         sim.save(tmp / "sim")
         if onnx:
             _export_and_check(tmp, sim, rows, header, ref, sim_out, eval_x, batch_size, threads)
-        write_report(tmp, rows, header, extra)
+        write_report(tmp, rows, header, extra, **(extra_html or {}))
 
     replace_folder(out, write)
 

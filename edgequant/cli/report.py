@@ -75,12 +75,31 @@ def markdown(rows: list[dict], header: dict, extra: tuple[str, ...] = ()) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_report(folder: Path, rows: list[dict], header: dict, extra: tuple[str, ...] = ()) -> None:
+def write_report(folder: Path, rows: list[dict], header: dict, extra: tuple[str, ...] = (), **html) -> Path:
+    """report.json, report.md and the self-contained report.html (``html``: what else it shows -- ``sim``,
+    ``analysis``, ``histograms``, ``mixed``, ``notes``; see :func:`edgequant.analysis.html.html_report`);
+    returns the path of report.html."""
+    from ..analysis.html import html_report
     from ..io.encodings import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "report.json", json.dumps({**header, "results": rows}, indent=2, default=str))
     atomic_write_text(folder / "report.md", markdown(rows, header, extra))
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) + ["report.html"]
+    page = html_report(f"edgequant report: {header.get('model', '')}", header={k: v for k, v in header.items() if k != "model"},
+                       rows=rows, files=files, **html)
+    atomic_write_text(folder / "report.html", page)
+    return folder / "report.html"
+
+
+def sensitivity(sim, data, progress: bool = True):
+    """``(analysis, histograms)`` of a calibrated sim for the report: each quantizer's cost scored on ``data``
+    (a few batches), and histograms of the six worst tensors against their grids."""
+    from ..analysis import analyze
+    from ..analysis.html import tensor_histograms
+
+    analysis = analyze(sim, None, eval_data=data, progress=progress)
+    return analysis, tensor_histograms(sim, [q.name for q in analysis.worst(6)], data)
 
 
 def onnx_runtime(path, x, batch_size: int, threads: int = 0):

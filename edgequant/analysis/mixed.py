@@ -2,13 +2,19 @@
 
 Every quantizer has two candidates: its spec in a ``high`` config (say W8A16) and in a ``low`` one (say
 W4A8). Both configs are calibrated once; switching a quantizer between them is then instant (its spec
-through ``sim.set_spec``, its encoding from the calibrated config). The search has two phases, as AIMET's
-AMP, with the sensitivities feeding a greedy solver:
+through ``sim.set_spec``, its encoding from the calibrated config). Quantizers whose grids must agree on
+the target move together: the inputs of an add or a concat (an integer add or concat kernel takes one
+integer width) form one **group**. The search has two phases, as AIMET's AMP, then goes beyond it:
 
-1. **sensitivity**: each quantizer alone is lowered, and the drop of the score (output SQNR against the
+1. **sensitivity**: each group alone is lowered, and the drop of the score (output SQNR against the
    float model, or ``eval_fn``) and the bit operations it saves (:mod:`edgequant.sim.cost`) are measured;
-2. **greedy front**: quantizers are lowered one after another, cheapest drop per bit-operation saved first,
-   and the model is evaluated after each step: every step is a point of the accuracy / cost front.
+2. **greedy front**: groups are lowered one after another, cheapest drop per bit-operation saved first,
+   and the model is evaluated after each step: every step is a point of the accuracy / cost front;
+3. **exact knapsack**: for a ladder of budgets, the set of groups that saves enough bit operations at the
+   least predicted loss is solved exactly (dynamic programming over the savings). With SQNR scores the
+   prediction adds the groups' *noise powers* (``10^(-SQNR/10)`` above the all-high noise), which add up
+   where dB drops do not; with ``eval_fn`` it adds the drops. Each solution is evaluated for real and
+   joins the front.
 
 The chosen point is the cheapest one within ``max_drop`` of the all-high score (or the best one within a
 ``budget`` fraction of its bit operations). Its plan is rebuilt into a fresh sim, calibrated and scored
@@ -69,15 +75,126 @@ class _Switcher:
         self.sim = sim
         self.cand = {n: ((hi.plan[n].spec, qh[n].encoding()), (lo.plan[n].spec, ql[n].encoding()))
                      for n in qh if n in ql and hi.plan[n].spec != lo.plan[n].spec}
+        self.low: set[str] = set()  # the quantizers now at the low candidate
 
     def set(self, name: str, low: bool) -> None:
+        if (name in self.low) == low:
+            return
         spec, enc = self.cand[name][1 if low else 0]
         self.sim.set_spec(name, spec).set_encoding(enc)
+        (self.low.add if low else self.low.discard)(name)
+
+    def set_all(self, names, low: bool) -> None:
+        for n in names:
+            self.set(n, low)
+
+    def only(self, names) -> None:
+        """Exactly ``names`` at the low candidate, every other quantizer at the high one."""
+        low = set(names)
+        for n in self.cand:
+            self.set(n, n in low)
+
+
+def shared_grid_groups(sim, names: list[str]) -> list[list[str]]:
+    """``names`` in groups that must share a bit-width: the activation quantizers feeding one add or concat
+    (through grid-keeping ops) are one group; every other quantizer is a group of its own."""
+    from ..graph import lowering, patterns
+
+    parent = {n: n for n in names}
+
+    def root(n):
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    if sim.capture_mode == "graph":
+        modules = dict(sim.model.named_modules())
+        for node in sim.model.graph.nodes:
+            if not (patterns.is_add(node) or patterns.is_cat(node)):
+                continue
+            ins = node.args[0] if patterns.is_cat(node) else node.args[:2]
+            found = [q.tensor_name for a in ins if (q := lowering.source_quantizer(a, modules)) is not None
+                     and q.tensor_name in parent]
+            for a, b in zip(found, found[1:]):
+                parent[root(a)] = root(b)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(root(n), []).append(n)
+    return list(groups.values())
+
+
+def _greedy_front(sens, switch, sim, score, progress) -> list[FrontPoint]:
+    """Lower the groups cheapest drop per bit-operation saved first, evaluating after each (AIMET's phase 2)."""
+    order = sorted(sens, key=lambda t: max(t[1], 0.0) / max(t[2], 1))
+    lowered, points = [], []
+    for g, _, _ in tqdm(order, desc="mixed precision: greedy front", unit="step", disable=not progress):
+        switch.set_all(g, low=True)
+        lowered += g
+        points.append(FrontPoint(sim.cost().bops, score(), list(lowered)))
+    return points
+
+
+def knapsack(costs: list[float], gains: list[float], need: float, resolution: int = 4000) -> Optional[list[int]]:
+    """The items whose ``gains`` (bit operations saved) sum to at least ``need`` at the least total ``costs``
+    (predicted loss), exactly up to the discretization of the gains into ``resolution`` steps of their
+    total (rounded down, so a solution saves at least what it claims); None if even all items fall short.
+
+    >>> knapsack([5.0, 1.0, 1.0], [10, 6, 6], 11)
+    [1, 2]
+    """
+    total = sum(gains)
+    if need > total:
+        return None
+    if need <= 0:
+        return []
+    unit = total / resolution
+    w = [int(g // unit) for g in gains]
+    cap = min(int(-(-need // unit)), sum(w))
+    inf = float("inf")
+    best = [0.0] + [inf] * cap  # best[c]: least cost of saving at least c units
+    keep = [[False] * (cap + 1) for _ in w]
+    for i, (c, wi) in enumerate(zip(costs, w)):
+        for cc in range(cap, 0, -1):
+            prev = best[max(cc - wi, 0)] + c
+            if wi > 0 and prev < best[cc]:
+                best[cc], keep[i][cc] = prev, True
+    if best[cap] == inf:
+        return None
+    chosen, cc = [], cap
+    for i in range(len(w) - 1, -1, -1):
+        if keep[i][cc]:
+            chosen.append(i)
+            cc = max(cc - w[i], 0)
+    return sorted(chosen)
+
+
+def _knapsack_front(sens, res, switch, sim, score, additive_noise: bool, points: int, progress) -> list[FrontPoint]:
+    """Exact knapsack solutions for ``points`` budgets between all-low and all-high, each evaluated."""
+    if points <= 0 or not sens:
+        return []
+    if additive_noise:  # SQNR in dB: noise powers add up
+        base = 10 ** (-res.high_score / 10)
+        costs = [max(10 ** (-(res.high_score - d) / 10) - base, 0.0) for _, d, _ in sens]
+    else:
+        costs = [max(d, 0.0) for _, d, _ in sens]
+    gains = [max(s, 0) for _, _, s in sens]
+    span = res.high_bops - res.low_bops
+    out, seen = [], set()
+    for k in tqdm(range(1, points + 1), desc="mixed precision: knapsack", unit="budget", disable=not progress):
+        pick = knapsack(costs, gains, span * k / (points + 1))
+        if pick is None or tuple(pick) in seen:
+            continue
+        seen.add(tuple(pick))
+        lowered = [n for i in pick for n in sens[i][0]]
+        switch.only(lowered)
+        out.append(FrontPoint(sim.cost().bops, score(), lowered))
+    return out
 
 
 def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=None, eval_fn: Optional[Callable] = None,
                     max_drop: Optional[float] = None, budget: Optional[float] = None, num_eval_batches: int = 2,
-                    progress: bool = True) -> MixedPrecisionResult:
+                    knapsack_points: int = 12, progress: bool = True) -> MixedPrecisionResult:
     """Search per-quantizer precisions between two configs (see the module docstring).
 
     Args:
@@ -89,6 +206,7 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
         max_drop: choose the cheapest point whose score is at most this below the all-high score
             (default 1.0 when no ``budget`` is given).
         budget: instead, choose the best point within this fraction of the all-high bit operations.
+        knapsack_points: budgets solved exactly and evaluated (0: the greedy front only).
     """
     from ..sim.quantsim import QuantSim
 
@@ -105,18 +223,15 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
     switch = _Switcher(sim, sims["high"], sims["low"])
     score = scorer(sim, scoring, eval_fn)
     res = MixedPrecisionResult(score(), scorer(sims["low"], scoring, eval_fn)(), sim.cost().bops, sims["low"].cost().bops)
-    ratios = {}
-    for name in tqdm(list(switch.cand), desc="mixed precision: sensitivity", unit="quantizer", disable=not progress):
-        switch.set(name, low=True)
-        drop, saved = res.high_score - score(), res.high_bops - sim.cost().bops
-        switch.set(name, low=False)
-        ratios[name] = max(drop, 0.0) / max(saved, 1)
-    lowered: list[str] = []
+    groups = shared_grid_groups(sim, list(switch.cand))
+    sens = []
+    for g in tqdm(groups, desc="mixed precision: sensitivity", unit="group", disable=not progress):
+        switch.set_all(g, low=True)
+        sens.append((g, res.high_score - score(), res.high_bops - sim.cost().bops))
+        switch.set_all(g, low=False)
     res.front.append(FrontPoint(res.high_bops, res.high_score, []))
-    for name in tqdm(sorted(ratios, key=ratios.get), desc="mixed precision: front", unit="step", disable=not progress):
-        switch.set(name, low=True)
-        lowered.append(name)
-        res.front.append(FrontPoint(sim.cost().bops, score(), list(lowered)))
+    res.front += _greedy_front(sens, switch, sim, score, progress)
+    res.front += _knapsack_front(sens, res, switch, sim, score, eval_fn is None, knapsack_points, progress)
     res.front = _pareto(res.front)
     res.chosen = _choose(res, max_drop, budget)
     if res.chosen is not None:

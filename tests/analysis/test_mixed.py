@@ -25,3 +25,31 @@ def test_front_is_monotonic_and_the_choice_meets_the_target():
     assert res.sim.cost().bops == res.chosen.bops
     budget = mixed_precision(_net(), data, budget=0.3, progress=False)
     assert budget.chosen.bops <= 0.3 * budget.high_bops
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.head(self.c(self.a(x) + self.b(x)))
+
+
+def test_the_inputs_of_an_add_move_together_and_the_knapsack_joins_the_front():
+    from edgequant import QuantSim
+    from edgequant.analysis.mixed import shared_grid_groups
+    torch.manual_seed(1)
+    model = _Residual().eval()
+    data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    sim = QuantSim(model, data[0][:1], "w8a16")
+    groups = shared_grid_groups(sim, list(sim.quantizers()))
+    assert sorted(next(g for g in groups if "a" in g)) == ["a", "b"]  # the add's two inputs: one integer width
+    res = mixed_precision(model, data, high="w8a16", low="w4a8", max_drop=2.0, progress=False)
+    for p in res.front:
+        assert ("a" in p.lowered) == ("b" in p.lowered)
+    greedy = mixed_precision(model, data, high="w8a16", low="w4a8", max_drop=2.0, knapsack_points=0, progress=False)
+    for p in greedy.front:  # solved budgets only add points: the front with them is at least as good everywhere
+        assert any(q.bops <= p.bops and q.score >= p.score - 1e-6 for q in res.front)
+    assert [p.bops for p in res.front] == sorted(p.bops for p in res.front)

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 from tqdm.auto import tqdm
 
 from ..batches import model_input, to_device
@@ -53,6 +54,13 @@ class MixedPrecisionResult:
     sim: object = None
     verified_score: Optional[float] = None
     seconds: float = 0.0
+    _rebuild: Optional[Callable] = field(default=None, repr=False)
+
+    def build(self, point: FrontPoint):
+        """A fresh, calibrated sim of any front point (its plan; lowered weights as the search had them)."""
+        if self._rebuild is None:
+            raise RuntimeError("this result has no search context to rebuild from")
+        return self._rebuild(point)
 
     def to_markdown(self) -> str:
         lines = [f"all high: {self.high_score:.2f} at {self.high_bops / 1e9:.2f} G bit-ops; all low: {self.low_score:.2f} "
@@ -76,11 +84,17 @@ class _Switcher:
         self.cand = {n: ((hi.plan[n].spec, qh[n].encoding()), (lo.plan[n].spec, ql[n].encoding()))
                      for n in qh if n in ql and hi.plan[n].spec != lo.plan[n].spec}
         self.low: set[str] = set()  # the quantizers now at the low candidate
+        # weights: each candidate's tensor (the low one differs when AdaRound rounded it)
+        self.weights = {n: (sim.model.get_parameter(n).detach().clone(), lo.model.get_parameter(n).detach().clone())
+                        for n in self.cand if qh[n].is_weight}
 
     def set(self, name: str, low: bool) -> None:
         if (name in self.low) == low:
             return
         spec, enc = self.cand[name][1 if low else 0]
+        if name in self.weights:
+            with torch.no_grad():
+                self.sim.model.get_parameter(name).copy_(self.weights[name][1 if low else 0])
         self.sim.set_spec(name, spec).set_encoding(enc)
         (self.low.add if low else self.low.discard)(name)
 
@@ -194,7 +208,7 @@ def _knapsack_front(sens, res, switch, sim, score, additive_noise: bool, points:
 
 def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=None, eval_fn: Optional[Callable] = None,
                     max_drop: Optional[float] = None, budget: Optional[float] = None, num_eval_batches: int = 2,
-                    knapsack_points: int = 12, progress: bool = True) -> MixedPrecisionResult:
+                    knapsack_points: int = 12, low_adaround: int = 0, progress: bool = True) -> MixedPrecisionResult:
     """Search per-quantizer precisions between two configs (see the module docstring).
 
     Args:
@@ -207,6 +221,8 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
             (default 1.0 when no ``budget`` is given).
         budget: instead, choose the best point within this fraction of the all-high bit operations.
         knapsack_points: budgets solved exactly and evaluated (0: the greedy front only).
+        low_adaround: AdaRound iterations per layer for the low candidate's weights (0: nearest rounding); a
+            lowered weight then takes its AdaRound rounding, in the search and in the rebuilt sim.
     """
     from ..sim.quantsim import QuantSim
 
@@ -220,9 +236,13 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
     sim = sims["high"]
     base_plan = sim.plan  # plans are immutable: the switches below give the sim new ones
     scoring = [to_device(b, sim.device) for b in (list(eval_data) if eval_data is not None else batches[:num_eval_batches])]
+    # scorers take the float reference now, before AdaRound writes rounded weights into the low sim
+    score, score_low = scorer(sim, scoring, eval_fn), scorer(sims["low"], scoring, eval_fn)
+    if low_adaround:
+        from ..ptq.adaround import adaround
+        adaround(sims["low"], batches, iterations=low_adaround, progress=progress)
     switch = _Switcher(sim, sims["high"], sims["low"])
-    score = scorer(sim, scoring, eval_fn)
-    res = MixedPrecisionResult(score(), scorer(sims["low"], scoring, eval_fn)(), sim.cost().bops, sims["low"].cost().bops)
+    res = MixedPrecisionResult(score(), score_low(), sim.cost().bops, sims["low"].cost().bops)
     groups = shared_grid_groups(sim, list(switch.cand))
     sens = []
     for g in tqdm(groups, desc="mixed precision: sensitivity", unit="group", disable=not progress):
@@ -234,8 +254,10 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
     res.front += _knapsack_front(sens, res, switch, sim, score, eval_fn is None, knapsack_points, progress)
     res.front = _pareto(res.front)
     res.chosen = _choose(res, max_drop, budget)
+    res._rebuild = lambda p: _rebuild(p, model, example, batches, base_plan, sim.config, switch, scoring, eval_fn, progress)
     if res.chosen is not None:
-        _verify(res, model, example, batches, base_plan, sim.config, switch, scoring, eval_fn, progress)
+        res.sim, res.verified_score = res._rebuild(res.chosen)
+        res.plan = res.sim.plan
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -259,12 +281,19 @@ def _choose(res: MixedPrecisionResult, max_drop, budget) -> Optional[FrontPoint]
     return min(ok, key=lambda p: p.bops) if ok else None
 
 
-def _verify(res, model, example, batches, base_plan, config, switch, scoring, eval_fn, progress) -> None:
-    """Rebuild the chosen plan into a fresh sim, calibrate it, score it."""
+def _rebuild(point, model, example, batches, base_plan, config, switch, scoring, eval_fn, progress):
+    """``(sim, score)``: the point's plan in a fresh sim (lowered weights as in the search), calibrated, scored."""
     from ..sim.quantsim import QuantSim
 
-    plan = base_plan.with_specs({n: switch.cand[n][1][0] for n in res.chosen.lowered})
+    plan = base_plan.with_specs({n: switch.cand[n][1][0] for n in point.lowered})
     sim = QuantSim(model, example, config, plan=plan)
+    score = scorer(sim, scoring, eval_fn)  # the float reference, before the rounded weights go in
+    qs = sim.quantizers()
+    with torch.no_grad():
+        for n in point.lowered:
+            if n in switch.weights:  # the low candidate's (AdaRound) rounding and encoding, kept by calibration
+                sim.model.get_parameter(n).copy_(switch.weights[n][1])
+                qs[n].set_encoding(switch.cand[n][1][1])
+                qs[n].freeze()
     sim.calibrate(batches, progress=progress)
-    res.plan, res.sim = plan, sim
-    res.verified_score = scorer(sim, scoring, eval_fn)()
+    return sim, score()

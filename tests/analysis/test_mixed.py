@@ -53,3 +53,15 @@ def test_the_inputs_of_an_add_move_together_and_the_knapsack_joins_the_front():
     for p in greedy.front:  # solved budgets only add points: the front with them is at least as good everywhere
         assert any(q.bops <= p.bops and q.score >= p.score - 1e-6 for q in res.front)
     assert [p.bops for p in res.front] == sorted(p.bops for p in res.front)
+
+
+def test_adaround_rounding_of_the_low_weights_carries_into_the_rebuilt_sim():
+    data = [torch.randn(16, 3, 16, 16) for _ in range(3)]
+    res = mixed_precision(_net(), data, high="w8a16", low="w4a8", budget=0.5, low_adaround=30, progress=False)
+    weights = [n for n in res.chosen.lowered if n.endswith("weight")]
+    assert weights
+    qs = res.sim.quantizers()
+    for n in weights:  # AdaRound's rounded values: on the 4-bit grid already, frozen through calibration
+        w = res.sim.model.get_parameter(n).detach()
+        assert qs[n].spec.bits == 4 and qs[n].is_frozen and torch.equal(qs[n](w), w)
+    assert abs(res.verified_score - res.chosen.score) < 1.0

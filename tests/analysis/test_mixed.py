@@ -65,3 +65,31 @@ def test_adaround_rounding_of_the_low_weights_carries_into_the_rebuilt_sim():
         w = res.sim.model.get_parameter(n).detach()
         assert qs[n].spec.bits == 4 and qs[n].is_frozen and torch.equal(qs[n](w), w)
     assert abs(res.verified_score - res.chosen.score) < 1.0
+
+
+def test_a_mixed_plan_exports_with_its_bit_widths_and_runs_in_integers(tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from edgequant import export_onnx
+    from edgequant.export.integer import IntegerEngine
+    torch.manual_seed(2)
+    data = [torch.randn(16, 3, 16, 16) for _ in range(3)]
+    res = mixed_precision(_net(), data, high="w8a16", low="w4a8", budget=0.49, progress=False)
+    sim = res.sim
+    bits = {q.spec.bits for q in sim.quantizers().values()}
+    assert {4, 8, 16} <= bits  # weights on 4 and 8 bits, activations on 8 and 16
+    info = export_onnx(sim, tmp_path / "mixed.onnx")
+    assert info["opset"] == 21
+    types = {i.data_type for i in onnx.load(info["onnx"]).graph.initializer}
+    assert onnx.TensorProto.INT4 in types or onnx.TensorProto.UINT4 in types or onnx.TensorProto.INT8 in types
+    x = torch.randn(32, 3, 16, 16)
+    s = ort.InferenceSession(info["onnx"], providers=["CPUExecutionProvider"])
+    got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact("float32"):
+        exact = sim(x).numpy()
+    step = float(sim.quantizers()["6"].scale)
+    assert np.abs(got - exact).max() <= step * 1.01 and (got.argmax(1) == exact.argmax(1)).mean() >= 0.95
+    with torch.no_grad(), sim.integer_exact("fixed_point"):
+        assert torch.equal(IntegerEngine(sim)(x), sim(x))

@@ -6,9 +6,11 @@ bias, a float32 rescale), every sigmoid/tanh as a table lookup (``Gather`` from 
 elementwise cell updates in float32 between quantizations -- the operations of
 :mod:`edgequant.core.recurrent`, so ORT's outputs are those of ``sim.integer_exact("float32")`` to the
 bit. ONNX's ``LSTM``/``GRU``/``RNN`` ops are float-only, and a ``Loop`` body would hide the cell from
-graph optimizers without saving time at these sequence lengths. Dequantization inside the cell is
-written as ``Cast -> Sub -> Mul`` (the same float32 arithmetic as ``DequantizeLinear``), so ORT's QDQ
-fusions (``QLinearMul``, ``QLinearAdd``, whose rounding differs) do not rewrite the cell.
+graph optimizers without saving time at these sequence lengths. Dequantization inside the cell is a table
+lookup (``Gather`` of ``fp32(q - z) * s`` per code, the float32 of ``DequantizeLinear``; the sigmoid/tanh
+tables give their outputs already dequantized, as only those are used), so ORT's QDQ fusions
+(``QLinearMul``, ``QLinearAdd``, whose rounding differs) do not rewrite the cell, and a step is about 30
+ONNX nodes.
 
 The first time step's values carry the encodings' names (``rnn.l0.i_pre``, ``rnn.l0.c``, ...); later
 steps get ``<name>/t<k>``. Initial states given to the layer are graph values quantized onto the ``h`` /
@@ -76,6 +78,7 @@ class _CellExport:
         self.grids: dict[str, _Grid] = {}
         self.tables: dict[tuple, str] = {}
         self.weights: dict[str, tuple] = {}
+        self.indices: dict[str, str] = {}  # codes -> their Gather indices
 
     # ------------------------------------------------------------ values
     def name(self, suffix: str) -> str:
@@ -96,27 +99,49 @@ class _CellExport:
         g = self.grid(suffix)
         return self.h["qdq"](self.b, g.q, v, 2).q
 
-    def dq(self, suffix: str, codes: str) -> str:
-        """``fp32(q - z) * s`` written as Cast -> Sub -> Mul (no QDQ fusion applies)."""
-        g, b = self.grid(suffix), self.b
-        f = b.node("Cast", [codes], base=g.name, to=TensorProto.FLOAT)
-        return b.node("Mul", [b.node("Sub", [f, g.z_f], base=g.name), g.s], base=g.name)
+    def _index(self, suffix: str, codes: str) -> str:
+        """The codes of ``suffix``'s grid as Gather indices into a table over the whole container (shared by
+        every table looked up with the same codes)."""
+        if codes not in self.indices:
+            g, b = self.grid(suffix), self.b
+            idx = b.node("Cast", [codes], base=g.name, to=TensorProto.INT32)
+            if g.cmin != 0:
+                idx = b.node("Sub", [idx, b.const(f"{g.name}_cmin", np.int32(g.cmin))], base=g.name)
+            self.indices[codes] = idx
+        return self.indices[codes]
 
-    def lut(self, src: str, dst: str, fn: str, codes: str, out_suffix: str) -> str:
-        """The codes of ``dst`` for the codes of ``src`` through the table of ``fn`` (a Gather)."""
-        gs, gd, b = self.grid(src), self.grid(dst), self.b
-        key = (src, dst, fn)
+    def _codes(self, g: _Grid) -> np.ndarray:
+        """The grid code each container code stands for (clipped onto the grid), minus ``qmin``."""
+        size = 65536 if g.dtype in (TensorProto.INT16, TensorProto.UINT16) else 256
+        return np.clip(np.arange(size) + g.cmin - g.offset, g.q.qmin, g.q.qmax) - g.q.qmin
+
+    def _table(self, key, make) -> str:
         if key not in self.tables:
-            core = table(_FNS[fn], self.m._grid(src), self.m._grid(dst))
-            size = 65536 if gs.dtype in (TensorProto.INT16, TensorProto.UINT16) else 256
-            q = np.clip(np.arange(size) + gs.cmin - gs.offset, gs.q.qmin, gs.q.qmax) - gs.q.qmin
-            self.tables[key] = b.fresh(f"{gd.name}_table")
-            b.names.discard(self.tables[key])
-            b.int_const(self.tables[key], core.cpu().numpy()[q] + gd.offset, gd.dtype)
-        idx = b.node("Cast", [codes], base=gd.name, to=TensorProto.INT32)
-        if gs.cmin != 0:
-            idx = b.node("Sub", [idx, b.const(f"{gd.name}_cmin", np.int32(gs.cmin))], base=gd.name)
-        return b.node("Gather", [self.tables[key], idx], out=self.name(out_suffix), base=gd.name, axis=0)
+            self.tables[key] = make()
+        return self.tables[key]
+
+    def dq(self, suffix: str, codes: str, out=None) -> str:
+        """``fp32(q - z) * s`` of ``codes`` by table lookup (the same float32 as ``DequantizeLinear``, and no
+        QDQ fusion applies)."""
+        g, b = self.grid(suffix), self.b
+        values = lambda: (np.arange(g.q.qmin, g.q.qmax + 1) - g.zp).astype(np.float32) * np.float32(g.core.scale)  # noqa: E731
+        t = self._table(("dq", suffix), lambda: b.const(f"{g.name}_dequantized_table", values()[self._codes(g)]))
+        return b.node("Gather", [t, self._index(suffix, codes)], out=out, base=g.name, axis=0)
+
+    def lut(self, src: str, dst: str, fn: str, codes: str, out_suffix: str, as_float: bool = False) -> str:
+        """``dst``'s codes for ``src``'s codes through the table of ``fn`` (a Gather); with ``as_float``, their
+        dequantized values (one table: the activation's codes are used only dequantized)."""
+        gs, gd, b = self.grid(src), self.grid(dst), self.b
+
+        def make():
+            core = table(_FNS[fn], self.m._grid(src), self.m._grid(dst)).cpu().numpy()[self._codes(gs)]
+            if as_float:
+                return b.const(f"{gd.name}_table", (core - gd.zp).astype(np.float32) * np.float32(gd.core.scale))
+            name = b.fresh(f"{gd.name}_table")
+            b.names.discard(name)
+            return b.int_const(name, core + gd.offset, gd.dtype)
+        t = self._table((src, dst, fn, as_float), make)
+        return b.node("Gather", [t, self._index(src, codes)], out=self.name(out_suffix), base=gd.name, axis=0)
 
     def matmul(self, weight: str, bias, codes: str, src: _Grid) -> str:
         """``fp32((codes - z) W^T + b_q) * fp32(s_x s_w)`` (MatMulInteger, Add, Cast, Mul)."""
@@ -135,10 +160,13 @@ class _CellExport:
         acc = b.node("Add", [b.node("MatMulInteger", [codes, wt, src.z, wzp], base=f"{m._tname}.{weight}"), bq], base=weight)
         return b.node("Mul", [b.node("Cast", [acc], base=weight, to=TensorProto.FLOAT), mult], base=weight)
 
-    def slices(self, v: str, parts: int) -> list[str]:
+    def slices(self, v: str, parts: int, names=None) -> list[str]:
+        """The ``parts`` gate blocks of ``v`` (named ``names`` where given)."""
         size, b = self.m.hidden_size, self.b
+        names = names or [None] * parts
         return [b.node("Slice", [v, b.const("start", np.array([i * size], np.int64)), b.const("end", np.array([(i + 1) * size], np.int64)),
-                                 b.const("axis", np.array([-1], np.int64))], base=f"{self.m._tname}.{self.p}") for i in range(parts)]
+                                 b.const("axis", np.array([-1], np.int64))], out=names[i], base=f"{self.m._tname}.{self.p}")
+                for i in range(parts)]
 
     def zeros(self, suffix: str, batch: str, width: int) -> str:
         """Codes of 0.0 on ``suffix``'s grid, shape (batch, width)."""
@@ -148,40 +176,38 @@ class _CellExport:
         return b.node("ConstantOfShape", [shape], base=g.name, value=value)
 
     # ------------------------------------------------------------ steps
-    def lstm_step(self, px: str, h: str, c: str, proj) -> tuple[str, str]:
+    def lstm_step(self, px: str, h: str, c: str, c_f: str, proj) -> tuple[str, str, str]:
+        """One step: codes ``h``, ``c`` and ``c``'s dequantized values in, the same out."""
         b, p = self.b, self.p
         pre = b.node("Add", [px, self.matmul(f"weight_hh_{p}", f"bias_hh_{p}", h, self.grid(f"l{self.k}.h"))], base=p)
         a = {}
-        for gate, v in zip("ifgo", self.slices(pre, 4)):
-            v = b.node("Identity", [v], out=self.name(f"{p}.{gate}_pre"))
+        for gate, v in zip("ifgo", self.slices(pre, 4, [self.name(f"{p}.{g}_pre") for g in "ifgo"])):
             a[gate] = self.lut(f"{p}.{gate}_pre", f"{p}.{gate}", "tanh" if gate == "g" else "sigmoid",
-                               self.quantize(f"{p}.{gate}_pre", v), f"{p}.{gate}")
-        fc = b.node("Mul", [self.dq(f"{p}.f", a["f"]), self.dq(f"{p}.c", c)], base=p)
-        ig = b.node("Mul", [self.dq(f"{p}.i", a["i"]), self.dq(f"{p}.g", a["g"])], base=p)
+                               self.quantize(f"{p}.{gate}_pre", v), f"{p}.{gate}", as_float=True)
+        fc = b.node("Mul", [a["f"], c_f], base=p)
+        ig = b.node("Mul", [a["i"], a["g"]], base=p)
         c = self.quantize(f"{p}.c", b.node("Add", [fc, ig], out=self.name(f"{p}.c")))
-        tc = self.lut(f"{p}.c", f"{p}.tanh_c", "tanh", c, f"{p}.tanh_c")
-        m = b.node("Mul", [self.dq(f"{p}.o", a["o"]), self.dq(f"{p}.tanh_c", tc)], out=None if proj else self.name(f"l{self.k}.h"))
+        tc = self.lut(f"{p}.c", f"{p}.tanh_c", "tanh", c, f"{p}.tanh_c", as_float=True)
+        c_f = self.dq(f"{p}.c", c)  # shares tanh(c)'s index
+        m = b.node("Mul", [a["o"], tc], out=None if proj else self.name(f"l{self.k}.h"))
         if proj:
             m = b.node("Identity", [m], out=self.name(f"{p}.m"))
             mq = self.quantize(f"{p}.m", m)
             m = b.node("Identity", [self.matmul(f"weight_hr_{p}", None, mq, self.grid(f"{p}.m"))], out=self.name(f"l{self.k}.h"))
-        return self.quantize(f"l{self.k}.h", m), c
+        return self.quantize(f"l{self.k}.h", m), c, c_f
 
     def gru_step(self, px: str, h: str) -> str:
         b, p, hq = self.b, self.p, f"l{self.k}.h"
         xr, xz, xn = self.slices(px, 3)
-        hr, hz, hn = self.slices(self.matmul(f"weight_hh_{p}", f"bias_hh_{p}", h, self.grid(hq)), 3)
+        hr, hz, hn = self.slices(self.matmul(f"weight_hh_{p}", f"bias_hh_{p}", h, self.grid(hq)), 3, [None, None, self.name(f"{p}.hn")])
         gates = {}
         for g, x_, h_ in (("r", xr, hr), ("z", xz, hz)):
             v = b.node("Add", [x_, h_], out=self.name(f"{p}.{g}_pre"))
-            gates[g] = self.lut(f"{p}.{g}_pre", f"{p}.{g}", "sigmoid", self.quantize(f"{p}.{g}_pre", v), f"{p}.{g}")
-        hn_q = self.quantize(f"{p}.hn", b.node("Identity", [hn], out=self.name(f"{p}.hn")))
-        rhn = b.node("Mul", [self.dq(f"{p}.r", gates["r"]), self.dq(f"{p}.hn", hn_q)], out=self.name(f"{p}.rhn"))
-        rhn_q = self.quantize(f"{p}.rhn", rhn)
-        n_pre = b.node("Add", [xn, self.dq(f"{p}.rhn", rhn_q)], out=self.name(f"{p}.n_pre"))
-        n = self.dq(f"{p}.n", self.lut(f"{p}.n_pre", f"{p}.n", "tanh", self.quantize(f"{p}.n_pre", n_pre), f"{p}.n"))
-        new = b.node("Add", [n, b.node("Mul", [self.dq(f"{p}.z", gates["z"]), b.node("Sub", [self.dq(hq, h), n])])],
-                     out=self.name(hq))
+            gates[g] = self.lut(f"{p}.{g}_pre", f"{p}.{g}", "sigmoid", self.quantize(f"{p}.{g}_pre", v), f"{p}.{g}", as_float=True)
+        rhn = b.node("Mul", [gates["r"], self.dq(f"{p}.hn", self.quantize(f"{p}.hn", hn))], out=self.name(f"{p}.rhn"))
+        n_pre = b.node("Add", [xn, self.dq(f"{p}.rhn", self.quantize(f"{p}.rhn", rhn))], out=self.name(f"{p}.n_pre"))
+        n = self.lut(f"{p}.n_pre", f"{p}.n", "tanh", self.quantize(f"{p}.n_pre", n_pre), f"{p}.n", as_float=True)
+        new = b.node("Add", [n, b.node("Mul", [gates["z"], b.node("Sub", [self.dq(hq, h), n])])], out=self.name(hq))
         return self.quantize(hq, new)
 
     def rnn_step(self, px: str, h: str) -> str:
@@ -211,11 +237,12 @@ class _CellExport:
         h_size = m.proj_size if m.mode == "LSTM" and m.proj_size > 0 else m.hidden_size
         h = self.initial(hx[0], index, f"l{self.k}.h", batch, h_size)
         c = self.initial(hx[1], index, f"{p}.c", batch, m.hidden_size) if m.mode == "LSTM" else None
+        c_f = self.dq(f"{p}.c", c) if c is not None else None
         outs = [None] * steps
         for t in (range(steps - 1, -1, -1) if self.d else range(steps)):
             px = b.node("Gather", [px_all, b.const("t", np.array(t, np.int64))], base=p, axis=0)
             if m.mode == "LSTM":
-                h, c = self.lstm_step(px, h, c, m.proj_size > 0)
+                h, c, c_f = self.lstm_step(px, h, c, c_f, m.proj_size > 0)
             elif m.mode == "GRU":
                 h = self.gru_step(px, h)
             else:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..batches import model_input, to_device
 from ..config.plan import QuantPlan
+from ..solvers import knapsack
 from .sensitivity import scorer
 
 
@@ -147,40 +148,6 @@ def _greedy_front(sens, switch, sim, score, progress) -> list[FrontPoint]:
         lowered += g
         points.append(FrontPoint(sim.cost().bops, score(), list(lowered)))
     return points
-
-
-def knapsack(costs: list[float], gains: list[float], need: float, resolution: int = 4000) -> Optional[list[int]]:
-    """The items whose ``gains`` (bit operations saved) sum to at least ``need`` at the least total ``costs``
-    (predicted loss), exactly up to the discretization of the gains into ``resolution`` steps of their
-    total (rounded down, so a solution saves at least what it claims); None if even all items fall short.
-
-    >>> knapsack([5.0, 1.0, 1.0], [10, 6, 6], 11)
-    [1, 2]
-    """
-    total = sum(gains)
-    if need > total:
-        return None
-    if need <= 0:
-        return []
-    unit = total / resolution
-    w = [int(g // unit) for g in gains]
-    cap = min(int(-(-need // unit)), sum(w))
-    inf = float("inf")
-    best = [0.0] + [inf] * cap  # best[c]: least cost of saving at least c units
-    keep = [[False] * (cap + 1) for _ in w]
-    for i, (c, wi) in enumerate(zip(costs, w)):
-        for cc in range(cap, 0, -1):
-            prev = best[max(cc - wi, 0)] + c
-            if wi > 0 and prev < best[cc]:
-                best[cc], keep[i][cc] = prev, True
-    if best[cap] == inf:
-        return None
-    chosen, cc = [], cap
-    for i in range(len(w) - 1, -1, -1):
-        if keep[i][cc]:
-            chosen.append(i)
-            cc = max(cc - w[i], 0)
-    return sorted(chosen)
 
 
 def _knapsack_front(sens, res, switch, sim, score, additive_noise: bool, points: int, progress) -> list[FrontPoint]:

@@ -1,0 +1,263 @@
+"""Per-layer compression ratios for a whole-model target, and the one-call :func:`compress`.
+
+1. **Costs**: one forward pass with hooks records every candidate layer's input and output shapes, so the
+   MACs of the layer and of each factorization are exact (:func:`layer_macs`, :func:`factored_macs`).
+2. **Sensitivity curves**: each candidate layer alone is factorized at each candidate ratio and the model is
+   scored (output SQNR against the float model on a few batches, or the user's ``eval_fn``): a curve per layer.
+3. **Solver**: one ratio per layer (1.0 = untouched) so that the model keeps at most ``target`` of its MACs
+   (or parameters):
+
+   * ``"knapsack"`` (default): exact multiple-choice knapsack on the curves; with SQNR scores the predicted
+     loss adds the layers' noise powers ``10^(-SQNR/10)`` (they add up where dB do not), with ``eval_fn`` the
+     drops;
+   * ``"greedy"``: AIMET's greedy selection -- one accuracy threshold for every layer, each layer at its
+     smallest ratio that keeps the threshold, the threshold searched (bisection) for the highest one that
+     meets the target.
+
+4. The chosen ratios are applied to a copy of the model and it is scored for real; ``manual={layer:
+   ratio}`` skips steps 2-3.
+
+The result is a plain ``nn.Module`` (factored layers are ``nn.Sequential`` of two torch layers, same names
+for everything else) that QuantSim, PTQ, QAT and the export take like any other.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..batches import evaluating, model_input, run_batch, to_device
+from ..graph.patterns import set_submodule
+from ..metrics import sqnr_db
+from ..solvers import multiple_choice_knapsack
+from .svd import factorize, is_factorable, rank_for_ratio, svd_rank_limit
+
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass
+class LayerChoice:
+    name: str
+    kind: str
+    ratio: float
+    rank: Optional[int]
+    macs_before: int
+    macs_after: int
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class CompressResult:
+    """``model``: the compressed float model; ``layers``: the choice per candidate layer; ``curves``:
+    ``{layer: [(ratio, score)]}``; ``score``: the compressed model's score (SQNR dB or ``eval_fn``)."""
+    model: nn.Module
+    layers: list[LayerChoice] = field(default_factory=list)
+    curves: dict = field(default_factory=dict)
+    score: float = float("nan")
+    macs_before: int = 0
+    macs_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "model"}
+
+    def __str__(self) -> str:
+        n = sum(c.ratio < 1 for c in self.layers)
+        return (f"compressed {n} of {len(self.layers)} layers: MACs {self.macs_after / 1e6:.1f} M of {self.macs_before / 1e6:.1f} M "
+                f"({self.macs_after / max(self.macs_before, 1):.2f}), parameters {self.params_after / 1e6:.2f} M of "
+                f"{self.params_before / 1e6:.2f} M; score {self.score:.2f}; {self.seconds:.1f} s")
+
+
+@torch.no_grad()
+def layer_shapes(model: nn.Module, example) -> dict[str, tuple]:
+    """``{name: (input shape, output shape)}`` of every Linear / Conv2d for one forward pass on ``example``."""
+    shapes = {}
+
+    def record(name):
+        def hook(mod, inputs, output):  # returns None: the output stays as it is
+            shapes.setdefault(name, (tuple(inputs[0].shape), tuple(output.shape)))
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    try:
+        with evaluating(model):
+            run_batch(model, example, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def layer_macs(m: nn.Module, shapes: tuple) -> int:
+    """MACs of ``m`` for one sample with its recorded (input, output) shapes."""
+    _, out = shapes
+    per_sample = int(torch.tensor(out[1:]).prod()) if len(out) > 1 else 1
+    if isinstance(m, nn.Linear):
+        return per_sample * m.in_features
+    return per_sample * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+
+def factored_macs(m: nn.Module, rank: int, shapes: tuple) -> int:
+    """MACs of ``m``'s factorization at ``rank`` (exact from the recorded shapes)."""
+    inp, out = shapes
+    if isinstance(m, nn.Linear):
+        rows = int(torch.tensor(out[1:-1]).prod()) if len(out) > 2 else 1
+        return rows * rank * (m.in_features + m.out_features)
+    _, _, h_out, w_out = out
+    kh, kw = m.kernel_size
+    if (kh, kw) == (1, 1):
+        return h_out * w_out * rank * (m.in_channels + m.out_channels)
+    w_in = inp[3] if len(inp) == 4 else inp[-1]
+    return h_out * w_in * rank * m.in_channels * kh + h_out * w_out * m.out_channels * rank * kw
+
+
+def _params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _scorer(model, batches, eval_fn):
+    if eval_fn is not None:
+        return lambda: float(eval_fn(model))
+    with torch.no_grad(), evaluating(model):
+        ref = torch.cat([run_batch(model, b, 1).float().flatten(1) for b in batches])
+
+    def score():
+        with torch.no_grad(), evaluating(model):
+            return sqnr_db(ref, torch.cat([run_batch(model, b, 1).float().flatten(1) for b in batches]))
+    return score
+
+
+def _curves(model, cands, ratios, multiple, score, progress) -> dict:
+    curves = {}
+    for name, m in tqdm(list(cands.items()), desc="compression: sensitivity", unit="layer", disable=not progress):
+        pts = []
+        for r in ratios:
+            set_submodule(model, name, factorize(m, rank_for_ratio(m, r, multiple), multiple))
+            pts.append((r, score()))
+        set_submodule(model, name, m)
+        curves[name] = pts
+    return curves
+
+
+def _loss(score: float, base: float, sqnr: bool) -> float:
+    return 10 ** (-score / 10) if sqnr else max(base - score, 0.0)
+
+
+def _solve(curves, cands, shapes, costs, what, need, multiple, solver, base, sqnr) -> dict:
+    names = list(curves)
+    options = []
+    for n in names:
+        m = cands[n]
+        full = costs[n]
+        opts = [(0.0, 0.0, 1.0)]
+        for r, s in curves[n]:
+            after = _cost_after(m, rank_for_ratio(m, r, multiple), shapes[n], what)
+            if after < full:
+                opts.append((_loss(s, base, sqnr), full - after, r))
+        options.append(opts)
+    if solver == "greedy":
+        return _greedy(names, curves, options, need, base)
+    pick = multiple_choice_knapsack([[(c, g) for c, g, _ in o] for o in options], need)
+    if pick is None:
+        raise ValueError("the target cannot be met by factorizing these layers at the candidate ratios; "
+                         "raise the target or add smaller ratios")
+    return {n: options[i][j][2] for i, (n, j) in enumerate(zip(names, pick))}
+
+
+def _greedy(names, curves, options, need, base) -> dict:
+    """AIMET's selection: one score threshold, each layer at its smallest ratio scoring at least that."""
+    def at(threshold):
+        choice, saved = {}, 0.0
+        for n, opts in zip(names, options):
+            ok = [o for o, (r, s) in zip(opts[1:], curves[n]) if s >= threshold]
+            best = max(ok, key=lambda o: o[1]) if ok else opts[0]
+            choice[n], saved = best[2], saved + best[1]
+        return choice, saved
+    scores = sorted({s for n in names for _, s in curves[n]}, reverse=True)
+    for t in scores:  # highest threshold first: the first that meets the target (an exact scan of the bisection)
+        choice, saved = at(t)
+        if saved >= need:
+            return choice
+    raise ValueError("the target cannot be met by factorizing these layers at the candidate ratios")
+
+
+def _cost_after(m, rank, shapes, kind) -> int:
+    if kind == "params":
+        if isinstance(m, nn.Linear) or m.kernel_size == (1, 1):
+            return rank * (m.weight.shape[0] + m.weight.shape[1]) + (m.weight.shape[0] if m.bias is not None else 0)
+        cout, cin, kh, kw = m.weight.shape
+        return rank * (cin * kh + cout * kw) + (cout if m.bias is not None else 0)
+    return factored_macs(m, rank, shapes)
+
+
+def compress(model: nn.Module, data, target: float = 0.7, *, what: str = "macs", eval_fn: Optional[Callable] = None,
+             ratios=RATIOS, layers: Optional[list[str]] = None, manual: Optional[dict] = None, solver: str = "knapsack",
+             multiple: int = 1, eval_batches: int = 2, min_macs: float = 0.002, progress: bool = True) -> CompressResult:
+    """Compress ``model`` (not modified) by low-rank factorization to keep ``target`` of its MACs (``what=
+    "params"``: of its parameters); see the module docstring.
+
+    Args:
+        data: batches; the first ``eval_batches`` score the candidates (with ``eval_fn=None``).
+        eval_fn: ``eval_fn(model) -> float`` (higher is better) instead of the output SQNR against the original.
+        ratios: the candidate ratios of a layer's MACs to keep.
+        layers: the candidate layer names (default: every plain Linear and ungrouped Conv2d holding at least
+            ``min_macs`` of the model's MACs).
+        manual: ``{layer: ratio}`` to apply as given (no search).
+        solver: ``"knapsack"`` (exact, default) or ``"greedy"`` (AIMET's).
+        multiple: round ranks up to a multiple of this (what the target hardware prefers).
+    """
+    if what not in ("macs", "params"):
+        raise ValueError(f"what must be 'macs' or 'params', got {what!r}")
+    if solver not in ("knapsack", "greedy"):
+        raise ValueError(f"solver must be 'knapsack' or 'greedy', got {solver!r}")
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be a fraction in (0, 1], got {target}")
+    t0 = time.perf_counter()
+    work = copy.deepcopy(model).eval()
+    batches = list(data)
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    scoring = [to_device(b, device) for b in batches[:eval_batches]]
+    example = to_device(model_input(batches[0]), device)
+    shapes = layer_shapes(work, example[:1] if torch.is_tensor(example) else example)
+    mods = dict(work.named_modules())
+    all_layers = {n: m for n, m in mods.items() if n in shapes}
+    macs = {n: layer_macs(m, shapes[n]) for n, m in all_layers.items()}
+    total_macs = sum(macs.values())
+    if layers is None:
+        layers = [n for n, m in all_layers.items() if is_factorable(m) and svd_rank_limit(m) > 1 and macs[n] >= min_macs * total_macs]
+    unknown = [n for n in layers if n not in all_layers or not is_factorable(all_layers[n])]
+    if unknown:
+        raise ValueError(f"not factorable layers (plain Linear / ungrouped Conv2d run by the model): {unknown[:5]}")
+    cands = {n: all_layers[n] for n in layers}
+    costs = {n: (macs[n] if what == "macs" else _params(m)) for n, m in cands.items()}
+    total = total_macs if what == "macs" else _params(work)
+    score = _scorer(work, scoring, eval_fn)
+    base = score() if eval_fn is not None else float("inf")
+    res = CompressResult(work, macs_before=total_macs, params_before=_params(work))
+    if manual is not None:
+        choice = dict(manual)
+    else:
+        res.curves = _curves(work, cands, ratios, multiple, score, progress)
+        need = total - target * total
+        choice = _solve(res.curves, cands, shapes, costs, what, need, multiple, solver, base, eval_fn is None)
+    for n, m in cands.items():
+        r = choice.get(n, 1.0)
+        rank = rank_for_ratio(m, r, multiple) if r < 1 else None
+        if rank is not None:
+            set_submodule(work, n, factorize(m, rank, multiple))
+        after = factored_macs(m, rank, shapes[n]) if rank is not None else macs[n]
+        p_after = _cost_after(m, rank, shapes[n], "params") if rank is not None else _params(m)
+        res.layers.append(LayerChoice(n, type(m).__name__, r, rank, macs[n], after, _params(m), p_after))
+    res.macs_after = total_macs - sum(c.macs_before - c.macs_after for c in res.layers)
+    res.params_after = _params(work)
+    res.score = score()
+    res.seconds = time.perf_counter() - t0
+    return res

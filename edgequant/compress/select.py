@@ -200,7 +200,8 @@ def _cost_after(m, rank, shapes, kind) -> int:
 
 def compress(model: nn.Module, data, target: float = 0.7, *, what: str = "macs", eval_fn: Optional[Callable] = None,
              ratios=RATIOS, layers: Optional[list[str]] = None, manual: Optional[dict] = None, solver: str = "knapsack",
-             multiple: int = 1, eval_batches: int = 2, min_macs: float = 0.002, progress: bool = True) -> CompressResult:
+             multiple: int = 1, eval_batches: int = 2, min_macs: float = 0.002, of: str = "model",
+             progress: bool = True) -> CompressResult:
     """Compress ``model`` (not modified) by low-rank factorization to keep ``target`` of its MACs (``what=
     "params"``: of its parameters); see the module docstring.
 
@@ -213,6 +214,8 @@ def compress(model: nn.Module, data, target: float = 0.7, *, what: str = "macs",
         manual: ``{layer: ratio}`` to apply as given (no search).
         solver: ``"knapsack"`` (exact, default) or ``"greedy"`` (AIMET's).
         multiple: round ranks up to a multiple of this (what the target hardware prefers).
+        of: the target is a fraction of the whole model's MACs / parameters (``"model"``) or of the candidate
+            layers' (``"layers"``: e.g. a transformer's Linear layers without its embeddings).
     """
     if what not in ("macs", "params"):
         raise ValueError(f"what must be 'macs' or 'params', got {what!r}")
@@ -238,7 +241,9 @@ def compress(model: nn.Module, data, target: float = 0.7, *, what: str = "macs",
         raise ValueError(f"not factorable layers (plain Linear / ungrouped Conv2d run by the model): {unknown[:5]}")
     cands = {n: all_layers[n] for n in layers}
     costs = {n: (macs[n] if what == "macs" else _params(m)) for n, m in cands.items()}
-    total = total_macs if what == "macs" else _params(work)
+    if of not in ("model", "layers"):
+        raise ValueError(f"of must be 'model' or 'layers', got {of!r}")
+    total = sum(costs.values()) if of == "layers" else (total_macs if what == "macs" else _params(work))
     score = _scorer(work, scoring, eval_fn)
     base = score() if eval_fn is not None else float("inf")
     res = CompressResult(work, macs_before=total_macs, params_before=_params(work))

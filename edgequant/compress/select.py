@@ -23,6 +23,7 @@ for everything else) that QuantSim, PTQ, QAT and the export take like any other.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -123,51 +124,136 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _scorer(model, batches, eval_fn):
+def _scorer(reference: nn.Module, batches, eval_fn):
+    """``score(model)``: ``eval_fn(model)``, or the SQNR (dB) of its outputs on ``batches`` against ``reference``'s
+    (taken once, now)."""
+    def outputs(m):
+        with torch.no_grad(), evaluating(m):
+            return torch.cat([run_batch(m, b, 1).float().flatten(1) for b in batches])
     if eval_fn is not None:
-        return lambda: float(eval_fn(model))
-    with torch.no_grad(), evaluating(model):
-        ref = torch.cat([run_batch(model, b, 1).float().flatten(1) for b in batches])
-
-    def score():
-        with torch.no_grad(), evaluating(model):
-            return sqnr_db(ref, torch.cat([run_batch(model, b, 1).float().flatten(1) for b in batches]))
-    return score
+        return lambda m: float(eval_fn(m))
+    ref = outputs(reference)
+    return lambda m: sqnr_db(ref, outputs(m))
 
 
-def _curves(model, cands, ratios, multiple, score, progress) -> dict:
-    curves = {}
-    for name, m in tqdm(list(cands.items()), desc="compression: sensitivity", unit="layer", disable=not progress):
-        pts = []
-        for r in ratios:
-            set_submodule(model, name, factorize(m, rank_for_ratio(m, r, multiple), multiple))
-            pts.append((r, score()))
-        set_submodule(model, name, m)
-        curves[name] = pts
-    return curves
+class _Svd:
+    """Candidates, costs and trials of low-rank factorization (see :mod:`edgequant.compress.svd`)."""
+
+    def __init__(self, work, example, batches, what, layers, min_macs, multiple):
+        self.work, self.what, self.multiple = work, what, multiple
+        self.shapes = layer_shapes(work, example)
+        mods = dict(work.named_modules())
+        self.mods = {n: mods[n] for n in self.shapes}
+        self.macs = {n: layer_macs(m, self.shapes[n]) for n, m in self.mods.items()}
+        self.total_macs = sum(self.macs.values())
+        if layers is None:
+            layers = [n for n, m in self.mods.items() if is_factorable(m) and svd_rank_limit(m) > 1
+                      and self.macs[n] >= min_macs * self.total_macs]
+        unknown = [n for n in layers if n not in self.mods or not is_factorable(self.mods[n])]
+        if unknown:
+            raise ValueError(f"not factorable layers (plain Linear / ungrouped Conv2d run by the model): {unknown[:5]}")
+        self.full = {n: (self.macs[n] if what == "macs" else _params(self.mods[n])) for n in layers}
+
+    def _rank(self, n, r):
+        return rank_for_ratio(self.mods[n], r, self.multiple)
+
+    def after(self, n, r):
+        return _cost_after(self.mods[n], self._rank(n, r), self.shapes[n], self.what)
+
+    def trial(self, n, r, score):
+        m = self.mods[n]
+        set_submodule(self.work, n, factorize(m, self._rank(n, r), self.multiple))
+        try:
+            return score(self.work)
+        finally:
+            set_submodule(self.work, n, m)
+
+    def apply(self, choice):
+        for n in self.full:  # from the original layers each time (apply may be called again with another choice)
+            r = choice.get(n, 1.0)
+            set_submodule(self.work, n, factorize(self.mods[n], self._rank(n, r), self.multiple) if r < 1 else self.mods[n])
+        return self.work
+
+    def report(self, choice):
+        out = []
+        for n in self.full:
+            m, r = self.mods[n], choice.get(n, 1.0)
+            rank = self._rank(n, r) if r < 1 else None
+            after = factored_macs(m, rank, self.shapes[n]) if rank else self.macs[n]
+            out.append(LayerChoice(n, type(m).__name__, r, rank, self.macs[n], after, _params(m),
+                                   _cost_after(m, rank, self.shapes[n], "params") if rank else _params(m)))
+        return out
+
+
+class _Prune:
+    """Candidates (chains, by consumer), costs and trials of channel pruning (see :mod:`edgequant.compress.prune`)."""
+
+    def __init__(self, work, example, batches, what, layers, min_macs, multiple):
+        from .prune import prunable_chains
+        self.work, self.batches = work, batches
+        shapes = layer_shapes(work, example)
+        mods = dict(work.named_modules())
+        macs = {n: layer_macs(mods[n], shapes[n]) for n in shapes}
+        self.total_macs = sum(macs.values())
+        chains = prunable_chains(work, example)
+        unknown = [n for n in (layers or []) if n not in chains]
+        if unknown:
+            raise ValueError(f"no prunable chain ends at {unknown[:5]}; chains end at {list(chains)[:5]}")
+        self.chains = {n: c for n, c in chains.items() if layers is None or n in layers}
+        members = {n: [c.producer, c.consumer] + [t for t in c.through if t in shapes] for n, c in self.chains.items()}
+        self.full = {n: sum((macs[m] if what == "macs" else _params(mods[m])) for m in ms) for n, ms in members.items()}
+
+    def kept(self, n, r):
+        return max(1, math.ceil(r * self.chains[n].channels))
+
+    def after(self, n, r):
+        return self.full[n] * self.kept(n, r) / self.chains[n].channels
+
+    def trial(self, n, r, score):
+        from .prune import prune_chain
+        m = copy.deepcopy(self.work)
+        prune_chain(m, self.work, self.chains[n], r, self.batches)
+        return score(m)
+
+    def apply(self, choice):
+        from .prune import prune_chain
+        pruned = copy.deepcopy(self.work)
+        for n, c in self.chains.items():  # graph order: each reconstruction absorbs the earlier prunings
+            if choice.get(n, 1.0) < 1:
+                prune_chain(pruned, self.work, c, choice[n], self.batches)
+        return pruned
+
+    def report(self, choice):
+        return [LayerChoice(n, "channels", choice.get(n, 1.0), self.kept(n, choice.get(n, 1.0)), int(self.full[n]),
+                            int(self.after(n, choice.get(n, 1.0))), 0, 0) for n in self.chains]
+
+
+def _curves(names, ratios, trial, progress) -> dict:
+    """``{name: [(ratio, score of the model with only that change)]}``; ``trial(name, ratio) -> score``."""
+    return {n: [(r, trial(n, r)) for r in ratios]
+            for n in tqdm(names, desc="compression: sensitivity", unit="layer", disable=not progress)}
 
 
 def _loss(score: float, base: float, sqnr: bool) -> float:
     return 10 ** (-score / 10) if sqnr else max(base - score, 0.0)
 
 
-def _solve(curves, cands, shapes, costs, what, need, multiple, solver, base, sqnr) -> dict:
+def _solve(curves, full: dict, after: Callable, need: float, solver: str, base: float, sqnr: bool) -> dict:
+    """One ratio per candidate (1.0: untouched) saving at least ``need`` (``full[n] - after(n, r)`` each)."""
     names = list(curves)
     options = []
     for n in names:
-        m = cands[n]
-        full = costs[n]
         opts = [(0.0, 0.0, 1.0)]
         for r, s in curves[n]:
-            after = _cost_after(m, rank_for_ratio(m, r, multiple), shapes[n], what)
-            if after < full:
-                opts.append((_loss(s, base, sqnr), full - after, r))
+            cost = after(n, r)
+            if cost < full[n]:
+                opts.append((_loss(s, base, sqnr), full[n] - cost, r))
         options.append(opts)
     if solver == "greedy":
         return _greedy(names, curves, options, need, base)
     pick = multiple_choice_knapsack([[(c, g) for c, g, _ in o] for o in options], need)
     if pick is None:
-        raise ValueError("the target cannot be met by factorizing these layers at the candidate ratios; "
+        raise ValueError("the target cannot be met with these layers at the candidate ratios; "
                          "raise the target or add smaller ratios")
     return {n: options[i][j][2] for i, (n, j) in enumerate(zip(names, pick))}
 
@@ -198,29 +284,32 @@ def _cost_after(m, rank, shapes, kind) -> int:
     return factored_macs(m, rank, shapes)
 
 
-def compress(model: nn.Module, data, target: float = 0.7, *, what: str = "macs", eval_fn: Optional[Callable] = None,
-             ratios=RATIOS, layers: Optional[list[str]] = None, manual: Optional[dict] = None, solver: str = "knapsack",
-             multiple: int = 1, eval_batches: int = 2, min_macs: float = 0.002, of: str = "model",
-             progress: bool = True) -> CompressResult:
-    """Compress ``model`` (not modified) by low-rank factorization to keep ``target`` of its MACs (``what=
-    "params"``: of its parameters); see the module docstring.
+def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd", what: str = "macs",
+             eval_fn: Optional[Callable] = None, ratios=RATIOS, layers: Optional[list[str]] = None,
+             manual: Optional[dict] = None, solver: str = "knapsack", multiple: int = 1, eval_batches: int = 2,
+             min_macs: float = 0.002, of: str = "model", progress: bool = True) -> CompressResult:
+    """Compress ``model`` (not modified) to keep ``target`` of its MACs (``what="params"``: of its parameters);
+    see the module docstring.
 
     Args:
-        data: batches; the first ``eval_batches`` score the candidates (with ``eval_fn=None``).
+        data: batches; the first ``eval_batches`` score the candidates (with ``eval_fn=None``) and sample the
+            activations that channel pruning reconstructs from.
+        method: ``"svd"`` (weight SVD of Linear / 1x1 convs, spatial SVD of larger convs) or ``"prune"``
+            (channel pruning with reconstruction, :mod:`edgequant.compress.prune`).
         eval_fn: ``eval_fn(model) -> float`` (higher is better) instead of the output SQNR against the original.
-        ratios: the candidate ratios of a layer's MACs to keep.
-        layers: the candidate layer names (default: every plain Linear and ungrouped Conv2d holding at least
-            ``min_macs`` of the model's MACs).
+        ratios: the candidate ratios of a layer's MACs (SVD) or channels (pruning) to keep.
+        layers: the candidates: layer names (SVD; default every plain Linear and ungrouped Conv2d holding at
+            least ``min_macs`` of the model's MACs) or consumer conv names of chains (pruning; default all).
         manual: ``{layer: ratio}`` to apply as given (no search).
         solver: ``"knapsack"`` (exact, default) or ``"greedy"`` (AIMET's).
         multiple: round ranks up to a multiple of this (what the target hardware prefers).
         of: the target is a fraction of the whole model's MACs / parameters (``"model"``) or of the candidate
             layers' (``"layers"``: e.g. a transformer's Linear layers without its embeddings).
     """
-    if what not in ("macs", "params"):
-        raise ValueError(f"what must be 'macs' or 'params', got {what!r}")
-    if solver not in ("knapsack", "greedy"):
-        raise ValueError(f"solver must be 'knapsack' or 'greedy', got {solver!r}")
+    for arg, value, allowed in (("method", method, ("svd", "prune")), ("what", what, ("macs", "params")),
+                                ("solver", solver, ("knapsack", "greedy")), ("of", of, ("model", "layers"))):
+        if value not in allowed:
+            raise ValueError(f"{arg} must be one of {allowed}, got {value!r}")
     if not 0 < target <= 1:
         raise ValueError(f"target must be a fraction in (0, 1], got {target}")
     t0 = time.perf_counter()
@@ -229,40 +318,33 @@ def compress(model: nn.Module, data, target: float = 0.7, *, what: str = "macs",
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     scoring = [to_device(b, device) for b in batches[:eval_batches]]
     example = to_device(model_input(batches[0]), device)
-    shapes = layer_shapes(work, example[:1] if torch.is_tensor(example) else example)
-    mods = dict(work.named_modules())
-    all_layers = {n: m for n, m in mods.items() if n in shapes}
-    macs = {n: layer_macs(m, shapes[n]) for n, m in all_layers.items()}
-    total_macs = sum(macs.values())
-    if layers is None:
-        layers = [n for n, m in all_layers.items() if is_factorable(m) and svd_rank_limit(m) > 1 and macs[n] >= min_macs * total_macs]
-    unknown = [n for n in layers if n not in all_layers or not is_factorable(all_layers[n])]
-    if unknown:
-        raise ValueError(f"not factorable layers (plain Linear / ungrouped Conv2d run by the model): {unknown[:5]}")
-    cands = {n: all_layers[n] for n in layers}
-    costs = {n: (macs[n] if what == "macs" else _params(m)) for n, m in cands.items()}
-    if of not in ("model", "layers"):
-        raise ValueError(f"of must be 'model' or 'layers', got {of!r}")
-    total = sum(costs.values()) if of == "layers" else (total_macs if what == "macs" else _params(work))
+    example = example[:1] if torch.is_tensor(example) else example
+    job = (_Svd if method == "svd" else _Prune)(work, example, batches[:8] if method == "prune" else scoring, what, layers,
+                                                 min_macs, multiple)
+    total = sum(job.full.values()) if of == "layers" else (job.total_macs if what == "macs" else _params(work))
     score = _scorer(work, scoring, eval_fn)
-    base = score() if eval_fn is not None else float("inf")
-    res = CompressResult(work, macs_before=total_macs, params_before=_params(work))
+    base = score(work) if eval_fn is not None else float("inf")
+    res = CompressResult(work, macs_before=job.total_macs, params_before=_params(work))
+    def measure(m):
+        if what == "params" or of == "layers":
+            return None
+        return sum(layer_macs(m.get_submodule(n), s) for n, s in layer_shapes(m, example).items())
+
     if manual is not None:
-        choice = dict(manual)
+        res.model = job.apply(dict(manual))
+        res.layers = job.report(dict(manual))
     else:
-        res.curves = _curves(work, cands, ratios, multiple, score, progress)
+        res.curves = _curves(list(job.full), ratios, lambda n, r: job.trial(n, r, score), progress)
         need = total - target * total
-        choice = _solve(res.curves, cands, shapes, costs, what, need, multiple, solver, base, eval_fn is None)
-    for n, m in cands.items():
-        r = choice.get(n, 1.0)
-        rank = rank_for_ratio(m, r, multiple) if r < 1 else None
-        if rank is not None:
-            set_submodule(work, n, factorize(m, rank, multiple))
-        after = factored_macs(m, rank, shapes[n]) if rank is not None else macs[n]
-        p_after = _cost_after(m, rank, shapes[n], "params") if rank is not None else _params(m)
-        res.layers.append(LayerChoice(n, type(m).__name__, r, rank, macs[n], after, _params(m), p_after))
-    res.macs_after = total_macs - sum(c.macs_before - c.macs_after for c in res.layers)
-    res.params_after = _params(work)
-    res.score = score()
+        for _ in range(4):  # savings of chains sharing a layer overlap: tighten until the measured target holds
+            choice = _solve(res.curves, job.full, job.after, need, solver, base, eval_fn is None)
+            res.model, res.layers = job.apply(choice), job.report(choice)
+            got = measure(res.model)
+            if got is None or got <= target * total * (1 + 1e-9):
+                break
+            need += got - target * total
+    res.macs_after = sum(layer_macs(res.model.get_submodule(n), s) for n, s in layer_shapes(res.model, example).items())
+    res.params_after = _params(res.model)
+    res.score = score(res.model)
     res.seconds = time.perf_counter() - t0
     return res

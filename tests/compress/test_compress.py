@@ -86,3 +86,46 @@ def test_manual_ratios_parameters_target_and_clear_errors():
         compress(model, data, layers=["1"], progress=False)
     with pytest.raises(ValueError, match="target must be"):
         compress(model, data, target=1.5, progress=False)
+
+
+class _Inverted(nn.Module):
+    """conv -> bn -> relu6 -> depthwise -> relu6 -> conv, plus a residual branch whose channels are shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand, self.bn, self.act = nn.Conv2d(8, 32, 1), nn.BatchNorm2d(32), nn.ReLU6()
+        self.dw, self.act2 = nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU6()
+        self.project = nn.Conv2d(32, 8, 1)
+        self.head = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        s = self.stem(x)
+        return self.head(s + self.project(self.act2(self.dw(self.act(self.bn(self.expand(s)))))))
+
+
+def test_channel_pruning_follows_the_chain_reconstructs_and_meets_the_target(tmp_path):
+    from edgequant.compress.prune import apply_pruning, prunable_chains, reconstruct
+    torch.manual_seed(3)
+    model = _Inverted().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 12, 12)
+    chains = prunable_chains(model, x[:1])
+    assert set(chains) == {"project"}  # the stem's channels feed the add too: shared, left alone
+    c = chains["project"]
+    assert (c.producer, c.through, c.channels) == ("expand", ["bn", "act", "dw", "act2"], 32)
+    pruned = copy.deepcopy(model)
+    keep = torch.arange(0, 32, 2)
+    apply_pruning(pruned, c, keep)
+    assert (pruned.expand.out_channels, pruned.bn.num_features, pruned.dw.groups, pruned.project.in_channels) == (16, 16, 16, 16)
+    data = [torch.randn(8, 3, 12, 12) for _ in range(4)]
+    before = float((pruned(data[0]) - model(data[0])).pow(2).mean())
+    reconstruct(pruned, model, c, data)
+    assert float((pruned(data[0]) - model(data[0])).detach().pow(2).mean()) < 0.5 * before  # the refit pays off
+    res = compress(model, data, target=0.8, method="prune", progress=False)
+    assert res.macs_after <= 0.8 * res.macs_before and res.model.project.in_channels < 32
+    sim = eq.QuantSim(res.model, data[0][:1], "w8a8")
+    sim.calibrate(data, progress=False)
+    eq.export_onnx(sim, tmp_path / "p.onnx")  # a plain model: quantized and exported like any other

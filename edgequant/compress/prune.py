@@ -1,0 +1,181 @@
+r"""Channel pruning with reconstruction.
+
+A **chain** is a convolution ``L`` (the consumer, ungrouped) whose input comes, through ops that act on each
+channel alone -- batch norms, elementwise activations, depthwise convolutions -- from one producer
+convolution ``P`` (ungrouped), every value on the way used by nothing else. Removing input channels of ``L``
+then removes the same output channels of ``P`` and the same channels of everything between (a depthwise
+conv loses whole groups): MobileNetV2's inverted-residual hidden channels, a plain CNN's feature maps.
+Channels that feed an add or a concat are shared with other layers and are left alone.
+
+Pruning a chain at ratio ``r`` keeps ``ceil(r C)`` channels:
+
+1. **selection**: each input channel ``c`` of ``L`` is scored by ``||W_L[:, c]||_2 * RMS(x_c)`` on sampled
+   inputs (what it contributes to ``L``'s output) and the best are kept;
+2. **reconstruction**: ``L``'s weights (and bias) are refitted by least squares so that, from the kept
+   channels of its input *in the model as pruned so far*, it reproduces the original model's output of ``L``
+   on sampled positions (input patches for ``k x k`` convs) -- the error of earlier prunings is absorbed as
+   well, as AIMET's channel pruning does (He et al., "Channel pruning for accelerating very deep neural
+   networks", 2017).
+
+Every module is replaced by a plain torch layer with fewer channels; names stay.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..batches import evaluating, run_batch
+from ..graph.capture import capture
+from ..graph.patterns import set_submodule
+
+#: modules that act on each channel alone (the chain passes through them)
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Sigmoid,
+                nn.Tanh, nn.Identity, nn.Dropout, nn.Mish, nn.ELU)
+_BN = (nn.BatchNorm2d,)
+
+
+def _depthwise(m) -> bool:
+    return type(m) is nn.Conv2d and m.groups == m.in_channels == m.out_channels and m.groups > 1
+
+
+def _plain_conv(m) -> bool:
+    return type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+
+
+@dataclass
+class Chain:
+    """``consumer`` (L) reads channels that ``producer`` (P) makes, through ``through`` (BNs, activations,
+    depthwise convs, in graph order)."""
+    consumer: str
+    producer: str
+    through: list[str] = field(default_factory=list)
+    channels: int = 0
+
+
+def prunable_chains(model: nn.Module, example) -> dict[str, Chain]:
+    """``{consumer name: Chain}`` of ``model`` (traced with torch.fx on ``example``)."""
+    args = example if isinstance(example, tuple) else (example,)
+    gm = capture(model, args, {})
+    mods = dict(gm.named_modules())
+    chains = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not _plain_conv(mods[n.target]) or not n.args:
+            continue
+        through, src = [], n.args[0]
+        while (getattr(src, "op", None) == "call_module" and len(src.users) == 1
+               and (isinstance(mods[src.target], _ELEMENTWISE + _BN) or _depthwise(mods[src.target]))):
+            through.insert(0, src.target)
+            src = src.args[0]
+        if getattr(src, "op", None) == "call_module" and len(src.users) == 1 and _plain_conv(mods[src.target]):
+            chains[n.target] = Chain(n.target, src.target, through, mods[n.target].in_channels)
+    return chains
+
+
+def _keep(t: torch.Tensor, idx, dim: int):
+    return t.detach().index_select(dim, idx.to(t.device)).clone()
+
+
+def apply_pruning(model: nn.Module, chain: Chain, keep: torch.Tensor) -> None:
+    """Keep channels ``keep`` (sorted indices) of the chain in ``model`` (modules replaced in place); the
+    consumer's weights are the kept input columns, to be refitted by :func:`reconstruct`."""
+    k = len(keep)
+    p = model.get_submodule(chain.producer)
+    newp = nn.Conv2d(p.in_channels, k, p.kernel_size, p.stride, p.padding, p.dilation, 1, p.bias is not None).to(p.weight)
+    with torch.no_grad():
+        newp.weight.copy_(_keep(p.weight, keep, 0))
+        if p.bias is not None:
+            newp.bias.copy_(_keep(p.bias, keep, 0))
+    set_submodule(model, chain.producer, newp.train(p.training))
+    for name in chain.through:
+        m = model.get_submodule(name)
+        if _depthwise(m):
+            new = nn.Conv2d(k, k, m.kernel_size, m.stride, m.padding, m.dilation, k, m.bias is not None).to(m.weight)
+            with torch.no_grad():
+                new.weight.copy_(_keep(m.weight, keep, 0))
+                if m.bias is not None:
+                    new.bias.copy_(_keep(m.bias, keep, 0))
+            set_submodule(model, name, new.train(m.training))
+        elif isinstance(m, _BN):
+            new = nn.BatchNorm2d(k, m.eps, m.momentum, m.affine, m.track_running_stats).to(m.running_mean)
+            with torch.no_grad():
+                for attr in ("weight", "bias", "running_mean", "running_var"):
+                    if getattr(m, attr) is not None:
+                        getattr(new, attr).copy_(_keep(getattr(m, attr), keep, 0))
+            set_submodule(model, name, new.train(m.training))
+    c = model.get_submodule(chain.consumer)
+    newc = nn.Conv2d(k, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, 1, c.bias is not None).to(c.weight)
+    with torch.no_grad():
+        newc.weight.copy_(_keep(c.weight, keep, 1))
+        if c.bias is not None:
+            newc.bias.copy_(c.bias.detach())
+    set_submodule(model, chain.consumer, newc.train(c.training))
+
+
+@torch.no_grad()
+def _io(model, name, batches, want_input: bool):
+    """The input (or output) of module ``name`` over ``batches``."""
+    got = []
+    m = model.get_submodule(name)
+    h = m.register_forward_hook(lambda mod, i, o: got.append((i[0] if want_input else o).detach()))
+    try:
+        with evaluating(model):
+            for b in batches:
+                run_batch(model, b, 1)
+    finally:
+        h.remove()
+    return got
+
+
+def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``(positions, C k_h k_w)``: the input patches each output position of ``conv`` reads."""
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, C k k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def select_channels(model: nn.Module, chain: Chain, batches, ratio: float) -> torch.Tensor:
+    """The ``ceil(ratio C)`` input channels of the consumer that contribute most (sorted indices)."""
+    c = model.get_submodule(chain.consumer)
+    xs = _io(model, chain.consumer, batches, True)
+    rms = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], 1).float().pow(2).mean(1).sqrt()
+    score = c.weight.detach().float().transpose(0, 1).reshape(c.in_channels, -1).norm(dim=1) * rms
+    k = max(1, math.ceil(ratio * c.in_channels))
+    return torch.sort(torch.topk(score, k).indices).values
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, original: nn.Module, chain: Chain, batches, samples: int = 4096, seed: int = 0) -> float:
+    """Refit the (pruned) consumer's weights and bias by least squares: its inputs in ``model`` to the original
+    consumer's outputs in ``original``; returns the relative residual of the fit."""
+    c = model.get_submodule(chain.consumer)
+    xs = torch.cat([_patches(c, x) for x in _io(model, chain.consumer, batches, True)]).double()
+    ys = torch.cat([y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) for y in _io(original, chain.consumer, batches, False)]).double()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(xs), generator=g)[:samples].to(xs.device)
+    x, y = xs[idx], ys[idx]
+    w0 = c.weight.detach().double().reshape(c.out_channels, -1).T  # (features, C_out): the kept columns as they were
+    if c.bias is not None:
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+        w0 = torch.cat([w0, c.bias.detach().double()[None]], 0)
+    # ridge towards the kept weights, stronger when positions are few for the unknowns (late, narrow layers):
+    # a plain least-squares fit there fits the sampled positions and fails on other inputs
+    xtx = x.T @ x
+    lam = xtx.diagonal().mean() * max(x.shape[1] / len(x), 0.01)
+    sol = torch.linalg.solve(xtx + lam * torch.eye(x.shape[1], dtype=x.dtype, device=x.device), x.T @ y + lam * w0)
+    w = sol[: xs.shape[1]].T.reshape(c.weight.shape)
+    c.weight.copy_(w.to(c.weight.dtype))
+    if c.bias is not None:
+        c.bias.copy_(sol[-1].to(c.bias.dtype))
+    return float((x @ sol - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+
+
+def prune_chain(model: nn.Module, original: nn.Module, chain: Chain, ratio: float, batches) -> torch.Tensor:
+    """Select, prune and reconstruct one chain of ``model`` in place; returns the kept channels."""
+    keep = select_channels(model, chain, batches, ratio)
+    if len(keep) < chain.channels:
+        apply_pruning(model, chain, keep)
+        reconstruct(model, original, chain, batches)
+    return keep

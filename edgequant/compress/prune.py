@@ -116,7 +116,7 @@ def apply_pruning(model: nn.Module, chain: Chain, keep: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _io(model, name, batches, want_input: bool):
+def _io(model, name, batches, want_input: bool, n_inputs: int = 1):
     """The input (or output) of module ``name`` over ``batches``."""
     got = []
     m = model.get_submodule(name)
@@ -124,7 +124,7 @@ def _io(model, name, batches, want_input: bool):
     try:
         with evaluating(model):
             for b in batches:
-                run_batch(model, b, 1)
+                run_batch(model, b, n_inputs)
     finally:
         h.remove()
     return got
@@ -136,10 +136,10 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def select_channels(model: nn.Module, chain: Chain, batches, ratio: float) -> torch.Tensor:
+def select_channels(model: nn.Module, chain: Chain, batches, ratio: float, n_inputs: int = 1) -> torch.Tensor:
     """The ``ceil(ratio C)`` input channels of the consumer that contribute most (sorted indices)."""
     c = model.get_submodule(chain.consumer)
-    xs = _io(model, chain.consumer, batches, True)
+    xs = _io(model, chain.consumer, batches, True, n_inputs)
     rms = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], 1).float().pow(2).mean(1).sqrt()
     score = c.weight.detach().float().transpose(0, 1).reshape(c.in_channels, -1).norm(dim=1) * rms
     k = max(1, math.ceil(ratio * c.in_channels))
@@ -147,12 +147,14 @@ def select_channels(model: nn.Module, chain: Chain, batches, ratio: float) -> to
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, original: nn.Module, chain: Chain, batches, samples: int = 4096, seed: int = 0) -> float:
+def reconstruct(model: nn.Module, original: nn.Module, chain: Chain, batches, samples: int = 4096, seed: int = 0,
+                n_inputs: int = 1) -> float:
     """Refit the (pruned) consumer's weights and bias by least squares: its inputs in ``model`` to the original
     consumer's outputs in ``original``; returns the relative residual of the fit."""
     c = model.get_submodule(chain.consumer)
-    xs = torch.cat([_patches(c, x) for x in _io(model, chain.consumer, batches, True)]).double()
-    ys = torch.cat([y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) for y in _io(original, chain.consumer, batches, False)]).double()
+    xs = torch.cat([_patches(c, x) for x in _io(model, chain.consumer, batches, True, n_inputs)]).double()
+    ys = torch.cat([y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+                    for y in _io(original, chain.consumer, batches, False, n_inputs)]).double()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(xs), generator=g)[:samples].to(xs.device)
     x, y = xs[idx], ys[idx]
@@ -172,10 +174,11 @@ def reconstruct(model: nn.Module, original: nn.Module, chain: Chain, batches, sa
     return float((x @ sol - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
 
 
-def prune_chain(model: nn.Module, original: nn.Module, chain: Chain, ratio: float, batches) -> torch.Tensor:
-    """Select, prune and reconstruct one chain of ``model`` in place; returns the kept channels."""
-    keep = select_channels(model, chain, batches, ratio)
+def prune_chain(model: nn.Module, original: nn.Module, chain: Chain, ratio: float, batches, n_inputs: int = 1) -> torch.Tensor:
+    """Select, prune and reconstruct one chain of ``model`` in place; returns the kept channels. ``n_inputs``:
+    how many leading items of a tuple batch the model takes."""
+    keep = select_channels(model, chain, batches, ratio, n_inputs)
     if len(keep) < chain.channels:
         apply_pruning(model, chain, keep)
-        reconstruct(model, original, chain, batches)
+        reconstruct(model, original, chain, batches, n_inputs=n_inputs)
     return keep

@@ -23,6 +23,7 @@ for everything else) that QuantSim, PTQ, QAT and the export take like any other.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import evaluating, model_input, run_batch, to_device
+from ..batches import evaluating, run_batch, to_device
 from ..graph.patterns import set_submodule
 from ..metrics import sqnr_db
 from ..solvers import multiple_choice_knapsack
@@ -78,8 +79,9 @@ class CompressResult:
 
 
 @torch.no_grad()
-def layer_shapes(model: nn.Module, example) -> dict[str, tuple]:
-    """``{name: (input shape, output shape)}`` of every Linear / Conv2d for one forward pass on ``example``."""
+def layer_shapes(model: nn.Module, example, n_inputs: int = 1) -> dict[str, tuple]:
+    """``{name: (input shape, output shape)}`` of every Linear / Conv2d for one forward pass on ``example`` (a
+    batch: ``n_inputs`` leading items of a tuple are the model's inputs)."""
     shapes = {}
 
     def record(name):
@@ -90,7 +92,7 @@ def layer_shapes(model: nn.Module, example) -> dict[str, tuple]:
     hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     try:
         with evaluating(model):
-            run_batch(model, example, 1)
+            run_batch(model, example, n_inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -124,12 +126,12 @@ def _params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
-def _scorer(reference: nn.Module, batches, eval_fn):
+def _scorer(reference: nn.Module, batches, eval_fn, n_inputs: int = 1):
     """``score(model)``: ``eval_fn(model)``, or the SQNR (dB) of its outputs on ``batches`` against ``reference``'s
     (taken once, now)."""
     def outputs(m):
         with torch.no_grad(), evaluating(m):
-            return torch.cat([run_batch(m, b, 1).float().flatten(1) for b in batches])
+            return torch.cat([run_batch(m, b, n_inputs).float().flatten(1) for b in batches])
     if eval_fn is not None:
         return lambda m: float(eval_fn(m))
     ref = outputs(reference)
@@ -139,9 +141,9 @@ def _scorer(reference: nn.Module, batches, eval_fn):
 class _Svd:
     """Candidates, costs and trials of low-rank factorization (see :mod:`edgequant.compress.svd`)."""
 
-    def __init__(self, work, example, batches, what, layers, min_macs, multiple):
+    def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs):
         self.work, self.what, self.multiple = work, what, multiple
-        self.shapes = layer_shapes(work, example)
+        self.shapes = layer_shapes(work, example, n_inputs)
         mods = dict(work.named_modules())
         self.mods = {n: mods[n] for n in self.shapes}
         self.macs = {n: layer_macs(m, self.shapes[n]) for n, m in self.mods.items()}
@@ -188,14 +190,14 @@ class _Svd:
 class _Prune:
     """Candidates (chains, by consumer), costs and trials of channel pruning (see :mod:`edgequant.compress.prune`)."""
 
-    def __init__(self, work, example, batches, what, layers, min_macs, multiple):
+    def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs):
         from .prune import prunable_chains
-        self.work, self.batches = work, batches
-        shapes = layer_shapes(work, example)
+        self.work, self.batches, self.n_inputs = work, batches, n_inputs
+        shapes = layer_shapes(work, example, n_inputs)
         mods = dict(work.named_modules())
         macs = {n: layer_macs(mods[n], shapes[n]) for n in shapes}
         self.total_macs = sum(macs.values())
-        chains = prunable_chains(work, example)
+        chains = prunable_chains(work, example if isinstance(example, tuple) else (example,))
         unknown = [n for n in (layers or []) if n not in chains]
         if unknown:
             raise ValueError(f"no prunable chain ends at {unknown[:5]}; chains end at {list(chains)[:5]}")
@@ -212,7 +214,7 @@ class _Prune:
     def trial(self, n, r, score):
         from .prune import prune_chain
         m = copy.deepcopy(self.work)
-        prune_chain(m, self.work, self.chains[n], r, self.batches)
+        prune_chain(m, self.work, self.chains[n], r, self.batches, self.n_inputs)
         return score(m)
 
     def apply(self, choice):
@@ -220,7 +222,7 @@ class _Prune:
         pruned = copy.deepcopy(self.work)
         for n, c in self.chains.items():  # graph order: each reconstruction absorbs the earlier prunings
             if choice.get(n, 1.0) < 1:
-                prune_chain(pruned, self.work, c, choice[n], self.batches)
+                prune_chain(pruned, self.work, c, choice[n], self.batches, self.n_inputs)
         return pruned
 
     def report(self, choice):
@@ -232,6 +234,16 @@ def _curves(names, ratios, trial, progress) -> dict:
     """``{name: [(ratio, score of the model with only that change)]}``; ``trial(name, ratio) -> score``."""
     return {n: [(r, trial(n, r)) for r in ratios]
             for n in tqdm(names, desc="compression: sensitivity", unit="layer", disable=not progress)}
+
+
+def _n_inputs(model: nn.Module, batch) -> int:
+    """How many leading items of a tuple batch are the model's inputs (its positional parameters; the rest,
+    labels for instance, are not); 1 for a tensor."""
+    if not isinstance(batch, (tuple, list)):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    return max(1, min(len(batch), len(params)))
 
 
 def _loss(score: float, base: float, sqnr: bool) -> float:
@@ -287,7 +299,8 @@ def _cost_after(m, rank, shapes, kind) -> int:
 def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd", what: str = "macs",
              eval_fn: Optional[Callable] = None, ratios=RATIOS, layers: Optional[list[str]] = None,
              manual: Optional[dict] = None, solver: str = "knapsack", multiple: int = 1, eval_batches: int = 2,
-             min_macs: float = 0.002, of: str = "model", progress: bool = True) -> CompressResult:
+             min_macs: float = 0.002, of: str = "model", curves: Optional[dict] = None,
+             progress: bool = True) -> CompressResult:
     """Compress ``model`` (not modified) to keep ``target`` of its MACs (``what="params"``: of its parameters);
     see the module docstring.
 
@@ -305,6 +318,8 @@ def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd"
         multiple: round ranks up to a multiple of this (what the target hardware prefers).
         of: the target is a fraction of the whole model's MACs / parameters (``"model"``) or of the candidate
             layers' (``"layers"``: e.g. a transformer's Linear layers without its embeddings).
+        curves: the ``curves`` of an earlier result on the same model, data and method (the sensitivity step is
+            then skipped: several targets cost one search).
     """
     for arg, value, allowed in (("method", method, ("svd", "prune")), ("what", what, ("macs", "params")),
                                 ("solver", solver, ("knapsack", "greedy")), ("of", of, ("model", "layers"))):
@@ -317,24 +332,25 @@ def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd"
     batches = list(data)
     device = next((p.device for p in work.parameters()), torch.device("cpu"))
     scoring = [to_device(b, device) for b in batches[:eval_batches]]
-    example = to_device(model_input(batches[0]), device)
-    example = example[:1] if torch.is_tensor(example) else example
+    n_inputs = _n_inputs(work, batches[0])
+    first = to_device(batches[0], device)
+    example = tuple(t[:1] for t in first[:n_inputs]) if isinstance(first, (tuple, list)) else first[:1]
     job = (_Svd if method == "svd" else _Prune)(work, example, batches[:8] if method == "prune" else scoring, what, layers,
-                                                 min_macs, multiple)
+                                                 min_macs, multiple, n_inputs)
     total = sum(job.full.values()) if of == "layers" else (job.total_macs if what == "macs" else _params(work))
-    score = _scorer(work, scoring, eval_fn)
+    score = _scorer(work, scoring, eval_fn, n_inputs)
     base = score(work) if eval_fn is not None else float("inf")
     res = CompressResult(work, macs_before=job.total_macs, params_before=_params(work))
     def measure(m):
         if what == "params" or of == "layers":
             return None
-        return sum(layer_macs(m.get_submodule(n), s) for n, s in layer_shapes(m, example).items())
+        return sum(layer_macs(m.get_submodule(n), s) for n, s in layer_shapes(m, example, n_inputs).items())
 
     if manual is not None:
         res.model = job.apply(dict(manual))
         res.layers = job.report(dict(manual))
     else:
-        res.curves = _curves(list(job.full), ratios, lambda n, r: job.trial(n, r, score), progress)
+        res.curves = curves or _curves(list(job.full), ratios, lambda n, r: job.trial(n, r, score), progress)
         need = total - target * total
         for _ in range(4):  # savings of chains sharing a layer overlap: tighten until the measured target holds
             choice = _solve(res.curves, job.full, job.after, need, solver, base, eval_fn is None)
@@ -343,7 +359,7 @@ def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd"
             if got is None or got <= target * total * (1 + 1e-9):
                 break
             need += got - target * total
-    res.macs_after = sum(layer_macs(res.model.get_submodule(n), s) for n, s in layer_shapes(res.model, example).items())
+    res.macs_after = sum(layer_macs(res.model.get_submodule(n), s) for n, s in layer_shapes(res.model, example, n_inputs).items())
     res.params_after = _params(res.model)
     res.score = score(res.model)
     res.seconds = time.perf_counter() - t0

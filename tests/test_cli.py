@@ -92,6 +92,26 @@ def test_quantize_own_model(tmp_path, monkeypatch):
     assert r.exit_code != 0 and "no .jpg/.png" in r.output
 
 
+def make_wide_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1),
+                               torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 3))
+
+
+def test_quantize_after_compression(tmp_path, monkeypatch):
+    imgs = _image_folder(tmp_path / "imgs", 8, seed=3)
+    monkeypatch.syspath_prepend(str(tmp_path.parent))
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["quantize", "--model", "tests.test_cli:make_wide_model", "--calib", str(imgs),
+                                  "--input-size", "32", "--compress-macs", "0.6", "--compress-method", "prune", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    configs = [row["config"] for row in rep["results"]]
+    assert configs[:3] == ["fp32 (original)", "fp32 compressed", "quantized (sim)"] and "prune" in rep["compression"]
+    sim = __import__("edgequant").load(out / "sim")
+    assert sim.model.get_submodule("2").in_channels < 16  # what was saved and exported is the compressed model
+
+
 def test_quantize_with_ptq_auto(tmp_path, monkeypatch):
     imgs = _image_folder(tmp_path / "imgs", 12, seed=1)
     monkeypatch.syspath_prepend(str(tmp_path.parent))

@@ -51,6 +51,12 @@ PREPROCESS_HELP = ("Default preprocessing: the largest centered square of each i
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch and ONNX Runtime CPU threads (default: their choice).")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Write model.onnx (QDQ) and check it in ONNX Runtime.")
+@click.option("--compress-macs", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Compress the model to this fraction of its MACs before quantizing (per-layer ratios chosen on the "
+                   "calibration images; see --compress-method).")
+@click.option("--compress-method", type=click.Choice(["svd", "prune"]), default="svd", show_default=True,
+              help="svd: weight SVD of linear/1x1 layers and spatial SVD of kxk convs; prune: channel pruning with "
+                   "least-squares reconstruction.")
 @click.option("--analyze", "analyze_report", is_flag=True,
               help="Add the per-quantizer sensitivity ranking and histograms of the worst tensors to report.html "
                    "(two forward passes per quantizer on one batch of the verdict images: minutes on large models).")
@@ -129,7 +135,7 @@ def _quantize_model(model, calib, config, recipe_name, ptq, batch_size, adaround
 
 def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, input_size, resize, channels, mean, std,
          preprocess_spec, batch_size, ptq, adaround_iterations, qat_steps, qat_lr, eval_fn_spec, device, threads, onnx, out,
-         analyze_report=False):
+         analyze_report=False, compress_macs=None, compress_method="svd"):
     t0 = time.perf_counter()
     dev = _setup(device, threads)
     check_writable(out)
@@ -143,6 +149,12 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
     eval_fn = import_object(eval_fn_spec, "--eval-fn") if eval_fn_spec else None
     calib_x, eval_x, data_note = _data(calib, eval_dir, holdout, pre)
     click.echo(f"{len(calib_x)} calibration images from {calib}; {data_note}")
+    compressed = original = None
+    if compress_macs is not None:
+        from ..compress import compress
+        compressed = compress(model, batches(calib_x.to(dev), batch_size), target=compress_macs, method=compress_method)
+        click.echo(str(compressed))
+        original, model = model, compressed.model  # quantized from here on; the verdict still compares with the original
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sim, result = _quantize_model(model, calib_x, config, recipe if not config_file else config_file.name, ptq,
@@ -153,11 +165,13 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
         click.echo(result.report.to_markdown())
     header = {"model": model_spec, "weights": str(weights) if weights else None, "recipe": recipe if not config_file else str(config_file),
               "ptq": ptq, "calibration_images": len(calib_x), "data": data_note, "preprocess": _describe(pre)}
+    if compressed is not None:
+        header["compression"] = f"{compress_method}, {compressed}"
     qat = _qat(model, sim, calib_x, qat_steps, qat_lr, batch_size) if qat_steps else None
     if qat is not None:
         header["qat"] = str(qat)
         click.echo(str(qat))
-    verdict = _verdict(model, sim, eval_x, eval_fn, batch_size, dev)
+    verdict = _verdict(model, sim, eval_x, eval_fn, batch_size, dev, original)
     extra_html = {"sim": sim}
     if analyze_report:
         extra_html["analysis"], extra_html["histograms"] = sensitivity(sim, batches((eval_x if eval_x is not None else calib_x)[:batch_size], batch_size))
@@ -190,8 +204,10 @@ def _describe(pre: Preprocess) -> str:
     return f"{crop}, {'RGB' if pre.channels == 3 else 'grayscale'}, mean {pre.mean or 'ImageNet'}, std {pre.std or 'ImageNet'}"
 
 
-def _verdict(model, sim, eval_x, eval_fn, batch_size, device):
-    """``(rows, extra columns, FP32 logits, the sim's logits)`` of the verdict on the evaluation images."""
+def _verdict(model, sim, eval_x, eval_fn, batch_size, device, original=None):
+    """``(rows, extra columns, FP32 logits, the sim's logits)`` of the verdict on the evaluation images; after
+    compression (``original``: the model before it) fidelity is to the original model, with a row for the
+    compressed float model."""
     sizes = sim.size_bytes()
     extra = ("eval_fn",) if eval_fn is not None else ()
     f_score = float(eval_fn(model)) if eval_fn is not None else None
@@ -202,11 +218,18 @@ def _verdict(model, sim, eval_x, eval_fn, batch_size, device):
     t = time.perf_counter()
     ref = logits(model, eval_x, batch_size, device, "evaluating FP32")
     t_float = time.perf_counter() - t
+    rows = [row("fp32", ref, ref, sizes["float"] / 1e6, t_float, eval_fn=f_score)]
+    if original is not None:
+        small = ref
+        ref = logits(original, eval_x, batch_size, device, "evaluating the original FP32")
+        size = sum(p.numel() * p.element_size() for p in original.parameters()) / 1e6
+        o_score = float(eval_fn(original)) if eval_fn is not None else None
+        rows = [row("fp32 (original)", ref, ref, size, t_float, eval_fn=o_score),
+                row("fp32 compressed", ref, small, sizes["float"] / 1e6, t_float, eval_fn=f_score)]
     t = time.perf_counter()
     out = logits(sim, eval_x, batch_size, device, "evaluating the sim")
-    t_sim = time.perf_counter() - t
-    return ([row("fp32", ref, ref, sizes["float"] / 1e6, t_float, eval_fn=f_score),
-             row("quantized (sim)", ref, out, sizes["quantized"] / 1e6, t_sim, eval_fn=q_score)], extra, ref, out)
+    rows.append(row("quantized (sim)", ref, out, sizes["quantized"] / 1e6, time.perf_counter() - t, eval_fn=q_score))
+    return rows, extra, ref, out
 
 
 def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads, qat=None,

@@ -50,6 +50,7 @@ bench-peers: $(STAMP)
 	$(BIN)/python benchmarks/bench_peers.py --out benchmarks/results/peers.md
 	$(BIN)/python benchmarks/bench_rnn_peers.py --part all
 	$(BIN)/python benchmarks/bench_rnn.py --part table
+	$(BIN)/python benchmarks/bench_mixed_peers.py --out benchmarks/results/mixed_precision_peers.md
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

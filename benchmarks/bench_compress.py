@@ -48,19 +48,21 @@ def _latency(models: dict, x1, x64, threads, repeats, calib=None) -> dict:
 
     tmp = Path(tempfile.mkdtemp())
     paths = {}
+    name = "x"
     for label, (model, sim) in models.items():
         if calib is not None and not all(q.is_initialized for q in sim.quantizers().values()):
             sim.calibrate(calib, progress=False)
+        name = next(n.target for n in sim.model.graph.nodes if n.op == "placeholder")  # the export names it so
         for kind in ("fp32", "int8"):
             paths[f"{label} {kind}"] = {}
             for bs, x in ((1, x1), (len(x64), x64)):
                 p = str(tmp / f"{label}_{kind}_{bs}.onnx")
                 if kind == "fp32":
-                    torch.onnx.export(model, (x,), p, dynamo=False, input_names=["x"], opset_version=17)
+                    torch.onnx.export(model, (x,), p, dynamo=False, input_names=[name], opset_version=17)
                 else:
                     eq.export_onnx(sim, p, example_inputs=x, dynamic_batch=False)
                 paths[f"{label} {kind}"][bs] = p
-    return latencies(paths, {1: {"x": x1.numpy()}, len(x64): {"x": x64.numpy()}}, threads, repeats)
+    return latencies(paths, {1: {name: x1.numpy()}, len(x64): {name: x64.numpy()}}, threads, repeats)
 
 
 def part_mnist(args) -> list:
@@ -94,8 +96,15 @@ def part_mnist(args) -> list:
             row[f"{label}_w8a8_acc"] = _acc(sim, xte, yte)
         row["latency_ms"] = _latency(sims, xte[:1], xte[:64], args.threads, args.repeats)
         rows.append(row)
+        _save("mnist", rows)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _save(part: str, rows: list) -> None:
+    """Raw rows as they come (a long run stopped early keeps what it measured)."""
+    RAW.mkdir(parents=True, exist_ok=True)
+    (RAW / f"{part}.json").write_text(json.dumps(rows, indent=1))
 
 
 def part_mobilenet(args) -> list:
@@ -141,6 +150,7 @@ def part_mobilenet(args) -> list:
             row["latency_ms"] = _latency({"original": (model, eq.QuantSim(model, cx[:1], "w8a8")), "pruned 0.7": pruned},
                                          cx[:1], cx[:16], args.threads, args.repeats, calib=data)
         rows.append(row)
+        _save("mobilenet", rows)
         print(json.dumps(row), flush=True)
     return rows
 
@@ -159,14 +169,17 @@ def part_minilm(args) -> list:
         cal_s, ev_s = sentence_split(64, 256, seed=seed)
         cal, ev = batches(*tokenize(tok, cal_s, SEQ)), batches(*tokenize(tok, ev_s, SEQ))
         ref = embed(enc, ev)
+        curves = None
         for target in (0.8, 0.6):
             t = time.perf_counter()
-            res = compress(enc, cal, target=target, what="params", layers=linears, of="layers", progress=False)
+            res = compress(enc, cal, target=target, what="params", layers=linears, of="layers", curves=curves, progress=False)
+            curves = res.curves  # one sensitivity search per split
             kept_linear = (sum(c.params_after for c in res.layers) / sum(c.params_before for c in res.layers))
             cos, nn_agree = fidelity(ref, embed(res.model, ev))
             rows.append({"split": seed, "target_params_of_linears": target, "kept_linear_params": kept_linear,
                          "kept_model_params": res.params_after / res.params_before, "cosine": cos, "nn_agreement": nn_agree,
                          "select_s": time.perf_counter() - t, "layers_factored": sum(c.ratio < 1 for c in res.layers)})
+            _save("minilm", rows)
             print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -29,7 +29,6 @@ same files and scores with the same ``accuracy`` function.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -39,6 +38,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from bench_peers import sha256  # the peer table's file hash
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / ".peers" / "rnn"
@@ -51,14 +51,6 @@ PEERS = {"aimet": "run_rnn_aimet.py", "brevitas": "run_rnn_brevitas.py", "ort": 
 
 
 # ----------------------------------------------------------------------------------------------- shared helpers
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest() -> dict:
     f = DATA / "manifest.json"
     return json.loads(f.read_text()) if f.exists() else {"splits": {}, "models": []}

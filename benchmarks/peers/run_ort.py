@@ -11,16 +11,16 @@ from common import THREADS, Data, Recorder, main_args, timed
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantType, quantize_static
 
 
-def session(path, optimize=True):
+def session(path, optimize=True, threads=THREADS):
     so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
+    so.intra_op_num_threads = threads
     if not optimize:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def runner(path):
-    s = session(path, optimize=False)
+def runner(path, optimize=False):
+    s = session(path, optimize=optimize)
     name = s.get_inputs()[0].name
     return lambda b: s.run(None, {name: b.numpy()})[0]
 

@@ -35,6 +35,7 @@ torch.set_num_threads(1)
 
 import onnx
 import onnxruntime as ort
+from run_ort import Reader, runner, session  # noqa: E402 -- the image runner's ORT helpers
 from bench_rnn_peers import (
     RAW,
     PeerRows,
@@ -45,7 +46,6 @@ from bench_rnn_peers import (
     selected,
 )
 from onnxruntime.quantization import (
-    CalibrationDataReader,
     QuantFormat,
     quantize_dynamic,
     quantize_static,
@@ -53,28 +53,6 @@ from onnxruntime.quantization import (
 
 ONNX_DIR = RAW / "onnx"
 RECURRENT = ("LSTM", "GRU", "RNN")
-
-
-def session(path, threads=1, optimize=True):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def runner(path, optimize=True):
-    s = session(path, optimize=optimize)
-    name = s.get_inputs()[0].name
-    return lambda b: s.run(None, {name: b.numpy()})[0]
-
-
-class Reader(CalibrationDataReader):
-    def __init__(self, batches, name):
-        self.it = iter([{name: b.numpy()} for b in batches])
-
-    def get_next(self):
-        return next(self.it, None)
 
 
 def export(net, x, path: Path):
@@ -110,8 +88,8 @@ def inventory(path) -> tuple[str, list[str]]:
 def float_row(net, xte, fp32: Path):
     export(net, xte, fp32)
     ref = net(xte[:64])
-    diff = float((torch.as_tensor(runner(fp32)(xte[:64])) - ref).abs().max())
-    return runner(fp32), f"torch.onnx.export dynamo=False, opset 17; max |ORT - torch| logit {diff:.1e}"
+    diff = float((torch.as_tensor(runner(fp32, True)(xte[:64])) - ref).abs().max())
+    return runner(fp32, True), f"torch.onnx.export dynamo=False, opset 17; max |ORT - torch| logit {diff:.1e}"
 
 
 def quant_row(kind: str, fp32: Path, dst: Path, cal, xte, yte, optimize=True):

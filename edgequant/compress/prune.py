@@ -136,13 +136,23 @@ def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def select_channels(model: nn.Module, chain: Chain, batches, ratio: float, n_inputs: int = 1) -> torch.Tensor:
-    """The ``ceil(ratio C)`` input channels of the consumer that contribute most (sorted indices)."""
+def kept_channels(ratio: float, channels: int, multiple: int = 1) -> int:
+    """``ceil(ratio C)`` rounded up to a multiple of ``multiple`` (at most ``C``, at least one). Vector units and
+    int8 GEMM kernels work on blocks of channels: a count off the block wastes the rest of the last block."""
+    k = max(1, math.ceil(ratio * channels - 1e-9))
+    if multiple > 1:
+        k = math.ceil(k / multiple) * multiple
+    return min(k, channels)
+
+
+def select_channels(model: nn.Module, chain: Chain, batches, ratio: float, n_inputs: int = 1,
+                    multiple: int = 1) -> torch.Tensor:
+    """The :func:`kept_channels` input channels of the consumer that contribute most (sorted indices)."""
     c = model.get_submodule(chain.consumer)
     xs = _io(model, chain.consumer, batches, True, n_inputs)
     rms = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs], 1).float().pow(2).mean(1).sqrt()
     score = c.weight.detach().float().transpose(0, 1).reshape(c.in_channels, -1).norm(dim=1) * rms
-    k = max(1, math.ceil(ratio * c.in_channels))
+    k = kept_channels(ratio, c.in_channels, multiple)
     return torch.sort(torch.topk(score, k).indices).values
 
 
@@ -174,10 +184,11 @@ def reconstruct(model: nn.Module, original: nn.Module, chain: Chain, batches, sa
     return float((x @ sol - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
 
 
-def prune_chain(model: nn.Module, original: nn.Module, chain: Chain, ratio: float, batches, n_inputs: int = 1) -> torch.Tensor:
+def prune_chain(model: nn.Module, original: nn.Module, chain: Chain, ratio: float, batches, n_inputs: int = 1,
+                multiple: int = 1) -> torch.Tensor:
     """Select, prune and reconstruct one chain of ``model`` in place; returns the kept channels. ``n_inputs``:
-    how many leading items of a tuple batch the model takes."""
-    keep = select_channels(model, chain, batches, ratio, n_inputs)
+    how many leading items of a tuple batch the model takes; ``multiple``: keep a multiple of this many."""
+    keep = select_channels(model, chain, batches, ratio, n_inputs, multiple)
     if len(keep) < chain.channels:
         apply_pruning(model, chain, keep)
         reconstruct(model, original, chain, batches, n_inputs=n_inputs)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
@@ -192,7 +191,7 @@ class _Prune:
 
     def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs):
         from .prune import prunable_chains
-        self.work, self.batches, self.n_inputs = work, batches, n_inputs
+        self.work, self.batches, self.n_inputs, self.multiple = work, batches, n_inputs, multiple
         shapes = layer_shapes(work, example, n_inputs)
         mods = dict(work.named_modules())
         macs = {n: layer_macs(mods[n], shapes[n]) for n in shapes}
@@ -206,7 +205,8 @@ class _Prune:
         self.full = {n: sum((macs[m] if what == "macs" else _params(mods[m])) for m in ms) for n, ms in members.items()}
 
     def kept(self, n, r):
-        return max(1, math.ceil(r * self.chains[n].channels))
+        from .prune import kept_channels
+        return kept_channels(r, self.chains[n].channels, self.multiple)
 
     def after(self, n, r):
         return self.full[n] * self.kept(n, r) / self.chains[n].channels
@@ -214,7 +214,7 @@ class _Prune:
     def trial(self, n, r, score):
         from .prune import prune_chain
         m = copy.deepcopy(self.work)
-        prune_chain(m, self.work, self.chains[n], r, self.batches, self.n_inputs)
+        prune_chain(m, self.work, self.chains[n], r, self.batches, self.n_inputs, self.multiple)
         return score(m)
 
     def apply(self, choice):
@@ -222,7 +222,7 @@ class _Prune:
         pruned = copy.deepcopy(self.work)
         for n, c in self.chains.items():  # graph order: each reconstruction absorbs the earlier prunings
             if choice.get(n, 1.0) < 1:
-                prune_chain(pruned, self.work, c, choice[n], self.batches, self.n_inputs)
+                prune_chain(pruned, self.work, c, choice[n], self.batches, self.n_inputs, self.multiple)
         return pruned
 
     def report(self, choice):
@@ -315,7 +315,8 @@ def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd"
             least ``min_macs`` of the model's MACs) or consumer conv names of chains (pruning; default all).
         manual: ``{layer: ratio}`` to apply as given (no search).
         solver: ``"knapsack"`` (exact, default) or ``"greedy"`` (AIMET's).
-        multiple: round ranks up to a multiple of this (what the target hardware prefers).
+        multiple: round ranks (SVD) and kept channels (pruning) up to a multiple of this (what the target
+            hardware prefers: 8 or 16 for int8 GEMM and vector kernels).
         of: the target is a fraction of the whole model's MACs / parameters (``"model"``) or of the candidate
             layers' (``"layers"``: e.g. a transformer's Linear layers without its embeddings).
         curves: the ``curves`` of an earlier result on the same model, data and method (the sensitivity step is

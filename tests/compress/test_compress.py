@@ -129,3 +129,14 @@ def test_channel_pruning_follows_the_chain_reconstructs_and_meets_the_target(tmp
     sim = eq.QuantSim(res.model, data[0][:1], "w8a8")
     sim.calibrate(data, progress=False)
     eq.export_onnx(sim, tmp_path / "p.onnx")  # a plain model: quantized and exported like any other
+
+
+def test_kept_channels_round_to_the_hardware_multiple():
+    from edgequant.compress.prune import kept_channels
+    assert [kept_channels(r, 32) for r in (0.5, 0.52, 0.01, 1.0)] == [16, 17, 1, 32]
+    assert [kept_channels(r, 32, 8) for r in (0.5, 0.52, 0.01, 0.99)] == [16, 24, 8, 32]
+    assert kept_channels(0.3, 20, 16) == 16 and kept_channels(0.9, 20, 16) == 20  # never above the layer's count
+    torch.manual_seed(3)
+    data = [torch.randn(8, 3, 12, 12) for _ in range(4)]
+    res = compress(_Inverted().eval(), data, target=0.8, method="prune", multiple=8, progress=False)
+    assert res.model.project.in_channels % 8 == 0 and res.model.project.in_channels < 32

@@ -324,6 +324,10 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     if sim.capture_mode != "graph":
         raise ExportError("ONNX export needs a sim built by graph capture; this one fell back to leaf modules "
                           "(see the capture warning for the line that stopped tracing)")
+    simulated = [n for n, m in sim.model.named_modules() if getattr(m, "simulates_bn", False)]
+    if simulated:
+        raise ExportError(f"{len(simulated)} layer(s) still simulate their batch norm ({', '.join(simulated[:3])}): call "
+                          "edgequant.qat.fold_simulated_bn(sim) after training, then export")
     qs = sim.quantizers()
     missing = [n for n, q in qs.items() if not q.is_initialized]
     if missing:

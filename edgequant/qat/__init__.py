@@ -13,7 +13,9 @@
 (3, 3)
 """
 from .augment import light_augment
+from .bn import BnFolding, fold_simulated_bn, simulate_bn_folding
 from .finetune import QATReport, distillation_loss, finetune
 from .prepare import prepare_qat, project_, quantizer_parameters
 
-__all__ = ["prepare_qat", "finetune", "QATReport", "distillation_loss", "project_", "quantizer_parameters", "light_augment"]
+__all__ = ["prepare_qat", "finetune", "QATReport", "distillation_loss", "project_", "quantizer_parameters", "light_augment",
+           "simulate_bn_folding", "fold_simulated_bn", "BnFolding"]

@@ -401,7 +401,8 @@ class QuantSim(nn.Module):
             if isinstance(m, QuantizedModuleMixin):
                 for pname, q in m.param_quantizers.items():
                     if isinstance(q, Quantizer) and not (q.is_frozen and q.is_initialized):
-                        q.calibrate_from(getattr(m, pname))
+                        # a layer may quantize a tensor computed from the parameter (qat.bn: the folded weight)
+                        q.calibrate_from(m.quantized_input(pname) if hasattr(m, "quantized_input") else getattr(m, pname))
         acts = [q for q in qs.values() if not q.is_weight and not (q.is_frozen and q.is_initialized)]
         n = 0
         merge, group = distributed_group(distributed)
@@ -508,6 +509,8 @@ class QuantSim(nn.Module):
         """
         from .exact import IntegerExactMode
 
+        if any(getattr(m, "simulates_bn", False) for m in self.model.modules()):
+            raise ValueError("layers still simulate their batch norm: call edgequant.qat.fold_simulated_bn(sim) first")
         return IntegerExactMode(self, requant)
 
     # ------------------------------------------------------------------ reporting

@@ -115,8 +115,9 @@ def _float_onnx(model, x, path: Path) -> None:
     path.with_name(path.name.replace(".onnx", ".encodings.json")).unlink(missing_ok=True)
 
 
-def ensure_env(peer: str) -> Path:
-    reqs, _ = PEERS[peer]
+def ensure_env(peer: str, reqs: list[str] | None = None) -> Path:
+    """The peer's virtual environment (created on first use); ``reqs`` for peers outside :data:`PEERS`."""
+    reqs = PEERS[peer][0] if reqs is None else reqs
     if reqs is None:
         return Path(sys.executable)
     venv = PEERS_DIR / "venvs" / peer

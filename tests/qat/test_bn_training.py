@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import edgequant as eq
-from edgequant.qat import finetune, fold_simulated_bn, simulate_bn_folding
+from edgequant.qat import finetune, fold_simulated_bn, prepare_qat, simulate_bn_folding
 
 
 def _net():
@@ -61,6 +61,7 @@ def test_statistics_freeze_then_fold_exports_bit_exact(tmp_path):
     model, data = _net(), [torch.randn(8, 3, 10, 10) for _ in range(4)]
     sim, _ = _sim(model, data)
     bn = sim.model.get_submodule("4")
+    prepare_qat(sim)  # learned grids on top: the weight quantizer learns the folded weight's scale
     finetune(sim, data, steps=2, lr=1e-3, progress=False)
     moved = bn.running_mean.clone()
     assert int(sim.model.get_submodule("3").bn_batches) == 2

@@ -73,7 +73,7 @@ def main():
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--eval", type=int, default=64)
     ap.add_argument("--adaround", type=int, default=200, help="AdaRound iterations per layer for the W4 candidates")
-    ap.add_argument("--splits", choices=["one", "both"], default="both")
+    ap.add_argument("--splits", choices=["one", "swapped", "both"], default="both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -85,8 +85,8 @@ def main():
             "FP32 and top-1 agreement on the evaluation crops; the search scores on 2 batches of its calibration crops. "
             "Every sim is bias-corrected on the calibration crops (empirical; in the search each candidate brings its "
             "own corrected bias).", ""]
-    splits = [("calibration photos -> evaluation photos", a, b)]
-    if args.splits == "both":
+    splits = [("calibration photos -> evaluation photos", a, b)] if args.splits != "swapped" else []
+    if args.splits != "one":
         splits.append(("swapped: evaluation photos -> calibration photos", b[:args.calib], a[:args.eval]))
     for name, cx, ex in splits:
         text += [f"## split: {name}", "", "| configuration | G bit-ops | held-out SQNR dB | held-out top-1 agreement | seconds |",

@@ -207,8 +207,9 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
         budget: instead, choose the best point within this fraction of the all-high bit operations.
         knapsack_points: budgets solved exactly and evaluated (0: the greedy front only).
         low_adaround: AdaRound iterations per layer for the low candidate's weights (0: nearest rounding),
-            reconstructing each layer from float inputs so that roundings combine in any mix; a lowered weight
-            then takes its AdaRound rounding, in the search and in the rebuilt sim.
+            reconstructing each layer from float inputs so that roundings combine in any mix, on the calibration
+            batches the search does not score on; a lowered weight then takes its AdaRound rounding, in the search
+            and in the rebuilt sim.
         bias_correction: empirical bias correction (:func:`edgequant.ptq.correct_bias`) of both candidates
             before the search (a layer switched to a candidate takes that candidate's corrected bias) and of
             the rebuilt sim. Quantized weights shift the mean output of every layer; on MobileNetV2 the shift
@@ -236,7 +237,10 @@ def mixed_precision(model, calib_data, *, high="w8a16", low="w4a8", eval_data=No
         # it, and a mix that keeps some of those at 8 bits breaks the compensation: on MobileNetV2 every mixed
         # point then scored below the all-low one in the search (all-low 17.4 dB on its own calibration crops,
         # 4.5 dB on other photos)
-        adaround(sims["low"], batches, iterations=low_adaround, asymmetric=False, progress=progress)
+        # and on batches the search does not score on (when there are others): AdaRound fits the batches it
+        # reconstructs, and a search scored on them prefers the all-low point to every mix
+        fit = batches[num_eval_batches:] if eval_data is None and len(batches) > num_eval_batches else batches
+        adaround(sims["low"], fit, iterations=low_adaround, asymmetric=False, progress=progress)
     if bias_correction:
         from ..ptq.bias_correction import correct_bias
         for s in sims.values():

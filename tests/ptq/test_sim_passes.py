@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -71,8 +72,13 @@ def test_loss_aware_output_range_lowers_cross_entropy(tiny_net, digits):
     xtr, ytr, _, _ = digits
     sim = QuantSim(tiny_net, xtr[:1], "w8a8")
     sim.calibrate(_batches(xtr), progress=False)
+    q = sim.quantizers()["fc"]
+    rep0 = loss_aware_output_range(sim, _batches(xtr))  # from the min-max range: never worse
+    assert rep0.quantizer == "fc" and rep0.loss_after <= rep0.loss_before
+    enc = q.encoding()
+    q.set_encoding(dataclasses.replace(enc, scale=enc.scale * 4))  # a range 4x too wide: steps too coarse for the logits
     rep = loss_aware_output_range(sim, _batches(xtr))
-    assert rep.quantizer == "fc" and rep.loss_after < rep.loss_before  # the search starts from the current range
+    assert rep.loss_after < rep.loss_before and rep.range_after[1] < rep.range_before[1]
     rep2 = loss_aware_output_range(sim, [(b, ytr[:64]) for b in _batches(xtr, 1)], target="labels")
     assert rep2.loss_after < rep2.loss_before
 

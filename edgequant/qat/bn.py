@@ -152,7 +152,7 @@ def fold_simulated_bn(sim) -> list[str]:
     """Fold every simulated batch norm of ``sim`` into its layer for good (in place); returns the layers.
     In eval mode the outputs are unchanged to the last bit; the sim then exports like a folded one."""
     folded = []
-    for name, m in sim.model.named_modules():
+    for name, m in list(sim.model.named_modules()):  # a list: the batch norms are replaced on the way
         if not isinstance(m, SimulatedBnFold):
             continue
         w, b = m.folded_weight(), m.folded_bias()

@@ -69,19 +69,27 @@ def _latency(models: dict, x1, x64, threads, repeats, calib=None) -> dict:
     return latencies(paths, {1: {name: x1.numpy()}, len(x64): {name: x64.numpy()}}, threads, repeats)
 
 
+def _mnist_setup(seed: int, epochs: int):
+    """``(xtr, ytr, xte, yte, net, data, convs)``: MNIST-5k split ``seed``, the CNN trained on it, 256 training
+    digits in batches (what compression scores on) and the names of its 3x3 convs."""
+    from edgequant.data.mnist import mnist_5k
+    from edgequant.models.mnist_net import train_classifier
+
+    xtr, ytr, xte, yte = mnist_5k(seed=seed)
+    torch.manual_seed(seed)
+    net = train_classifier(mnist_cnn(), xtr, ytr, epochs, seed, 64, 2e-3)
+    convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    return xtr, ytr, xte, yte, net, list(xtr[:256].split(64)), convs
+
+
 def part_mnist(args) -> list:
     import edgequant as eq
     from edgequant.compress import compress
-    from edgequant.data.mnist import mnist_5k
     from edgequant.models.mnist_net import train_classifier
 
     rows = []
     for seed in (0, 1):
-        xtr, ytr, xte, yte = mnist_5k(seed=seed)
-        torch.manual_seed(seed)
-        net = train_classifier(mnist_cnn(), xtr, ytr, args.epochs, seed, 64, 2e-3)
-        data = list(xtr[:256].split(64))
-        convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        xtr, ytr, xte, yte, net, data, convs = _mnist_setup(seed, args.epochs)
         row = {"split": seed, "fp32": _acc(net, xte, yte)}
         for solver in ("knapsack", "greedy"):
             t = time.perf_counter()
@@ -223,43 +231,37 @@ def part_peers(args) -> str:
 
 def _mnist_peers(args, bench_peers) -> list:
     """Spatial SVD of the MNIST CNN to 0.5 of the MACs: edgequant (knapsack and greedy) and AIMET (its runner)."""
+    import os
     import subprocess
 
     from edgequant.compress import compress
-    from edgequant.data.mnist import mnist_5k
-    from edgequant.models.mnist_net import train_classifier
 
     py = bench_peers.ensure_env("aimet")
     rows = []
     for seed in (0, 1):
-        xtr, ytr, xte, yte = mnist_5k(seed=seed)
-        torch.manual_seed(seed)
-        net = train_classifier(mnist_cnn(), xtr, ytr, args.epochs, seed, 64, 2e-3)
-        data = list(xtr[:256].split(64))
-        convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        xtr, ytr, xte, yte, net, data, convs = _mnist_setup(seed, args.epochs)
         before = _acc(net, xte, yte)
-        for solver in ("knapsack", "greedy"):
+
+        def ours(method, target, **kw):
             t = time.perf_counter()
-            res = compress(net, data, target=0.5, layers=convs, solver=solver, progress=False)
+            res = compress(net, data, target=target, layers=convs, progress=False, **kw)
             rows.append({"seed": seed, "peer": "edgequant", "macs": res.macs_after / res.macs_before, "acc_before": before,
                          "acc": _acc(res.model, xte, yte), "seconds": time.perf_counter() - t,
-                         "method": f"compress(target=0.5, solver={solver!r}), 3x3 convs"})
+                         "method": f"compress({method}), 3x3 convs"})
+        for solver in ("knapsack", "greedy"):
+            ours(f"target=0.5, solver={solver!r}", 0.5, solver=solver)
         inputs = RAW / f"mnist_seed{seed}.pt"
         torch.save({"state_dict": net.state_dict(), "score_x": xtr[:256], "score_y": ytr[:256], "test_x": xte, "test_y": yte},
                    inputs)
         out = RAW / f"aimet_mnist_seed{seed}.json"
         subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / "run_compress_aimet.py"), str(inputs), str(out)],
-                       check=True, env=dict(__import__("os").environ, PYTHONPATH=str(ROOT / "benchmarks" / "peers")))
+                       check=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "benchmarks" / "peers")))
         aimet = [dict(r, seed=seed) for r in json.loads(out.read_text())]
         rows += aimet
         # AIMET's greedy may land below the target (every layer at its lowest ratio when the accuracy does not move):
         # edgequant at the MACs AIMET reached, for a like-for-like row
-        t = time.perf_counter()
-        res = compress(net, data, target=aimet[0]["macs"], layers=convs, ratios=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9),
-                       progress=False)
-        rows.append({"seed": seed, "peer": "edgequant", "macs": res.macs_after / res.macs_before, "acc_before": before,
-                     "acc": _acc(res.model, xte, yte), "seconds": time.perf_counter() - t,
-                     "method": f"compress(target={aimet[0]['macs']:.3f}: the MACs AIMET reached), 3x3 convs"})
+        reached = aimet[0]["macs"]
+        ours(f"target={reached:.3f}: the MACs AIMET reached", reached, ratios=(0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9))
         print(json.dumps(rows[-4:]), flush=True)
     return rows
 

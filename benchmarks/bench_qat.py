@@ -51,11 +51,11 @@ def _save(part: str, rows) -> None:
     (STORE / f"{part}.json").write_text(json.dumps(rows, indent=1))
 
 
-def part_mnist(args) -> list:
-    from edgequant import quantize
+def _mnist_setup():
+    """``(xtr, ytr, xte, yte, net, acc)``: MNIST-5k, the project's network trained on it (8 epochs) and
+    ``acc(model)``, held-out accuracy."""
     from edgequant.data.mnist import mnist_5k
     from edgequant.models.mnist_net import train_mnist_net
-    from edgequant.qat import finetune, prepare_qat
 
     xtr, ytr, xte, yte = mnist_5k()
     net = train_mnist_net(xtr, ytr, epochs=8)
@@ -63,7 +63,14 @@ def part_mnist(args) -> list:
     def acc(m):
         with torch.no_grad():
             return float(torch.cat([m(b).argmax(1) for b in xte.split(256)]).eq(yte).float().mean())
+    return xtr, ytr, xte, yte, net, acc
 
+
+def part_mnist(args) -> list:
+    from edgequant import quantize
+    from edgequant.qat import finetune, prepare_qat
+
+    xtr, ytr, xte, yte, net, acc = _mnist_setup()
     fp32 = acc(net)
     rows = []
     cal = list(xtr[:512].split(64))
@@ -95,17 +102,9 @@ def part_bn(args) -> list:
     half the steps), both from the same calibrated start, distillation without labels; two seeds (data order
     and initialisation of the learned grids). Written to ``benchmarks/results/qat_bn.md``."""
     from edgequant import QuantSim
-    from edgequant.data.mnist import mnist_5k
-    from edgequant.models.mnist_net import train_mnist_net
     from edgequant.qat import finetune, fold_simulated_bn, prepare_qat, simulate_bn_folding
 
-    xtr, ytr, xte, yte = mnist_5k()
-    net = train_mnist_net(xtr, ytr, epochs=8)
-
-    def acc(m):
-        with torch.no_grad():
-            return float(torch.cat([m(b).argmax(1) for b in xte.split(256)]).eq(yte).float().mean())
-
+    xtr, ytr, xte, yte, net, acc = _mnist_setup()
     cal = list(xtr[:512].split(64))
     rows = [{"scheme": "FP32", "acc": acc(net)}]
     steps = args.mnist_epochs * (len(xtr) // 64)

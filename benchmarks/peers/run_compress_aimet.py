@@ -37,7 +37,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     from bench_compress import mnist_cnn
-    from edgequant.compress.select import layer_macs, layer_shapes
+    from edgequant.compress.select import model_macs
 
     data = torch.load(args.inputs)
     net = mnist_cnn()
@@ -64,11 +64,7 @@ def main():
     finally:
         os.chdir(cwd)
 
-    def macs(m):
-        shapes = layer_shapes(m, xte[:1])
-        mods = dict(m.named_modules())
-        return sum(layer_macs(mods[n], s) for n, s in shapes.items())
-    row = {"peer": "aimet", "target": args.target, "macs": macs(compressed) / macs(net), "acc_before": acc(net, xte, yte),
+    row = {"peer": "aimet", "target": args.target, "macs": model_macs(compressed, xte[:1]) / model_macs(net, xte[:1]), "acc_before": acc(net, xte, yte),
            "acc": acc(compressed, xte, yte), "seconds": sec, "aimet_mac_ratio": float(stats.mac_compression_ratio),
            "layer_ratios": {p.name: None if p.compression_ratio is None else float(p.compression_ratio) for p in stats.per_layer_stats},
            "method": "ModelCompressor.compress_model(spatial_svd, mac, greedy selection, 10 candidates per layer)"}

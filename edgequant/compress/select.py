@@ -107,6 +107,11 @@ def layer_macs(m: nn.Module, shapes: tuple) -> int:
     return per_sample * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
 
 
+def model_macs(model: nn.Module, example, n_inputs: int = 1) -> int:
+    """MACs of one sample through every Linear / Conv2d ``model`` runs on ``example``."""
+    return sum(layer_macs(model.get_submodule(n), s) for n, s in layer_shapes(model, example, n_inputs).items())
+
+
 def factored_macs(m: nn.Module, rank: int, shapes: tuple) -> int:
     """MACs of ``m``'s factorization at ``rank`` (exact from the recorded shapes)."""
     inp, out = shapes
@@ -345,7 +350,7 @@ def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd"
     def measure(m):
         if what == "params" or of == "layers":
             return None
-        return sum(layer_macs(m.get_submodule(n), s) for n, s in layer_shapes(m, example, n_inputs).items())
+        return model_macs(m, example, n_inputs)
 
     if manual is not None:
         res.model = job.apply(dict(manual))

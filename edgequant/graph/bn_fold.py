@@ -45,7 +45,8 @@ class FoldReport:
 _FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
-def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
+def why_not_foldable(layer: nn.Module, bn: nn.Module) -> str | None:
+    """Why ``bn`` cannot fold into ``layer`` (its statistics or its channel count), or None."""
     if not bn.track_running_stats or bn.running_mean is None:
         return "it has no running statistics (track_running_stats=False)"
     axis = 1 if isinstance(layer, nn.modules.conv._ConvTransposeNd) else 0
@@ -145,7 +146,7 @@ def fold_batch_norms(model: nn.Module, inplace: bool = False) -> tuple[nn.Module
         elif counts.get(src.target, 0) > 1 or counts.get(node.target, 0) > 1:
             reason = "the layer or the batch norm is called more than once"
         else:
-            reason = _why_not(layer, bn)
+            reason = why_not_foldable(layer, bn)
         if reason:
             report.skipped.append((node.target, reason))
             continue

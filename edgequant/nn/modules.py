@@ -52,6 +52,11 @@ class QuantizedModuleMixin:
         finally:
             self._parameters.update(saved)
 
+    def quantized_input(self, pname: str) -> torch.Tensor:
+        """The tensor the quantizer of parameter ``pname`` quantizes (calibration reads it): the parameter
+        itself, unless a subclass computes it (:mod:`edgequant.qat.bn`: the weight folded with a batch norm)."""
+        return getattr(self, pname)
+
     def _quantized_bias(self, dtype=None):
         """``round(b / (s_in s_w)) * s_in s_w`` when the input and weight quantizers are active and
         calibrated (per-tensor input; per-tensor or per-output-channel weight), else None. In ``dtype``

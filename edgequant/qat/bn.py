@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..graph import ops
+from ..graph.bn_fold import why_not_foldable
 from ..graph.patterns import bn_producer, module_of, set_submodule
 from ..nn.modules import QuantizedModuleMixin
 
@@ -50,18 +51,19 @@ class SimulatedBnFold:
         k = torch.rsqrt(bn.running_var + bn.eps)
         return k * bn.weight if bn.affine else k
 
-    def folded_weight(self) -> torch.Tensor:
+    def folded_weight(self, k: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The weight folded with the running statistics (``k``: :meth:`bn_factor`, when the caller has it)."""
         w = self._parameters["weight"]
-        return w * self.bn_factor().view([-1] + [1] * (w.dim() - 1))
+        return w * (self.bn_factor() if k is None else k).view([-1] + [1] * (w.dim() - 1))
+
+    def folded_bias(self, k: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bn, b = self.bn, self._parameters.get("bias")
+        shift = (b if b is not None else 0) - bn.running_mean
+        return shift * (self.bn_factor() if k is None else k) + (bn.bias if bn.affine else 0)
 
     def quantized_input(self, pname: str) -> torch.Tensor:
         """What the quantizer of ``pname`` sees (calibration reads it): the folded weight."""
-        return self.folded_weight().detach() if pname == "weight" else getattr(self, pname)
-
-    def folded_bias(self) -> torch.Tensor:
-        bn, b = self.bn, self._parameters.get("bias")
-        shift = (b if b is not None else 0) - bn.running_mean
-        return shift * self.bn_factor() + (bn.bias if bn.affine else 0)
+        return self.folded_weight().detach() if pname == "weight" else super().quantized_input(pname)
 
     @property
     def bn_frozen(self) -> bool:
@@ -71,8 +73,8 @@ class SimulatedBnFold:
         batch = self.training and not self.bn_frozen
         w, b = self._parameters["weight"], self._parameters.get("bias")
         k = self.bn_factor()
-        self._parameters["weight"] = self.folded_weight()
-        self._parameters["bias"] = None if batch else self.folded_bias()
+        self._parameters["weight"] = self.folded_weight(k)
+        self._parameters["bias"] = None if batch else self.folded_bias(k)
         try:
             y = super().forward(x)
         finally:
@@ -130,10 +132,8 @@ def simulate_bn_folding(sim, freeze_bn_after: Optional[int] = None) -> BnFolding
             why = "it does not follow a quantized conv or linear layer that only it reads"
         elif isinstance(layer, SimulatedBnFold):
             why = "its layer already simulates a batch norm"
-        elif not bn.track_running_stats or bn.running_var is None:
-            why = "it has no running statistics"
-        elif layer.weight.shape[0] != bn.num_features:
-            why = f"its {bn.num_features} features do not match the layer's output channels"
+        else:
+            why = why_not_foldable(layer, bn)
         if why:
             out.skipped.append((node.target, why))
             continue
@@ -155,7 +155,8 @@ def fold_simulated_bn(sim) -> list[str]:
     for name, m in list(sim.model.named_modules()):  # a list: the batch norms are replaced on the way
         if not isinstance(m, SimulatedBnFold):
             continue
-        w, b = m.folded_weight(), m.folded_bias()
+        k = m.bn_factor()
+        w, b = m.folded_weight(k), m.folded_bias(k)
         m.weight.copy_(w)
         if m.bias is None:
             m.bias = nn.Parameter(b.detach().clone())

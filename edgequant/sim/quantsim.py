@@ -401,8 +401,7 @@ class QuantSim(nn.Module):
             if isinstance(m, QuantizedModuleMixin):
                 for pname, q in m.param_quantizers.items():
                     if isinstance(q, Quantizer) and not (q.is_frozen and q.is_initialized):
-                        # a layer may quantize a tensor computed from the parameter (qat.bn: the folded weight)
-                        q.calibrate_from(m.quantized_input(pname) if hasattr(m, "quantized_input") else getattr(m, pname))
+                        q.calibrate_from(m.quantized_input(pname))
         acts = [q for q in qs.values() if not q.is_weight and not (q.is_frozen and q.is_initialized)]
         n = 0
         merge, group = distributed_group(distributed)

@@ -1,0 +1,114 @@
+"""Where edgequant's W8A8 default loses on a photo partition (issue 18; the notes of ``results/splits.md``).
+
+MobileNetV2, partition ``k`` of ``bench_splits.py`` (128 calibration / 256 evaluation crops, same photos and crop
+seeds). Parts:
+
+* ``noise``: logit SQNR of the default (``bn_fold + act_eq + bias_correction``), of its weights only (activations
+  float) and of its activations only (weights float, no bias correction);
+* ``worst``: the activation quantizers that cost most alone (only that one enabled; 128 evaluation crops);
+* ``tensor``: quantizer ``--name``'s calibrated range against the float model's per-crop maxima there on
+  128 evaluation crops;
+* ``methods``: the default with the 8-bit activation range method swapped (``--methods``), activation-aware bias
+  correction, and 8-bit AdaRound (``--adaround`` it/layer) before bias correction.
+
+    python benchmarks/diagnose_splits.py --partition 4 --part noise|worst|methods|tensor [--name features.15.conv.1.2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STAGES = ["bn_fold", "act_eq", "bias_correction"]
+
+
+def _data(k: int):
+    from bench_splits import partition
+
+    from edgequant.data.photos import photo_crops
+
+    cal_p, ev_p = partition(k)
+    return photo_crops(cal_p, 128, seed=2 * k), photo_crops(ev_p, 256, seed=2 * k + 1)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--partition", type=int, default=4)
+    ap.add_argument("--part", choices=["noise", "worst", "tensor", "methods"], required=True)
+    ap.add_argument("--name", default="features.15.conv.1.2")
+    ap.add_argument("--methods", default="mse,sqnr,minmax")
+    ap.add_argument("--adaround", type=int, default=100)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    import edgequant
+    from edgequant import QuantConfig
+    from edgequant.metrics import fidelity
+    from edgequant.models.mobilenet import mobilenet_v2_imagenet
+    from edgequant.ptq import correct_bias
+
+    cal, ev = _data(args.partition)
+    model = mobilenet_v2_imagenet().eval()
+    cb = list(cal.split(32))
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in ev.split(64)])
+
+    def score(sim, x=ev, r=ref):
+        with torch.no_grad():
+            f = fidelity(r, torch.cat([sim(b) for b in x.split(64)]))
+        return f"{f.sqnr_db:.2f} dB, top-1 agreement {f.top1:.3f}, KL {f.kl:.3f}"
+
+    def quantize(cfg="w8a8", stages=STAGES, **kw):
+        return edgequant.quantize(copy.deepcopy(model), cb, cfg, ptq=stages, progress=False, **kw).sim
+
+    if args.part == "noise":
+        sim = quantize()
+        print("default:", score(sim))
+        sim.disable(role="activation")
+        print("weights only (bias-corrected):", score(sim))
+        sim = quantize(stages=["bn_fold", "act_eq"])
+        sim.disable(role="weight")
+        print("activations only:", score(sim))
+    elif args.part == "worst":
+        sim = quantize(stages=["bn_fold", "act_eq"])
+        acts = [n for n, q in sim.quantizers().items() if q.role != "weight"]
+        sim.disable()
+        rows = []
+        for n in acts:
+            sim.enable([n])
+            rows.append((score(sim, ev[:128], ref[:128]), n))
+            sim.disable([n])
+        for s, n in sorted(rows, key=lambda r: float(r[0].split()[0]))[:10]:
+            print(f"{n}: {s}")
+    elif args.part == "tensor":
+        sim = quantize(stages=["bn_fold", "act_eq"])
+        q = sim.quantizers()[args.name]
+        seen = []  # the float model's tensor there (the output of the module of that name)
+        h = model.get_submodule(args.name).register_forward_hook(lambda m, a, y: seen.append(y.detach().flatten(1).amax(1)))
+        with torch.no_grad():
+            model(ev[:128])
+        h.remove()
+        peaks = torch.cat(seen)
+        top = float(q.scale.max()) * q.qmax
+        print(f"{args.name}: calibrated range top {top:.2f}; evaluation per-crop maxima median {peaks.median():.2f}, "
+              f"90th percentile {peaks.quantile(0.9):.2f}, max {peaks.max():.2f}")
+    else:
+        print("default:", score(quantize()))
+        for m in args.methods.split(","):
+            cfg = QuantConfig.preset("w8a8")
+            cfg = replace(cfg, activation=replace(cfg.activation, range_method=m))
+            print(f"activation ranges {m}:", score(quantize(cfg)))
+        sim = quantize(stages=["bn_fold", "act_eq"])
+        correct_bias(sim, cb, activations="quantized", progress=False)
+        print("bias correction of activation shifts too:", score(sim))
+        print(f"8-bit AdaRound ({args.adaround} it) before bias correction:",
+              score(quantize(stages=["bn_fold", "act_eq", "adaround", "bias_correction"], adaround_iterations=args.adaround)))
+
+
+if __name__ == "__main__":
+    main()

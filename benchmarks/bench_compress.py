@@ -21,6 +21,7 @@ Parts (``--part``; raw results in ``.peers/compress/<part>.json``, table in ``be
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -148,7 +149,7 @@ def part_mobilenet(args) -> list:
         curves, t = None, time.perf_counter()
         for target in (0.9, 0.8, 0.7):
             res = compress(model, data, target=target, method="prune", ratios=(0.25, 0.4, 0.55, 0.7, 0.85),
-                           curves=curves, progress=False)
+                           curves=curves, multiple=8, progress=False)
             if curves is None:
                 row["search_s"] = time.perf_counter() - t
             curves = res.curves
@@ -167,7 +168,12 @@ def part_mobilenet(args) -> list:
     return rows
 
 
+PEER_PIECES = ("tp", "aimet_cp", "edgequant", "mnist")
+
+
 def part_peers(args) -> str:
+    """The peer rows, by piece (``--pieces``, default all; each piece's raw rows in ``.peers/compress/peers_<piece>.json``,
+    the table from every piece found there)."""
     import subprocess
     import sys
 
@@ -183,42 +189,65 @@ def part_peers(args) -> str:
 
     RAW.mkdir(parents=True, exist_ok=True)
     cx, ex = calibration_crops(args.calib), evaluation_crops(args.eval)
-    torch.save({"example": cx[:1], "evaluation": ex}, RAW / "tp_inputs.pt")
-    rows = []
-    py = bench_peers.ensure_env("torch_pruning", ["torch-pruning==1.6.1"])
-    for extra in ([], ["--global-pruning"]):
-        out = RAW / f"tp{'_global' if extra else ''}.json"
-        subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / "run_compress_tp.py"), str(RAW / "tp_inputs.pt"),
-                        str(out)] + extra, check=True)
-        rows += json.loads(out.read_text())
-    model, _ = fold_batch_norms(mobilenet_v2_imagenet().eval())
-    data = list(cx.split(16))
-    with torch.no_grad():
-        ref = torch.cat([model(t) for t in ex.split(32)])
-    for multiple in (1, 8):
-        curves, t = None, time.perf_counter()
-        for target in (0.9, 0.8, 0.7):
-            res = compress(model, data, target=target, method="prune", ratios=(0.25, 0.4, 0.55, 0.7, 0.85),
-                           curves=curves, multiple=multiple, progress=False)
-            sec = time.perf_counter() - t
-            curves, t = res.curves, time.perf_counter()
-            with torch.no_grad():
-                f = fidelity(ref, torch.cat([res.model(b) for b in ex.split(32)]))
-            rows.append({"peer": "edgequant", "target": target, "macs": res.macs_after / res.macs_before, "top1": f.top1,
-                         "sqnr_db": f.sqnr_db, "seconds": sec,
-                         "method": f"compress(method='prune', multiple={multiple}): knapsack on per-chain curves, least-squares "
-                                   "reconstruction, no fine-tune" + (" (seconds: the sensitivity search)" if target == 0.9 else
-                                                                      " (seconds: reusing the curves)")})
-            print(json.dumps(rows[-1]), flush=True)
-    mnist = _mnist_peers(args, bench_peers)
-    (RAW / "peers.json").write_text(json.dumps(rows + mnist, indent=1))
+    inputs = RAW / "peer_inputs.pt"
+    torch.save({"example": cx[:1], "calibration": cx, "evaluation": ex}, inputs)
+    pieces = args.pieces.split(",") if args.pieces else PEER_PIECES
+
+    def save(piece, rows):
+        (RAW / f"peers_{piece}.json").write_text(json.dumps(rows, indent=1))
+
+    if "tp" in pieces:
+        rows = []
+        py = bench_peers.ensure_env("torch_pruning", ["torch-pruning==1.6.1"])
+        for extra in ([], ["--global-pruning"]):
+            out = RAW / f"tp{'_global' if extra else ''}.json"
+            subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / "run_compress_tp.py"), str(inputs), str(out)] + extra,
+                           check=True)
+            rows += json.loads(out.read_text())
+        save("tp", rows)
+    if "aimet_cp" in pieces:
+        out = RAW / "aimet_cp.json"
+        subprocess.run([str(bench_peers.ensure_env("aimet")), str(ROOT / "benchmarks" / "peers" / "run_compress_aimet_cp.py"),
+                        str(inputs), str(out)], check=True)
+        save("aimet_cp", json.loads(out.read_text()))
+    if "edgequant" in pieces:
+        rows = []
+        model, _ = fold_batch_norms(mobilenet_v2_imagenet().eval())
+        data = list(cx.split(16))
+        with torch.no_grad():
+            ref = torch.cat([model(t) for t in ex.split(32)])
+        for multiple in (1, 8):
+            curves, t = None, time.perf_counter()
+            for target in (0.9, 0.8, 0.7):
+                res = compress(model, data, target=target, method="prune", ratios=(0.25, 0.4, 0.55, 0.7, 0.85),
+                               curves=curves, multiple=multiple, progress=False)
+                sec = time.perf_counter() - t
+                curves, t = res.curves, time.perf_counter()
+                with torch.no_grad():
+                    f = fidelity(ref, torch.cat([res.model(b) for b in ex.split(32)]))
+                rows.append({"peer": "edgequant", "target": target, "macs": res.macs_after / res.macs_before, "top1": f.top1,
+                             "sqnr_db": f.sqnr_db, "seconds": sec,
+                             "method": f"compress(method='prune', multiple={multiple}): knapsack on per-chain curves, "
+                                       "least-squares reconstruction (shrunk correlations), no fine-tune" +
+                                       (" (seconds: the sensitivity search)" if target == 0.9 else " (seconds: reusing the curves)")})
+                print(json.dumps(rows[-1]), flush=True)
+                save("edgequant", rows)
+    if "mnist" in pieces:
+        save("mnist", _mnist_peers(args, bench_peers))
+    rows = [r for piece in ("tp", "aimet_cp", "edgequant") if (RAW / f"peers_{piece}.json").exists()
+            for r in json.loads((RAW / f"peers_{piece}.json").read_text())]
+    mnist = json.loads((RAW / "peers_mnist.json").read_text()) if (RAW / "peers_mnist.json").exists() else []
     text = ["# Compression peers: MobileNetV2 channel pruning (issue 14)", "",
             f"Generated by `python benchmarks/bench_compress.py --part peers` (2 CPU threads). MobileNetV2 (ImageNet weights), "
             f"{args.calib} calibration crops, {args.eval} held-out crops of other photos; fidelity to FP32 (top-1 agreement, logit "
             "SQNR) of the pruned float model, no fine-tune.", "",
             "| peer | method | target MACs | kept MACs | top-1 agreement | SQNR dB | seconds |", "|---|---|---|---|---|---|---|"]
-    text += [f"| {r['peer']} {r.get('version', '')} | {r['method']} | {r['target']:.1f} | {r['macs']:.3f} | {r['top1']:.3f} | "
-             f"{r['sqnr_db']:.2f} | {r['seconds']:.0f} |" for r in rows]
+    for r in rows:
+        if "error" in r:
+            text.append(f"| {r['peer']} | {r.get('method', '')} | {r['target']:.1f} | fails: {r['error'][:200]} | | | |")
+        else:
+            text.append(f"| {r['peer']} {r.get('version', '')} | {r['method']} | {r['target']:.1f} | {r['macs']:.3f} | "
+                        f"{r['top1']:.3f} | {r['sqnr_db']:.2f} | {r['seconds']:.0f} |")
     text += ["", "## MNIST CNN (3x3 convs, trained here): spatial SVD to 0.5 of the MACs, no fine-tune", "",
              "Held-out accuracy (MNIST-5k test part of each seed). edgequant scores candidates by output SQNR against the "
              "original on 256 training digits; AIMET's greedy selection by the accuracy on the same digits (its eval_callback).",
@@ -280,14 +309,17 @@ def part_minilm(args) -> list:
         cal_s, ev_s = sentence_split(64, 256, seed=seed)
         cal, ev = batches(*tokenize(tok, cal_s, SEQ)), batches(*tokenize(tok, ev_s, SEQ))
         ref = embed(enc, ev)
-        curves = None
-        for target in (0.8, 0.6):
+        for data_aware, target in itertools.product((True, False), (0.8, 0.6)):
+            if target == 0.8:
+                curves = None  # one sensitivity search per split and kind of SVD
             t = time.perf_counter()
-            res = compress(enc, cal, target=target, what="params", layers=linears, of="layers", curves=curves, progress=False)
-            curves = res.curves  # one sensitivity search per split
+            res = compress(enc, cal, target=target, what="params", layers=linears, of="layers", curves=curves,
+                           data_aware=data_aware, progress=False)
+            curves = res.curves
             kept_linear = (sum(c.params_after for c in res.layers) / sum(c.params_before for c in res.layers))
             cos, nn_agree = fidelity(ref, embed(res.model, ev))
-            rows.append({"split": seed, "target_params_of_linears": target, "kept_linear_params": kept_linear,
+            rows.append({"split": seed, "svd": "data-aware" if data_aware else "plain",
+                         "target_params_of_linears": target, "kept_linear_params": kept_linear,
                          "kept_model_params": res.params_after / res.params_before, "cosine": cos, "nn_agreement": nn_agree,
                          "select_s": time.perf_counter() - t, "layers_factored": sum(c.ratio < 1 for c in res.layers)})
             _save("minilm", rows)
@@ -321,7 +353,8 @@ def table() -> str:
     if mobilenet.exists():
         out += ["", "## MobileNetV2 (ImageNet weights, BN folded): channel pruning with reconstruction", "",
                 "Held-out fidelity to FP32 (top-1 agreement, logit SQNR dB) on crops of other photos; split 1 swaps the "
-                "calibration and evaluation photos; one sensitivity search per split serves the three targets.", "",
+                "calibration and evaluation photos; one sensitivity search per split serves the three targets; kept "
+                "channels rounded up to multiples of 8 (`compress(multiple=8)`); no fine-tune.", "",
                 "| split | model | kept MACs | chains pruned | float top-1 / SQNR | W8A8 top-1 / SQNR |", "|---|---|---|---|---|---|"]
         lat = {}
         for r in json.loads(mobilenet.read_text()):
@@ -343,10 +376,13 @@ def table() -> str:
         out += ["", "## all-MiniLM-L6-v2: weight SVD of the Linear layers", "",
                 "Held-out sentences (256 per split); cosine similarity of sentence embeddings and nearest-neighbour "
                 "agreement against FP32; the target counts the Linear layers' parameters (embeddings untouched).", "",
-                "| split | target | kept Linear params | kept model params | cosine | NN agreement | layers factored | selection s |",
-                "|---|---|---|---|---|---|---|---|"]
+                "`data-aware`: the default, each Linear's SVD weighted by its inputs' second moment on the 64 calibration "
+                "sentences (`compress(data_aware=True)`); `plain`: the SVD of the weights alone. Selection seconds: the "
+                "sensitivity search (0.8) or reusing its curves (0.6).", "",
+                "| split | SVD | target | kept Linear params | kept model params | cosine | NN agreement | layers factored | selection s |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in json.loads(minilm.read_text()):
-            out.append(f"| {r['split']} | {r['target_params_of_linears']:.1f} | {r['kept_linear_params']:.2f} | "
+            out.append(f"| {r['split']} | {r.get('svd', 'plain')} | {r['target_params_of_linears']:.1f} | {r['kept_linear_params']:.2f} | "
                        f"{r['kept_model_params']:.2f} | {r['cosine']:.4f} | {r['nn_agreement']:.3f} | {r['layers_factored']} | "
                        f"{r['select_s']:.0f} |")
     return "\n".join(out) + "\n"
@@ -360,6 +396,7 @@ def main():
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--pieces", default="", help=f"--part peers: a comma list of {','.join(PEER_PIECES)} (default all)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")

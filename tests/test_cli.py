@@ -110,6 +110,9 @@ def test_quantize_after_compression(tmp_path, monkeypatch):
     assert configs[:3] == ["fp32 (original)", "fp32 compressed", "quantized (sim)"] and "prune" in rep["compression"]
     sim = __import__("edgequant").load(out / "sim")
     assert sim.model.get_submodule("2").in_channels < 16  # what was saved and exported is the compressed model
+    page = (out / "report.html").read_text()
+    section = page[page.index("<h2>Compression</h2>"):]
+    assert "<svg" in section and "ratio" in section  # the selection curves and the per-layer choice
 
 
 def test_quantize_with_ptq_auto(tmp_path, monkeypatch):

@@ -153,9 +153,39 @@ def pareto_plot(mixed) -> str:
     return _svg(fig)
 
 
+def curves_plot(compressed, k: int = 12) -> str:
+    """Compression's selection curves: each candidate layer's score alone at each ratio (the ``k`` layers that
+    lose most at their smallest ratio), the chosen ratio of each marked."""
+    plt = _pyplot()
+    if plt is None or not getattr(compressed, "curves", None):
+        return ""
+    chosen = {c.name: c.ratio for c in compressed.layers}
+    worst = sorted(compressed.curves, key=lambda n: min(s for _, s in compressed.curves[n]))[:k]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in worst:
+        pts = sorted(compressed.curves[n])
+        (line,) = ax.plot([r for r, _ in pts], [s for _, s in pts], "o-", ms=3, lw=1, label=n)
+        pick = [s for r, s in pts if r == chosen.get(n)]
+        if pick:
+            ax.plot([chosen[n]], pick, "*", ms=11, color=line.get_color())
+    ax.set_xlabel("ratio kept (of the layer's MACs or channels)")
+    ax.set_ylabel("score with only this layer compressed")
+    ax.legend(fontsize=6, ncol=2)
+    return _svg(fig)
+
+
+def compression_section(compressed) -> list[str]:
+    """The compression part of the report: totals, the curves, the choice per layer."""
+    layers = [{"layer": c.name, "kind": c.kind, "ratio": c.ratio, "rank / channels": c.rank, "MACs before": c.macs_before,
+               "MACs after": c.macs_after, "params before": c.params_before or "", "params after": c.params_after or ""}
+              for c in compressed.layers]
+    return ["<h2>Compression</h2>", f"<p>{_esc(str(compressed))}</p>", curves_plot(compressed),
+            table(sorted(layers, key=lambda r: r["ratio"]))]
+
+
 def html_report(title: str, *, header: Optional[dict] = None, rows: Optional[list[dict]] = None, sim=None,
-                analysis=None, histograms: Optional[dict] = None, mixed=None, files: Optional[list[str]] = None,
-                notes: Optional[list[str]] = None) -> str:
+                analysis=None, histograms: Optional[dict] = None, mixed=None, compressed=None,
+                files: Optional[list[str]] = None, notes: Optional[list[str]] = None) -> str:
     """The page (see the module docstring); every argument but ``title`` is optional."""
     parts = [f"<h1>{_esc(title)}</h1>", f"<p class='note'>edgequant report, {datetime.datetime.now():%Y-%m-%d %H:%M}</p>"]
     if header:
@@ -163,6 +193,8 @@ def html_report(title: str, *, header: Optional[dict] = None, rows: Optional[lis
     if rows:
         parts += ["<h2>Fidelity per configuration</h2>", table(rows)]
     plots_missing = _pyplot() is None
+    if compressed is not None:
+        parts += compression_section(compressed)
     if analysis is not None:
         parts += ["<h2>Sensitivity ranking</h2>",
                   f"<p>all quantizers enabled: {analysis.all_sqnr_db:.2f} ({_esc(analysis.score)}); "

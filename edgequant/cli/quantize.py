@@ -172,7 +172,7 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
         header["qat"] = str(qat)
         click.echo(str(qat))
     verdict = _verdict(model, sim, eval_x, eval_fn, batch_size, dev, original)
-    extra_html = {"sim": sim}
+    extra_html = {"sim": sim, "compressed": compressed}
     if analyze_report:
         extra_html["analysis"], extra_html["histograms"] = sensitivity(sim, batches((eval_x if eval_x is not None else calib_x)[:batch_size], batch_size))
     _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat, extra_html)

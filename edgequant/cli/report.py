@@ -77,7 +77,7 @@ def markdown(rows: list[dict], header: dict, extra: tuple[str, ...] = ()) -> str
 
 def write_report(folder: Path, rows: list[dict], header: dict, extra: tuple[str, ...] = (), **html) -> Path:
     """report.json, report.md and the self-contained report.html (``html``: what else it shows -- ``sim``,
-    ``analysis``, ``histograms``, ``mixed``, ``notes``; see :func:`edgequant.analysis.html.html_report`);
+    ``analysis``, ``histograms``, ``mixed``, ``compressed``, ``notes``; see :func:`edgequant.analysis.html.html_report`);
     returns the path of report.html."""
     from ..analysis.html import html_report
     from ..io.encodings import atomic_write_text

@@ -13,9 +13,10 @@ Pruning a chain at ratio ``r`` keeps ``ceil(r C)`` channels:
    inputs (what it contributes to ``L``'s output) and the best are kept;
 2. **reconstruction**: ``L``'s weights (and bias) are refitted by least squares so that, from the kept
    channels of its input *in the model as pruned so far*, it reproduces the original model's output of ``L``
-   on sampled positions (input patches for ``k x k`` convs) -- the error of earlier prunings is absorbed as
-   well, as AIMET's channel pruning does (He et al., "Channel pruning for accelerating very deep neural
-   networks", 2017).
+   on every position of the calibration batches (input patches for ``k x k`` convs) -- the error of earlier
+   prunings is absorbed as well, as AIMET's channel pruning does (He et al., "Channel pruning for
+   accelerating very deep neural networks", 2017); the measured channel correlations are shrunk towards
+   none (``shrink``), which carries better to images the fit did not see (:func:`reconstruct`).
 
 Every module is replaced by a plain torch layer with fewer channels; names stay.
 """
@@ -156,40 +157,81 @@ def select_channels(model: nn.Module, chain: Chain, batches, ratio: float, n_inp
     return torch.sort(torch.topk(score, k).indices).values
 
 
+#: how far :func:`reconstruct` shrinks the channel correlations it measured towards none (Ledoit-Wolf style)
+SHRINK = 0.3
+
+
 @torch.no_grad()
-def reconstruct(model: nn.Module, original: nn.Module, chain: Chain, batches, samples: int = 4096, seed: int = 0,
-                n_inputs: int = 1) -> float:
-    """Refit the (pruned) consumer's weights and bias by least squares: its inputs in ``model`` to the original
-    consumer's outputs in ``original``; returns the relative residual of the fit."""
-    c = model.get_submodule(chain.consumer)
-    xs = torch.cat([_patches(c, x) for x in _io(model, chain.consumer, batches, True, n_inputs)]).double()
-    ys = torch.cat([y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
-                    for y in _io(original, chain.consumer, batches, False, n_inputs)]).double()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(xs), generator=g)[:samples].to(xs.device)
-    x, y = xs[idx], ys[idx]
-    w0 = c.weight.detach().double().reshape(c.out_channels, -1).T  # (features, C_out): the kept columns as they were
-    if c.bias is not None:
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-        w0 = torch.cat([w0, c.bias.detach().double()[None]], 0)
-    # ridge towards the kept weights, stronger when positions are few for the unknowns (late, narrow layers):
-    # a plain least-squares fit there fits the sampled positions and fails on other inputs
-    xtx = x.T @ x
-    lam = xtx.diagonal().mean() * max(x.shape[1] / len(x), 0.01)
-    sol = torch.linalg.solve(xtx + lam * torch.eye(x.shape[1], dtype=x.dtype, device=x.device), x.T @ y + lam * w0)
-    w = sol[: xs.shape[1]].T.reshape(c.weight.shape)
-    c.weight.copy_(w.to(c.weight.dtype))
-    if c.bias is not None:
-        c.bias.copy_(sol[-1].to(c.bias.dtype))
-    return float((x @ sol - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+def _input_moments(model, original, chain, batches, n_inputs):
+    """Streaming first and second moments of the consumer's input patches in ``model`` (kept channels, ``x``) and in
+    ``original`` (all channels, ``z``), position by position: ``(n, sum x, sum z, sum x x^T, sum x z^T, sum z z^T)``."""
+    c, co = model.get_submodule(chain.consumer), original.get_submodule(chain.consumer)
+    got = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, i, key=key: got.__setitem__(key, i[0].detach()))
+             for key, m in (("x", c), ("z", co))]
+    acc = None
+    try:
+        with evaluating(model), evaluating(original):
+            for b in batches:
+                run_batch(model, b, n_inputs)
+                run_batch(original, b, n_inputs)
+                x, z = _patches(c, got["x"]).double(), _patches(co, got["z"]).double()
+                part = (len(x), x.sum(0), z.sum(0), x.T @ x, x.T @ z, z.T @ z)
+                acc = part if acc is None else tuple(a + p for a, p in zip(acc, part))
+    finally:
+        for h in hooks:
+            h.remove()
+    return acc
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, original: nn.Module, chain: Chain, batches, keep: torch.Tensor,
+                shrink: float = SHRINK, n_inputs: int = 1) -> float:
+    """Refit the (pruned) consumer's weights and bias so that, from its kept input channels *in the model as pruned
+    so far* (``x``), it reproduces the original consumer's output ``W z + b`` (``z`` its full input in ``original``)
+    on every sampled position: ``W' = W C_zx S_x^-1``, ``b' = W mean(z) + b - W' mean(x)`` with ``S_x`` the
+    covariance of ``x`` and ``C_zx`` the cross-covariance.
+
+    Both are shrunk by ``shrink`` towards their channel-by-channel diagonals (each kept channel related only to
+    itself): least squares on all positions fits the calibration images' channel correlations exactly (29 dB on
+    them for MobileNetV2 with 15% of the hidden channels removed) and carries poorly to other images (2.4 dB);
+    shrinking by 0.3 measured 5.3 / 5.1 dB on held-out photos of two splits where the plain fit scored 4.4 / 4.3
+    dB (``benchmarks/results/compression.md``). Returns the relative residual of the fit on the samples."""
+    c, co = model.get_submodule(chain.consumer), original.get_submodule(chain.consumer)
+    n, sx, sz, xx, xz, zz = _input_moments(model, original, chain, batches, n_inputs)
+    mx, mz = sx / n, sz / n
+    cov_z = zz / n - mz[:, None] * mz[None]
+    cov_x = xx / n - mx[:, None] * mx[None]
+    cov_xz = xz / n - mx[:, None] * mz[None]
+    kk = c.kernel_size[0] * c.kernel_size[1]  # patch features are channel-major: channel j at j*kk .. j*kk+kk-1
+    rows = torch.arange(len(keep) * kk, device=cov_x.device)
+    cols = (keep.to(cov_x.device)[:, None] * kk + torch.arange(kk, device=cov_x.device)[None]).reshape(-1)
+    diag_xz = torch.zeros_like(cov_xz)
+    diag_xz[rows, cols] = cov_xz[rows, cols]
+    s = (1 - shrink) * cov_x + shrink * torch.diag(cov_x.diagonal())
+    s = s + 1e-6 * s.diagonal().mean().clamp_min(1e-30) * torch.eye(len(s), dtype=s.dtype, device=s.device)
+    w = co.weight.detach().double().reshape(co.out_channels, -1)
+    b = co.bias.detach().double() if co.bias is not None else torch.zeros(co.out_channels, dtype=w.dtype, device=w.device)
+    new_w = torch.linalg.solve(s, ((1 - shrink) * cov_xz + shrink * diag_xz) @ w.T).T
+    new_b = w @ mz + b - new_w @ mx
+    c.weight.copy_(new_w.reshape(c.weight.shape).to(c.weight.dtype))
+    if c.bias is None:  # the refit needs a bias: the removed channels' mean contribution lands there
+        c.bias = nn.Parameter(new_b.to(c.weight.dtype))
+    else:
+        c.bias.copy_(new_b.to(c.bias.dtype))
+    # relative residual from the moments: E||W z + b - W' x - b'||^2 / E||W z + b||^2 (the means cancel by b')
+    wz = w @ cov_z @ w.T
+    err = wz.trace() - 2 * (new_w @ cov_xz @ w.T).trace() + (new_w @ cov_x @ new_w.T).trace()
+    return float(err.clamp_min(0) / (wz.trace() + (w @ mz + b).pow(2).sum()).clamp_min(1e-30))
 
 
 def prune_chain(model: nn.Module, original: nn.Module, chain: Chain, ratio: float, batches, n_inputs: int = 1,
-                multiple: int = 1) -> torch.Tensor:
+                multiple: int = 1, shrink: float = SHRINK) -> torch.Tensor:
     """Select, prune and reconstruct one chain of ``model`` in place; returns the kept channels. ``n_inputs``:
-    how many leading items of a tuple batch the model takes; ``multiple``: keep a multiple of this many."""
+    how many leading items of a tuple batch the model takes; ``multiple``: keep a multiple of this many;
+    ``shrink``: see :func:`reconstruct`."""
     keep = select_channels(model, chain, batches, ratio, n_inputs, multiple)
     if len(keep) < chain.channels:
         apply_pruning(model, chain, keep)
-        reconstruct(model, original, chain, batches, n_inputs=n_inputs)
+        reconstruct(model, original, chain, batches, keep, shrink, n_inputs)
     return keep

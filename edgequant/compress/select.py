@@ -36,7 +36,8 @@ from ..batches import evaluating, run_batch, to_device
 from ..graph.patterns import set_submodule
 from ..metrics import sqnr_db
 from ..solvers import multiple_choice_knapsack
-from .svd import factorize, is_factorable, rank_for_ratio, svd_rank_limit
+from .prune import SHRINK
+from .svd import factorize, is_factorable, layer_input, rank_for_ratio, svd_rank_limit
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -142,10 +143,34 @@ def _scorer(reference: nn.Module, batches, eval_fn, n_inputs: int = 1):
     return lambda m: sqnr_db(ref, outputs(m))
 
 
+@torch.no_grad()
+def input_grams(model: nn.Module, names, batches, n_inputs: int = 1) -> dict:
+    """``{name: E[x x^T]}`` over the input vectors of each Linear / 1x1 conv ``names`` on ``batches`` (float64)."""
+    sums = {}
+
+    def record(name):
+        def hook(mod, inputs):
+            x = layer_input(mod, inputs[0].detach()).double()
+            g, n = sums.get(name, (0, 0))
+            sums[name] = (g + x.T @ x, n + len(x))
+        return hook
+
+    mods = dict(model.named_modules())
+    hooks = [mods[n].register_forward_pre_hook(record(n)) for n in names]
+    try:
+        with evaluating(model):
+            for b in batches:
+                run_batch(model, b, n_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: g / max(k, 1) for n, (g, k) in sums.items()}
+
+
 class _Svd:
     """Candidates, costs and trials of low-rank factorization (see :mod:`edgequant.compress.svd`)."""
 
-    def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs):
+    def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs, data_aware=True):
         self.work, self.what, self.multiple = work, what, multiple
         self.shapes = layer_shapes(work, example, n_inputs)
         mods = dict(work.named_modules())
@@ -159,6 +184,11 @@ class _Svd:
         if unknown:
             raise ValueError(f"not factorable layers (plain Linear / ungrouped Conv2d run by the model): {unknown[:5]}")
         self.full = {n: (self.macs[n] if what == "macs" else _params(self.mods[n])) for n in layers}
+        weight_svd_layers = [n for n in layers if isinstance(self.mods[n], nn.Linear) or self.mods[n].kernel_size == (1, 1)]
+        self.grams = input_grams(work, weight_svd_layers, batches, n_inputs) if data_aware else {}
+
+    def _factor(self, n, r):
+        return factorize(self.mods[n], self._rank(n, r), self.multiple, self.grams.get(n))
 
     def _rank(self, n, r):
         return rank_for_ratio(self.mods[n], r, self.multiple)
@@ -168,7 +198,7 @@ class _Svd:
 
     def trial(self, n, r, score):
         m = self.mods[n]
-        set_submodule(self.work, n, factorize(m, self._rank(n, r), self.multiple))
+        set_submodule(self.work, n, self._factor(n, r))
         try:
             return score(self.work)
         finally:
@@ -177,7 +207,7 @@ class _Svd:
     def apply(self, choice):
         for n in self.full:  # from the original layers each time (apply may be called again with another choice)
             r = choice.get(n, 1.0)
-            set_submodule(self.work, n, factorize(self.mods[n], self._rank(n, r), self.multiple) if r < 1 else self.mods[n])
+            set_submodule(self.work, n, self._factor(n, r) if r < 1 else self.mods[n])
         return self.work
 
     def report(self, choice):
@@ -194,9 +224,9 @@ class _Svd:
 class _Prune:
     """Candidates (chains, by consumer), costs and trials of channel pruning (see :mod:`edgequant.compress.prune`)."""
 
-    def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs):
+    def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs, shrink):
         from .prune import prunable_chains
-        self.work, self.batches, self.n_inputs, self.multiple = work, batches, n_inputs, multiple
+        self.work, self.batches, self.n_inputs, self.multiple, self.shrink = work, batches, n_inputs, multiple, shrink
         shapes = layer_shapes(work, example, n_inputs)
         mods = dict(work.named_modules())
         macs = {n: layer_macs(mods[n], shapes[n]) for n in shapes}
@@ -219,7 +249,7 @@ class _Prune:
     def trial(self, n, r, score):
         from .prune import prune_chain
         m = copy.deepcopy(self.work)
-        prune_chain(m, self.work, self.chains[n], r, self.batches, self.n_inputs, self.multiple)
+        prune_chain(m, self.work, self.chains[n], r, self.batches, self.n_inputs, self.multiple, self.shrink)
         return score(m)
 
     def apply(self, choice):
@@ -227,7 +257,7 @@ class _Prune:
         pruned = copy.deepcopy(self.work)
         for n, c in self.chains.items():  # graph order: each reconstruction absorbs the earlier prunings
             if choice.get(n, 1.0) < 1:
-                prune_chain(pruned, self.work, c, choice[n], self.batches, self.n_inputs, self.multiple)
+                prune_chain(pruned, self.work, c, choice[n], self.batches, self.n_inputs, self.multiple, self.shrink)
         return pruned
 
     def report(self, choice):
@@ -304,14 +334,14 @@ def _cost_after(m, rank, shapes, kind) -> int:
 def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd", what: str = "macs",
              eval_fn: Optional[Callable] = None, ratios=RATIOS, layers: Optional[list[str]] = None,
              manual: Optional[dict] = None, solver: str = "knapsack", multiple: int = 1, eval_batches: int = 2,
-             min_macs: float = 0.002, of: str = "model", curves: Optional[dict] = None,
-             progress: bool = True) -> CompressResult:
+             min_macs: float = 0.002, of: str = "model", curves: Optional[dict] = None, data_aware: bool = True,
+             shrink: float = SHRINK, progress: bool = True) -> CompressResult:
     """Compress ``model`` (not modified) to keep ``target`` of its MACs (``what="params"``: of its parameters);
     see the module docstring.
 
     Args:
-        data: batches; the first ``eval_batches`` score the candidates (with ``eval_fn=None``) and sample the
-            activations that channel pruning reconstructs from.
+        data: batches; the first ``eval_batches`` score the candidates (with ``eval_fn=None``); the first 8 give
+            the layer inputs that channel pruning reconstructs from and data-aware SVD weighs by.
         method: ``"svd"`` (weight SVD of Linear / 1x1 convs, spatial SVD of larger convs) or ``"prune"``
             (channel pruning with reconstruction, :mod:`edgequant.compress.prune`).
         eval_fn: ``eval_fn(model) -> float`` (higher is better) instead of the output SQNR against the original.
@@ -326,6 +356,10 @@ def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd"
             layers' (``"layers"``: e.g. a transformer's Linear layers without its embeddings).
         curves: the ``curves`` of an earlier result on the same model, data and method (the sensitivity step is
             then skipped: several targets cost one search).
+        data_aware: weight SVD (Linear, 1x1 convs) keeps what the layer's *outputs* need on ``data``'s inputs
+            (:func:`edgequant.compress.svd.weight_svd` with ``gram``) rather than the largest weight directions.
+        shrink: channel pruning's reconstruction shrinks the measured channel correlations by this much
+            (:func:`edgequant.compress.prune.reconstruct`).
     """
     for arg, value, allowed in (("method", method, ("svd", "prune")), ("what", what, ("macs", "params")),
                                 ("solver", solver, ("knapsack", "greedy")), ("of", of, ("model", "layers"))):
@@ -341,8 +375,11 @@ def compress(model: nn.Module, data, target: float = 0.7, *, method: str = "svd"
     n_inputs = _n_inputs(work, batches[0])
     first = to_device(batches[0], device)
     example = tuple(t[:1] for t in first[:n_inputs]) if isinstance(first, (tuple, list)) else first[:1]
-    job = (_Svd if method == "svd" else _Prune)(work, example, batches[:8] if method == "prune" else scoring, what, layers,
-                                                 min_macs, multiple, n_inputs)
+    sample = [to_device(b, device) for b in batches[:8]]  # what reconstruction / data-aware SVD measure inputs on
+    if method == "svd":
+        job = _Svd(work, example, sample, what, layers, min_macs, multiple, n_inputs, data_aware)
+    else:
+        job = _Prune(work, example, sample, what, layers, min_macs, multiple, n_inputs, shrink)
     total = sum(job.full.values()) if of == "layers" else (job.total_macs if what == "macs" else _params(work))
     score = _scorer(work, scoring, eval_fn, n_inputs)
     base = score(work) if eval_fn is not None else float("inf")

@@ -57,14 +57,29 @@ def is_factorable(m: nn.Module) -> bool:
     return type(m) is nn.Conv2d and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
 
 
-def weight_svd(m: nn.Module, rank: int, multiple: int = 1) -> nn.Sequential:
-    """``m`` (Linear, or 1x1 Conv2d) as two layers of rank ``rank`` (rounded up to ``multiple``)."""
+def weight_svd(m: nn.Module, rank: int, multiple: int = 1, gram: torch.Tensor | None = None) -> nn.Sequential:
+    """``m`` (Linear, or 1x1 Conv2d) as two layers of rank ``rank`` (rounded up to ``multiple``).
+
+    ``gram``: the second moment ``E[x x^T]`` of the layer's inputs (``in x in``, see :func:`input_gram`). With it
+    the factorization minimizes the error of the layer's *outputs* on such inputs, ``E||(W - W') x||^2``, instead
+    of the weights' own error: the SVD of ``W L`` (``L L^T = gram``, Cholesky), ``W' = [W L]_r L^-1`` -- the
+    directions the inputs do not use are the ones given up (data-aware SVD as in ASVD / SVD-LLM)."""
     w = m.weight.detach().double()
     w2 = w.reshape(w.shape[0], -1)
     rank = _round_rank(rank, min(w2.shape), multiple)
-    u, s, vh = torch.linalg.svd(w2, full_matrices=False)
+    chol = None
+    if gram is not None:
+        g = gram.detach().double().to(w2.device)
+        g = g + 1e-6 * g.diagonal().mean().clamp_min(1e-30) * torch.eye(len(g), dtype=g.dtype, device=g.device)
+        chol, info = torch.linalg.cholesky_ex(g)
+        if int(info) != 0:
+            chol = None
+    u, s, vh = torch.linalg.svd(w2 @ chol if chol is not None else w2, full_matrices=False)
     root = s[:rank].sqrt()
-    first = (root[:, None] * vh[:rank]).to(m.weight.dtype)
+    first = root[:, None] * vh[:rank]
+    if chol is not None:  # first @ L^-1: solve L^T first'^T = first^T
+        first = torch.linalg.solve_triangular(chol.T, first.T, upper=True).T
+    first = first.to(m.weight.dtype)
     second = (u[:, :rank] * root[None, :]).to(m.weight.dtype)
     bias = m.bias is not None
     if isinstance(m, nn.Linear):
@@ -105,11 +120,19 @@ def spatial_svd(m: nn.Conv2d, rank: int, multiple: int = 1) -> nn.Sequential:
     return nn.Sequential(a, b).to(m.weight.device).train(m.training)
 
 
-def factorize(m: nn.Module, rank: int, multiple: int = 1) -> nn.Sequential:
-    """Weight SVD for a Linear or a 1x1 conv, spatial SVD for a larger conv."""
+def factorize(m: nn.Module, rank: int, multiple: int = 1, gram: torch.Tensor | None = None) -> nn.Sequential:
+    """Weight SVD for a Linear or a 1x1 conv (data-aware with ``gram``), spatial SVD for a larger conv."""
     if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1):
         return spatial_svd(m, rank, multiple)
-    return weight_svd(m, rank, multiple)
+    return weight_svd(m, rank, multiple, gram)
+
+
+def layer_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``(positions, features)``: the input vectors a Linear (on any leading dims) or a 1x1 conv multiplies."""
+    if isinstance(m, nn.Conv2d):
+        sh, sw = m.stride
+        return x[..., ::sh, ::sw].transpose(0, 1).reshape(x.shape[1], -1).T
+    return x.reshape(-1, x.shape[-1])
 
 
 def rank_for_ratio(m: nn.Module, ratio: float, multiple: int = 1) -> int:

@@ -34,6 +34,25 @@ def test_weight_svd_of_linear_and_1x1_conv_and_the_rank_error_falls():
     assert weight_svd(lin, 5, multiple=8)[0].out_features == 8  # ranks round up to the hardware's multiple
 
 
+def test_data_aware_weight_svd_keeps_what_the_inputs_use():
+    from edgequant.compress.select import input_grams
+    from edgequant.compress.svd import layer_input
+    torch.manual_seed(2)
+    lin, pw = nn.Linear(32, 24), nn.Conv2d(32, 24, 1, stride=2)
+    mix = torch.randn(32, 6) @ torch.randn(6, 32) + 0.05 * torch.randn(32, 32)  # inputs live near a 6-dim subspace
+    x = torch.randn(256, 32) @ mix + 0.3
+    img = (torch.randn(4, 9, 9, 32) @ mix).permute(0, 3, 1, 2).contiguous()
+    for layer, data in ((lin, x), (pw, img)):
+        gram = input_grams(nn.Sequential(layer), ["0"], [data])["0"]
+        rows = layer_input(layer, data)
+        assert rows.shape[1] == 32 and torch.allclose(gram, (rows.double().T @ rows.double()) / len(rows))
+        out = layer(data).detach()
+        plain = float((weight_svd(layer, 6)(data) - out).detach().pow(2).mean())
+        aware = float((weight_svd(layer, 6, gram=gram)(data) - out).detach().pow(2).mean())
+        assert aware < 0.1 * plain  # the rank goes to the directions the inputs occupy
+        torch.testing.assert_close(weight_svd(layer, 24, gram=gram)(data), out, atol=1e-4, rtol=1e-3)  # full rank: same
+
+
 def test_multiple_choice_knapsack_is_exact_on_a_small_case():
     import itertools
     rng = np.random.default_rng(0)
@@ -122,7 +141,7 @@ def test_channel_pruning_follows_the_chain_reconstructs_and_meets_the_target(tmp
     assert (pruned.expand.out_channels, pruned.bn.num_features, pruned.dw.groups, pruned.project.in_channels) == (16, 16, 16, 16)
     data = [torch.randn(8, 3, 12, 12) for _ in range(4)]
     before = float((pruned(data[0]) - model(data[0])).pow(2).mean())
-    reconstruct(pruned, model, c, data)
+    reconstruct(pruned, model, c, data, keep)
     assert float((pruned(data[0]) - model(data[0])).detach().pow(2).mean()) < 0.5 * before  # the refit pays off
     res = compress(model, data, target=0.8, method="prune", progress=False)
     assert res.macs_after <= 0.8 * res.macs_before and res.model.project.in_channels < 32

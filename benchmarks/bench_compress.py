@@ -10,9 +10,11 @@ Parts (``--part``; raw results in ``.peers/compress/<part>.json``, table in ``be
   parameters (of the Linear layers' total), real sentences (``sentence_split``, seeds 0 and 1): embedding
   cosine similarity and nearest-neighbour agreement against FP32 on held-out sentences.
 * ``peers``: MobileNetV2 split 0, 0.9 / 0.8 / 0.7 of the MACs, no fine-tune: Torch-Pruning (its own environment,
-  ``peers/run_compress_tp.py``; uniform and global L2 magnitude) beside edgequant's channel pruning with
-  reconstruction (channel counts as selected and rounded to multiples of 8), selection time on 2 cores; written to
-  ``benchmarks/results/compression_peers.md`` (measured in one run, so it does not need the other parts' raw files).
+  ``peers/run_compress_tp.py``; uniform and global L2 magnitude), AIMET's channel pruning with its greedy selection
+  (``peers/run_compress_aimet_cp.py``) beside edgequant's channel pruning with reconstruction (channel counts as
+  selected and rounded to multiples of 8), selection time on 2 cores; and the MNIST CNN's spatial SVD against
+  AIMET's; written to ``benchmarks/results/compression_peers.md``. ``--pieces tp,aimet_cp,edgequant,mnist`` reruns
+  some (each piece's rows in ``.peers/compress/peers_<piece>.json``; the table takes every piece found).
 * ``table``: the markdown file from the raw results.
 
     python benchmarks/bench_compress.py --part mnist

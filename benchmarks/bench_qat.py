@@ -12,8 +12,13 @@ rebuilt from all parts present after every run):
   steps: top-1 agreement, SQNR, KL against FP32, with training wall time.
 * ``cost``: time per training step and peak memory of the QAT sim vs the FP32 model (BN in training),
   MobileNetV2 at batch 32, each measured in a fresh process.
+* ``peers``: AIMET (QuantSim with range learning) and Brevitas QAT on the same MNIST-5k network at W4A4, each in its
+  own environment (``peers/run_qat_aimet.py``, ``peers/run_qat_brevitas.py``): ranges set on the same 512 training
+  digits, held-out accuracy before (their PTQ) and after QAT with labels over the same batches of 64, in order, for
+  the step budget of the ``mnist`` part's W4A4 labels row (``--mnist-epochs`` passes); Adam lr 1e-3 with the cosine
+  schedule ``finetune`` uses.
 
-Usage: python benchmarks/bench_qat.py --part mnist|mobilenet|cost|bn|table [--steps 300] [--eval-seed 1]
+Usage: python benchmarks/bench_qat.py --part mnist|mobilenet|cost|bn|peers|table [--steps 300] [--eval-seed 1]
 """
 from __future__ import annotations
 
@@ -232,6 +237,127 @@ def part_cost(args) -> list:
     return rows
 
 
+def part_peers(args) -> list:
+    """AIMET and Brevitas QAT on the MNIST-5k network, each runner in its peer's environment, with the step budget of
+    the ``mnist`` part's labels rows (``--mnist-epochs`` passes over the batches of 64)."""
+    import bench_peers
+
+    xtr, ytr, xte, yte, net, acc = _mnist_setup()
+    steps = args.mnist_epochs * ((len(xtr) + 63) // 64)  # finetune(labelled, epochs=...): len(labelled) per pass
+    threads, fp32 = os.environ.get("EDGEQUANT_BENCH_THREADS", "2"), acc(net)
+    STORE.mkdir(parents=True, exist_ok=True)
+    inputs = STORE / "peers_inputs.pt"
+    torch.save({"state_dict": net.state_dict(), "train_x": xtr, "train_y": ytr, "calib_x": xtr[:512],
+                "test_x": xte, "test_y": yte, "fp32_acc": fp32}, inputs)
+    rows = []
+    for peer in ("aimet", "brevitas"):
+        out = STORE / f"peers_{peer}.json"
+        out.unlink(missing_ok=True)
+        try:
+            py = bench_peers.ensure_env(peer)
+            subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / f"run_qat_{peer}.py"), str(inputs), str(out),
+                            "--steps", str(steps), "--lr", "1e-3", "--threads", threads], check=True, timeout=args.peer_timeout,
+                           env=dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(ROOT / "benchmarks" / "peers")))
+            got = json.loads(out.read_text())
+        except (OSError, ValueError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            got = json.loads(out.read_text()) if out.exists() else []  # the rows it finished before failing
+            got.append({"peer": peer, "config": "W4A4", "steps": steps, "method": "-",
+                        "error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]})
+        rows += [dict(r, fp32=fp32) for r in got]
+        print(json.dumps(got), flush=True)
+    return rows
+
+
+def peer_args(argv=None):
+    """The command line of a QAT peer runner (``peers/run_qat_*.py``)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("inputs", help="the .pt file bench_qat.py --part peers saves")
+    ap.add_argument("out", help="rows, as JSON")
+    ap.add_argument("--steps", type=int, default=None, help="default: 8 passes over the batches of 64")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="cosine: finetune's default")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap.parse_args(argv)
+
+
+def peer_qat(peer: str, version: str, variants, argv=None) -> list:
+    """Run a peer's QAT variants on the saved inputs; ``variants``: ``[(method, build)]`` where ``build(net, calib)``
+    returns the peer's quantized model with its ranges set from ``calib`` (batches of 64) and a description of what
+    it quantizes. Each variant: held-out accuracy after ``build`` (the peer's PTQ), training with labels (cross-entropy,
+    Adam on every trainable parameter, weights and ranges alike, batches of 64 of ``train_x`` in order, cycled), held-out
+    accuracy after. A variant that fails is a row with ``error``; rows are written to ``out`` after each variant."""
+    from edgequant.models.mnist_net import MnistMobileNet
+
+    args = peer_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    data = torch.load(args.inputs, weights_only=False)
+    net = MnistMobileNet()
+    net.load_state_dict(data["state_dict"])
+    net.eval()
+    batches = [(data["train_x"][i:i + 64], data["train_y"][i:i + 64]) for i in range(0, len(data["train_x"]), 64)]
+    steps = 8 * len(batches) if args.steps is None else args.steps
+    calib = list(data["calib_x"].split(64))
+    rows = []
+    for method, build in variants:
+        torch.manual_seed(0)
+        row = {"peer": peer, "version": version, "config": "W4A4", "steps": steps, "lr": args.lr, "schedule": args.schedule,
+               "threads": args.threads, "method": method}
+        try:
+            t = time.perf_counter()
+            model, row["quantizes"] = build(copy.deepcopy(net), calib)
+            row["init_seconds"] = time.perf_counter() - t
+            row["ptq_acc"] = _peer_acc(model, data["test_x"], data["test_y"])
+            t = time.perf_counter()
+            row["final_loss"] = _peer_train(model, batches, steps, args.lr, args.schedule)
+            row["seconds"] = time.perf_counter() - t
+            row["qat_acc"] = _peer_acc(model, data["test_x"], data["test_y"])
+        except Exception as e:  # noqa: BLE001  (a peer that cannot do a variant is reported, not fatal)
+            row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
+            import traceback
+            traceback.print_exc()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _logits(out):
+    return getattr(out, "value", out)  # a Brevitas QuantTensor carries its tensor as .value
+
+
+def _peer_acc(model, x, y) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(torch.cat([_logits(model(b)).argmax(1) for b in x.split(256)]).eq(y).float().mean())
+
+
+def _peer_train(model, batches, steps: int, lr: float, schedule: str) -> float:
+    """Cross-entropy with Adam over ``batches`` in order (cycled) for ``steps``; the cosine schedule is ``finetune``'s
+    (to zero at the last step). Returns the mean loss of the last 10 steps."""
+    import math
+
+    def factor(i):
+        return 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)) if schedule == "cosine" else 1.0
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    model.train()
+    losses = []
+    for step in range(steps):
+        x, y = batches[step % len(batches)]
+        loss = F.cross_entropy(_logits(model(x)), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return sum(losses[-10:]) / len(losses[-10:])
+
+
 def table() -> str:
     out = ["# Quantization-aware training", "",
            "Generated by `python benchmarks/bench_qat.py --part ...` (2 CPU threads). QAT = `prepare_qat(sim)` (LSQ+ grids) "
@@ -244,6 +370,7 @@ def table() -> str:
         out += [f"| {r['config']} | {r['fp32']:.4f} | {r['ptq']:.4f} | {', '.join(r['stages'])} | {r['qat_labels']:.4f} | "
                 f"{r['qat_distill']:.4f} | {r['qat_steps']} | {r['qat_labels_s']:.0f} s / {r['qat_distill_s']:.0f} s |" for r in rows]
         out.append("")
+    out += _peers_table()
     if (STORE / "mobilenet.json").exists():
         rows = json.loads((STORE / "mobilenet.json").read_text())
         out += ["## MobileNetV2 (ImageNet weights): distillation QAT from AdaRound, held-out photos", ""]
@@ -267,9 +394,34 @@ def table() -> str:
     return "\n".join(out)
 
 
+def _peers_table() -> list:
+    """The "Peers" section from ``peers.json`` (and edgequant's W4A4 labels row from ``mnist.json`` beside it)."""
+    if not (STORE / "peers.json").exists():
+        return []
+    rows = json.loads((STORE / "peers.json").read_text())
+    fmt = lambda r, k, f: "" if r.get(k) is None else format(r[k], f)  # noqa: E731
+    out = ["## Peers: QAT with labels on the MNIST-5k network, W4A4 (held-out accuracy)", "",
+           f"FP32 {fmt(rows[0], 'fp32', '.4f') if rows else ''}. Same network, same 512 training digits for the ranges, "
+           "same batches of 64 in the same order and the same number of steps as edgequant's W4A4 labels row; Adam "
+           "lr 1e-3 on every trainable parameter (weights and ranges), cosine schedule as `finetune`'s. Each peer runs in "
+           "its own environment (`benchmarks/peers/run_qat_*.py`).", "",
+           "| peer | config | PTQ acc | QAT acc | steps | seconds | method | quantizes / error |", "|---|---|---|---|---|---|---|---|"]
+    if (STORE / "mnist.json").exists():
+        for r in json.loads((STORE / "mnist.json").read_text()):
+            if r["config"] == "W4A4":
+                out.append(f"| edgequant | W4A4 | {r['ptq']:.4f} | {r['qat_labels']:.4f} | {r['qat_steps']} | "
+                           f"{r['qat_labels_s']:.0f} | `ptq=\"auto\"` ({', '.join(r['stages'])}), then `prepare_qat` (LSQ+) "
+                           "+ `finetune` (quantizer lr = lr / 10) | the MNIST table's row |")
+    for r in rows:
+        note = " ".join(str(r.get("error") or r.get("quantizes", "")).split()).replace("|", "/")
+        out.append(f"| {r['peer']} {r.get('version', '')} | {r.get('config', '')} | {fmt(r, 'ptq_acc', '.4f')} | "
+                   f"{fmt(r, 'qat_acc', '.4f')} | {r.get('steps', '')} | {fmt(r, 'seconds', '.0f')} | {r.get('method', '')} | {note} |")
+    return out + [""]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["mnist", "mobilenet", "cost", "bn", "table"], default="table")
+    ap.add_argument("--part", choices=["mnist", "mobilenet", "cost", "bn", "peers", "table"], default="table")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -279,6 +431,7 @@ def main():
     ap.add_argument("--eval-seed", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--mnist-epochs", type=int, default=8)
+    ap.add_argument("--peer-timeout", type=int, default=3 * 3600, help="seconds per QAT peer (--part peers)")
     ap.add_argument("--cost-child", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.md"))
     args = ap.parse_args()
@@ -295,7 +448,7 @@ def main():
         atomic_write_text(ROOT / "benchmarks" / "results" / "qat_bn.md", bn_table(rows))
         return
     if args.part != "table":
-        _save(args.part, {"mnist": part_mnist, "mobilenet": part_mobilenet, "cost": part_cost}[args.part](args))
+        _save(args.part, {"mnist": part_mnist, "mobilenet": part_mobilenet, "cost": part_cost, "peers": part_peers}[args.part](args))
     Path(args.out).write_text(table())
     print(table())
 

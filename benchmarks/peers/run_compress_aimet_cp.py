@@ -4,7 +4,7 @@ to fractions of the MACs, with its greedy per-layer ratio selection.
 Its documented use (``ModelCompressor.compress_model``): ``CompressionScheme.channel_pruning``, ``CostMetric.mac``,
 ``ChannelPruningParameters(data_loader, num_reconstruction_samples, allow_custom_downsample_ops=False, mode=auto,
 AutoModeParams(GreedySelectionParameters(target_comp_ratio, num_comp_ratio_candidates=10), modules_to_ignore=[the
-first conv]))`` and an ``eval_callback(model, iterations, use_cuda) -> accuracy``. The data: the same calibration
+first conv]))`` on the model as AIMET's ``prepare_model`` leaves it and an ``eval_callback(model, iterations, use_cuda) -> accuracy``. The data: the same calibration
 crops edgequant reconstructs from (a DataLoader of batches of 16; AIMET samples 10 positions per image, so
 ``num_reconstruction_samples`` = 10 x the number of crops); the callback returns the top-1 agreement with FP32 on
 the 32 crops edgequant's selection scores on (no labels: the photos are unlabelled). The first target's
@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from aimet_torch.common.defs import CompressionScheme, CostMetric, GreedySelectionParameters  # noqa: E402
 from aimet_torch.compress import ModelCompressor  # noqa: E402
 from aimet_torch.defs import ChannelPruningParameters  # noqa: E402
+from aimet_torch.model_preparer import prepare_model  # noqa: E402
 
 
 def main():
@@ -69,8 +70,10 @@ def main():
     os.chdir(work)  # AIMET writes its eval-score pickle to ./data
     try:
         for target in (float(t) for t in args.targets.split(",")):
-            model, _ = fold_batch_norms(mobilenet_v2_imagenet().eval())
-            first = model.features[0][0]
+            # AIMET's winnow cannot pass torchvision's functional adaptive_avg_pool2d: its model preparer (fx) makes
+            # functionals modules first, as its documentation asks of any model
+            model = prepare_model(fold_batch_norms(mobilenet_v2_imagenet().eval())[0])
+            first = model.get_submodule("features.0.0")
             params = ChannelPruningParameters(
                 loader, 10 * len(cx), False, ChannelPruningParameters.Mode.auto,
                 ChannelPruningParameters.AutoModeParams(

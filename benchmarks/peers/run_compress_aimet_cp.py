@@ -3,8 +3,11 @@ to fractions of the MACs, with its greedy per-layer ratio selection.
 
 Its documented use (``ModelCompressor.compress_model``): ``CompressionScheme.channel_pruning``, ``CostMetric.mac``,
 ``ChannelPruningParameters(data_loader, num_reconstruction_samples, allow_custom_downsample_ops=False, mode=auto,
-AutoModeParams(GreedySelectionParameters(target_comp_ratio, num_comp_ratio_candidates=10), modules_to_ignore=[the
-first conv]))`` on the model as AIMET's ``prepare_model`` leaves it and an ``eval_callback(model, iterations, use_cuda) -> accuracy``. The data: the same calibration
+AutoModeParams(GreedySelectionParameters(target_comp_ratio, num_comp_ratio_candidates), modules_to_ignore))`` on
+the model as AIMET's ``prepare_model`` leaves it. Candidates as edgequant's: the layers are the consumers of
+edgequant's prunable chains (MobileNetV2's projection convs; every other ungrouped conv in ``modules_to_ignore``) and 5
+ratio candidates (edgequant scores 5 ratios per chain) -- AIMET over all 52 ungrouped convs at its example's 10
+candidates measured about 30 s per trial here (hours). and an ``eval_callback(model, iterations, use_cuda) -> accuracy``. The data: the same calibration
 crops edgequant reconstructs from (a DataLoader of batches of 16; AIMET samples 10 positions per image, so
 ``num_reconstruction_samples`` = 10 x the number of crops); the callback returns the top-1 agreement with FP32 on
 the 32 crops edgequant's selection scores on (no labels: the photos are unlabelled). The first target's
@@ -39,9 +42,10 @@ def main():
     ap.add_argument("inputs")
     ap.add_argument("out")
     ap.add_argument("--targets", default="0.9,0.8,0.7")
-    ap.add_argument("--candidates", type=int, default=10)
+    ap.add_argument("--candidates", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    from edgequant.compress.prune import prunable_chains
     from edgequant.compress.select import model_macs
     from edgequant.metrics import fidelity
     from edgequant.models import mobilenet_v2_imagenet
@@ -55,6 +59,7 @@ def main():
         ref = torch.cat([base(t) for t in ev.split(32)])
         score_ref = base(score_x).argmax(1)
     macs0 = model_macs(base, cx[:1])
+    chains = set(prunable_chains(base, cx[:1]))
     # AIMET's loaders yield (inputs, labels); the labels are never read by channel pruning
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(cx, torch.zeros(len(cx), dtype=torch.long)),
                                          batch_size=16, shuffle=False)
@@ -73,12 +78,17 @@ def main():
             # AIMET's winnow cannot pass torchvision's functional adaptive_avg_pool2d: its model preparer (fx) makes
             # functionals modules first, as its documentation asks of any model
             model = prepare_model(fold_batch_norms(mobilenet_v2_imagenet().eval())[0])
-            first = model.get_submodule("features.0.0")
+            # the candidates: the consumers of edgequant's chains (MobileNetV2's projection convs), the rest
+            # ignored -- AIMET's greedy over all 52 ungrouped convs at 10 candidates takes hours on 2 cores
+            ignore = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1 and n not in chains]
+            found = {n for n, m in model.named_modules() if n in chains}
+            if found != chains:
+                raise SystemExit(f"prepare_model renamed the candidate convs: {sorted(chains - found)[:3]}")
             params = ChannelPruningParameters(
                 loader, 10 * len(cx), False, ChannelPruningParameters.Mode.auto,
                 ChannelPruningParameters.AutoModeParams(
                     GreedySelectionParameters(target_comp_ratio=target, num_comp_ratio_candidates=args.candidates,
-                                              saved_eval_scores_dict=saved), modules_to_ignore=[first]))
+                                              saved_eval_scores_dict=saved), modules_to_ignore=ignore))
             t0 = time.perf_counter()
             try:
                 compressed, stats = ModelCompressor.compress_model(model, evaluate, 1, (1, 3, 224, 224),
@@ -98,7 +108,8 @@ def main():
                          "top1": f.top1, "sqnr_db": f.sqnr_db, "seconds": sec,
                          "aimet_mac_ratio": float(stats.mac_compression_ratio),
                          "method": f"ModelCompressor.compress_model(channel_pruning, mac, greedy selection, "
-                                   f"{args.candidates} candidates per layer, {10 * len(cx)} reconstruction samples), "
+                                   f"the {len(chains)} projection convs, {args.candidates} candidates per layer, {10 * len(cx)} "
+                                   "reconstruction samples), "
                                    "no fine-tune" + (" (seconds: the greedy search)" if len(rows) == 0 else
                                                      " (seconds: reusing its saved evaluations)")})
             print(json.dumps(rows[-1]), flush=True)

@@ -51,6 +51,8 @@ bench-peers: $(STAMP)
 	$(BIN)/python benchmarks/bench_rnn_peers.py --part all
 	$(BIN)/python benchmarks/bench_rnn.py --part table
 	$(BIN)/python benchmarks/bench_mixed_peers.py --out benchmarks/results/mixed_precision_peers.md
+	$(BIN)/python benchmarks/bench_compress.py --part peers
+	$(BIN)/python benchmarks/bench_qat.py --part peers
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -4,10 +4,11 @@ to fractions of the MACs, with its greedy per-layer ratio selection.
 Its documented use (``ModelCompressor.compress_model``): ``CompressionScheme.channel_pruning``, ``CostMetric.mac``,
 ``ChannelPruningParameters(data_loader, num_reconstruction_samples, allow_custom_downsample_ops=False, mode=auto,
 AutoModeParams(GreedySelectionParameters(target_comp_ratio, num_comp_ratio_candidates), modules_to_ignore))`` on
-the model as AIMET's ``prepare_model`` leaves it. Candidates as edgequant's: the layers are the consumers of
-edgequant's prunable chains (MobileNetV2's projection convs; every other ungrouped conv in ``modules_to_ignore``) and 5
-ratio candidates (edgequant scores 5 ratios per chain) -- AIMET over all 52 ungrouped convs at its example's 10
-candidates measured about 30 s per trial here (hours). and an ``eval_callback(model, iterations, use_cuda) -> accuracy``. The data: the same calibration
+the model as AIMET's ``prepare_model`` leaves it, and an ``eval_callback(model, iterations, use_cuda) -> accuracy``.
+Candidates as edgequant's: the layers are the consumers of edgequant's prunable chains (MobileNetV2's projection
+convs; every other ungrouped conv in ``modules_to_ignore``) and 5 ratio candidates (edgequant scores 5 ratios per
+chain) -- AIMET over all 52 ungrouped convs at its example's 10 candidates took about 30 s per trial here (hours).
+The data: the same calibration
 crops edgequant reconstructs from (a DataLoader of batches of 16; AIMET samples 10 positions per image, so
 ``num_reconstruction_samples`` = 10 x the number of crops); the callback returns the top-1 agreement with FP32 on
 the 32 crops edgequant's selection scores on (no labels: the photos are unlabelled). The first target's
@@ -108,7 +109,7 @@ def main():
                          "top1": f.top1, "sqnr_db": f.sqnr_db, "seconds": sec,
                          "aimet_mac_ratio": float(stats.mac_compression_ratio),
                          "method": f"ModelCompressor.compress_model(channel_pruning, mac, greedy selection, "
-                                   f"the {len(chains)} projection convs, {args.candidates} candidates per layer, {10 * len(cx)} "
+                                   f"the {len(chains)} convs edgequant prunes (its chains' consumers), {args.candidates} candidates per layer, {10 * len(cx)} "
                                    "reconstruction samples), "
                                    "no fine-tune" + (" (seconds: the greedy search)" if len(rows) == 0 else
                                                      " (seconds: reusing its saved evaluations)")})

@@ -60,9 +60,9 @@ def is_factorable(m: nn.Module) -> bool:
 def weight_svd(m: nn.Module, rank: int, multiple: int = 1, gram: torch.Tensor | None = None) -> nn.Sequential:
     """``m`` (Linear, or 1x1 Conv2d) as two layers of rank ``rank`` (rounded up to ``multiple``).
 
-    ``gram``: the second moment ``E[x x^T]`` of the layer's inputs (``in x in``, see :func:`input_gram`). With it
-    the factorization minimizes the error of the layer's *outputs* on such inputs, ``E||(W - W') x||^2``, instead
-    of the weights' own error: the SVD of ``W L`` (``L L^T = gram``, Cholesky), ``W' = [W L]_r L^-1`` -- the
+    ``gram``: the second moment ``E[x x^T]`` of the layer's inputs (``in x in``, see
+    :func:`edgequant.compress.select.input_grams`). With it the factorization minimizes the error of the layer's
+    *outputs* on such inputs, ``E||(W - W') x||^2``, instead of the weights' own error: the SVD of ``W L`` (``L L^T = gram``, Cholesky), ``W' = [W L]_r L^-1`` -- the
     directions the inputs do not use are the ones given up (data-aware SVD as in ASVD / SVD-LLM)."""
     w = m.weight.detach().double()
     w2 = w.reshape(w.shape[0], -1)

@@ -62,8 +62,9 @@ def weight_svd(m: nn.Module, rank: int, multiple: int = 1, gram: torch.Tensor | 
 
     ``gram``: the second moment ``E[x x^T]`` of the layer's inputs (``in x in``, see
     :func:`edgequant.compress.select.input_grams`). With it the factorization minimizes the error of the layer's
-    *outputs* on such inputs, ``E||(W - W') x||^2``, instead of the weights' own error: the SVD of ``W L`` (``L L^T = gram``, Cholesky), ``W' = [W L]_r L^-1`` -- the
-    directions the inputs do not use are the ones given up (data-aware SVD as in ASVD / SVD-LLM)."""
+    *outputs* on such inputs, ``E||(W - W') x||^2``, instead of the weights' own error: the SVD of ``W L``
+    (``L L^T = gram``, Cholesky), ``W' = [W L]_r L^-1`` -- the directions the inputs do not use are the ones given
+    up (data-aware SVD as in ASVD / SVD-LLM)."""
     w = m.weight.detach().double()
     w2 = w.reshape(w.shape[0], -1)
     rank = _round_rank(rank, min(w2.shape), multiple)

@@ -155,7 +155,6 @@ def bn_table(rows) -> str:
 def part_mobilenet(args) -> list:
     from edgequant import quantize
     from edgequant.data import calibration_crops, evaluation_crops
-    from edgequant.data.photos import CALIBRATION_PHOTOS, photo_crops
     from edgequant.metrics import fidelity
     from edgequant.models import mobilenet_v2_imagenet
     from edgequant.qat import finetune, prepare_qat
@@ -166,7 +165,7 @@ def part_mobilenet(args) -> list:
     with torch.no_grad():
         ref = torch.cat([model(b) for b in ev.split(64)])
     # fresh crops of the calibration photos, a new set per batch (seeds away from the calibration crops')
-    train = [photo_crops(CALIBRATION_PHOTOS, args.batch, seed=10_000 + i) for i in range(args.steps)]
+    train = [_training_batch(args, i) for i in range(args.steps)]
     rows = []
     for w, a in [tuple(int(v) for v in c.lower().lstrip("w").split("a")) for c in args.configs.split(",")]:
         t = time.perf_counter()
@@ -187,11 +186,25 @@ def part_mobilenet(args) -> list:
                        eval_every=args.eval_every, progress=True)
         steps = [0] + [s for s, _ in rep.evals]
         secs = [0.0] + [rep.seconds[s - 1] for s in steps[1:]]
-        row = {"config": f"W{w}A{a}", "adaround_s": start_s, "lr": args.lr, "quantizer_lr": args.quantizer_lr, "batch": args.batch, "eval_seed": args.eval_seed,
+        row = {"config": f"W{w}A{a}", "adaround_s": start_s, "mosaic": args.mosaic, "lr": args.lr, "quantizer_lr": args.quantizer_lr, "batch": args.batch, "eval_seed": args.eval_seed,
                "curve": [dict(c, step=s, seconds=sec) for c, s, sec in zip(curve, steps, secs)]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _training_batch(args, i: int) -> torch.Tensor:
+    """Batch ``i`` of fresh crops of the calibration photos; with ``--mosaic`` half of it 2x2 mosaics of half-size crops
+    of four different photos (new layouts and scales from the same few photos)."""
+    from edgequant.data.photos import CALIBRATION_PHOTOS, photo_crops
+
+    if not args.mosaic:
+        return photo_crops(CALIBRATION_PHOTOS, args.batch, seed=10_000 + i)
+    half = args.batch // 2
+    whole = photo_crops(CALIBRATION_PHOTOS, args.batch - half, seed=10_000 + i)
+    tiles = photo_crops(CALIBRATION_PHOTOS, 4 * half, size=112, seed=20_000 + i).view(half, 4, 3, 112, 112)
+    rows = [torch.cat([tiles[:, 0], tiles[:, 1]], -1), torch.cat([tiles[:, 2], tiles[:, 3]], -1)]
+    return torch.cat([whole, torch.cat(rows, -2)])
 
 
 def _cost_child(kind: str, batch: int) -> dict:
@@ -431,6 +444,7 @@ def main():
     ap.add_argument("--eval-seed", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--mnist-epochs", type=int, default=8)
+    ap.add_argument("--mosaic", action="store_true", help="--part mobilenet: half of each batch 2x2 mosaics of four photos")
     ap.add_argument("--peer-timeout", type=int, default=3 * 3600, help="seconds per QAT peer (--part peers)")
     ap.add_argument("--cost-child", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.md"))

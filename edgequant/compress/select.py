@@ -36,7 +36,7 @@ from ..batches import evaluating, run_batch, to_device
 from ..graph.patterns import set_submodule
 from ..metrics import sqnr_db
 from ..solvers import multiple_choice_knapsack
-from .prune import SHRINK
+from .prune import SHRINK, kept_channels, prunable_chains, prune_chain
 from .svd import factorize, is_factorable, layer_input, rank_for_ratio, svd_rank_limit
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -225,7 +225,6 @@ class _Prune:
     """Candidates (chains, by consumer), costs and trials of channel pruning (see :mod:`edgequant.compress.prune`)."""
 
     def __init__(self, work, example, batches, what, layers, min_macs, multiple, n_inputs, shrink):
-        from .prune import prunable_chains
         self.work, self.batches, self.n_inputs, self.multiple, self.shrink = work, batches, n_inputs, multiple, shrink
         shapes = layer_shapes(work, example, n_inputs)
         mods = dict(work.named_modules())
@@ -240,20 +239,17 @@ class _Prune:
         self.full = {n: sum((macs[m] if what == "macs" else _params(mods[m])) for m in ms) for n, ms in members.items()}
 
     def kept(self, n, r):
-        from .prune import kept_channels
         return kept_channels(r, self.chains[n].channels, self.multiple)
 
     def after(self, n, r):
         return self.full[n] * self.kept(n, r) / self.chains[n].channels
 
     def trial(self, n, r, score):
-        from .prune import prune_chain
         m = copy.deepcopy(self.work)
         prune_chain(m, self.work, self.chains[n], r, self.batches, self.n_inputs, self.multiple, self.shrink)
         return score(m)
 
     def apply(self, choice):
-        from .prune import prune_chain
         pruned = copy.deepcopy(self.work)
         for n, c in self.chains.items():  # graph order: each reconstruction absorbs the earlier prunings
             if choice.get(n, 1.0) < 1:

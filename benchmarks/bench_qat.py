@@ -17,8 +17,15 @@ rebuilt from all parts present after every run):
   digits, held-out accuracy before (their PTQ) and after QAT with labels over the same batches of 64, in order, for
   the step budget of the ``mnist`` part's W4A4 labels row (``--mnist-epochs`` passes); Adam lr 1e-3 with the cosine
   schedule ``finetune`` uses.
+* ``peers_mobilenet``: AIMET and Brevitas QAT on real MobileNetV2 (ImageNet weights) at W4A8 (4-bit per-channel
+  symmetric weights, 8-bit activations, model input and logits 8-bit), each in its own environment (the same runners,
+  ``--model mobilenet``): ranges from the same 128 calibration crops, then distillation from FP32 (no labels) over
+  exactly the ``mobilenet`` part's training batches (``--steps`` batches of ``--batch`` crops, in order), Adam lr
+  ``--lr`` on every trainable parameter with the cosine schedule ``finetune`` uses, dropout off; top-1 agreement, SQNR
+  and KL against FP32 on the same held-out crops before (the peer's PTQ) and after. It does not rewrite ``qat.md``
+  (hand-kept sections): it prints its section and writes it to ``.peers/qat/peers_mobilenet.md``.
 
-Usage: python benchmarks/bench_qat.py --part mnist|mobilenet|cost|bn|peers|table [--steps 300] [--eval-seed 1]
+Usage: python benchmarks/bench_qat.py --part mnist|mobilenet|cost|bn|peers|peers_mobilenet|table [--steps 300] [--eval-seed 1]
 """
 from __future__ import annotations
 
@@ -281,6 +288,50 @@ def part_peers(args) -> list:
     return rows
 
 
+def part_peers_mobilenet(args) -> list:
+    """AIMET and Brevitas distillation QAT on MobileNetV2 at W4A8, each runner (``--model mobilenet``) in its peer's
+    environment, on the inputs of the ``mobilenet`` part: its 128 calibration crops, its training batches
+    (``_training_batch(args, i)`` for ``i < --steps``, no mosaics) and its held-out crops with their FP32 logits."""
+    import bench_peers
+    from edgequant.data import calibration_crops, evaluation_crops
+    from edgequant.models import mobilenet_v2_imagenet
+
+    if args.mosaic:
+        raise SystemExit("--part peers_mobilenet uses the plain training batches (no --mosaic)")
+    model = mobilenet_v2_imagenet().eval()
+    ev = evaluation_crops(args.eval, seed=args.eval_seed)
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in ev.split(64)])
+    threads = os.environ.get("EDGEQUANT_BENCH_THREADS", "2")
+    STORE.mkdir(parents=True, exist_ok=True)
+    inputs = STORE / "peers_mobilenet_inputs.pt"  # ~0.6 GB per 32 steps of batch 32; the runners map it, not load it
+    torch.save({"state_dict": model.state_dict(), "calib_x": calibration_crops(128),
+                "train": [_training_batch(args, i) for i in range(args.steps)], "eval_x": ev, "ref_logits": ref,
+                "batch": args.batch, "eval_seed": args.eval_seed}, inputs)
+    rows = []
+    for peer in args.peers.split(","):
+        out = STORE / f"peers_mobilenet_{peer}.json"
+        out.unlink(missing_ok=True)
+        cmd = ["--model", "mobilenet", "--steps", str(args.steps), "--lr", str(args.lr), "--threads", threads]
+        mine = [v.split(":", 1)[1] for v in (args.peer_variants or "").split(",") if v.startswith(peer + ":")]
+        if mine:
+            cmd += ["--variants", ",".join(mine)]
+        try:
+            py = bench_peers.ensure_env(peer)
+            subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / f"run_qat_{peer}.py"), str(inputs), str(out), *cmd],
+                           check=True, timeout=args.peer_timeout,
+                           env=dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(ROOT / "benchmarks" / "peers")))
+            got = json.loads(out.read_text())
+        except (OSError, ValueError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            got = json.loads(out.read_text()) if out.exists() else []  # the rows it finished before failing
+            got.append({"peer": peer, "config": "W4A8", "steps": args.steps, "method": "-",
+                        "error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]})
+            out.write_text(json.dumps(got, indent=1))
+        rows += got
+        print(json.dumps(got), flush=True)
+    return rows
+
+
 def peer_args(argv=None):
     """The command line of a QAT peer runner (``peers/run_qat_*.py``)."""
     ap = argparse.ArgumentParser()
@@ -290,6 +341,9 @@ def peer_args(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="cosine: finetune's default")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", choices=["mnist", "mobilenet"], default="mnist",
+                    help="mobilenet: the inputs of bench_qat.py --part peers_mobilenet (distillation, W4A8)")
+    ap.add_argument("--variants", default=None, help="comma-separated variant names (--model mobilenet; default: all)")
     return ap.parse_args(argv)
 
 
@@ -316,7 +370,8 @@ def peer_qat(peer: str, version: str, variants, argv=None) -> list:
         torch.manual_seed(0)
         row = {"peer": peer, "version": version, "config": "W4A4", "steps": steps, "lr": args.lr, "schedule": args.schedule,
                "threads": args.threads, "method": method}
-        try:
+
+        def run(row=row, build=build):
             t = time.perf_counter()
             model, row["quantizes"] = build(copy.deepcopy(net), calib)
             row["init_seconds"] = time.perf_counter() - t
@@ -325,14 +380,22 @@ def peer_qat(peer: str, version: str, variants, argv=None) -> list:
             row["final_loss"] = _peer_train(model, batches, steps, args.lr, args.schedule)
             row["seconds"] = time.perf_counter() - t
             row["qat_acc"] = _peer_acc(model, data["test_x"], data["test_y"])
-        except Exception as e:  # noqa: BLE001  (a peer that cannot do a variant is reported, not fatal)
-            row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
-            import traceback
-            traceback.print_exc()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        _record(rows, row, run, args.out)
     return rows
+
+
+def _record(rows: list, row: dict, run, out) -> None:
+    """``run()`` fills ``row``; a failure is recorded in it (a peer that cannot do a variant is reported, not fatal).
+    The row is appended, printed, and all rows so far written to ``out``."""
+    try:
+        run()
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]
+        import traceback
+        traceback.print_exc()
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    Path(out).write_text(json.dumps(rows, indent=1))
 
 
 def _logits(out):
@@ -343,6 +406,15 @@ def _peer_acc(model, x, y) -> float:
     model.eval()
     with torch.no_grad():
         return float(torch.cat([_logits(model(b)).argmax(1) for b in x.split(256)]).eq(y).float().mean())
+
+
+def _adam_step(opt, sched, loss, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss {loss.item()} at step {step}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
 
 
 def _peer_train(model, batches, steps: int, lr: float, schedule: str) -> float:
@@ -360,15 +432,104 @@ def _peer_train(model, batches, steps: int, lr: float, schedule: str) -> float:
     for step in range(steps):
         x, y = batches[step % len(batches)]
         loss = F.cross_entropy(_logits(model(x)), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        _adam_step(opt, sched, loss, step)
         losses.append(float(loss.detach()))
     model.eval()
     return sum(losses[-10:]) / len(losses[-10:])
+
+
+def peer_qat_mobilenet(peer: str, version: str, variants: dict, args) -> list:
+    """Run a peer's W4A8 QAT variants on the MobileNetV2 inputs ``bench_qat.py --part peers_mobilenet`` saved;
+    ``variants``: ``{name: (method, build)}`` where ``build(net, calib)`` returns the peer's quantized model with its
+    ranges set from ``calib`` (the 128 calibration crops in batches of 32) and a description of what it quantizes. Each
+    variant: fidelity to FP32 on the held-out crops after ``build`` (the peer's PTQ), distillation from the float model
+    over the saved training batches in order (:func:`_peer_distill`), fidelity after. A variant that fails is a row with
+    ``error``; rows are written to ``out`` after each variant."""
+    import torchvision
+
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    data = torch.load(args.inputs, weights_only=True, mmap=True)  # the training batches stay on disk until used
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(data["state_dict"])
+    net.eval()
+    batches, steps = data["train"], len(data["train"]) if args.steps is None else args.steps
+    calib = list(data["calib_x"].split(32))
+    names = list(variants) if args.variants is None else args.variants.split(",")
+    rows = []
+    for name in names:
+        torch.manual_seed(0)
+        method, build = variants[name]
+        row = {"peer": peer, "version": version, "variant": name, "config": "W4A8", "steps": steps, "batch": data["batch"],
+               "n_calib": len(data["calib_x"]), "n_eval": len(data["eval_x"]), "eval_seed": data["eval_seed"], "lr": args.lr, "schedule": args.schedule, "threads": args.threads, "method": method}
+
+        def run(row=row, build=build, name=name):
+            t = time.perf_counter()
+            model, row["quantizes"] = build(copy.deepcopy(net), calib)
+            row["init_seconds"] = time.perf_counter() - t
+            row["ptq"] = _peer_fidelity(model, data["eval_x"], data["ref_logits"])
+            print(json.dumps({name: row["ptq"]}), flush=True)
+            t = time.perf_counter()
+            row.update(_peer_distill(model, net, batches, steps, args.lr, args.schedule))
+            row["seconds"] = time.perf_counter() - t
+            row["qat"] = _peer_fidelity(model, data["eval_x"], data["ref_logits"])
+        _record(rows, row, run, args.out)
+    return rows
+
+
+def _peer_fidelity(model, x, ref) -> dict:
+    """Top-1 agreement, SQNR (dB) and KL(FP32 || quantized) of ``model``'s logits on ``x`` against ``ref``."""
+    from edgequant.metrics import fidelity
+
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([_logits(model(b)).float() for b in x.split(64)])
+    f = fidelity(ref, out)
+    return {"top1": f.top1, "sqnr_db": f.sqnr_db, "kl": f.kl}
+
+
+def _peer_distill(model, teacher, batches, steps: int, lr: float, schedule: str) -> dict:
+    """KL(teacher || student) on softmax logits (batchmean), the teacher's logits from the float model on the same
+    batch; Adam on every trainable parameter of ``model``, ``finetune``'s cosine schedule; batches in order (cycled);
+    the model in train mode with its dropout modules in eval. Refuses a model that still has BatchNorm modules (each
+    peer folds them before QAT, so train mode changes nothing but dropout, which is off). Returns the mean loss and
+    the training-batch SQNR against the teacher over the first and the last 10 steps."""
+    import math
+
+    from edgequant.metrics import sqnr_db
+
+    bn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if bn:
+        raise RuntimeError(f"BatchNorm left in the QAT model: {bn[:3]}")
+
+    def factor(i):
+        return 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)) if schedule == "cosine" else 1.0
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    teacher.eval()
+    model.train()
+    dropout = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+    for m in dropout:
+        m.eval()
+    losses, sq = [], []
+    for step in range(steps):
+        x = batches[step % len(batches)]
+        with torch.no_grad():
+            target = teacher(x)
+        out = _logits(model(x)).float()
+        loss = F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1), reduction="batchmean", log_target=True)
+        _adam_step(opt, sched, loss, step)
+        losses.append(float(loss.detach()))
+        sq.append(sqnr_db(target, out.detach()))
+        if step % 10 == 0 or step == steps - 1:
+            print(f"step {step + 1}/{steps} loss {losses[-1]:.4f} train SQNR {sq[-1]:.2f} dB", flush=True)
+    model.eval()
+    k = min(10, steps)
+    return {"trainable": sum(p.numel() for p in params), "dropout_off": len(dropout),
+            "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
+            "train_sqnr_first": sum(sq[:k]) / k, "train_sqnr_last": sum(sq[-k:]) / k}
 
 
 def table() -> str:
@@ -384,6 +545,7 @@ def table() -> str:
                 f"{r['qat_distill']:.4f} | {r['qat_steps']} | {r['qat_labels_s']:.0f} s / {r['qat_distill_s']:.0f} s |" for r in rows]
         out.append("")
     out += _peers_table()
+    out += peers_mobilenet_table()
     if (STORE / "mobilenet.json").exists():
         rows = json.loads((STORE / "mobilenet.json").read_text())
         out += ["## MobileNetV2 (ImageNet weights): distillation QAT from AdaRound, held-out photos", ""]
@@ -432,9 +594,44 @@ def _peers_table() -> list:
     return out + [""]
 
 
+def peers_mobilenet_table() -> list:
+    """The "Peers" MobileNetV2 section from ``peers_mobilenet.json`` (lines; empty without it)."""
+    if not (STORE / "peers_mobilenet.json").exists():
+        return []
+    rows = json.loads((STORE / "peers_mobilenet.json").read_text())
+    r0 = next((r for r in rows if "error" not in r), rows[0] if rows else {})
+
+    def fid(r, k):
+        f = r.get(k)
+        return ("| | |" if f is None else f"{f['top1']:.3f} | {f['sqnr_db']:.2f} | {f['kl']:.3f} |")
+
+    out = ["## Peers: distillation QAT on MobileNetV2, W4A8 (held-out photos)", "",
+           f"Real MobileNetV2 (ImageNet weights); the `mobilenet` part's inputs: ranges from the same {r0.get('n_calib', '')} "
+           f"calibration crops, then the same {r0.get('steps', '')} training batches of {r0.get('batch', '')} fresh crops of the "
+           f"calibration photos in the same order (no mosaics), distillation from FP32 without labels (KL(FP32 || "
+           f"quantized) on softmax logits, batchmean), Adam lr {r0.get('lr', '')} on every trainable parameter (weights "
+           f"and ranges), cosine schedule to zero as `finetune`'s, dropout off, BN folded; fidelity to FP32 on the same "
+           f"{r0.get('n_eval', '')} held-out photo crops (evaluation seed {r0.get('eval_seed', '')}; top-1 agreement, logit "
+           f"SQNR, KL(FP32 || quantized)). Each peer runs in its own environment (`benchmarks/peers/run_qat_*.py --model "
+           f"mobilenet`, threads: {r0.get('threads', '')}). PTQ = the peer's quantized model after its range calibration, "
+           f"before training (nearest rounding). Seconds: training only (the float teacher's forward included).", "",
+           "| peer | method | PTQ top-1 | PTQ SQNR dB | PTQ KL | QAT top-1 | QAT SQNR dB | QAT KL | steps | seconds | "
+           "quantizes / error |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = " ".join(str(r.get("error") or r.get("quantizes", "")).split()).replace("|", "/")
+        if "train_sqnr_first" in r:
+            note += (f" (training-batch SQNR vs FP32 {r['train_sqnr_first']:.2f} -> {r['train_sqnr_last']:.2f} dB, "
+                     f"first / last 10 steps)")
+        secs = "" if r.get("seconds") is None else f"{r['seconds']:.0f}"
+        out.append(f"| {r['peer']} {r.get('version', '')} | {r.get('method', '')} | {fid(r, 'ptq')} {fid(r, 'qat')} "
+                   f"{r.get('steps', '')} | {secs} | {note} |")
+    return out + [""]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["mnist", "mobilenet", "cost", "bn", "peers", "table"], default="table")
+    ap.add_argument("--part", choices=["mnist", "mobilenet", "cost", "bn", "peers", "peers_mobilenet", "table"],
+                    default="table")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -446,6 +643,9 @@ def main():
     ap.add_argument("--mnist-epochs", type=int, default=8)
     ap.add_argument("--mosaic", action="store_true", help="--part mobilenet: half of each batch 2x2 mosaics of four photos")
     ap.add_argument("--peer-timeout", type=int, default=3 * 3600, help="seconds per QAT peer (--part peers)")
+    ap.add_argument("--peers", default="aimet,brevitas", help="--part peers_mobilenet: which peers")
+    ap.add_argument("--peer-variants", default=None,
+                    help="--part peers_mobilenet: variants to run, e.g. aimet:tf,brevitas:relu6_max (default: all)")
     ap.add_argument("--cost-child", default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qat.md"))
     args = ap.parse_args()
@@ -460,6 +660,12 @@ def main():
         rows = part_bn(args)
         _save("bn", rows)
         atomic_write_text(ROOT / "benchmarks" / "results" / "qat_bn.md", bn_table(rows))
+        return
+    if args.part == "peers_mobilenet":  # printed on its own: qat.md keeps hand-kept sections the generator cannot rebuild
+        _save(args.part, part_peers_mobilenet(args))
+        text = "\n".join(peers_mobilenet_table())
+        (STORE / "peers_mobilenet.md").write_text(text)
+        print(text)
         return
     if args.part != "table":
         _save(args.part, {"mnist": part_mnist, "mobilenet": part_mobilenet, "cost": part_cost, "peers": part_peers}[args.part](args))

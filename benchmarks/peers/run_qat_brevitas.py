@@ -16,7 +16,19 @@ calibration digits, then a plain torch training loop (Brevitas layers are traina
 * Input and logits on 8-bit grids, as edgequant's W4A4 rows: ``quantize`` puts a ``QuantIdentity`` on the model input
   and one on the logits; both are replaced by 8-bit ones (``Int8ActPerTensorFloatMSE``) before calibration.
 
-    python run_qat_brevitas.py <inputs.pt> <out.json> [--steps N] [--lr 1e-3] [--threads 2]
+MobileNetV2 (``--model mobilenet``, for ``bench_qat.py --part peers_mobilenet``): torchvision's MobileNetV2 through the
+same path at W4A8: 4-bit ``Int8WeightPerChannelFloatMSE`` weights, 8-bit MSE-initialised activations
+(``Int8ActPerTensorFloatMSE`` / ``Uint8ActPerTensorFloatMSE``; the model input and the logits 8-bit with the rest),
+``calibration_mode`` over the 128 calibration crops (batches of 32), then distillation from the float model
+(``bench_qat.peer_qat_mobilenet``). Two variants for the quantizer after each ReLU6:
+
+* ``relu6_max``: Brevitas' default map for ReLU6 (``QuantReLU`` with ``Uint8ActPerTensorFloatMaxInit``,
+  ``max_val=6``: a learned scale initialised so the 8-bit grid ends at 6, i.e. it clips where ReLU6 does).
+* ``relu6_mse``: as the MNIST rows, the MSE-initialised unsigned quantizer after ``QuantReLU`` (ReLU, not ReLU6):
+  values above 6 are clipped only where the MSE range ends.
+
+    python run_qat_brevitas.py <inputs.pt> <out.json> [--steps N] [--lr 1e-3] [--threads 2] [--model mobilenet]
+        [--variants relu6_max]
 """
 from __future__ import annotations
 
@@ -39,14 +51,27 @@ from brevitas.quant import (  # noqa: E402
     Uint8ActPerTensorFloatMSE,
 )
 
-W4 = Int8WeightPerChannelFloatMSE.let(bit_width=4)
-A4, U4 = Int8ActPerTensorFloatMSE.let(bit_width=4), Uint8ActPerTensorFloatMSE.let(bit_width=4)
-IDENTITY = {"signed": (qnn.QuantIdentity, {"act_quant": A4, "return_quant_tensor": True}),
-            "unsigned": (qnn.QuantIdentity, {"act_quant": U4, "return_quant_tensor": True})}
-LAYERS = {k: v if v is None or "weight_quant" not in v[1] else (v[0], dict(v[1], weight_quant=W4, bias_quant=None))
-          for k, v in bq.COMPUTE_LAYER_MAP.items()}
-ACTS = {**bq.QUANT_ACT_MAP, torch.nn.ReLU6: (qnn.QuantReLU, {"act_quant": U4, "return_quant_tensor": True}),
-        torch.nn.ReLU: (qnn.QuantReLU, {"act_quant": U4, "return_quant_tensor": True})}  # the net has no other activation
+
+
+def maps(w_bits: int, a_bits: int, relu6_max: bool = False):
+    """``quantize``'s identity, compute-layer and activation maps: ``w_bits`` MSE-initialised per-channel weights
+    (biases float), ``a_bits`` MSE-initialised activations; ``relu6_max``: ReLU6 keeps the default map's quantizer
+    (learned scale initialised at max 6, at ``a_bits``)."""
+    w = Int8WeightPerChannelFloatMSE.let(bit_width=w_bits)
+    a, u = Int8ActPerTensorFloatMSE.let(bit_width=a_bits), Uint8ActPerTensorFloatMSE.let(bit_width=a_bits)
+    identity = {"signed": (qnn.QuantIdentity, {"act_quant": a, "return_quant_tensor": True}),
+                "unsigned": (qnn.QuantIdentity, {"act_quant": u, "return_quant_tensor": True})}
+    layers = {k: v if v is None or "weight_quant" not in v[1] else (v[0], dict(v[1], weight_quant=w, bias_quant=None))
+              for k, v in bq.COMPUTE_LAYER_MAP.items()}
+    relu6 = bq.QUANT_ACT_MAP[torch.nn.ReLU6]
+    relu6 = (relu6[0], dict(relu6[1], act_quant=relu6[1]["act_quant"].let(bit_width=a_bits))) if relu6_max else (
+        qnn.QuantReLU, {"act_quant": u, "return_quant_tensor": True})
+    acts = {**bq.QUANT_ACT_MAP, torch.nn.ReLU6: relu6,
+            torch.nn.ReLU: (qnn.QuantReLU, {"act_quant": u, "return_quant_tensor": True})}  # the nets have no other activation
+    return identity, layers, acts
+
+
+IDENTITY, LAYERS, ACTS = maps(4, 4)  # the MNIST rows: W4A4
 
 
 def io_quantizers(q) -> tuple[str, str]:
@@ -88,9 +113,10 @@ def describe(q, inp: str, out: str) -> str:
     return "; ".join(parts) + f"; biases float; {trainable} trainable scale values; BN merged"
 
 
-def make(net, calib):
+def make(net, calib, qmaps=None):
+    identity, layers, acts = qmaps or (IDENTITY, LAYERS, ACTS)
     m = bq.preprocess_for_quantize(net.eval(), relu6_to_relu=False, merge_bn=True, equalize_iters=0)
-    q = bq.quantize(m, quant_identity_map=IDENTITY, compute_layer_map=LAYERS, quant_act_map=ACTS)
+    q = bq.quantize(m, quant_identity_map=identity, compute_layer_map=layers, quant_act_map=acts)
     inp, out = io_quantizers(q)
     for name in (inp, out):  # the model input and the logits on 8-bit grids
         old = q.get_submodule(name)
@@ -106,9 +132,23 @@ def make(net, calib):
 
 
 def main():
-    from bench_qat import peer_qat
+    from bench_qat import peer_args, peer_qat, peer_qat_mobilenet
 
     torch.manual_seed(0)
+    args = peer_args()
+    if args.model == "mobilenet":
+        how = ("preprocess_for_quantize (BN merged, ReLU6 kept), graph quantize with 4-bit MSE-initialised learned-scale "
+               "per-channel weights (Int8WeightPerChannelFloatMSE, narrow range), 8-bit MSE-initialised learned-scale "
+               "activations (Int8ActPerTensorFloatMSE / Uint8ActPerTensorFloatMSE), {}, input and logits 8-bit, biases "
+               "float, calibration_mode on the 128 calibration crops (batches of 32); distillation QAT on all parameters")
+        peer_qat_mobilenet("brevitas", brevitas.__version__, {
+            "relu6_max": (how.format("ReLU6 -> QuantReLU with Brevitas' default ReLU6 quantizer (Uint8ActPerTensorFloatMaxInit, "
+                                     "max_val 6: learned scale, clips at 6)"),
+                          lambda net, calib: make(net, calib, maps(4, 8, relu6_max=True))),
+            "relu6_mse": (how.format("ReLU6 -> QuantReLU (ReLU) with the MSE-initialised unsigned quantizer (as the MNIST rows)"),
+                          lambda net, calib: make(net, calib, maps(4, 8))),
+        }, args)
+        return
     peer_qat("brevitas", brevitas.__version__, [
         ("preprocess_for_quantize (BN merged, ReLU6 kept), graph quantize with 4-bit MSE-initialised learned-scale "
          "quantizers (per-channel weights), input and logits 8-bit, calibration_mode on 512 digits; QAT on all parameters",

@@ -53,6 +53,7 @@ bench-peers: $(STAMP)
 	$(BIN)/python benchmarks/bench_mixed_peers.py --out benchmarks/results/mixed_precision_peers.md
 	$(BIN)/python benchmarks/bench_compress.py --part peers
 	$(BIN)/python benchmarks/bench_qat.py --part peers
+	$(BIN)/python benchmarks/bench_qat.py --part peers_mobilenet --steps 100 --batch 32 --lr 1e-5
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def _start(model, cal, cfg, folder: Path):
     import edgequant
 
-    if (folder / "sim.pt").exists() or (folder / "manifest.json").exists():
+    if (folder / "manifest.json").exists():  # written by sim.save
         return edgequant.load(folder)
     sim = edgequant.quantize(model, list(cal.split(32)), cfg, ptq=["bn_fold", "adaround"], adaround_iterations=200,
                              progress=False).sim

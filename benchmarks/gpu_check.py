@@ -169,7 +169,7 @@ def check_qat(model, sim, ev, ref, device, args, out: dict) -> list[str]:
     out["qat"] = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "steps_per_s": args.steps / rep.seconds[-1],
                   "step_s_fp32": t_fp32, "step_s_sim": t_sim, "step_ratio": t_sim / t_fp32,
                   "peak_mb_fp32": mem_fp32, "peak_mb_sim": mem_sim,
-                  "memory_ratio": mem_sim / mem_fp32 if mem_fp32 == mem_fp32 and mem_fp32 > 0 else None, "curve": curve}
+                  "memory_ratio": mem_sim / mem_fp32 if device.type == "cuda" else None, "curve": curve}
     if not all(torch.isfinite(torch.tensor(rep.loss))):
         fails.append("QAT loss not finite")
     return fails

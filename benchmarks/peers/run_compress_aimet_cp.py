@@ -8,12 +8,11 @@ the model as AIMET's ``prepare_model`` leaves it, and an ``eval_callback(model, 
 Candidates as edgequant's: the layers are the consumers of edgequant's prunable chains (MobileNetV2's projection
 convs; every other ungrouped conv in ``modules_to_ignore``) and 5 ratio candidates (edgequant scores 5 ratios per
 chain) -- AIMET over all 52 ungrouped convs at its example's 10 candidates took about 30 s per trial here (hours).
-The data: the same calibration
-crops edgequant reconstructs from (a DataLoader of batches of 16; AIMET samples 10 positions per image, so
-``num_reconstruction_samples`` = 10 x the number of crops); the callback returns the top-1 agreement with FP32 on
-the 32 crops edgequant's selection scores on (no labels: the photos are unlabelled). The first target's
-per-layer evaluations are saved and reused for the next targets (``saved_eval_scores_dict``), as edgequant reuses
-its curves. Run by ``bench_compress.py --part peers`` in AIMET's environment.
+The data: the same calibration crops edgequant reconstructs from (a DataLoader of batches of 16; AIMET samples 10
+positions per image, so ``num_reconstruction_samples`` = 10 x the number of crops); the callback returns the top-1
+agreement with FP32 on the 32 crops edgequant's selection scores on (no labels: the photos are unlabelled). The
+first target's per-layer evaluations are saved and reused for the next targets (``saved_eval_scores_dict``), as
+edgequant reuses its curves. Run by ``bench_compress.py --part peers`` in AIMET's environment.
 
     python run_compress_aimet_cp.py <inputs.pt> <out.json> [--targets 0.9,0.8,0.7]
 """

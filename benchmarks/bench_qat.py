@@ -260,39 +260,48 @@ def part_cost(args) -> list:
 def part_peers(args) -> list:
     """AIMET and Brevitas QAT on the MNIST-5k network, each runner in its peer's environment, with the step budget of
     the ``mnist`` part's labels rows (``--mnist-epochs`` passes over the batches of 64)."""
-    import bench_peers
-
     xtr, ytr, xte, yte, net, acc = _mnist_setup()
     steps = args.mnist_epochs * ((len(xtr) + 63) // 64)  # finetune(labelled, epochs=...): len(labelled) per pass
-    threads, fp32 = os.environ.get("EDGEQUANT_BENCH_THREADS", "2"), acc(net)
+    fp32 = acc(net)
     STORE.mkdir(parents=True, exist_ok=True)
     inputs = STORE / "peers_inputs.pt"
     torch.save({"state_dict": net.state_dict(), "train_x": xtr, "train_y": ytr, "calib_x": xtr[:512],
                 "test_x": xte, "test_y": yte, "fp32_acc": fp32}, inputs)
     rows = []
     for peer in ("aimet", "brevitas"):
-        out = STORE / f"peers_{peer}.json"
-        out.unlink(missing_ok=True)
-        try:
-            py = bench_peers.ensure_env(peer)
-            subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / f"run_qat_{peer}.py"), str(inputs), str(out),
-                            "--steps", str(steps), "--lr", "1e-3", "--threads", threads], check=True, timeout=args.peer_timeout,
-                           env=dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(ROOT / "benchmarks" / "peers")))
-            got = json.loads(out.read_text())
-        except (OSError, ValueError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-            got = json.loads(out.read_text()) if out.exists() else []  # the rows it finished before failing
-            got.append({"peer": peer, "config": "W4A4", "steps": steps, "method": "-",
-                        "error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]})
+        got = _run_peer_runner(peer, inputs, STORE / f"peers_{peer}.json", ["--steps", str(steps), "--lr", "1e-3"],
+                               {"config": "W4A4", "steps": steps}, args.peer_timeout)
         rows += [dict(r, fp32=fp32) for r in got]
-        print(json.dumps(got), flush=True)
     return rows
+
+
+def _run_peer_runner(peer: str, inputs: Path, out: Path, options: list, error_row: dict, timeout: int) -> list:
+    """Run ``peers/run_qat_{peer}.py inputs out *options`` in the peer's environment (``EDGEQUANT_BENCH_THREADS``
+    threads); returns its rows, plus an error row (``error_row`` with the error) when it fails or times out."""
+    import bench_peers
+
+    threads = os.environ.get("EDGEQUANT_BENCH_THREADS", "2")
+    out.unlink(missing_ok=True)
+    try:
+        py = bench_peers.ensure_env(peer)
+        subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / f"run_qat_{peer}.py"), str(inputs), str(out),
+                        *options, "--threads", threads], check=True, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(ROOT / "benchmarks" / "peers")))
+        got = json.loads(out.read_text())
+    except (OSError, ValueError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        got = json.loads(out.read_text()) if out.exists() else []  # the rows it finished before failing
+        got.append(dict(error_row, peer=peer, method="-", error=f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]))
+        out.write_text(json.dumps(got, indent=1))
+    print(json.dumps(got), flush=True)
+    return got
 
 
 def part_peers_mobilenet(args) -> list:
     """AIMET and Brevitas distillation QAT on MobileNetV2 at W4A8, each runner (``--model mobilenet``) in its peer's
     environment, on the inputs of the ``mobilenet`` part: its 128 calibration crops, its training batches
-    (``_training_batch(args, i)`` for ``i < --steps``, no mosaics) and its held-out crops with their FP32 logits."""
-    import bench_peers
+    (``_training_batch(args, i)`` for ``i < --steps``, no mosaics) and its held-out crops with their FP32 logits; and
+    edgequant (``edgequant`` in ``--peers``) in this process on the same inputs. Each peer's rows go to
+    ``peers_mobilenet_{peer}.json``, so one peer can be rerun alone."""
     from edgequant.data import calibration_crops, evaluation_crops
     from edgequant.models import mobilenet_v2_imagenet
 
@@ -302,33 +311,56 @@ def part_peers_mobilenet(args) -> list:
     ev = evaluation_crops(args.eval, seed=args.eval_seed)
     with torch.no_grad():
         ref = torch.cat([model(b) for b in ev.split(64)])
-    threads = os.environ.get("EDGEQUANT_BENCH_THREADS", "2")
+    cal, train = calibration_crops(128), [_training_batch(args, i) for i in range(args.steps)]
+    peers = args.peers.split(",")
     STORE.mkdir(parents=True, exist_ok=True)
     inputs = STORE / "peers_mobilenet_inputs.pt"  # ~0.6 GB per 32 steps of batch 32; the runners map it, not load it
-    torch.save({"state_dict": model.state_dict(), "calib_x": calibration_crops(128),
-                "train": [_training_batch(args, i) for i in range(args.steps)], "eval_x": ev, "ref_logits": ref,
-                "batch": args.batch, "eval_seed": args.eval_seed}, inputs)
+    if set(peers) - {"edgequant"}:
+        torch.save({"state_dict": model.state_dict(), "calib_x": cal, "train": train, "eval_x": ev, "ref_logits": ref,
+                    "batch": args.batch, "eval_seed": args.eval_seed}, inputs)
     rows = []
-    for peer in args.peers.split(","):
+    for peer in peers:
         out = STORE / f"peers_mobilenet_{peer}.json"
-        out.unlink(missing_ok=True)
-        cmd = ["--model", "mobilenet", "--steps", str(args.steps), "--lr", str(args.lr), "--threads", threads]
+        if peer == "edgequant":
+            rows += _edgequant_mobilenet_row(args, model, cal, train, ev, ref, out)
+            continue
+        options = ["--model", "mobilenet", "--steps", str(args.steps), "--lr", str(args.lr)]
         mine = [v.split(":", 1)[1] for v in (args.peer_variants or "").split(",") if v.startswith(peer + ":")]
         if mine:
-            cmd += ["--variants", ",".join(mine)]
-        try:
-            py = bench_peers.ensure_env(peer)
-            subprocess.run([str(py), str(ROOT / "benchmarks" / "peers" / f"run_qat_{peer}.py"), str(inputs), str(out), *cmd],
-                           check=True, timeout=args.peer_timeout,
-                           env=dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=str(ROOT / "benchmarks" / "peers")))
-            got = json.loads(out.read_text())
-        except (OSError, ValueError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-            got = json.loads(out.read_text()) if out.exists() else []  # the rows it finished before failing
-            got.append({"peer": peer, "config": "W4A8", "steps": args.steps, "method": "-",
-                        "error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:400]})
-            out.write_text(json.dumps(got, indent=1))
-        rows += got
-        print(json.dumps(got), flush=True)
+            options += ["--variants", ",".join(mine)]
+        rows += _run_peer_runner(peer, inputs, out, options, {"config": "W4A8", "steps": args.steps}, args.peer_timeout)
+    return rows
+
+
+def _edgequant_mobilenet_row(args, model, cal, train, ev, ref, out: Path) -> list:
+    """edgequant on the peers' MobileNetV2 inputs: the ``mobilenet`` part's W4A8 AdaRound start (200 it/layer), then
+    ``prepare_qat`` (LSQ+) and ``finetune`` by distillation over the same batches at ``--lr`` (quantizer lr: lr / 10)."""
+    import edgequant
+    from edgequant.qat import finetune, prepare_qat
+
+    row = {"peer": "edgequant", "version": edgequant.__version__, "variant": "adaround_lsq", "config": "W4A8",
+           "steps": args.steps, "batch": args.batch, "n_calib": len(cal), "n_eval": len(ev), "eval_seed": args.eval_seed,
+           "lr": args.lr, "schedule": "cosine", "threads": torch.get_num_threads(),
+           "method": "`quantize(ptq=[\"bn_fold\", \"adaround\"])` (200 it/layer), then `prepare_qat` (LSQ+) and `finetune` "
+                     "(distillation from FP32, Adam, cosine, quantizer lr = lr / 10)",
+           "quantizes": "the `mobilenet` part's W4A8 config: 4-bit per-channel weights, 8-bit symmetric activations, input "
+                        "and logits 8-bit; its PTQ start is AdaRound, not nearest rounding"}
+
+    def run():
+        t = time.perf_counter()
+        sim = edgequant.quantize(model, list(cal.split(32)), _config(4, 8), ptq=["bn_fold", "adaround"],
+                                 adaround_iterations=200, progress=False).sim
+        row["init_seconds"] = time.perf_counter() - t
+        row["ptq"] = _peer_fidelity(sim, ev, ref)
+        prepare_qat(sim)
+        rep = finetune(sim, train, steps=args.steps, lr=args.lr, teacher=model, progress=True)
+        k = min(10, len(rep.loss))
+        row.update(seconds=rep.seconds[-1], loss_first=sum(rep.loss[:k]) / k, loss_last=sum(rep.loss[-k:]) / k,
+                   train_sqnr_first=sum(rep.sqnr_db[:k]) / k, train_sqnr_last=sum(rep.sqnr_db[-k:]) / k,
+                   qat=_peer_fidelity(sim, ev, ref))
+
+    rows: list = []
+    _record(rows, row, run, out)
     return rows
 
 
@@ -408,6 +440,18 @@ def _peer_acc(model, x, y) -> float:
         return float(torch.cat([_logits(model(b)).argmax(1) for b in x.split(256)]).eq(y).float().mean())
 
 
+def _adam(model, lr: float, steps: int, schedule: str):
+    """Adam on every trainable parameter of ``model`` with ``finetune``'s cosine schedule (to zero at the last step)
+    or a constant one: ``(optimizer, scheduler)``."""
+    import math
+
+    def factor(i):
+        return 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)) if schedule == "cosine" else 1.0
+
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def _adam_step(opt, sched, loss, step: int) -> None:
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss {loss.item()} at step {step}")
@@ -420,13 +464,7 @@ def _adam_step(opt, sched, loss, step: int) -> None:
 def _peer_train(model, batches, steps: int, lr: float, schedule: str) -> float:
     """Cross-entropy with Adam over ``batches`` in order (cycled) for ``steps``; the cosine schedule is ``finetune``'s
     (to zero at the last step). Returns the mean loss of the last 10 steps."""
-    import math
-
-    def factor(i):
-        return 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)) if schedule == "cosine" else 1.0
-
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    opt, sched = _adam(model, lr, steps, schedule)
     model.train()
     losses = []
     for step in range(steps):
@@ -494,20 +532,12 @@ def _peer_distill(model, teacher, batches, steps: int, lr: float, schedule: str)
     the model in train mode with its dropout modules in eval. Refuses a model that still has BatchNorm modules (each
     peer folds them before QAT, so train mode changes nothing but dropout, which is off). Returns the mean loss and
     the training-batch SQNR against the teacher over the first and the last 10 steps."""
-    import math
-
     from edgequant.metrics import sqnr_db
 
     bn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if bn:
         raise RuntimeError(f"BatchNorm left in the QAT model: {bn[:3]}")
-
-    def factor(i):
-        return 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)) if schedule == "cosine" else 1.0
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    opt, sched = _adam(model, lr, steps, schedule)
     teacher.eval()
     model.train()
     dropout = [m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
@@ -527,7 +557,7 @@ def _peer_distill(model, teacher, batches, steps: int, lr: float, schedule: str)
             print(f"step {step + 1}/{steps} loss {losses[-1]:.4f} train SQNR {sq[-1]:.2f} dB", flush=True)
     model.eval()
     k = min(10, steps)
-    return {"trainable": sum(p.numel() for p in params), "dropout_off": len(dropout),
+    return {"trainable": sum(p.numel() for g in opt.param_groups for p in g["params"]), "dropout_off": len(dropout),
             "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
             "train_sqnr_first": sum(sq[:k]) / k, "train_sqnr_last": sum(sq[-k:]) / k}
 
@@ -595,10 +625,11 @@ def _peers_table() -> list:
 
 
 def peers_mobilenet_table() -> list:
-    """The "Peers" MobileNetV2 section from ``peers_mobilenet.json`` (lines; empty without it)."""
-    if not (STORE / "peers_mobilenet.json").exists():
+    """The "Peers" MobileNetV2 section from the ``peers_mobilenet_{peer}.json`` files (lines; empty without them)."""
+    rows = [r for peer in ("aimet", "brevitas", "edgequant") if (STORE / f"peers_mobilenet_{peer}.json").exists()
+            for r in json.loads((STORE / f"peers_mobilenet_{peer}.json").read_text())]
+    if not rows:
         return []
-    rows = json.loads((STORE / "peers_mobilenet.json").read_text())
     r0 = next((r for r in rows if "error" not in r), rows[0] if rows else {})
 
     def fid(r, k):
@@ -643,7 +674,7 @@ def main():
     ap.add_argument("--mnist-epochs", type=int, default=8)
     ap.add_argument("--mosaic", action="store_true", help="--part mobilenet: half of each batch 2x2 mosaics of four photos")
     ap.add_argument("--peer-timeout", type=int, default=3 * 3600, help="seconds per QAT peer (--part peers)")
-    ap.add_argument("--peers", default="aimet,brevitas", help="--part peers_mobilenet: which peers")
+    ap.add_argument("--peers", default="aimet,brevitas,edgequant", help="--part peers_mobilenet: which peers")
     ap.add_argument("--peer-variants", default=None,
                     help="--part peers_mobilenet: variants to run, e.g. aimet:tf,brevitas:relu6_max (default: all)")
     ap.add_argument("--cost-child", default=None)
@@ -662,7 +693,7 @@ def main():
         atomic_write_text(ROOT / "benchmarks" / "results" / "qat_bn.md", bn_table(rows))
         return
     if args.part == "peers_mobilenet":  # printed on its own: qat.md keeps hand-kept sections the generator cannot rebuild
-        _save(args.part, part_peers_mobilenet(args))
+        part_peers_mobilenet(args)
         text = "\n".join(peers_mobilenet_table())
         (STORE / "peers_mobilenet.md").write_text(text)
         print(text)

@@ -26,21 +26,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STAGES = ["bn_fold", "act_eq", "bias_correction"]
+#: MobileNetV2's depthwise inputs (the ReLU6 outputs that ``act_eq`` equalizes)
+DEPTHWISE_INPUTS = ["features.0.2"] + [f"features.{i}.conv.0.2" for i in range(2, 18)]
 
 
-def _data(k: int):
+def _data(k: int, n_cal: int = 128):
     from bench_splits import partition
 
     from edgequant.data.photos import photo_crops
 
     cal_p, ev_p = partition(k)
-    return photo_crops(cal_p, 128, seed=2 * k), photo_crops(ev_p, 256, seed=2 * k + 1)
+    return photo_crops(cal_p, n_cal, seed=2 * k), photo_crops(ev_p, 256, seed=2 * k + 1)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--partition", type=int, default=4)
-    ap.add_argument("--part", choices=["noise", "worst", "tensor", "methods"], required=True)
+    ap.add_argument("--part", choices=["noise", "worst", "tensor", "methods", "depthwise"], required=True)
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--quantiles", default="0.5,0.9,1.0")
     ap.add_argument("--name", default="features.15.conv.1.2")
     ap.add_argument("--methods", default="mse,sqnr,minmax")
     ap.add_argument("--adaround", type=int, default=100)
@@ -52,7 +56,7 @@ def main():
     from edgequant.models.mobilenet import mobilenet_v2_imagenet
     from edgequant.ptq import correct_bias
 
-    cal, ev = _data(args.partition)
+    cal, ev = _data(args.partition, args.calib)
     model = mobilenet_v2_imagenet().eval()
     cb = list(cal.split(32))
     with torch.no_grad():
@@ -97,6 +101,14 @@ def main():
         top = float(q.scale.max()) * q.qmax
         print(f"{args.name}: calibrated range top {top:.2f}; evaluation per-crop maxima median {peaks.median():.2f}, "
               f"90th percentile {peaks.quantile(0.9):.2f}, max {peaks.max():.2f}")
+    elif args.part == "depthwise":
+        cfg = QuantConfig.preset("w8a8")
+        minmax = edgequant.Override(activation=replace(cfg.activation, range_method="minmax"))
+        print("min-max at the depthwise inputs:", score(quantize(replace(cfg, module_names={n: minmax for n in DEPTHWISE_INPUTS}))))
+        sim = quantize()
+        print("default:", score(sim))
+        for q in _reset_depthwise_ranges(sim, cb, [float(v) for v in args.quantiles.split(",")]):
+            print(f"depthwise-input ranges reset to quantile {q} of the per-crop maxima:", score(sim))
     else:
         print("default:", score(quantize()))
         for m in args.methods.split(","):
@@ -108,6 +120,26 @@ def main():
         print("bias correction of activation shifts too:", score(sim))
         print(f"8-bit AdaRound ({args.adaround} it) before bias correction:",
               score(quantize(stages=["bn_fold", "act_eq", "adaround", "bias_correction"], adaround_iterations=args.adaround)))
+
+
+def _reset_depthwise_ranges(sim, batches, quantiles):
+    """For each quantile in turn: set every ``DEPTHWISE_INPUTS`` quantizer's range to that quantile of the per-crop
+    maxima of its input on ``batches`` (collected once, upstream quantizers on), then yield it."""
+    quant = sim.quantizers()
+    maxima = {n: [] for n in DEPTHWISE_INPUTS}
+    hooks = [quant[n].register_forward_pre_hook(lambda m, a, n=n: maxima[n].append(a[0].detach().flatten(1).amax(1)))
+             for n in DEPTHWISE_INPUTS]
+    with torch.no_grad():
+        for b in batches:
+            sim(b)
+    for h in hooks:
+        h.remove()
+    peaks = {n: torch.cat(v) for n, v in maxima.items()}
+    for q in quantiles:
+        for n, p in peaks.items():
+            qz = quant[n]
+            qz._set((torch.quantile(p, q) / qz.qmax).reshape(qz.scale.shape).to(qz.scale.dtype), qz.zero_point)
+        yield q
 
 
 if __name__ == "__main__":

@@ -1,17 +1,18 @@
 """Range methods: turn observer statistics into ``(scale, zero_point)``.
 
-========== ===================== =====================================================================
-method     observer              chooses the clipping range ``[lo, hi]`` as
-========== ===================== =====================================================================
-minmax     MinMaxObserver        the observed minimum and maximum
-ema        MovingAverage...      the moving averages of per-batch minima and maxima
-mean_minmax MeanMinMaxObserver   the means over samples of each sample's minimum and maximum
-percentile HistogramObserver     the ``(100 - p)``-th and ``p``-th percentiles (p = ``percentile``)
-mse        HistogramObserver     the candidate that minimizes expected squared error
-sqnr       HistogramObserver     like mse with clipping error weighted by ``gamma`` (3 by default), as
-                                 AIMET's SQNR ("tf_enhanced") analyzer does: clipped outliers hurt
-                                 more than rounding noise
-========== ===================== =====================================================================
+============= ===================== =====================================================================
+method        observer              chooses the clipping range ``[lo, hi]`` as
+============= ===================== =====================================================================
+minmax        MinMaxObserver        the observed minimum and maximum
+ema           MovingAverage...      the moving averages of per-batch minima and maxima
+mean_minmax   MeanMinMaxObserver    the means over samples of each sample's minimum and maximum
+median_minmax MedianMinMaxObserver  their medians (``act_eq``'s equalized depthwise inputs use it)
+percentile    HistogramObserver     the ``(100 - p)``-th and ``p``-th percentiles (p = ``percentile``)
+mse           HistogramObserver     the candidate that minimizes expected squared error
+sqnr          HistogramObserver     like mse with clipping error weighted by ``gamma`` (3 by default), as
+                                    AIMET's SQNR ("tf_enhanced") analyzer does: clipped outliers hurt
+                                    more than rounding noise
+============= ===================== =====================================================================
 
 The expected error of a candidate grid with step ``s`` and edges ``[e_lo, e_hi]`` over a histogram with
 counts ``n_b`` at bin centres ``c_b`` is::
@@ -29,9 +30,10 @@ import torch
 
 from ..core.granularity import Granularity, PerTensor
 from ..core.quant import _qparams, choose_qparams, grid_range
-from .stats import HistogramObserver, MeanMinMaxObserver, MinMaxObserver, MovingAverageMinMaxObserver, TensorObserver
+from .stats import (HistogramObserver, MeanMinMaxObserver, MedianMinMaxObserver, MinMaxObserver, MovingAverageMinMaxObserver,
+                    TensorObserver)
 
-RANGE_METHODS = ("minmax", "ema", "mean_minmax", "percentile", "mse", "sqnr")
+RANGE_METHODS = ("minmax", "ema", "mean_minmax", "median_minmax", "percentile", "mse", "sqnr")
 
 
 def make_observer(method: str, granularity: Granularity = PerTensor(), name: str = "tensor", bins: int = 2048,
@@ -40,10 +42,12 @@ def make_observer(method: str, granularity: Granularity = PerTensor(), name: str
     so that percentile/mse/sqnr are computed on them exactly rather than on a histogram."""
     if exact and method in ("percentile", "mse", "sqnr"):
         return TensorObserver(granularity, name)
-    if method == "minmax" or (exact and method == "mean_minmax"):  # a one-shot tensor is one sample
+    if method == "minmax" or (exact and method in ("mean_minmax", "median_minmax")):  # a one-shot tensor is one sample
         return MinMaxObserver(granularity, name)
     if method == "mean_minmax":
         return MeanMinMaxObserver(granularity, name)
+    if method == "median_minmax":
+        return MedianMinMaxObserver(granularity, name)
     if method == "ema":
         return MovingAverageMinMaxObserver(granularity, name)
     if method in ("percentile", "mse", "sqnr"):
@@ -56,7 +60,7 @@ def choose_range(observer, method: str, qmin: int, qmax: int, symmetric: bool,
     """Per-group clipping range ``(lo, hi)`` from ``observer`` by ``method``."""
     if observer.empty:
         raise RuntimeError(f"{observer.name}: no data was observed, so no range can be chosen")
-    if method in ("minmax", "ema", "mean_minmax"):
+    if method in ("minmax", "ema", "mean_minmax", "median_minmax"):
         return observer.min, observer.max
     if not isinstance(observer, (HistogramObserver, TensorObserver)):
         raise TypeError(f"range method {method!r} needs a HistogramObserver or TensorObserver, got {type(observer).__name__}")

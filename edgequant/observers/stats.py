@@ -155,8 +155,12 @@ class MeanMinMaxObserver(MinMaxObserver):
         samples = x.reshape(1, -1) if x.dim() < 2 else x
         lo, hi = self._per_sample(samples)
         _check_finite(x, self.name, lo, hi)
+        self._observe(lo, hi)
         per_group = samples[0].numel() // max(1, lo.shape[1])
         self._add(lo.double().sum(0), hi.double().sum(0), lo.amin(0), hi.amax(0), samples.shape[0], per_group, x.shape)
+
+    def _observe(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Per-sample extremes ``(B, G)`` of one batch (kept by subclasses that need more than their sum)."""
 
     def _per_sample(self, x: torch.Tensor):
         """Per-sample, per-group (min, max), each (B, G)."""
@@ -179,8 +183,11 @@ class MeanMinMaxObserver(MinMaxObserver):
         if self.values_per_sample < self.MIN_VALUES:
             self.min, self.max = self._run_lo.float(), self._run_hi.float()
         else:
-            self.min = (self._sum_lo / self.count).float()
-            self.max = (self._sum_hi / self.count).float()
+            self.min, self.max = self._typical()
+
+    def _typical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The typical per-sample ``(min, max)`` per group: here their means."""
+        return (self._sum_lo / self.count).float(), (self._sum_hi / self.count).float()
 
     def merge(self, other: "MeanMinMaxObserver") -> "MeanMinMaxObserver":
         """Combine with another observer of the same tensor: the mean over both sets of samples."""
@@ -188,6 +195,48 @@ class MeanMinMaxObserver(MinMaxObserver):
             self._add(other._sum_lo, other._sum_hi, other._run_lo, other._run_hi, other.count,
                       other.values_per_sample, other.shape)
         return self
+
+
+class MedianMinMaxObserver(MeanMinMaxObserver):
+    """Median over samples of each sample's minimum and maximum per group.
+
+    Where per-sample peaks are skewed (most crops peak low, a few high), the mean is pulled up by the few
+    and the median is not. :func:`edgequant.ptq.equalize_activations` makes such tensors: each channel of
+    a depthwise input is rescaled to the range of the widest, so a channel that peaks on a few crops sets
+    the per-tensor peak of those crops only. It keeps two numbers per sample and group (the extremes);
+    like the mean, it falls back to the running extremes under :attr:`MIN_VALUES` values per sample.
+
+    >>> obs = MedianMinMaxObserver(); obs.update(torch.arange(4096.0).reshape(4, 1024) ** 2)
+    >>> obs.max.tolist(), obs.count  # the per-sample maxima are 1023**2, 2047**2, 3071**2, 4095**2
+    ([6810625.0], 4)
+    """
+
+    def __init__(self, granularity: Granularity = PerTensor(), name: str = "tensor"):
+        super().__init__(granularity, name)
+        self._lo_samples: list[torch.Tensor] = []
+        self._hi_samples: list[torch.Tensor] = []
+
+    def _observe(self, lo, hi):
+        self._lo_samples.append(lo.detach().double().cpu())
+        self._hi_samples.append(hi.detach().double().cpu())
+
+    def _typical(self):
+        device = self._sum_lo.device
+        return tuple(_median(torch.cat(v)).float().to(device) for v in (self._lo_samples, self._hi_samples))
+
+    def merge(self, other: "MedianMinMaxObserver") -> "MedianMinMaxObserver":
+        """Combine with another observer of the same tensor: the median over both sets of samples."""
+        if not other.empty:
+            self._lo_samples = self._lo_samples + other._lo_samples
+            self._hi_samples = self._hi_samples + other._hi_samples
+        return super().merge(other)
+
+
+def _median(v: torch.Tensor) -> torch.Tensor:
+    """Median over dim 0 (the mean of the two middle values for an even count, as ``numpy.median``)."""
+    s = v.sort(dim=0).values
+    n = s.shape[0]
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 class HistogramObserver:

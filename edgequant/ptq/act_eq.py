@@ -18,11 +18,18 @@ solves), so :func:`edgequant.quantize` applies it only when weights are per-chan
 
 On MobileNetV2 (W8A8 per-channel, BN folded, 128 calibration crops) it takes the logit SQNR from 16.9
 to 18.9 dB with bias correction (``benchmarks/results/splits.md`` has every partition).
+
+An equalized tensor peaks differently: every channel now reaches the per-tensor top, each on the crops
+that excite it, so the per-crop peaks sit higher and spread wider than before. Their mean is pulled up
+by the crops where some narrow channel fires hard; :func:`set_input_range_method` calibrates these
+quantizers with the *median* of per-crop extremes instead (``range_method="median_minmax"``), which
+:func:`edgequant.quantize` does after this stage.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -31,6 +38,7 @@ from torch import nn
 from ..batches import device_of, evaluating, iterate, run_batch
 from ..graph.patterns import equalization_pairs
 from .bn_fold import FoldReport, fold_batch_norms
+from ..nn.quantizer import Quantizer
 from .cle import _channel_clamps, _scale_pair, trace_unshared
 
 #: channels whose range is below this fraction of the widest are scaled by it, not more (a near-dead
@@ -125,3 +133,28 @@ def _input_ranges(net, layers: list[nn.Module], data, num_batches, forward_fn, p
         for h in handles:
             h.remove()
     return ranges
+
+
+def set_input_range_method(sim, layers: Iterable[str], method: str = "median_minmax",
+                           replaces: tuple[str, ...] = ("mean_minmax",)) -> list[str]:
+    """Give the activation quantizers at the inputs of ``layers`` (e.g. the equalized depthwise layers,
+    ``[second for _, second in report.pairs]``) the range method ``method``, before ``sim.calibrate``.
+
+    Only quantizers whose range method is one of ``replaces`` (the presets' default) change; one that the
+    config names explicitly (``QuantConfig.module_names``) or that has another method keeps it. Layers
+    without a quantized input are skipped. Returns the names of the quantizers changed.
+    """
+    changed = []
+    for layer in layers:
+        try:
+            mod = sim.model.get_submodule(layer)
+        except AttributeError:
+            continue
+        src = getattr(mod, "_bias_input", None)  # (container, key) of the quantizer this layer reads
+        q = src[0][src[1]] if src is not None else None
+        if not isinstance(q, Quantizer) or q.is_weight or q.spec.range_method not in replaces \
+                or sim.config.names_activation(q.tensor_name) or q.tensor_name in changed:
+            continue
+        sim.set_spec(q.tensor_name, replace(q.spec, range_method=method))
+        changed.append(q.tensor_name)
+    return changed

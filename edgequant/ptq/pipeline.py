@@ -47,7 +47,7 @@ from ..errors import DataError
 from ..metrics import fidelity, sqnr_db
 from ..nn.scale import split_silu
 from ..sim.quantsim import QuantSim, QuantSimWarning
-from .act_eq import equalize_activations
+from .act_eq import equalize_activations, set_input_range_method
 from .adaround import adaround
 from .bias_correction import correct_bias, correct_bias_analytical
 from .bn_fold import fold_batch_norms
@@ -129,9 +129,13 @@ class _Run:
     def call(self, m, b):
         return run_batch(m, self.first(b))
 
-    def build(self, m: nn.Module) -> QuantSim:
-        """A sim of ``m``, calibrated on the data (BN-based ranges without data)."""
+    def build(self, m: nn.Module, input_methods: Optional[dict] = None) -> QuantSim:
+        """A sim of ``m``, calibrated on the data (BN-based ranges without data); ``input_methods``:
+        ``{layer: range method}`` for the activation quantizers at those layers' inputs (see
+        :func:`~edgequant.ptq.act_eq.set_input_range_method`)."""
         sim = QuantSim(m, self.opts["example_inputs"], self.config)
+        for method in set((input_methods or {}).values()):
+            set_input_range_method(sim, [k for k, v in input_methods.items() if v == method], method)
         if self.has_data:
             sim.calibrate(self.calib, progress=False)
         else:
@@ -173,7 +177,9 @@ def _bn_fold(run: _Run, model, stages):
 
 def _act_eq(run: _Run, model, stages):
     cand, r = equalize_activations(model, run.calib, fold="bn_fold" in stages, progress=run.opts["progress"])
-    return cand, str(r)
+    # the equalized inputs are calibrated with the median of per-sample extremes (see act_eq's docstring)
+    return cand, str(r) + ("; their input ranges: median of per-sample extremes" if r.pairs else ""), \
+        {second: "median_minmax" for _, second in r.pairs}
 
 
 def _smooth(run: _Run, model, stages):
@@ -317,10 +323,10 @@ def _try(run: _Run, report: QuantizeReport, stage: Stage, auto: bool, best_score
     return keep, cand, (sim, score)
 
 
-def _baseline(run: _Run, report: QuantizeReport, model, label: str):
+def _baseline(run: _Run, report: QuantizeReport, model, label: str, input_methods: Optional[dict] = None):
     t0 = time.perf_counter()
     run.progress("calibrate")
-    sim = run.build(model)
+    sim = run.build(model, input_methods)
     score, sq, top1 = run.measure(sim)
     report.stages.append(StageResult(label, True, score, sq, top1, time.perf_counter() - t0))
     return sim, score
@@ -404,8 +410,11 @@ def _recipe_name(recipe, config) -> str:
 
 
 def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool):
-    """The loop over the stage table: float-model stages first, then sim stages on the best sim."""
+    """The loop over the stage table: float-model stages first, then sim stages on the best sim. A
+    float-model stage returns ``(model, detail)`` or ``(model, detail, {layer: range method})`` for the
+    quantizers at those layers' inputs, which every later sim of that model keeps."""
     current, best_sim, best_score = copy.deepcopy(run.model), None, None
+    methods: dict = {}  # the input range methods the kept stages asked for
     for st in [_BY_NAME[s] for s in stages if _BY_NAME[s].on == "model"]:
         if (auto and not st.auto(run)) or (st.needs_data and not run.has_data):
             continue
@@ -415,13 +424,14 @@ def _run_stages(run: _Run, report: QuantizeReport, stages: list[str], auto: bool
             break
 
         def make(st=st):
-            cand, detail = st.run(run, current, stages)
-            return cand, run.build(cand), detail
-        keep, cand, (sim, score) = _try(run, report, st, auto, best_score, make)
+            cand, detail, *asked = st.run(run, current, stages)
+            wanted = {**methods, **(asked[0] if asked else {})}
+            return (cand, wanted), run.build(cand, wanted), detail
+        keep, (cand, wanted), (sim, score) = _try(run, report, st, auto, best_score, make)
         if keep:
-            current, best_sim, best_score = cand, sim, score
+            current, methods, best_sim, best_score = cand, wanted, sim, score
     if best_sim is None:
-        best_sim, best_score = _baseline(run, report, current, "calibrate")
+        best_sim, best_score = _baseline(run, report, current, "calibrate", methods)
     for st in [_BY_NAME[s] for s in stages if _BY_NAME[s].on == "sim" and _BY_NAME[s].run is not None]:
         if run.done(best_score):
             break

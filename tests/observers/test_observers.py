@@ -113,3 +113,23 @@ def test_mean_minmax_per_channel_and_weights_fall_back_to_minmax():
     assert float(small.max) == float(v.max()) and float(small.min) == float(v.min())
     # a weight is one tensor, not a batch of samples: its range is its min-max
     assert type(make_observer("mean_minmax", PerChannel(0), exact=True)) is MinMaxObserver
+
+
+def test_median_minmax_ignores_a_few_high_peaks_merges_and_falls_back():
+    from edgequant.observers import MedianMinMaxObserver, make_observer
+
+    x = torch.rand(9, 2, 32, 32)
+    x[:3] *= 10  # three of nine samples peak 10x higher
+    obs, a, b = MedianMinMaxObserver(), MedianMinMaxObserver(), MedianMinMaxObserver()
+    for chunk in x.split(4):
+        obs.update(chunk)
+    a.update(x[:5])
+    b.update(x[5:])
+    a.merge(b)
+    want = x.reshape(9, -1).amax(1).median()  # odd count: the middle one
+    for o in (obs, a):
+        assert o.count == 9 and torch.allclose(o.max, want.reshape(1))
+    assert float(obs.max) < 1.0 < float(make_observer("mean_minmax").merge(obs).max)  # the mean is pulled up
+    small = MedianMinMaxObserver()
+    small.update(torch.randn(64, 16))  # too few values per sample: the running extremes
+    assert float(small.max) == float(small._run_hi)

@@ -64,3 +64,39 @@ def test_per_channel_weights_keep_their_integers_and_per_tensor_activations_gain
         ref = net(ev)
         before, after = sqnr_db(ref, sims[0](ev)), sqnr_db(ref, sims[1](ev))
     assert after > before + 3, (before, after)
+
+
+def test_quantize_calibrates_the_equalized_inputs_with_the_median_of_per_sample_peaks(tiny_net, digits):
+    from dataclasses import replace
+
+    import edgequant
+    from edgequant import Override, QuantConfig
+
+    x = digits[2][:96]
+    batches = [x[:32], x[32:64], x[64:]]
+    net = _skew_expand(tiny_net)
+    res = edgequant.quantize(net, batches, "w8a8", ptq=["bn_fold", "act_eq"], progress=False)
+    container, key = res.sim.model.get_submodule("dw.0")._bias_input  # the quantizer the depthwise layer reads
+    name = container[key].tensor_name
+    spec = res.sim.plan[name].spec
+    assert spec.range_method == "median_minmax"
+    assert "median" in res.report.stages[-1].detail
+    q = res.sim.quantizers()[name]
+    top = float(q.scale) * (q.qmax - float(q.zero_point))
+    res.sim.disable(role="activation")  # as in calibration: activations in float, weights quantized
+    res.sim.enable([name])
+    peaks = []
+    h = q.register_forward_pre_hook(lambda m, a: peaks.append(a[0].flatten(1).amax(1)))
+    with torch.no_grad():
+        for b in batches:
+            res.sim(b)
+    h.remove()
+    peaks = torch.cat(peaks).double()
+    median, mean = float(peaks.quantile(0.5)), float(peaks.mean())
+    assert abs(mean - median) > 0.005 * median, (mean, median)  # the two rules differ here
+    assert abs(top - median) < 1e-4 * median, (top, median)
+    # a range method the user chose for that tensor is kept
+    cfg = QuantConfig.preset("w8a8")
+    cfg = replace(cfg, module_names={name: Override(activation=replace(cfg.activation, range_method="minmax"))})
+    res = edgequant.quantize(net, batches, cfg, ptq=["bn_fold", "act_eq"], progress=False)
+    assert res.sim.plan[name].spec.range_method == "minmax"

@@ -10,7 +10,10 @@ Two targets, written once and used by both the sim's integer-exact mode
   ``q = clamp(rne(fp32(fp32(acc) * M)), qmin - z_y, qmax - z_y) + z_y``;
 * add: ``r_a = fp32(s_a / s_c)``, ``r_b = fp32(s_b / s_c)``,
   ``f = fp32(z_c - fma(r_a, z_a, fp32(r_b z_b)))``, ``q = rne(fma(q_a, r_a, fma(q_b, r_b, f)))``, saturated;
-* global average pool: ``acc = sum(q_x) - z_x N``, ``M = fp32(s_x / fp32(s_y N))``, then as conv.
+* global average pool: ``acc = sum(q_x) - z_x N``, ``M = fp32(s_x / fp32(s_y N))``, then as conv;
+* mul (``QLinearMul``): ``p = (q_a - z_a)(q_b - z_b)`` exactly, ``M = fp32(fp32(s_a s_b) / s_c)``, then
+  ``q = rne(fp32(fp32(p * M) + z_c))`` with the zero points as stored (the zero point is added in float
+  before rounding, unlike conv's), saturated.
 
 ``"fixed_point"`` -- gemmlowp/TFLite: ``M = M_0 2^{-n}`` with a 31-bit ``M_0``, an exact integer
 product and a rounding right shift (half to even here, as ONNX rounds; gemmlowp rounds half away
@@ -138,6 +141,30 @@ def add(qa: torch.Tensor, s_a: float, z_a: int, qb: torch.Tensor, s_b: float, z_
         rb = shift_round((qb - z_b) << left, mb0, mb_n)
         mo0, mo_n = quantize_multiplier(torch.tensor([twice_max / ((1 << left) * s_y)]))
         y = shift_round(ra + rb, mo0, mo_n) + z_y
+    return torch.maximum(torch.minimum(y, torch.as_tensor(hi)), torch.as_tensor(lo))
+
+
+def mul(qa: torch.Tensor, s_a: float, z_a: int, qb: torch.Tensor, s_b: float, z_b: int,
+        s_y: float, z_y: int, lo, hi, mode: str, offsets: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
+    """Quantized ``a * b`` (broadcasting) on the output grid ``(s_y, z_y)``, clamped to ``[lo, hi]`` (int64).
+
+    ``"float32"`` is ONNX Runtime's x86 ``QLinearMul`` (MLAS): the exact product of the centred integers
+    times ``fp32(fp32(s_a s_b) / s_y)``, plus the output zero point *as stored* (``offsets``: the
+    :func:`~edgequant.core.quant.storage_offset` of a, b and the output) in float32, then rounded half to
+    even. ``"fixed_point"``: TFLite's multiplier and shift on the exact product.
+
+    >>> mul(torch.tensor([3]), 0.5, 0, torch.tensor([5]), 0.25, 0, 0.25, 0, -128, 127, "float32")
+    tensor([8])
+    """
+    acc = (qa - z_a) * (qb - z_b)  # the centred integers do not depend on the storage offset
+    if mode == "float32":
+        oy = offsets[2]
+        m = (_f32(s_a) * _f32(s_b)) / _f32(s_y)
+        t = (acc.to(torch.float32) * m) + _f32(z_y + oy)  # two float32 roundings, as MLAS computes
+        y = torch.round(t).long() - oy
+    else:
+        m0, n = quantize_multiplier(torch.tensor([s_a * s_b / s_y]))
+        y = shift_round(acc, m0, n) + z_y
     return torch.maximum(torch.minimum(y, torch.as_tensor(hi)), torch.as_tensor(lo))
 
 

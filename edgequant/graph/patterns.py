@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -111,6 +112,13 @@ def sole_user(node: fx.Node, modules: dict) -> Optional[fx.Node]:
 
 def is_add(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and ops.node_op(node, {}) is ops.ADD
+
+
+def is_mul(node: fx.Node) -> bool:
+    """An elementwise product of two graph values (``a * b``, ``torch.mul(a, b)``, ``a.mul(b)``)."""
+    mul = node.op == "call_function" and node.target in (operator.mul, torch.mul) or \
+        node.op == "call_method" and node.target == "mul"
+    return mul and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
 
 
 def is_cat(node: fx.Node) -> bool:

@@ -11,8 +11,9 @@ apart, and in a deep network such a flip spreads (on MobileNetV2 w8a8: 3e-4 of t
   exact integer accumulator (bias included, on its int32 grid);
 * the output quantizer after a conv/linear (and its fused ReLU/ReLU6/clamp) requantizes that
   accumulator with :func:`edgequant.core.requant.requantize`;
-* the output quantizer after an add or a global average pool reads its inputs' integers and applies
-  :func:`~edgequant.core.requant.add` / :func:`~edgequant.core.requant.mean`;
+* the output quantizer after an add, a product of two 8-bit tensors (``QLinearMul``; a squeeze-excitation
+  gate) or a global average pool reads its inputs' integers and applies :func:`~edgequant.core.requant.add`
+  / :func:`~edgequant.core.requant.mul` / :func:`~edgequant.core.requant.mean`;
 * quantized LSTM / GRU / RNN layers run their cells on integers (:mod:`edgequant.core.recurrent`: integer
   matmuls, lookup tables for sigmoid/tanh, the export's float32 elementwise steps), ``"float32"`` only;
 * every other quantizer fake-quantizes as usual (ONNX Runtime runs those ops as
@@ -81,6 +82,12 @@ class IntegerExactMode:
             qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
             if _per_tensor(qa) and _per_tensor(qb):
                 return lambda qq, x: self._add(qq, qa, qb, act, x)
+        if patterns.is_mul(base) and act is None and q.spec.bits == 8:
+            qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
+            # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and
+            # fewer, as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
+            if _per_tensor(qa) and _per_tensor(qb) and qa.spec.bits <= 8 and qb.spec.bits <= 8:
+                return lambda qq, x: self._mul(qq, qa, qb, x)
         if patterns.is_global_pool(base, self.modules) and act is None:
             qx = _identity_source(base.args[0], self.modules)
             if _per_tensor(qx):
@@ -123,6 +130,12 @@ class IntegerExactMode:
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
         return self._out(q, rq.add(a, s_a, z_a, b, s_b, z_b, s_y, z_y, lo, hi, self.mode, offsets).reshape(x.shape))
+
+    def _mul(self, q: Quantizer, qa: Quantizer, qb: Quantizer, x) -> torch.Tensor:
+        a, b = self.tape[id(qa)], self.tape[id(qb)]
+        (s_a, z_a), (s_b, z_b), (s_y, z_y) = self._grid(qa), self._grid(qb), self._grid(q)
+        offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
+        return self._out(q, rq.mul(a, s_a, z_a, b, s_b, z_b, s_y, z_y, q.qmin, q.qmax, self.mode, offsets).reshape(x.shape))
 
     def _mean(self, q: Quantizer, qx: Quantizer, node, x) -> torch.Tensor:
         v = self.tape[id(qx)]

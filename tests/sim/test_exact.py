@@ -76,3 +76,53 @@ def test_requantize_float32_is_float32_arithmetic():
     m = np.float32(np.float32(0.02) * np.float32(0.003)) / np.float32(0.05)
     ref = np.clip(np.rint(acc.numpy().astype(np.float32) * np.float32(m)) + 10, -128, 127)
     assert got.tolist() == ref.astype(np.int64).tolist()
+
+
+class _Gate(torch.nn.Module):
+    """A squeeze-excitation-like product of two quantized tensors (``QLinearMul`` once exported)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(3, 8, 1)
+        for m in (self.a, self.b):
+            torch.nn.init.normal_(m.weight, generator=g)
+
+    def forward(self, x):
+        return torch.relu(self.a(x)) * torch.sigmoid(self.b(x))
+
+
+def test_a_product_of_two_quantized_tensors_is_onnx_runtimes_qlinearmul(tmp_path):
+    x = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    sim = _sim(_Gate().eval(), x, "w8a8")
+    qs = sim.quantizers()
+    # an output scale of 2 s_a s_b puts every odd product of integers on a rounding tie: where the two
+    # formulas round the tie differently, only ORT's own arithmetic matches it
+    s_y = torch.tensor(2 * float(qs["relu"].scale) * float(qs["sigmoid"].scale), dtype=torch.float32)
+    qs["mul"]._set(s_y.reshape(qs["mul"].scale.shape), qs["mul"].zero_point)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert "QLinearMul" in {n.op_type for n in _optimized(sess, path, tmp_path)}
+    ort_out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    ints = {}
+    hooks = [qs[n].register_forward_hook(lambda m, i, o, n=n: ints.__setitem__(n, o)) for n in ("relu", "sigmoid", "mul")]
+    with sim.integer_exact("float32"):
+        exact = sim(x)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(exact, ort_out)  # every output, bit for bit
+    # the float product then a division by the output scale (what the plain path computes) rounds some of
+    # these near-ties the other way: this input exercises the difference
+    qm = qs["mul"]
+    plain = torch.clamp(torch.round(ints["relu"] * ints["sigmoid"] / qm.scale) + qm.zero_point, qm.qmin, qm.qmax)
+    assert (plain != torch.round(exact / qm.scale) + qm.zero_point).sum() > 0
+
+
+def _optimized(sess, path, tmp_path):
+    """The node list ORT runs after its graph optimizations (saved to a file to read back)."""
+    import onnx
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return onnx.load(so.optimized_model_filepath).graph.node

@@ -9,9 +9,14 @@ seeds). Parts:
 * ``tensor``: quantizer ``--name``'s calibrated range against the float model's per-crop maxima there on
   128 evaluation crops;
 * ``methods``: the default with the 8-bit activation range method swapped (``--methods``), activation-aware bias
-  correction, and 8-bit AdaRound (``--adaround`` it/layer) before bias correction.
+  correction, and 8-bit AdaRound (``--adaround`` it/layer) before bias correction;
+* ``depthwise``: range rules at the equalized depthwise inputs (min-max, the median of per-crop extremes calibrated
+  in the pipeline, post-hoc quantiles ``--quantiles`` of the per-crop maxima);
+* ``scale``: the default, then quantizer ``--name``'s range top multiplied by each of ``--factors``, scored on the
+  evaluation crops and on the calibration crops themselves.
 
-    python benchmarks/diagnose_splits.py --partition 4 --part noise|worst|methods|tensor [--name features.15.conv.1.2]
+    python benchmarks/diagnose_splits.py --partition 4 --part noise|worst|methods|tensor|depthwise|scale
+        [--calib 256] [--name features.15.conv.1.2]
 """
 from __future__ import annotations
 
@@ -42,7 +47,8 @@ def _data(k: int, n_cal: int = 128):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--partition", type=int, default=4)
-    ap.add_argument("--part", choices=["noise", "worst", "tensor", "methods", "depthwise"], required=True)
+    ap.add_argument("--part", choices=["noise", "worst", "tensor", "methods", "depthwise", "scale"], required=True)
+    ap.add_argument("--factors", default="0.97,0.98,0.99,0.995,1.0,1.005,1.01")
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--quantiles", default="0.5,0.9,1.0")
     ap.add_argument("--name", default="features.15.conv.1.2")
@@ -101,6 +107,17 @@ def main():
         top = float(q.scale.max()) * q.qmax
         print(f"{args.name}: calibrated range top {top:.2f}; evaluation per-crop maxima median {peaks.median():.2f}, "
               f"90th percentile {peaks.quantile(0.9):.2f}, max {peaks.max():.2f}")
+    elif args.part == "scale":
+        sim = quantize()
+        with torch.no_grad():
+            cref = torch.cat([model(b) for b in cal.split(64)])
+        q = sim.quantizers()[args.name]
+        top = float(q.scale.reshape(-1)[0]) * (q.qmax - float(q.zero_point.reshape(-1)[0]))
+        s0 = q.scale.detach().clone()
+        for f in (float(v) for v in args.factors.split(",")):
+            q._set(s0 * f, q.zero_point)
+            print(f"{args.name} top {top * f:.3f} (x{f}): evaluation {score(sim)}; calibration crops {score(sim, cal, cref)}")
+        q._set(s0, q.zero_point)
     elif args.part == "depthwise":
         cfg = QuantConfig.preset("w8a8")
         minmax = edgequant.Override(activation=replace(cfg.activation, range_method="minmax"))

@@ -13,7 +13,9 @@ seeds). Parts:
 * ``depthwise``: range rules at the equalized depthwise inputs (min-max, the median of per-crop extremes calibrated
   in the pipeline, post-hoc quantiles ``--quantiles`` of the per-crop maxima);
 * ``scale``: the default, then quantizer ``--name``'s range top multiplied by each of ``--factors``, scored on the
-  evaluation crops and on the calibration crops themselves.
+  evaluation crops and on the calibration crops themselves;
+* ``refine``: the default, then for each of ``--names`` in turn the factor of ``--factors`` whose logit SQNR on the
+  calibration crops is best is kept (a prototype of a scale-refinement step), scored on the evaluation crops.
 
     python benchmarks/diagnose_splits.py --partition 4 --part noise|worst|methods|tensor|depthwise|scale
         [--calib 256] [--name features.15.conv.1.2]
@@ -47,7 +49,8 @@ def _data(k: int, n_cal: int = 128):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--partition", type=int, default=4)
-    ap.add_argument("--part", choices=["noise", "worst", "tensor", "methods", "depthwise", "scale"], required=True)
+    ap.add_argument("--part", choices=["noise", "worst", "tensor", "methods", "depthwise", "scale", "refine"], required=True)
+    ap.add_argument("--names", default="x,features.0.2")
     ap.add_argument("--factors", default="0.97,0.98,0.99,0.995,1.0,1.005,1.01")
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--quantiles", default="0.5,0.9,1.0")
@@ -118,6 +121,26 @@ def main():
             q._set(s0 * f, q.zero_point)
             print(f"{args.name} top {top * f:.3f} (x{f}): evaluation {score(sim)}; calibration crops {score(sim, cal, cref)}")
         q._set(s0, q.zero_point)
+    elif args.part == "refine":
+        sim = quantize()
+        print("default:", score(sim))
+        with torch.no_grad():
+            cref = torch.cat([model(b) for b in cal.split(64)])
+
+        def cal_sqnr():
+            with torch.no_grad():
+                return fidelity(cref, torch.cat([sim(b) for b in cal.split(64)])).sqnr_db
+        for name in args.names.split(","):
+            q = sim.quantizers()[name]
+            s0 = q.scale.detach().clone()
+            tried = []
+            for f in (float(v) for v in args.factors.split(",")):
+                q._set(s0 * f, q.zero_point)
+                tried.append((cal_sqnr(), f))
+            best = max(tried)
+            q._set(s0 * best[1], q.zero_point)
+            print(f"{name}: x{best[1]} ({', '.join(f'x{f} {v:.2f}' for v, f in tried)} dB on calibration crops)")
+        print("refined:", score(sim))
     elif args.part == "depthwise":
         cfg = QuantConfig.preset("w8a8")
         minmax = edgequant.Override(activation=replace(cfg.activation, range_method="minmax"))

@@ -200,11 +200,11 @@ class MeanMinMaxObserver(MinMaxObserver):
 class MedianMinMaxObserver(MeanMinMaxObserver):
     """Median over samples of each sample's minimum and maximum per group.
 
-    Where per-sample peaks are skewed (most crops peak low, a few high), the mean is pulled up by the few
-    and the median is not. :func:`edgequant.ptq.equalize_activations` makes such tensors: each channel of
-    a depthwise input is rescaled to the range of the widest, so a channel that peaks on a few crops sets
-    the per-tensor peak of those crops only. It keeps two numbers per sample and group (the extremes);
-    like the mean, it falls back to the running extremes under :attr:`MIN_VALUES` values per sample.
+    Where per-sample peaks are skewed (most samples peak low, a few high), the mean is pulled up by the
+    few and the median is not. :func:`edgequant.quantize` uses it at the depthwise inputs that
+    :func:`edgequant.ptq.equalize_activations` equalized. It keeps two numbers per sample and group (the
+    extremes); like the mean, it falls back to the running extremes under :attr:`MIN_VALUES` values per
+    sample.
 
     >>> obs = MedianMinMaxObserver(); obs.update(torch.arange(4096.0).reshape(4, 1024) ** 2)
     >>> obs.max.tolist(), obs.count  # the per-sample maxima are 1023**2, 2047**2, 3071**2, 4095**2

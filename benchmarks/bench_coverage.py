@@ -80,13 +80,14 @@ def run_one(name: str, size: int, out: dict) -> None:
             so.intra_op_num_threads = 2
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             o = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-        stage = "ORT top-1 = sim"
-        with torch.no_grad(), sim.integer_exact():  # computed first: it tells a near-tie flip from an export error
+        stage = "integer-exact = ORT"  # computed first: it tells a top-1 flip of near-tied logits from an export error
+        with torch.no_grad(), sim.integer_exact():
             ye = sim(x)
         ye = ye if torch.is_tensor(ye) else next(iter(ye.values())) if isinstance(ye, dict) else ye[0]
         ye = ye.detach().float().numpy().reshape(o.shape)
         out["identical_fraction"] = float((ye == o).mean())
         exact = f"; integer-exact sim vs ORT: {out['identical_fraction']:.4f} identical"
+        stage = "ORT top-1 = sim"
         yy = y.detach().float().numpy().reshape(o.shape)
         out["ort_sqnr_db"] = float(sqnr_db(torch.from_numpy(yy), torch.from_numpy(o)))
         if yy.ndim == 4:  # segmentation: the class of every pixel

@@ -104,7 +104,7 @@ def markdown(table: list[dict], partitions: int, n_eval: int, errors: list[str])
         for n, p in cols:
             r = next((t for t in table if (t["n_cal"], t["partition"], t["row"], t["peer"], t["method"]) == (n, p, *key)
                       and "sqnr_db" in t), None)
-            cells.append("" if r is None else f"{r['sqnr_db']:.2f} / {r['kl']:.3f}")
+            cells.append("" if r is None else f"{r['sqnr_db']:.2f} / {r['kl']:.4f}")
         lines.append(f"| {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     if errors:
         lines += ["", "Errors:", ""] + [f"- {e}" for e in errors]

@@ -13,6 +13,7 @@ and how many of its elements differ; ``--all`` compares every quantizer instead 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def main():
             sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
             return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0].astype(np.float64)
 
+        @functools.lru_cache(maxsize=None)  # the search asks for its final index twice
         def differs(i):
             name = order[i]
             o = ort_ints(name)

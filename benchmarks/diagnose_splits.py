@@ -71,9 +71,12 @@ def main():
     with torch.no_grad():
         ref = torch.cat([model(b) for b in ev.split(64)])
 
-    def score(sim, x=ev, r=ref):
+    def measure(sim, x=ev, r=ref):
         with torch.no_grad():
-            f = fidelity(r, torch.cat([sim(b) for b in x.split(64)]))
+            return fidelity(r, torch.cat([sim(b) for b in x.split(64)]))
+
+    def score(sim, x=ev, r=ref):
+        f = measure(sim, x, r)
         return f"{f.sqnr_db:.2f} dB, top-1 agreement {f.top1:.3f}, KL {f.kl:.3f}"
 
     def quantize(cfg="w8a8", stages=STAGES, **kw):
@@ -110,37 +113,25 @@ def main():
         top = float(q.scale.max()) * q.qmax
         print(f"{args.name}: calibrated range top {top:.2f}; evaluation per-crop maxima median {peaks.median():.2f}, "
               f"90th percentile {peaks.quantile(0.9):.2f}, max {peaks.max():.2f}")
-    elif args.part == "scale":
+    elif args.part in ("scale", "refine"):
         sim = quantize()
         with torch.no_grad():
             cref = torch.cat([model(b) for b in cal.split(64)])
-        q = sim.quantizers()[args.name]
-        top = float(q.scale.reshape(-1)[0]) * (q.qmax - float(q.zero_point.reshape(-1)[0]))
-        s0 = q.scale.detach().clone()
-        for f in (float(v) for v in args.factors.split(",")):
-            q._set(s0 * f, q.zero_point)
-            print(f"{args.name} top {top * f:.3f} (x{f}): evaluation {score(sim)}; calibration crops {score(sim, cal, cref)}")
-        q._set(s0, q.zero_point)
-    elif args.part == "refine":
-        sim = quantize()
-        print("default:", score(sim))
-        with torch.no_grad():
-            cref = torch.cat([model(b) for b in cal.split(64)])
-
-        def cal_sqnr():
-            with torch.no_grad():
-                return fidelity(cref, torch.cat([sim(b) for b in cal.split(64)])).sqnr_db
-        for name in args.names.split(","):
-            q = sim.quantizers()[name]
-            s0 = q.scale.detach().clone()
-            tried = []
-            for f in (float(v) for v in args.factors.split(",")):
-                q._set(s0 * f, q.zero_point)
-                tried.append((cal_sqnr(), f))
-            best = max(tried)
-            q._set(s0 * best[1], q.zero_point)
-            print(f"{name}: x{best[1]} ({', '.join(f'x{f} {v:.2f}' for v, f in tried)} dB on calibration crops)")
-        print("refined:", score(sim))
+        factors = [float(v) for v in args.factors.split(",")]
+        if args.part == "scale":
+            q = sim.quantizers()[args.name]
+            top = float(q.scale.reshape(-1)[0]) * (q.qmax - float(q.zero_point.reshape(-1)[0]))
+            for f in _scaled(q, factors):
+                print(f"{args.name} top {top * f:.3f} (x{f}): evaluation {score(sim)}; calibration crops {score(sim, cal, cref)}")
+        else:
+            print("default:", score(sim))
+            for name in args.names.split(","):
+                q = sim.quantizers()[name]
+                tried = [(measure(sim, cal, cref).sqnr_db, f) for f in _scaled(q, factors)]
+                best = max(tried)
+                q._set(q.scale.detach() * best[1], q.zero_point)
+                print(f"{name}: x{best[1]} ({', '.join(f'x{f} {v:.2f}' for v, f in tried)} dB on calibration crops)")
+            print("refined:", score(sim))
     elif args.part == "depthwise":
         cfg = QuantConfig.preset("w8a8")
         minmax = edgequant.Override(activation=replace(cfg.activation, range_method="minmax"))
@@ -163,6 +154,17 @@ def main():
         print("bias correction of activation shifts too:", score(sim))
         print(f"8-bit AdaRound ({args.adaround} it) before bias correction:",
               score(quantize(stages=["bn_fold", "act_eq", "adaround", "bias_correction"], adaround_iterations=args.adaround)))
+
+
+def _scaled(q, factors):
+    """Set quantizer ``q``'s scale to each factor times its own in turn (yielding the factor); restore it after."""
+    s0 = q.scale.detach().clone()
+    try:
+        for f in factors:
+            q._set(s0 * f, q.zero_point)
+            yield f
+    finally:
+        q._set(s0, q.zero_point)
 
 
 def _reset_depthwise_ranges(sim, batches, quantiles):

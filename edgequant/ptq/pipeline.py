@@ -134,8 +134,8 @@ class _Run:
         ``{layer: range method}`` for the activation quantizers at those layers' inputs (see
         :func:`~edgequant.ptq.act_eq.set_input_range_method`)."""
         sim = QuantSim(m, self.opts["example_inputs"], self.config)
-        for method in set((input_methods or {}).values()):
-            set_input_range_method(sim, [k for k, v in input_methods.items() if v == method], method)
+        for layer, method in (input_methods or {}).items():
+            set_input_range_method(sim, [layer], method)
         if self.has_data:
             sim.calibrate(self.calib, progress=False)
         else:

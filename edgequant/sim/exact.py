@@ -78,16 +78,14 @@ class IntegerExactMode:
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
                 self.layers.append(bm)
                 return lambda qq, x: self._weighted(qq, bm, q_in, q_w, act)
-        if patterns.is_add(base) and len(base.args) >= 2:
+        # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and fewer,
+        # as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
+        op = rq.add if patterns.is_add(base) and len(base.args) >= 2 else \
+            rq.mul if patterns.is_mul(base) and act is None and q.spec.bits == 8 else None
+        if op is not None:
             qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
-            if _per_tensor(qa) and _per_tensor(qb):
-                return lambda qq, x: self._add(qq, qa, qb, act, x)
-        if patterns.is_mul(base) and act is None and q.spec.bits == 8:
-            qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
-            # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and
-            # fewer, as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
-            if _per_tensor(qa) and _per_tensor(qb) and qa.spec.bits <= 8 and qb.spec.bits <= 8:
-                return lambda qq, x: self._mul(qq, qa, qb, x)
+            if _per_tensor(qa) and _per_tensor(qb) and (op is rq.add or max(qa.spec.bits, qb.spec.bits) <= 8):
+                return lambda qq, x: self._binary(op, qq, qa, qb, act, x)
         if patterns.is_global_pool(base, self.modules) and act is None:
             qx = _identity_source(base.args[0], self.modules)
             if _per_tensor(qx):
@@ -123,19 +121,14 @@ class IntegerExactMode:
         lo, hi = lo.reshape(shape), hi.reshape(shape)  # the layer's channel axis (last for a Linear)
         return self._out(q, rq.requantize(acc, s_x, s_w, s_y, z_y, lo, hi, self.mode, shape))
 
-    def _add(self, q: Quantizer, qa: Quantizer, qb: Quantizer, act, x) -> torch.Tensor:
+    def _binary(self, op, q: Quantizer, qa: Quantizer, qb: Quantizer, act, x) -> torch.Tensor:
+        """``op`` (:func:`~edgequant.core.requant.add` or ``mul``) on the integers of ``qa`` and ``qb``."""
         a, b = self.tape[id(qa)], self.tape[id(qb)]
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = self._grid(qa), self._grid(qb), self._grid(q)
         ch = x.shape[1] if x.ndim > 1 else 1
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
-        return self._out(q, rq.add(a, s_a, z_a, b, s_b, z_b, s_y, z_y, lo, hi, self.mode, offsets).reshape(x.shape))
-
-    def _mul(self, q: Quantizer, qa: Quantizer, qb: Quantizer, x) -> torch.Tensor:
-        a, b = self.tape[id(qa)], self.tape[id(qb)]
-        (s_a, z_a), (s_b, z_b), (s_y, z_y) = self._grid(qa), self._grid(qb), self._grid(q)
-        offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
-        return self._out(q, rq.mul(a, s_a, z_a, b, s_b, z_b, s_y, z_y, q.qmin, q.qmax, self.mode, offsets).reshape(x.shape))
+        return self._out(q, op(a, s_a, z_a, b, s_b, z_b, s_y, z_y, lo, hi, self.mode, offsets).reshape(x.shape))
 
     def _mean(self, q: Quantizer, qx: Quantizer, node, x) -> torch.Tensor:
         v = self.tape[id(qx)]

@@ -9,8 +9,14 @@ rather than fused into ORT's integer kernels is not checked here: see ``bench_ex
 
 Segmentation and detection models (``DENSE``) follow the classification ones.
 
-Usage: python benchmarks/bench_coverage.py [--models a,b,...] [--size 224] [--timeout 600]
-       [--out benchmarks/results/coverage.md]
+``--source timm`` sweeps a sample of timm's image models instead (``TIMM_SAMPLE``: the smallest-named model of each
+of timm's model modules plus the layer idioms ported from TensorFlow and JAX -- "same" padding, weight
+standardization, normalizer-free nets -- at their configured input size; over 100 M parameters or 448 pixels skipped)
+into ``benchmarks/results/coverage_timm.md`` (raw results ``.peers/coverage_timm.jsonl``). timm is a benchmark
+dependency only (``pip install timm``); no weights are downloaded.
+
+Usage: python benchmarks/bench_coverage.py [--source torchvision|timm] [--models a,b,...] [--size 224]
+       [--timeout 600] [--out benchmarks/results/coverage.md]
 """
 from __future__ import annotations
 
@@ -28,24 +34,73 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = ("capture", "calibrate", "sim forward", "export", "ORT runs", "ORT top-1 = sim", "integer-exact = ORT")
+STAGES = ("capture", "float = model", "calibrate", "sim forward", "export", "ORT runs", "ORT top-1 = sim", "integer-exact = ORT")
 #: models whose input size is fixed by their architecture
 SIZES = {"inception_v3": 299, "vit_h_14": 224}
 #: segmentation and detection models that fit on the machine (their backbones without weights too)
 DENSE = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "deeplabv3_resnet50",
          "ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn")
+#: timm models beyond one per module: TensorFlow / JAX ports ("same" padding, StdConv, normalizer-free) and common idioms
+TIMM_EXTRA = ("tf_efficientnet_b0", "efficientnet_b0", "tf_mobilenetv3_large_100", "mobilenetv3_large_100",
+              "resnetv2_50x1_bit", "nf_resnet26", "eca_nfnet_l0", "regnety_008", "resnet50d", "seresnext26d_32x4d",
+              "ecaresnet26t", "mobilevitv2_050", "vit_tiny_patch16_224", "efficientnetv2_rw_t", "tf_efficientnetv2_b0",
+              "fbnetc_100", "spnasnet_100", "convnextv2_atto", "poolformer_s12", "coatnet_nano_rw_224",
+              "ese_vovnet19b_dw", "cspresnet50", "regnetz_b16", "lambda_resnet26t", "botnet26t_256",
+              "ghostnetv2_100", "hrnet_w18_small", "mobileone_s0", "repvgg_a0", "dla46_c")
+TIMM_MAX_PARAMS_M, TIMM_MAX_SIZE = 100, 448
+
+
+def timm_sample() -> list[str]:
+    """The smallest-named model of each timm model module (names with tiny/small/nano/... first), then TIMM_EXTRA."""
+    import re
+
+    import timm
+
+    small = re.compile(r"(pico|nano|tiny|xxs|xs|small|_s$|_s_|b0|18|mini|_t$|lite0|050|0_5|_1_0|light|micro|atto|femto)")
+    names = []
+    for module in timm.list_modules():
+        found = timm.list_models(module=module)
+        if found:
+            names.append(sorted([n for n in found if small.search(n)] or found, key=lambda n: (len(n), n))[0])
+    return names + [n for n in TIMM_EXTRA if n not in names]
+
+
 #: ops that ONNX Runtime runs on integers when fed by DequantizeLinear and followed by QuantizeLinear
 INTEGER_OPS = {"Conv", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "GlobalAveragePool", "MaxPool", "Concat",
                "Reshape", "Flatten", "Transpose", "Relu", "Clip", "Squeeze", "Unsqueeze", "Resize", "Split",
                "Slice", "Gather", "Identity", "Sigmoid", "LeakyRelu"}
 
 
-def run_one(name: str, size: int, out: dict) -> None:
+def _build(name: str, size: int, source: str, out: dict):
+    """(model, example input) of ``name``; raises ``_Skip`` for a timm model over the sweep's size limits."""
+    import torch
+    import torchvision
+
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False).eval()
+        out["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+        c, h, w = model.pretrained_cfg.get("input_size", (3, size, size))
+        if out["parameters_m"] > TIMM_MAX_PARAMS_M or max(h, w) > TIMM_MAX_SIZE:
+            raise _Skip(f"{out['parameters_m']} M parameters, {h}x{w} input")
+        return model, torch.randn(1, c, h, w)
+    dense = name in DENSE
+    model = torchvision.models.get_model(name, weights=None, **({"weights_backbone": None} if dense else {})).eval()
+    out["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    size = SIZES.get(name, size)
+    return model, torch.randn(1, 3, size, size)
+
+
+class _Skip(Exception):
+    pass
+
+
+def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> None:
     import numpy as np
     import onnx
     import onnxruntime as ort
     import torch
-    import torchvision
 
     from edgequant import QuantSim, export_onnx
     from edgequant.metrics import sqnr_db
@@ -55,20 +110,23 @@ def run_one(name: str, size: int, out: dict) -> None:
     t0 = time.perf_counter()
     stage = "capture"
     try:
-        dense = name in DENSE
-        model = torchvision.models.get_model(name, weights=None, **({"weights_backbone": None} if dense else {})).eval()
-        size = SIZES.get(name, size)
-        x = torch.randn(1, 3, size, size)
-        out["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+        model, x = _build(name, size, source, out)
         sim = QuantSim(model, x, "w8a8")  # as built: the sim folds batch norms itself (fold_bn=True)
         out["capture_mode"] = sim.capture_mode
         out["bn_folded"], out["bn_left"] = len(sim.bn_folding.folded), len(sim.bn_folding.skipped)
+        stage = "float = model"  # the sim with its quantizers off computes what the user's model computes
+        with torch.no_grad(), sim.quantization_disabled():
+            yf = _first(sim(x))
+        with torch.no_grad():
+            y0 = _first(model(x))
+        out["float_sqnr_db"] = float(sqnr_db(y0.float(), yf.float()))
+        if not out["float_sqnr_db"] > 40:
+            raise AssertionError(f"the sim with quantizers off is {out['float_sqnr_db']:.1f} dB from the model")
         stage = "calibrate"
         sim.calibrate([x], progress=False)
         stage = "sim forward"
         with torch.no_grad():
-            y = sim(x)
-        y = y if torch.is_tensor(y) else next(iter(y.values())) if isinstance(y, dict) else y[0]
+            y = _first(sim(x))
         stage = "export"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"
@@ -82,8 +140,7 @@ def run_one(name: str, size: int, out: dict) -> None:
             o = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         stage = "integer-exact = ORT"  # computed first: it tells a top-1 flip of near-tied logits from an export error
         with torch.no_grad(), sim.integer_exact():
-            ye = sim(x)
-        ye = ye if torch.is_tensor(ye) else next(iter(ye.values())) if isinstance(ye, dict) else ye[0]
+            ye = _first(sim(x))
         ye = ye.detach().float().numpy().reshape(o.shape)
         out["identical_fraction"] = float((ye == o).mean())
         exact = f"; integer-exact sim vs ORT: {out['identical_fraction']:.4f} identical"
@@ -100,6 +157,11 @@ def run_one(name: str, size: int, out: dict) -> None:
         if not np.array_equal(ye, o):
             raise AssertionError(f"{out['identical_fraction']:.4f} of the outputs identical")
         stage = "done"
+    except _Skip as e:
+        out["error"], stage = str(e), "skipped"
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        out["stage"] = stage
+        return
     except Exception as e:  # noqa: BLE001 -- every failure is a row of the table
         out["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
         out["trace"] = traceback.format_exc()[-1500:]
@@ -107,9 +169,16 @@ def run_one(name: str, size: int, out: dict) -> None:
     out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
-def _child(name, size, q):
+def _first(y):
+    """The first tensor of a model's output (a tensor, a dict of them, or a tuple)."""
+    while not hasattr(y, "shape"):
+        y = next(iter(y.values())) if isinstance(y, dict) else y[0]
+    return y
+
+
+def _child(name, size, source, q):
     out = {"model": name}
-    run_one(name, size, out)
+    run_one(name, size, out, source)
     q.put(out)
 
 
@@ -117,14 +186,23 @@ def main():
     import torchvision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=None, help="comma-separated (default: every classification model)")
+    ap.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
+    ap.add_argument("--models", default=None, help="comma-separated (default: every classification model, or timm's sample)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--timeout", type=int, default=600)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "coverage.md"))
-    ap.add_argument("--results", default=str(REPO / ".peers" / "coverage.jsonl"), help="one JSON line per model (resumable)")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/coverage.md (coverage_timm.md for timm)")
+    ap.add_argument("--results", default=None, help="one JSON line per model, resumable (default .peers/coverage[_timm].jsonl)")
     ap.add_argument("--table-only", action="store_true", help="table the results already in --results, run nothing")
     args = ap.parse_args()
-    names = args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models) + list(DENSE)
+    suffix = "_timm" if args.source == "timm" else ""
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"coverage{suffix}.md")
+    args.results = args.results or str(REPO / ".peers" / f"coverage{suffix}.jsonl")
+    if args.models:
+        names = args.models.split(",")
+    elif args.source == "timm":
+        names = timm_sample()
+    else:
+        names = torchvision.models.list_models(module=torchvision.models) + list(DENSE)
     done = {}
     res_path = Path(args.results)
     res_path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +215,7 @@ def main():
         if args.table_only or (name in done and not args.models):
             continue
         q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(name, args.size, q))
+        p = ctx.Process(target=_child, args=(name, args.size, args.source, q))
         p.start()
         p.join(args.timeout)
         if p.is_alive():
@@ -150,18 +228,28 @@ def main():
         with open(res_path, "a") as f:
             f.write(json.dumps(r) + "\n")
         print(f"{name:28s} {r['stage']:22s} {r.get('seconds', '')} {r.get('error', '')[:150]}", flush=True)
-    rows = [done[n] for n in names if n in done]
+    skipped = [done[n] for n in names if n in done and done[n]["stage"] == "skipped"]
+    rows = [done[n] for n in names if n in done and done[n]["stage"] != "skipped"]
     passed = {s: sum(1 for r in rows if r["stage"] == "done" or STAGES.index(r["stage"]) > i
                      if r["stage"] in STAGES or r["stage"] == "done") for i, s in enumerate(STAGES)}
-    lines = [f"torchvision {torchvision.__version__} models at W8A8 (random weights, BN folded, one "
-             f"{args.size}x{args.size} image; inception_v3 at 299): {len(rows)} models, the "
-             f"{len(torchvision.models.list_models(module=torchvision.models))} classification models and "
-             f"{len(DENSE)} segmentation/detection models (segmentation: 'top-1' is the class of >= 99% of the pixels).", "",
-             "| stage | models through it |", "|---|---|"]
+    if args.source == "timm":
+        import timm
+
+        head = (f"timm {timm.__version__} models at W8A8 (random weights, BN folded, one image at the model's configured "
+                f"size): {len(rows)} models, the smallest-named model of each timm model module and {len(TIMM_EXTRA)} "
+                f"ported-layer idioms (`TIMM_EXTRA`); skipped (over {TIMM_MAX_PARAMS_M} M parameters or "
+                f"{TIMM_MAX_SIZE} pixels): {', '.join(r['model'] for r in skipped) or 'none'}.")
+    else:
+        head = (f"torchvision {torchvision.__version__} models at W8A8 (random weights, BN folded, one "
+                f"{args.size}x{args.size} image; inception_v3 at 299): {len(rows)} models, the "
+                f"{len(torchvision.models.list_models(module=torchvision.models))} classification models and "
+                f"{len(DENSE)} segmentation/detection models (segmentation: 'top-1' is the class of >= 99% of the pixels).")
+    lines = [head, "", "| stage | models through it |", "|---|---|"]
     lines += [f"| {s} | {passed[s]} / {len(rows)} |" for s in STAGES]
-    lines += ["", "| model | M params | through | ORT vs sim dB | float ops in the export | s | error |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | M params | capture | through | ORT vs sim dB | float ops in the export | s | error |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r.get('parameters_m', '')} | {r['stage']} | "
+        lines.append(f"| {r['model']} | {r.get('parameters_m', '')} | {r.get('capture_mode', '')} | {r['stage']} | "
                      f"{'' if r.get('ort_sqnr_db') is None else format(r['ort_sqnr_db'], '.1f')} | "
                      f"{', '.join(r.get('float_ops', []))} | {r.get('seconds', '')} | {r.get('error', '')[:160].replace('|', '/')} |")
     text = "\n".join(lines)

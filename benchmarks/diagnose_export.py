@@ -8,7 +8,7 @@ the full model), and a binary search over the quantizers in the order the sim ru
 first that differs (a difference propagates). It prints that quantizer, the ONNX nodes that compute it
 and how many of its elements differ; ``--all`` compares every quantizer instead (slow on big models).
 
-    python benchmarks/diagnose_export.py --model regnet_y_8gf [--size 224] [--all]
+    python benchmarks/diagnose_export.py --model regnet_y_8gf [--source torchvision|timm] [--size 224] [--all]
 """
 from __future__ import annotations
 
@@ -57,22 +57,23 @@ def _producers(model, name: str, depth: int = 3) -> list[str]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
+    ap.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--at", default=None, help="compare this one quantizer only")
     args = ap.parse_args()
     import onnx
     import onnxruntime as ort
-    import torchvision
     from onnx import helper
+
+    from bench_coverage import _build
 
     from edgequant import QuantSim, export_onnx
     from edgequant.core.quant import storage_offset
 
     torch.set_num_threads(int(os.environ.get("EDGEQUANT_BENCH_THREADS", "2")))
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model, weights=None).eval()
-    x = torch.randn(1, 3, args.size, args.size)
+    model, x = _build(args.model, args.size, args.source, {})  # the model and input bench_coverage.py uses
     sim = QuantSim(model, x, "w8a8")
     sim.calibrate([x], progress=False)
     acts = {n: q for n, q in sim.quantizers().items() if not q.is_weight}

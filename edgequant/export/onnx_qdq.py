@@ -653,6 +653,8 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
                               "standardization); exporting it from its attributes would be wrong, so it is refused. Rewrite "
                               "it as a plain layer plus ops (F.pad before nn.Conv2d) to export it")
         return _weighted(b, n, m, x, out, modules, ndim)
+    if own_forward(m):
+        raise _NoMapping(name)  # exported from its own forward by torch.onnx (e.g. timm's BatchNormAct2d), in float
     if ops.is_identity(n, modules):
         return x
     if isinstance(m, ChannelScale):

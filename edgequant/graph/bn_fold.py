@@ -9,7 +9,9 @@ through identity ops such as dropout) computes
           b'_c = \frac{\gamma_c}{\sqrt{\sigma^2_c+\epsilon}}(b_c - \mu_c) + \beta_c .
 
 ``W_c`` is output channel ``c`` of the weight (axis 0 for conv and linear, axis 1 for transposed
-convolutions). The BatchNorm becomes ``nn.Identity``. Folding is exact in float up to rounding.
+convolutions). The BatchNorm becomes ``nn.Identity`` (a subclass whose forward applies its child modules
+after the batch norm -- timm's ``BatchNormAct2d`` -- becomes those children). Folding is exact in float up to
+rounding.
 
 The folded layer keeps what the BatchNorm said about its output -- :math:`y_c \sim N(\beta_c, \gamma_c^2)`
 -- as two non-persistent buffers, ``bn_mean`` and ``bn_std``; cross-layer equalization keeps them
@@ -19,12 +21,14 @@ correction) read them.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ..nn.modules import own_forward
+from ..nn.modules import base_class, computes_as, own_forward
 from ..nn.quantizer import Quantizer
 from . import ops
 from .patterns import bn_producer, call_counts, module_of, set_submodule, trace
@@ -55,6 +59,24 @@ def why_not_foldable(layer: nn.Module, bn: nn.Module) -> str | None:
     if out_channels != bn.num_features:
         return f"its {bn.num_features} features do not match the {out_channels} output channels of the layer"
     return None
+
+
+def folded_replacement(bn: nn.Module) -> Optional[nn.Module]:
+    """What a batch norm becomes once folded into its layer: ``nn.Identity``; for a batch norm subclass whose
+    forward is the batch norm followed by its child modules in order (timm's ``BatchNormAct2d``: dropout, then
+    the activation; checked on a probe), those children in an ``nn.Sequential`` under their own names, so
+    ``bn.act`` keeps its name and the activation stays. None when its forward computes anything else."""
+    if not own_forward(bn):
+        return nn.Identity().train(bn.training)
+    kids = list(bn.named_children())
+    if not kids:
+        return None
+    chain = nn.Sequential(OrderedDict(kids))
+    base = base_class(type(bn))
+    if not computes_as(bn, lambda x: chain(base.forward(bn, x))):
+        return None
+    chain.training = bn.training  # the children keep their own flags
+    return chain
 
 
 def channel_view(w: torch.Tensor, axis: int, groups: int = 1):
@@ -147,10 +169,14 @@ def fold_batch_norms(model: nn.Module, inplace: bool = False) -> tuple[nn.Module
             reason = "the layer or the batch norm is called more than once"
         else:
             reason = why_not_foldable(layer, bn)
+        replacement = None if reason else folded_replacement(bn)
+        if replacement is None and not reason:
+            reason = (f"{node.target} ({type(bn).__name__}) computes in its own forward, which is not a batch norm "
+                      "followed by its child modules")
         if reason:
             report.skipped.append((node.target, reason))
             continue
         fold_layer(layer, bn)
-        set_submodule(net, node.target, nn.Identity().train(bn.training))  # keeps the mode the user set
+        set_submodule(net, node.target, replacement)  # keeps the mode the user set
         report.folded.append((src.target, node.target))
     return net, report

@@ -91,17 +91,88 @@ def float_class_of(cls: type) -> type:
 
 def own_forward(m: nn.Module) -> bool:
     """Whether ``m`` is a subclass of a torch layer that computes its own way (a conv with TensorFlow's
-    "same" padding or weight standardization in its forward): passes that read a layer's attributes
-    (BN folding, equalization, AdaRound, the ONNX export, the integer engine) would get it wrong, so
-    they skip it by name or refuse it."""
-    for cls in type(m).__mro__:
-        if issubclass(cls, QuantizedModuleMixin):
+    "same" padding or weight standardization in its forward, a batch norm that applies an activation):
+    passes that read a layer's attributes (BN folding, equalization, AdaRound, the ONNX export, the
+    integer engine) would get it wrong, so they skip it by name or refuse it.
+
+    A subclass whose forward computes what its torch base class computes (checked once per layer on a
+    random probe, e.g. timm's ``Linear`` that only casts for TorchScript) is not counted."""
+    found = _subclass_forward(type(m))
+    if found is None:
+        return False
+    cached = m.__dict__.get("_eq_computes_as_base")
+    if cached is None or cached[0] is not found:
+        cached = (found, computes_as(m, base_class(type(m))))
+        m.__dict__["_eq_computes_as_base"] = cached
+    return not cached[1]
+
+
+def _subclass_forward(cls: type):
+    """The first non-torch class in ``cls``'s MRO (quantized twins skipped) that defines ``forward``, or None."""
+    for c in cls.__mro__:
+        if issubclass(c, QuantizedModuleMixin):
             continue
-        if (cls.__module__ or "").startswith("torch."):
-            return False
-        if "forward" in cls.__dict__:
-            return True
-    return False
+        if (c.__module__ or "").startswith("torch."):
+            return None
+        if "forward" in c.__dict__:
+            return c
+    return None
+
+
+def base_class(cls: type) -> type:
+    """The first torch class in ``cls``'s MRO (``nn.Conv2d`` for a user's ``Conv2d`` subclass)."""
+    return next(c for c in cls.__mro__ if (c.__module__ or "").startswith("torch.") and not issubclass(c, QuantizedModuleMixin))
+
+
+def probe_input(m: nn.Module):
+    """A small random input of the shape layer ``m`` takes (its own generator: the global seed is untouched), or
+    None for layers whose input shape its attributes do not tell."""
+    p = next(iter(m.parameters()), None)
+    if p is None:
+        p = next(iter(m.buffers()), None)
+    device, dtype = (p.device, p.dtype) if p is not None and p.is_floating_point() else (torch.device("cpu"), torch.float32)
+    g = torch.Generator(device="cpu").manual_seed(1234)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    if isinstance(m, nn.Linear):
+        return rnd(3, m.in_features)
+    if isinstance(m, nn.modules.conv._ConvNd):
+        nd = len(m.kernel_size)
+        size = max(9, *(d * (k - 1) + 2 for d, k in zip(m.dilation, m.kernel_size)))
+        return rnd(2, m.in_channels, *([size] * nd))
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        nd = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(base_class(type(m)), 2)
+        return rnd(2, m.num_features, *([5] * nd)) * 3
+    if isinstance(m, nn.LayerNorm):
+        return rnd(2, *m.normalized_shape) * 3
+    if isinstance(m, nn.Embedding):
+        return torch.randint(0, m.num_embeddings, (2, 5), generator=g).to(device)
+    return None
+
+
+def computes_as(m: nn.Module, fn, x=None) -> bool:
+    """Whether ``m(x)`` equals ``fn``'s result on the probe input ``x`` (default :func:`probe_input`); ``fn`` is a
+    torch class (its forward is called on ``m``) or a function of ``x``. Runs with gradients off and ``m`` in eval
+    mode (a batch norm's statistics are not updated); False when either raises or no probe exists."""
+    x = probe_input(m) if x is None else x
+    if x is None:
+        return False
+    flags = [(mod, mod.training) for mod in m.modules()]
+    m.train(False)
+    try:
+        with torch.no_grad():
+            own = _subclass_forward(type(m)) or float_class_of(type(m))
+            y = own.forward(m, x)
+            ref = fn.forward(m, x) if isinstance(fn, type) else fn(x)
+        return (torch.is_tensor(y) and torch.is_tensor(ref) and y.shape == ref.shape
+                and torch.allclose(y, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max().clamp_min(1))))
+    except Exception:  # noqa: BLE001 -- a forward that cannot run on the probe computes its own way
+        return False
+    finally:
+        for mod, t in flags:
+            mod.training = t
 
 
 def quantized_class(cls: type, mixin: type = QuantizedModuleMixin) -> type:

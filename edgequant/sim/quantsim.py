@@ -19,7 +19,7 @@ from ..config.plan import QuantPlan
 from ..config.spec import QuantConfig, QuantSpec
 from ..core.encoding import Encoding
 from ..errors import DataError, GraphCaptureError, NotCalibratedError, PlanError
-from ..graph.bn_fold import FoldReport, fold_batch_norms
+from ..graph.bn_fold import FoldReport, fold_batch_norms, folded_replacement
 from ..graph.ops import BN_MODULES
 from ..graph.patterns import set_submodule
 from ..io import encodings as enc_io
@@ -123,7 +123,8 @@ class QuantSim(nn.Module):
             layer before quantizing it (what integer runtimes and the ONNX export compute; the sim then
             quantizes the folded weights). ``sim.bn_folding`` lists what was folded and what was left
             and why (also in :meth:`summary`); ``sim.float_model()`` has the folded structure (each
-            folded BatchNorm an ``nn.Identity``). ``False`` keeps batch norms as float ops between the
+            folded BatchNorm an ``nn.Identity``, or its child modules when its own forward applies them
+            after the batch norm, as timm's ``BatchNormAct2d`` does). ``False`` keeps batch norms as float ops between the
             quantizers (they then run in float in an export).
         allow_fallback: when graph capture fails, warn and quantize leaf modules only (else raise
             :class:`~edgequant.graph.GraphCaptureError`).
@@ -262,7 +263,7 @@ class QuantSim(nn.Module):
             except AttributeError:
                 continue
             if isinstance(found, BN_MODULES):
-                set_submodule(model, bn, nn.Identity())
+                set_submodule(model, bn, folded_replacement(found) or nn.Identity())
         return copy_weights(self.model, model)
 
     def float_model(self) -> nn.Module:

@@ -68,3 +68,78 @@ def test_every_pass_keeps_the_float_model_and_skips_by_name(tmp_path):
         y = sim(x)
     with torch.no_grad():
         assert sqnr_db(sim(x), y) > 30
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: the batch norm, then its child modules (dropout, activation) in its own forward."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                               False, 0.0, self.eps)))
+
+
+class CastingLinear(nn.Linear):
+    """timm's Linear: its own forward computes what nn.Linear computes."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Cat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = BatchNormAct(6)
+        self.norm = BatchNormAct(9)  # after a concat: nothing to fold into
+        self.head = CastingLinear(9, 5)
+
+    def forward(self, x):
+        y = self.norm(torch.cat([self.bn(self.conv(x)), x], 1))
+        return self.head(y.mean((2, 3)))
+
+
+def _cat_net():
+    torch.manual_seed(0)
+    net = Cat().eval()
+    for bn in (net.bn, net.norm):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+    return net
+
+
+def test_a_subclass_that_computes_as_its_base_is_a_plain_layer():
+    assert not own_forward(CastingLinear(4, 3)) and own_forward(BatchNormAct(4))
+    relu_free = BatchNormAct(4)
+    relu_free.act = nn.Identity()  # then it is a plain batch norm
+    assert not own_forward(relu_free)
+
+
+def test_batch_norm_with_activation_folds_and_keeps_the_activation(tmp_path):
+    """Folding such a batch norm into its conv used to replace it with nn.Identity, dropping the ReLU; exporting
+    the one it cannot fold wrote a plain BatchNormalization (no ReLU) while the sim ran the ReLU."""
+    net, x = _cat_net(), torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        ref = net(x)
+    folded, report = fold_batch_norms(net)
+    assert report.folded == [("conv", "bn")] and [b for b, _ in report.skipped] == ["norm"]
+    assert isinstance(folded.bn, nn.Sequential) and isinstance(folded.bn.act, nn.ReLU)
+    sim = QuantSim(net, x[:1], "w8a8")
+    with torch.no_grad(), sim.quantization_disabled():
+        assert sqnr_db(ref, sim(x)) > 80
+    with torch.no_grad():
+        assert sqnr_db(ref, sim.float_model()(x)) > 80
+    sim.calibrate([x], progress=False)
+    export_onnx(sim, tmp_path / "m.onnx")
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    o = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert sqnr_db(sim(x), torch.from_numpy(o)) > 35

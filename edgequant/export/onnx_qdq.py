@@ -106,6 +106,7 @@ class _Builder:
         self.q_inputs: set[str] = set()  # values that feed a QuantizeLinear
         self.dq_inits: set[str] = set()  # initializers that feed a DequantizeLinear
         self.prunable: set[int] = set()  # ids of nodes dropped when nothing reads them (a final LSTM cell state)
+        self.weights: dict[tuple, tuple[str, str]] = {}  # (encoding name, dtype): integers, zero point (shared layers)
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -210,6 +211,9 @@ def _weight_integers(b: _Builder, q: Quantizer, w: torch.Tensor, dtype: Optional
     (default: the smallest container of the grid); 8-bit signed weights move to uint8 + 128 when the
     builder stores unsigned weights."""
     dtype = dtype if dtype is not None else _container(q.spec.bits, q.spec.signed, b.opset)[0]
+    key = (q.tensor_name, dtype)
+    if key in b.weights:  # a layer called more than once: its integers are written once
+        return b.weights[key]
     wi = quantize(w.detach(), q.scale, q.zero_point, q.qmin, q.qmax, q.spec.granularity).cpu().numpy()
     zp = _qparams_np(q)[1]
     if b.unsigned_weights and dtype == TensorProto.INT8:  # same values on a uint8 grid shifted by 128
@@ -218,6 +222,7 @@ def _weight_integers(b: _Builder, q: Quantizer, w: torch.Tensor, dtype: Optional
     zname = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(zname)
     b.int_const(zname, _scale_shape(q, zp), dtype)
+    b.weights[key] = name, zname
     return name, zname
 
 
@@ -261,7 +266,9 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
         s_in = _input_scale(node, modules)
         if q is not None and s_in is not None and not isinstance(q.spec.granularity, PerBlock):
             bq, s_b = _bias_grid(m, s_in, q)
-            bname = b.int_const(f"{name}.bias", bq, TensorProto.INT32)
+            bname = b.fresh(f"{name}.bias")  # a layer called twice writes its bias once per input grid
+            b.names.discard(bname)
+            b.int_const(bname, bq, TensorProto.INT32)
             b.dq_inits.add(bname)
             sb = b.const(f"{name}.bias_scale", s_b.astype(np.float32))
             zb = b.const(f"{name}.bias_zero_point", np.zeros_like(bq))
@@ -280,8 +287,9 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
     if isinstance(m.padding, str):
         if m.padding == "valid":
             pads = [0] * (2 * len(k))
-        else:
-            raise ExportError(f"{name}: padding='same' is not exported yet; use explicit padding")
+        else:  # "same" (stride 1): torch puts the odd one of each dimension's padding at its end
+            total = [d * (kk - 1) for d, kk in zip(m.dilation, k)]
+            pads = [t // 2 for t in total] + [t - t // 2 for t in total]
     else:
         pads = list(m.padding) * 2
     if m.padding_mode != "zeros":
@@ -293,8 +301,12 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
     return b.node("Conv", inputs, out=out, base=name, **attrs)
 
 
+class _BakedBatch(ExportError):
+    """The graph builds a tensor from its batch size, so a dynamic-batch export would bake it."""
+
+
 def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "auto",
-                dynamic_batch: bool = True, encodings_path=None, example_inputs=None) -> dict:
+                dynamic_batch: Optional[bool] = None, encodings_path=None, example_inputs=None) -> dict:
     """Write ``sim`` as an ONNX QDQ model to ``path`` and its encodings beside it (atomically).
 
     Args:
@@ -309,7 +321,10 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             ``"uint8"``. Use ``"int8"`` for VNNI/ARM targets or other runtimes.
         dynamic_batch: make the first input/output dimension symbolic. Other dimensions keep the
             shapes recorded on the sim's example inputs. A model that builds tensors from its batch size
-            (a transformer's attention mask) needs ``dynamic_batch=False`` and one export per batch size.
+            (a transformer's attention mask, a padding or class token sized by the batch) cannot keep it
+            symbolic: ``True`` then raises, ``False`` always writes the recorded batch size, and ``None``
+            (default) makes it symbolic where the graph allows and otherwise writes the recorded batch size
+            with a warning (export once per batch size, ``example_inputs=`` sets it).
         example_inputs: inputs whose shapes the exported graph takes (a tensor, a tuple or a dict, as for
             ``QuantSim``) in place of the sim's own example inputs: another batch size or sequence length.
 
@@ -348,10 +363,18 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     if weight_dtype == "auto":
         wide = [q for q in qs.values() if q.role == "weight" and q.spec.signed and q.qmin < -64 and q.spec.bits <= 8]
         weight_dtype = "uint8" if wide else "int8"
-    if example_inputs is not None:
-        model = _build_on(sim, example_inputs, opset, dynamic_batch, weight_dtype == "uint8")
-    else:
-        model = _build(sim, opset, dynamic_batch, weight_dtype == "uint8")
+    build = (lambda dyn: _build_on(sim, example_inputs, opset, dyn, weight_dtype == "uint8")) if example_inputs is not None \
+        else (lambda dyn: _build(sim, opset, dyn, weight_dtype == "uint8"))
+    try:
+        model = build(dynamic_batch is not False)
+    except _BakedBatch as e:
+        if dynamic_batch:
+            raise
+        import warnings
+
+        warnings.warn(f"{e.args[0].split(':')[0]}; the export keeps the batch size of the example inputs. Export once "
+                      "per batch size (example_inputs=) or pass dynamic_batch=False to silence this", stacklevel=2)
+        model = build(False)
     onnx.checker.check_model(model)
     _check_names(model, sim)
     acts, params = sim.encodings()
@@ -449,12 +472,16 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
             # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in
             # float, Flatten -> DQ -> Gemm -> Q fuses into its integer QGemm
             a = [src.q] + list(fx.node.map_aggregate(n.args[1:], lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
-            y = _module(b, n, m, a, b.fresh(f"{src.name}_{n.name}"), modules, shape_of) if m is not None \
-                else _function(b, n, a, b.fresh(f"{src.name}_{n.name}"), shape_of)
-            val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
-            if n in want:
-                val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
-            continue
+            try:
+                y = _module(b, n, m, a, b.fresh(f"{src.name}_{n.name}"), modules, shape_of) if m is not None \
+                    else _function(b, n, a, b.fresh(f"{src.name}_{n.name}"), shape_of)
+            except _NoMapping:
+                y = None  # no hand-written move: the float op on the dequantized values, below
+            if y is not None:
+                val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
+                if n in want:
+                    val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+                continue
         if isinstance(m, QuantizedRecurrentMixin):
             val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]), val)
             continue
@@ -535,7 +562,7 @@ def _reads_batch(n: fx.Node, derived: set) -> bool:
 def _refuse_baked_batch(n: fx.Node, folded: dict, derived: set) -> None:
     """Raise when exporting ``n`` would write a folded batch size (``derived``) into the graph as a constant."""
     if n not in folded and n.target not in _BATCH_SAFE and any(a in derived for a in n.all_input_nodes):
-        raise ExportError(f"{n.name} ({ops.function_name(n.target)}) builds a tensor from the batch size, which a "
+        raise _BakedBatch(f"{n.name} ({ops.function_name(n.target)}) builds a tensor from the batch size, which a "
                           "dynamic-batch export cannot keep (transformer attention masks do this): export with "
                           "dynamic_batch=False, once per batch size (example_inputs= sets it)")
 
@@ -577,7 +604,7 @@ def _expand_to_batch(b: _Builder, n: fx.Node, val: dict, batch: set, shape_of, o
     run time: ``Expand(t, Concat(Shape(x)[:1], recorded dims))``."""
     sources = {_batch_source(a) for a in n.args[1:] if a in batch}
     if len(sources) != 1 or None in sources or n.args[1] not in batch:
-        raise ExportError(f"{n.name}: expand to a batch size computed from shapes: export with dynamic_batch=False")
+        raise _BakedBatch(f"{n.name}: expand to a batch size computed from shapes: export with dynamic_batch=False")
     src = _resolve(b, val[sources.pop()])
     shape = shape_of(n)
     first = b.node("Shape", [src], base=f"{n.name}_batch", start=0, end=1)
@@ -703,9 +730,10 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
             return b.node("MaxPool", [x], out=out, base=name, **attrs)
         return b.node("AveragePool", [x], out=out, base=name, count_include_pad=int(m.count_include_pad), **attrs)
     if isinstance(m, nn.Flatten):
-        if m.end_dim not in (-1, ndim - 1 + (m.start_dim if m.start_dim < 0 else 0)):
+        in_ndim = len(shape_of(n.args[0]) or [])
+        if m.start_dim % max(in_ndim, 1) != 1 or m.end_dim % max(in_ndim, 1) != in_ndim - 1:  # ONNX Flatten makes 2-D
             return _reshape(b, x, shape_of(n), out, name, shape_of(n.args[0]))
-        return b.node("Flatten", [x], out=out, base=name, axis=int(m.start_dim))
+        return b.node("Flatten", [x], out=out, base=name, axis=1)
     raise _NoMapping(name)
 
 
@@ -806,9 +834,22 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
     if t in (torch.flatten, "flatten"):
         start = n.kwargs.get("start_dim", a[1] if len(a) > 1 else 0)
         end = n.kwargs.get("end_dim", a[2] if len(a) > 2 else -1)
-        if end == -1:
-            return b.node("Flatten", [a[0]], out=out, base=base, axis=int(start))
+        in_ndim = len(shape_of(n.args[0]) or [])
+        if start % max(in_ndim, 1) == 1 and end % max(in_ndim, 1) == in_ndim - 1:  # ONNX Flatten's output is 2-D
+            return b.node("Flatten", [a[0]], out=out, base=base, axis=1)
         return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
+    if t in (torch.unsqueeze, "unsqueeze", torch.squeeze, "squeeze"):
+        dims = n.kwargs.get("dim", a[1] if len(a) > 1 else None)
+        if dims is None:
+            raise _NoMapping(base)
+        dims = [int(d) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+        op = "Unsqueeze" if t in (torch.unsqueeze, "unsqueeze") else "Squeeze"
+        if op == "Squeeze":
+            in_shape = shape_of(n.args[0]) or []
+            dims = [d for d in dims if in_shape and in_shape[d] == 1]  # torch squeezes only the size-1 ones
+            if not dims:
+                return b.node("Identity", [a[0]], out=out, base=base)
+        return b.node(op, [a[0], b.const(f"{base}_axes", np.array(dims, dtype=np.int64))], out=out, base=base)
     if t in (torch.transpose, "transpose", torch.permute, "permute"):
         ndim = len(shape_of(n) or [])
         if t in (torch.transpose, "transpose"):

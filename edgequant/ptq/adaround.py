@@ -141,13 +141,16 @@ class _Sampler:
             out_shape = (out_shape[0], out_shape[1], 1, out_shape[2])
         ks = _pair(m.kernel_size)
         st, dl = _pair(m.stride), _pair(m.dilation)
-        pad = _pair(m.padding) if not isinstance(m.padding, str) else None
-        if pad is None:
-            raise NotImplementedError("padding='same'")
+        if m.padding == "same":  # stride 1; torch puts the odd one of each dimension's padding at its end
+            total = [d * (k - 1) for d, k in zip(dl, ks)]
+            pad4 = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+        else:
+            pad = (0, 0) if m.padding == "valid" else _pair(m.padding)
+            pad4 = (pad[1], pad[1], pad[0], pad[0])
         if m.padding_mode != "zeros":
             raise NotImplementedError(f"padding_mode={m.padding_mode!r}")
         n, oh, ow = self._pick(b, out_shape, x.device)
-        xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+        xp = F.pad(x, pad4)
         rows = (oh * st[0])[:, None] + torch.arange(ks[0], device=x.device) * dl[0]  # (P, kh)
         cols = (ow * st[1])[:, None] + torch.arange(ks[1], device=x.device) * dl[1]  # (P, kw)
         patches = xp[n[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (P, kh, kw, Cin)

@@ -136,3 +136,34 @@ def test_dict_outputs_are_named_by_their_keys_and_stochastic_depth_is_an_identit
         ref = sim(x)
     for k in ("out", "aux"):
         assert sqnr_db(ref[k], torch.from_numpy(got[k])) > 30
+
+
+class Tokens(nn.Module):
+    """Idioms of timm's vision transformers and ConvMixer: ``x.flatten(2).transpose(1, 2)`` (ONNX Flatten is
+    always 2-D), ``unsqueeze`` of quantized values, a conv with ``padding="same"`` and one called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding="same")
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.shared(torch.relu(self.shared(self.stem(x))))
+        t = x.flatten(2).transpose(1, 2)  # (N, HW, C)
+        t = t.unsqueeze(1).squeeze(1)
+        return self.fc(t).mean(1)
+
+
+def test_flatten_from_dim_2_unsqueeze_same_padding_and_a_shared_conv_export(tmp_path):
+    torch.manual_seed(0)
+    model, x = Tokens().eval(), torch.randn(8, 3, 10, 12)
+    sim = QuantSim(model, x[:1], "w8a8")
+    sim.calibrate([x], progress=False)
+    export_onnx(sim, tmp_path / "m.onnx")
+    m = onnx.load(tmp_path / "m.onnx")
+    assert sum(i.name == "shared.weight" for i in m.graph.initializer) == 1
+    out = _ort(tmp_path / "m.onnx", [x.numpy()])
+    with torch.no_grad():
+        ref = sim(x).numpy()
+    assert out.shape == ref.shape and sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30

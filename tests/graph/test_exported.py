@@ -101,7 +101,7 @@ def test_export_of_other_batch_size_takes_example_inputs(tmp_path):
                for n in sim.model.graph.nodes if n.op == "placeholder")  # the sim's own shapes are restored
 
 
-def test_dynamic_batch_export_refuses_a_graph_that_builds_tensors_from_the_batch_size(tmp_path):
+def test_a_graph_that_builds_tensors_from_the_batch_size_exports_with_a_fixed_batch(tmp_path):
     class BatchBuilds(nn.Module):
         def __init__(self):
             super().__init__()
@@ -113,13 +113,20 @@ def test_dynamic_batch_export_refuses_a_graph_that_builds_tensors_from_the_batch
     sim = QuantSim(BatchBuilds().eval(), torch.randn(2, 4))
     sim.calibrate([torch.randn(8, 4)], progress=False)
     with pytest.raises(Exception, match="builds a tensor from the batch size.*dynamic_batch=False"):
-        export_onnx(sim, tmp_path / "dyn.onnx")
+        export_onnx(sim, tmp_path / "dyn.onnx", dynamic_batch=True)  # asked for: refused
     assert not (tmp_path / "dyn.onnx").exists()
     x = torch.randn(2, 4)
-    path = export_onnx(sim, tmp_path / "static.onnx", dynamic_batch=False)["onnx"]
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        assert sqnr_db(sim(x), torch.from_numpy(out)) > 30
+    with pytest.warns(UserWarning, match="builds a tensor from the batch size.*keeps the batch size"):
+        path = export_onnx(sim, tmp_path / "auto.onnx")["onnx"]  # the default: the recorded batch, said so
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path2 = export_onnx(sim, tmp_path / "static.onnx", dynamic_batch=False)["onnx"]
+    for p in (path, path2):
+        s = ort.InferenceSession(p, providers=["CPUExecutionProvider"])
+        assert s.get_inputs()[0].shape == [2, 4]
+        out = s.run(None, {"x": x.numpy()})[0]
+        with torch.no_grad():
+            assert sqnr_db(sim(x), torch.from_numpy(out)) > 30
 
 
 def test_class_token_expanded_over_the_batch_exports_with_a_dynamic_batch(tmp_path):

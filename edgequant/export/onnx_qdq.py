@@ -73,6 +73,8 @@ def _static_value(n: fx.Node, folded: dict, shape_of):
         return torch.Size(shape) if dim is None else shape[dim]
     if n.op == "call_function" and n.target is getattr and len(args) == 2 and args[1] == "device":
         return torch.device("cpu")  # where a factory op puts its result: nothing in an ONNX graph
+    if n.op == "call_function" and n.target is getattr and len(args) == 2 and args[1] == "dtype":
+        return getattr(patterns.recorded_meta(args[0]), "dtype", None)  # x.to(y.dtype): the recorded type
     if n.op == "call_function" and n.target is getattr and len(args) == 2 and args[1] == "shape":
         shape = shape_of(args[0])
         return torch.Size(shape) if shape is not None else None
@@ -218,7 +220,11 @@ def _weight_integers(b: _Builder, q: Quantizer, w: torch.Tensor, dtype: Optional
     zp = _qparams_np(q)[1]
     if b.unsigned_weights and dtype == TensorProto.INT8:  # same values on a uint8 grid shifted by 128
         dtype, wi, zp = TensorProto.UINT8, wi.astype(np.int64) + 128, zp.astype(np.int64) + 128
-    name = b.int_const(q.tensor_name, wi, dtype)
+    name = q.tensor_name
+    if name in b.names:  # a layer called twice whose calls store it differently (QGemm, MatMulInteger): its own copy
+        name = b.fresh(name)
+        b.names.discard(name)
+    name = b.int_const(name, wi, dtype)
     zname = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(zname)
     b.int_const(zname, _scale_shape(q, zp), dtype)
@@ -504,7 +510,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
                 val[n] = generic(n, m, out)
         elif n.op == "get_attr":
             t = operator.attrgetter(n.target)(gm)
-            val[n] = b.const(n.target, t.detach().cpu().numpy())
+            # not under the parameter's own name, which its weight encoding's integers take
+            val[n] = b.const(f"{n.target}_value", t.detach().cpu().numpy())
         else:
             raise ExportError(f"cannot export fx node {n.op} {n.target}")
         if n in want and val.get(n) != want[n] and n.op != "placeholder":
@@ -808,13 +815,17 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
     t = n.target
     base = n.name
     if t in _NOOP_METHODS or ops.is_identity(n, {}):
+        src, dst = (getattr(patterns.recorded_meta(v), "dtype", None) for v in (n.args[0], n))
+        if src is not None and dst is not None and src != dst:  # x.to(torch.bool), x.type_as(mask): a cast
+            to = helper.np_dtype_to_tensor_dtype(np.dtype(str(dst).replace("torch.", "")))
+            return b.node("Cast", [a[0]], out=out, base=base, to=to)
         return a[0]
     binary = {operator.add: "Add", torch.add: "Add", "add": "Add", operator.mul: "Mul", torch.mul: "Mul", "mul": "Mul",
               operator.sub: "Sub", torch.sub: "Sub", "sub": "Sub", operator.truediv: "Div", torch.div: "Div", "div": "Div",
               operator.matmul: "MatMul", torch.matmul: "MatMul", "matmul": "MatMul"}
     if t in binary:
         if len(n.kwargs) and set(n.kwargs) - {"alpha"} or n.kwargs.get("alpha", 1) != 1:
-            raise ExportError(f"{base}: {t} with keyword arguments {dict(n.kwargs)} is not exported")
+            raise _NoMapping(base)  # div(rounding_mode="floor"), add(alpha=2): torch.onnx writes them
         meta = patterns.recorded_meta(n)
         dtype = getattr(meta, "dtype", torch.float32)
         if any(getattr(patterns.recorded_meta(x), "dtype", dtype) != dtype for x in n.args[:2] if isinstance(x, fx.Node)):

@@ -33,7 +33,10 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
     """
     tracer = _Tracer(autowrap_functions=(add_mask,))  # stays one node when a captured graph is traced again
     try:
-        graph = tracer.trace(model)
+        concrete = _defaults_left(model, args, kwargs)
+        graph = tracer.trace(model, concrete_args=concrete)
+        if concrete:
+            _drop_specialized(graph, set(concrete))
     except Exception as e:  # noqa: BLE001 - any tracing failure becomes one clear error
         message = _describe_failure(e)
         if args is None and not kwargs:
@@ -46,6 +49,42 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training  # the flag only: gm.train() would reset the modes of the shared submodules
     return gm
+
+
+def _defaults_left(model: nn.Module, args, kwargs) -> Optional[dict]:
+    """The optional arguments of ``model.forward`` the example inputs leave at their default ``None`` / bool / int /
+    str (``attn_mask=None``, ``return_dict=True``): traced as those constants, so the graph takes the branch the
+    example takes instead of a placeholder that no example fills (None when no example inputs are given)."""
+    import inspect
+
+    if args is None and not kwargs:
+        return None
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*(args or ()), **(kwargs or {}))
+    except (TypeError, ValueError):
+        return None
+    left = {}
+    for name, p in inspect.signature(model.forward).parameters.items():
+        if name in bound.arguments or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        if p.default is None or isinstance(p.default, (bool, int, str)):
+            left[name] = p.default
+    return left or None
+
+
+def _drop_specialized(graph: fx.Graph, names: set) -> None:
+    """Remove the placeholders fx made for the constant arguments ``names`` and the checks it attached to them
+    (``_assert_is_none``, ``x == False`` then ``torch._assert``): the graph takes only the example's inputs."""
+    held = {n for n in graph.nodes if n.op == "placeholder" and (n.target in names or n.target.rsplit("_", 1)[0] in names)}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.all_input_nodes and all(i in held for i in n.all_input_nodes):
+            held.add(n)
+    for n in reversed(list(graph.nodes)):
+        if n in held and all(u in held for u in n.users):
+            for u in list(n.users):
+                graph.erase_node(u) if u in held and not u.users else None
+            if not n.users:
+                graph.erase_node(n)
 
 
 def _describe_failure(e: BaseException) -> str:

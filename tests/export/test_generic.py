@@ -3,6 +3,7 @@ import warnings
 from collections import Counter
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 import torch
@@ -167,3 +168,36 @@ def test_flatten_from_dim_2_unsqueeze_same_padding_and_a_shared_conv_export(tmp_
     with torch.no_grad():
         ref = sim(x).numpy()
     assert out.shape == ref.shape and sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30
+
+
+class Masked(nn.Module):
+    """timm idioms: an optional ``attn_mask=None`` the example does not give, a bool mask made with
+    ``.to(torch.bool)`` and inverted, ``x.to(self.conv.weight.dtype)`` and ``div(rounding_mode="floor")``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x, attn_mask=None):
+        y = self.conv(x)
+        t = y.flatten(2).transpose(1, 2)
+        y = y + F.scaled_dot_product_attention(t, t, t, attn_mask=attn_mask).transpose(1, 2).reshape(y.shape)
+        mask = torch.zeros((y.shape[0], y.shape[2], y.shape[3])).to(torch.bool)
+        pos = (~mask).cumsum(1, dtype=torch.float32).to(self.conv.weight.dtype)
+        y = y + torch.div(pos, 2, rounding_mode="floor").unsqueeze(1)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_optional_arguments_casts_and_floor_division_export(tmp_path):
+    torch.manual_seed(0)
+    model, x = Masked().eval(), torch.randn(2, 3, 6, 6)
+    sim = QuantSim(model, x, "w8a8")
+    assert [n.name for n in sim.model.graph.nodes if n.op == "placeholder"] == ["x"]  # attn_mask traced as None
+    sim.calibrate([x], progress=False)
+    with pytest.warns(UserWarning, match="batch size"):
+        export_onnx(sim, tmp_path / "m.onnx")  # the mask is built from the batch size: the recorded batch
+    out = _ort(tmp_path / "m.onnx", [x.numpy()])
+    with torch.no_grad():
+        ref = sim(x).numpy()
+    assert sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30

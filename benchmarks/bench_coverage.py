@@ -230,8 +230,8 @@ def main():
         print(f"{name:28s} {r['stage']:22s} {r.get('seconds', '')} {r.get('error', '')[:150]}", flush=True)
     skipped = [done[n] for n in names if n in done and done[n]["stage"] == "skipped"]
     rows = [done[n] for n in names if n in done and done[n]["stage"] != "skipped"]
-    passed = {s: sum(1 for r in rows if r["stage"] == "done" or STAGES.index(r["stage"]) > i
-                     if r["stage"] in STAGES or r["stage"] == "done") for i, s in enumerate(STAGES)}
+    passed = {s: sum(1 for r in rows if r["stage"] == "done" or (r["stage"] in STAGES and STAGES.index(r["stage"]) > i))
+              for i, s in enumerate(STAGES)}  # a timeout or crash passed no stage it is counted for
     if args.source == "timm":
         import timm
 

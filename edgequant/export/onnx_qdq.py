@@ -19,6 +19,7 @@ DQ -> op -> Q patterns into its integer kernels (QLinearConv, QLinearAdd, ...).
 """
 from __future__ import annotations
 
+import math
 import operator
 import os
 from pathlib import Path
@@ -50,7 +51,8 @@ _NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous"}
 
 #: arithmetic and comparisons on shape values (``torch._assert(h == self.image_size)`` in ViT)
 _INT_OPS = {operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv, operator.eq, operator.ne,
-            operator.lt, operator.le, operator.gt, operator.ge, operator.mod}
+            operator.lt, operator.le, operator.gt, operator.ge, operator.mod, operator.neg, operator.pow,
+            math.ceil, math.floor, math.sqrt, int, float, max, min, torch.sym_float, torch.sym_int}
 
 
 class _NoMapping(ExportError):
@@ -443,6 +445,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     val: dict[fx.Node, str] = {}
     # values that a quantizer reads carry the quantizer's tensor name
     want = {n.args[0]: m.tensor_name for n in gm.graph.nodes if isinstance(m := patterns.module_of(n, modules), Quantizer)}
+    reserved = set(want.values())  # a quantizer named "add" (a top-level add) vs an unquantized fx node named "add"
     inputs, outputs = [], []
 
     def shape_of(n):
@@ -461,7 +464,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded)
 
     for n in gm.graph.nodes:
-        out = want.get(n) or n.name
+        out = want.get(n) or (n.name if n.name not in reserved else b.fresh(f"{n.name}_value"))
         m = patterns.module_of(n, modules)
         if _shape_or_selection(b, n, val, folded, want, shape_of, batch):
             continue

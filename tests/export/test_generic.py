@@ -201,3 +201,39 @@ def test_optional_arguments_casts_and_floor_division_export(tmp_path):
     with torch.no_grad():
         ref = sim(x).numpy()
     assert sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x) + x)  # fx names this add "add"; the ReLU fused after it has the quantizer
+
+
+class _TopAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.block = _Residual()
+        self.other = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.block(self.stem(x))
+        return x + self.other(x)  # the top-level add's quantizer is named "add" too
+
+
+def test_a_quantizer_name_equal_to_another_nodes_name_exports(tmp_path):
+    """timm's HRNet: the export wrote two values named 'add' (ONNX requires single assignment)."""
+    torch.manual_seed(0)
+    model, x = _TopAdd().eval(), torch.randn(2, 3, 8, 8)
+    sim = QuantSim(model, x, "w8a8")
+    assert "add" in sim.quantizers() and "add" in [n.name for n in sim.model.graph.nodes]
+    sim.calibrate([x], progress=False)
+    export_onnx(sim, tmp_path / "m.onnx")
+    onnx.checker.check_model(onnx.load(tmp_path / "m.onnx"), full_check=True)
+    out = _ort(tmp_path / "m.onnx", [x.numpy()])
+    with torch.no_grad(), sim.integer_exact():
+        assert np.array_equal(sim(x).numpy(), out)

@@ -54,6 +54,7 @@ from ..core.quant import INT32_MAX, INT32_MIN, bias_integers, bias_scale, quanti
 from ..errors import IntegerEngineError, NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..nn.modules import float_class_of, own_forward
+from ..nn.padded import PaddedConv2d
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 
@@ -287,7 +288,10 @@ class IntegerEngine:
             shape = [1] * (acc.ndim - 1) + [-1]
         else:
             conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
-            acc = conv(x.q.double(), w_int.double(), None, m.stride, m.padding, m.dilation, groups)
+            xq = x.q.double()
+            if isinstance(m, PaddedConv2d):  # per-side zero padding: the real value 0 is the integer z_x
+                xq = F.pad(xq, m.pads, value=float(x.zero_point))
+            acc = conv(xq, w_int.double(), None, m.stride, m.padding, m.dilation, groups)
             acc = acc.round().long()  # integers below 2**53 are exact in float64
             shape = [1, -1] + [1] * (acc.ndim - 2)
         # zero padding pads with the real value 0, i.e. q = z_x: the conv above padded q with 0 instead,

@@ -40,6 +40,7 @@ from ..graph import lowering, ops, patterns
 from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
 from ..nn.modules import own_forward
+from ..nn.padded import PaddedConv2d
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
@@ -300,6 +301,8 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
             pads = [t // 2 for t in total] + [t - t // 2 for t in total]
     else:
         pads = list(m.padding) * 2
+    if isinstance(m, PaddedConv2d):  # its own per-side padding (padding is 0)
+        pads = m.onnx_pads()
     if m.padding_mode != "zeros":
         raise ExportError(f"{name}: padding_mode={m.padding_mode!r} has no ONNX Conv equivalent")
     attrs = dict(kernel_shape=k, strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=m.groups)
@@ -477,20 +480,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         if isinstance(src, _Quantized) and ops.is_identity(n, modules) and n not in want:
             val[n] = src  # contiguous(), dropout: the integers pass on, still quantized
             continue
-        if isinstance(src, _Quantized) and _moves_integers(n, modules):
-            # reshape the integers, not their dequantized copy: DQ -> Flatten -> Gemm keeps ORT's Gemm in
-            # float, Flatten -> DQ -> Gemm -> Q fuses into its integer QGemm
-            a = [src.q] + list(fx.node.map_aggregate(n.args[1:], lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
-            try:
-                y = _module(b, n, m, a, b.fresh(f"{src.name}_{n.name}"), modules, shape_of) if m is not None \
-                    else _function(b, n, a, b.fresh(f"{src.name}_{n.name}"), shape_of)
-            except _NoMapping:
-                y = None  # no hand-written move: the float op on the dequantized values, below
-            if y is not None:
-                val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
-                if n in want:
-                    val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
-                continue
+        if isinstance(src, _Quantized) and _moves_integers(n, modules) and _move(b, n, m, src, val, want, modules, shape_of):
+            continue
         if isinstance(m, QuantizedRecurrentMixin):
             val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]), val)
             continue
@@ -524,6 +515,22 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _move(b: _Builder, n: fx.Node, m, src: "_Quantized", val: dict, want: dict, modules, shape_of) -> bool:
+    """Reshape the integers of ``src``, not their dequantized copy (DQ -> Flatten -> Gemm keeps ORT's Gemm in float,
+    Flatten -> DQ -> Gemm -> Q fuses into its integer QGemm); False when the move has no hand-written mapping
+    (the float op on the dequantized values then)."""
+    a = [src.q] + list(fx.node.map_aggregate(n.args[1:], lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
+    try:
+        y = _module(b, n, m, a, b.fresh(f"{src.name}_{n.name}"), modules, shape_of) if m is not None \
+            else _function(b, n, a, b.fresh(f"{src.name}_{n.name}"), shape_of)
+    except _NoMapping:
+        return False
+    val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
+    if n in want:
+        val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+    return True
 
 
 def _recurrent(b: _Builder, n: fx.Node, m, src, in_shape, val: dict) -> list:

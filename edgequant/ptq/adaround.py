@@ -47,6 +47,7 @@ from ..core.quant import fake_quantize
 from ..errors import NotCalibratedError
 from ..graph.patterns import following_activation
 from ..nn.modules import QuantizedModuleMixin, float_class_of, own_forward
+from ..nn.padded import PaddedConv2d
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 
@@ -141,7 +142,9 @@ class _Sampler:
             out_shape = (out_shape[0], out_shape[1], 1, out_shape[2])
         ks = _pair(m.kernel_size)
         st, dl = _pair(m.stride), _pair(m.dilation)
-        if m.padding == "same":  # stride 1; torch puts the odd one of each dimension's padding at its end
+        if isinstance(m, PaddedConv2d):  # per-side padding (its padding is 0)
+            pad4 = m.pads
+        elif m.padding == "same":  # stride 1; torch puts the odd one of each dimension's padding at its end
             total = [d * (k - 1) for d, k in zip(dl, ks)]
             pad4 = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
         else:

@@ -20,6 +20,7 @@ from ..config.spec import QuantConfig, QuantSpec
 from ..core.encoding import Encoding
 from ..errors import DataError, GraphCaptureError, NotCalibratedError, PlanError
 from ..graph.bn_fold import FoldReport, fold_batch_norms, folded_replacement
+from ..graph.own_conv import plain_convs
 from ..graph.ops import BN_MODULES
 from ..graph.patterns import set_submodule
 from ..io import encodings as enc_io
@@ -156,6 +157,8 @@ class QuantSim(nn.Module):
         object.__setattr__(self, "_example_inputs", map_tensors(lambda t: t.detach().cpu().clone(), example_inputs))
         net = model if inplace else copy.deepcopy(model)
         self.fold_bn = bool(fold_bn)
+        with evaluating(net):  # own-forward convs ("same" padding, weight standardization) as plain convs
+            self.plain_convs = plain_convs(net, *to_device(as_args(example_inputs), device_of(net)))
         self.bn_folding = _fold_bn(net) if fold_bn else FoldReport()
         # the float architecture (batch norms folded; no data: meta tensors), for float_model() and sim.save()
         object.__setattr__(self, "_arch", meta_copy(net))
@@ -257,6 +260,12 @@ class QuantSim(nn.Module):
         """Copy the sim's float weights (AdaRound's rounded weights, corrected biases, ...) into ``model``,
         which has the structure of the model the sim was built from; returns it. The batch norms the sim
         folded are replaced by ``nn.Identity`` in ``model`` too (their layers get the folded weights)."""
+        for name in self.plain_convs:  # rewritten as plain convs holding the effective weight
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                continue
+            set_submodule(model, name, copy.deepcopy(self._arch.get_submodule(name)).to_empty(device=self.device))
         for _, bn in self.bn_folding.folded:
             try:
                 found = model.get_submodule(bn)

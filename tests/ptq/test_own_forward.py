@@ -2,6 +2,8 @@
 weight standardization) go through every pass and the export without being silently mis-modelled."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,8 +45,9 @@ def test_predicate():
     assert own_forward(net[0]) and own_forward(net[3]) and not own_forward(net[6]) and not own_forward(nn.Linear(2, 2))
 
 
-def test_every_pass_keeps_the_float_model_and_skips_by_name(tmp_path):
-    net, x = _net(), torch.randn(8, 3, 15, 15)
+def test_every_pass_keeps_the_float_model_and_skips_by_name():
+    """Passes run on the user's model itself skip such layers by name (the sim rewrites them, below)."""
+    net, x = _net(), torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         ref = net(x)
     folded, report = fold_batch_norms(net)
@@ -52,23 +55,61 @@ def test_every_pass_keeps_the_float_model_and_skips_by_name(tmp_path):
     eq, _ = cross_layer_equalization(net, x)
     with torch.no_grad():
         assert sqnr_db(ref, folded(x)) > 80 and sqnr_db(ref, eq(x)) > 80
+
+
+class Opaque(nn.Conv2d):
+    """An own forward that is not a padding plus a conv: left as it is, skipped by name."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def test_the_sim_rewrites_same_padding_and_weight_standardization_as_plain_convs(tmp_path):
+    """timm's Conv2dSame / StdConv2d: the sim holds them as plain convs with the effective weight (per-side
+    padding in a PaddedConv2d), so BN folding, AdaRound, the export and the integer engine all run on them."""
+    net, x = _net(), torch.randn(8, 3, 16, 16)  # 16 at stride 2: TensorFlow's "same" pads (0, 1)
+    with torch.no_grad():
+        ref = net(x)
     sim = QuantSim(net, x[:1], "w4a8")
+    assert set(sim.plain_convs) == {"0", "3"} and "PaddedConv2d pads (0, 1, 0, 1)" in sim.plain_convs["0"]
+    assert len(sim.bn_folding.folded) == 2
+    with torch.no_grad(), sim.quantization_disabled():
+        assert sqnr_db(ref, sim(x)) > 60
+    with torch.no_grad():
+        assert sqnr_db(ref, sim.float_model()(x)) > 60
+        copied = sim.copy_weights_to(_net())
+        assert sqnr_db(ref, copied(x)) > 60
     sim.calibrate([x], progress=False)
     r = adaround(sim, [x], iterations=3, progress=False)
-    assert set(r.skipped) == {"0", "3"}
+    assert not r.skipped
     res = edgequant.quantize(net, [x, x], "w4a8", progress=False, adaround_iterations=3)  # ptq="auto" runs through
     assert res.report.stages
+    export_onnx(sim, tmp_path / "m.onnx")
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    o = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact():
+        assert np.array_equal(sim(x).numpy(), o)
+    engine = IntegerEngine(sim)
+    with torch.no_grad(), sim.integer_exact():
+        assert np.array_equal(engine.run(x).dequantize().float().numpy(), sim(x).numpy())
+
+
+def test_an_own_forward_that_is_not_a_padded_conv_is_refused_by_name(tmp_path):
+    x = torch.randn(4, 3, 15, 15)
+    sim = QuantSim(nn.Sequential(Opaque(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(), x[:1], "w8a8")
+    assert not sim.plain_convs
+    sim.calibrate([x], progress=False)
     with pytest.raises(ExportError, match="own forward"):
         export_onnx(sim, tmp_path / "m.onnx")
-    plain = QuantSim(nn.Sequential(SamePadConv(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval(), x[:1], "w8a8")
-    plain.calibrate([x], progress=False)
     with pytest.raises(IntegerEngineError, match="0: .*own forward"):
-        IntegerEngine(plain)
-    with torch.no_grad(), sim.integer_exact():  # those layers fake-quantize as in the float sim
+        IntegerEngine(sim)
+    assert set(adaround(sim, [x], iterations=3, progress=False).skipped) == {"0"}
+    with torch.no_grad(), sim.integer_exact():  # it fake-quantizes as in the float sim
         y = sim(x)
     with torch.no_grad():
         assert sqnr_db(sim(x), y) > 30
-
 
 class BatchNormAct(nn.BatchNorm2d):
     """timm's BatchNormAct2d: the batch norm, then its child modules (dropout, activation) in its own forward."""

@@ -89,13 +89,14 @@ def _batch_doubled(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
-def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Every dimension of every tensor input free (``Dim.AUTO``), keyed by ``forward``'s argument names."""
+def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims=None) -> dict:
+    """Every dimension (or those in ``dims``) of every tensor input free (``Dim.AUTO``), keyed by ``forward``'s
+    argument names."""
     auto = torch.export.Dim.AUTO
 
     def spec(x):
         if torch.is_tensor(x):
-            return {d: auto for d in range(x.ndim)}
+            return {d: auto for d in range(x.ndim) if dims is None or d in dims}
         if isinstance(x, (tuple, list)):
             return type(x)(spec(v) for v in x)
         if isinstance(x, dict):
@@ -110,7 +111,15 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.
     model allows it."""
     args, kwargs = _batch_doubled(tuple(args), dict(kwargs))
     with torch.no_grad():
-        return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False)
+        try:
+            return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False)
+        except Exception:  # noqa: BLE001 -- shape code export cannot keep symbolic (a guard on H % 32): sizes fixed
+            pass
+        try:  # the batch size free, the other sizes those of the example
+            return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs, dims={0}),
+                                       strict=False)
+        except Exception:  # noqa: BLE001
+            return torch.export.export(model, args, kwargs, strict=False)
 
 
 def _owner(node, layers: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:

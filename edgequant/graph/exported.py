@@ -106,6 +106,34 @@ def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims=None) -> d
     return {k: spec(v) for k, v in bound.arguments.items()}
 
 
+def _inline_disabled_autocast(gm: fx.GraphModule) -> None:
+    """Inline the ``torch.autocast(enabled=False)`` regions of an exported graph (a higher-order op calling a
+    sub-graph: timm's EfficientViT keeps its attention in float32 that way): with autocast off they compute in the
+    model's own dtype, like the rest of the graph. Regions that do cast, or whose sub-graph reads attributes, stay."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
+    for n in list(gm.graph.nodes):
+        if hop is None or n.target is not hop or n.args[2] or not isinstance(n.args[4], fx.Node):
+            continue
+        sub = getattr(gm, str(n.args[4].target), None)
+        if not isinstance(sub, fx.GraphModule) or any(x.op == "get_attr" for x in sub.graph.nodes):
+            continue
+        phs = [x for x in sub.graph.nodes if x.op == "placeholder"]
+        with gm.graph.inserting_before(n):
+            out = gm.graph.graph_copy(sub.graph, dict(zip(phs, n.args[5:])))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for u in list(n.users):
+            if u.target is operator.getitem and isinstance(u.args[1], int):
+                u.replace_all_uses_with(outs[u.args[1]])
+                gm.graph.erase_node(u)
+        if n.users:
+            n.replace_all_uses_with(out)
+        holder = n.args[4]
+        gm.graph.erase_node(n)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+    gm.recompile()
+
+
 def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """``torch.export`` of ``model`` on the example inputs, every tensor dimension left free where the
     model allows it."""
@@ -226,6 +254,7 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
     Raises whatever ``torch.export`` raises when it cannot export the model."""
     ep = export_program(model, args, kwargs)
     src = ep.module()
+    _inline_disabled_autocast(src)
     layers = dict(model.named_modules())
     static = _mark_static(src.graph)
     g = fx.Graph()

@@ -179,3 +179,33 @@ def test_export_capture_keeps_convolutions_as_layers():
     assert {n.target for n in gm.graph.nodes if n.op == "call_module"} == {"conv", "other"}
     with torch.no_grad():
         assert torch.equal(gm(torch.randn(3, 3, 16, 16) * 0 + x), m(x.expand(3, -1, -1, -1)))
+
+
+class _AutocastOff(nn.Module):
+    """timm's EfficientViT: attention computed inside ``torch.autocast(enabled=False)``; a shape test fx cannot trace
+    sends it through torch.export, which records the region as a higher-order op calling a sub-graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            x = self.fc(x)
+        with torch.autocast(device_type="cpu", enabled=False):
+            y = torch.relu(x) * 2.0 + 1.0
+        return self.out(y)
+
+
+def test_autocast_off_regions_are_inlined_and_export(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6)
+    sim = QuantSim(_AutocastOff().eval(), x, "w8a8")
+    assert sim.capture_mode == "graph"
+    assert not any("autocast" in str(n.target) for n in sim.model.graph.nodes)
+    sim.calibrate([x], progress=False)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert sqnr_db(sim(x), torch.from_numpy(out)) > 30

@@ -881,6 +881,15 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
             dims = n.kwargs.get("dims", a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:])
             perm = [int(d) % ndim for d in dims]
         return b.node("Transpose", [a[0]], out=out, base=base, perm=perm)
+    if t in ("tile", torch.tile, "repeat"):  # constant repeats (folded shape arithmetic): ONNX Tile
+        reps = n.kwargs.get("dims", a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:])
+        in_ndim = len(shape_of(n.args[0]) or [])
+        if not reps or not all(isinstance(r, int) for r in reps) or (t == "repeat" and len(reps) != in_ndim):
+            raise _NoMapping(base)
+        reps = [1] * (in_ndim - len(reps)) + list(reps)  # tile pads the repeats with leading ones
+        if len(reps) != in_ndim:
+            raise _NoMapping(base)
+        return b.node("Tile", [a[0], b.const(f"{base}_repeats", np.array(reps, dtype=np.int64))], out=out, base=base)
     if t in ("view", "reshape", torch.reshape):
         return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
     if t in (F.adaptive_avg_pool2d,) and tuple(np.atleast_1d(a[1])) in ((1,), (1, 1)):

@@ -237,3 +237,30 @@ def test_a_quantizer_name_equal_to_another_nodes_name_exports(tmp_path):
     out = _ort(tmp_path / "m.onnx", [x.numpy()])
     with torch.no_grad(), sim.integer_exact():
         assert np.array_equal(sim(x).numpy(), out)
+
+
+class _Tiled(nn.Module):
+    """timm's Hiera: a window position embedding tiled over the feature map by sizes read from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pos = nn.Parameter(torch.randn(1, 4, 2, 2))
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y + self.pos.tile((y.shape[2] // 2, y.shape[3] // 2))
+        return y.repeat(1, 1, 1, 1).mean((2, 3))
+
+
+def test_tile_and_repeat_by_folded_sizes_export_as_tile(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Tiled().eval(), torch.randn(2, 3, 8, 6)
+    sim = QuantSim(model, x, "w8a8")
+    sim.calibrate([x], progress=False)
+    export_onnx(sim, tmp_path / "m.onnx")
+    m = onnx.load(tmp_path / "m.onnx")
+    assert not any(n.op_type in ("If", "Loop") for n in m.graph.node) and any(n.op_type == "Tile" for n in m.graph.node)
+    out = _ort(tmp_path / "m.onnx", [x.numpy()])
+    with torch.no_grad():
+        assert sqnr_db(sim(x), torch.from_numpy(out)) > 30

@@ -852,6 +852,28 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
     if t in (torch.cat, torch.concat):
         dim = n.kwargs.get("dim", a[1] if len(a) > 1 else 0)
         return b.node("Concat", list(a[0]), out=out, base=base, axis=int(dim))
+    moved = _shape_move(b, n, t, a, out, base, shape_of)
+    if moved is not None:
+        return moved
+    if t in (F.adaptive_avg_pool2d,) and tuple(np.atleast_1d(a[1])) in ((1,), (1, 1)):
+        return b.node("GlobalAveragePool", [a[0]], out=out, base=base)
+    if t in (torch.mean, "mean"):
+        dims = n.kwargs.get("dim", a[1] if len(a) > 1 else None)
+        keep = n.kwargs.get("keepdim", a[2] if len(a) > 2 else False)
+        if dims is None or n.kwargs.get("dtype") is not None:
+            raise _NoMapping(base)
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if b.opset < 18:  # axes became an input in opset 18
+            return b.node("ReduceMean", [a[0]], out=out, base=base, axes=dims, keepdims=int(keep))
+        return b.node("ReduceMean", [a[0], b.const(f"{base}_axes", np.array(dims, dtype=np.int64))], out=out, base=base,
+                      keepdims=int(keep))
+    if t is operator.getitem and _plain_index(n.args[1]):
+        return _getitem(b, a[1], a[0], out, base)
+    raise _NoMapping(base)
+
+
+def _shape_move(b: _Builder, n: fx.Node, t, a: list, out: str, base: str, shape_of) -> Optional[str]:
+    """Flatten, (un)squeeze, transpose/permute, tile/repeat and view/reshape as ONNX ops, or None for other ops."""
     if t in (torch.flatten, "flatten"):
         start = n.kwargs.get("start_dim", a[1] if len(a) > 1 else 0)
         end = n.kwargs.get("end_dim", a[2] if len(a) > 2 else -1)
@@ -892,21 +914,7 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
         return b.node("Tile", [a[0], b.const(f"{base}_repeats", np.array(reps, dtype=np.int64))], out=out, base=base)
     if t in ("view", "reshape", torch.reshape):
         return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
-    if t in (F.adaptive_avg_pool2d,) and tuple(np.atleast_1d(a[1])) in ((1,), (1, 1)):
-        return b.node("GlobalAveragePool", [a[0]], out=out, base=base)
-    if t in (torch.mean, "mean"):
-        dims = n.kwargs.get("dim", a[1] if len(a) > 1 else None)
-        keep = n.kwargs.get("keepdim", a[2] if len(a) > 2 else False)
-        if dims is None or n.kwargs.get("dtype") is not None:
-            raise _NoMapping(base)
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        if b.opset < 18:  # axes became an input in opset 18
-            return b.node("ReduceMean", [a[0]], out=out, base=base, axes=dims, keepdims=int(keep))
-        return b.node("ReduceMean", [a[0], b.const(f"{base}_axes", np.array(dims, dtype=np.int64))], out=out, base=base,
-                      keepdims=int(keep))
-    if t is operator.getitem and _plain_index(n.args[1]):
-        return _getitem(b, a[1], a[0], out, base)
-    raise _NoMapping(base)
+    return None
 
 
 def _plain_index(idx) -> bool:

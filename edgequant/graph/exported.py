@@ -90,13 +90,20 @@ def _batch_doubled(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, dims=None) -> dict:
-    """Every dimension (or those in ``dims``) of every tensor input free (``Dim.AUTO``), keyed by ``forward``'s
-    argument names."""
+    """The dimensions ``dims`` of every tensor input free (``Dim.AUTO``), keyed by ``forward``'s argument names;
+    by default every dimension of token-like inputs (integer or at most 2-D: batch and sequence length) and the
+    batch of image-like ones (float, 3-D or more: their spatial sizes symbolic sent export's solver into minutes
+    of work on timm's MobileViT-v2)."""
     auto = torch.export.Dim.AUTO
+
+    def free(x, d):
+        if dims is not None:
+            return d in dims
+        return d == 0 or not (x.is_floating_point() and x.ndim >= 3)
 
     def spec(x):
         if torch.is_tensor(x):
-            return {d: auto for d in range(x.ndim) if dims is None or d in dims}
+            return {d: auto for d in range(x.ndim) if free(x, d)}
         if isinstance(x, (tuple, list)):
             return type(x)(spec(v) for v in x)
         if isinstance(x, dict):

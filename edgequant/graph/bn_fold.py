@@ -125,13 +125,16 @@ def fold_layer(layer: nn.Module, bn: nn.Module) -> None:
         layer.register_buffer("bn_std", std, persistent=False)
 
 
-def fold_batch_norms(model: nn.Module, inplace: bool = False) -> tuple[nn.Module, FoldReport]:
+def fold_batch_norms(model: nn.Module, inplace: bool = False, example_inputs=None) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm that follows a conv, transposed conv or linear layer into it.
 
     The BatchNorm may follow the layer directly or through identity ops (dropout, ``nn.Identity``,
     ``.contiguous()``); the layer's output must have no other consumer. BatchNorms that cannot be
     folded (after a ReLU, a shared layer, a layer whose output is also used elsewhere) are left in
     place and listed in the report with the reason.
+
+    ``example_inputs`` (optional, as for ``QuantSim``) let a model torch.fx cannot trace be read through
+    ``torch.export`` instead.
 
     Returns ``(model, report)``: a folded copy of ``model`` (``model`` itself with ``inplace=True``).
 
@@ -146,7 +149,13 @@ def fold_batch_norms(model: nn.Module, inplace: bool = False) -> tuple[nn.Module
         raise TypeError("fold batch norms in the float model before building the QuantSim "
                         "(QuantSim and edgequant.quantize(..., ptq='auto') do this for you)")
     net = model if inplace else copy.deepcopy(model)
-    gm, modules = trace(net)
+    if example_inputs is None:
+        gm, modules = trace(net)
+    else:
+        from ..batches import as_args, evaluating
+
+        with evaluating(net):  # torch.export records eval-mode batch norms (running statistics) as layers
+            gm, modules = trace(net, *as_args(example_inputs))
     counts = call_counts(gm)
     report = FoldReport()
     for node in gm.graph.nodes:

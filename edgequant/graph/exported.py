@@ -79,6 +79,7 @@ _LAYERS = {
     aten.conv2d.default: ((nn.Conv2d,), 0, (1, 2)),
     aten.layer_norm.default: ((nn.LayerNorm,), 0, (2, 3)),
     aten.embedding.default: ((nn.Embedding,), 1, (0, None)),
+    aten.batch_norm.default: ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), 0, (1, 2)),  # eval mode only
 }
 
 
@@ -185,6 +186,9 @@ def _as_layer(n: fx.Node, layers: dict[str, nn.Module]):
         return None
     if isinstance(m, (nn.Conv1d, nn.Conv2d)) and not _conv_matches(n, m):
         return None
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and (
+            len(n.args) < 8 or n.args[5] or _owner(n.args[3], layers) != owner or n.args[7] != m.eps):
+        return None  # batch statistics (training) or buffers not the layer's own: the aten op stays
     return name, n.args[data]
 
 

@@ -32,9 +32,10 @@ EQUALIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 # ---------------------------------------------------------------------- basics
-def trace(model: nn.Module) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
-    """The model's fx graph (sharing its modules) and ``{qualified name: module}``."""
-    gm = capture(model)
+def trace(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dict] = None) -> tuple[fx.GraphModule, dict[str, nn.Module]]:
+    """The model's fx graph (sharing its modules) and ``{qualified name: module}``; with example inputs, a model
+    torch.fx cannot trace is captured through torch.export (see :func:`~edgequant.graph.capture.capture`)."""
+    gm = capture(model, args, kwargs)
     return gm, dict(gm.named_modules())
 
 

@@ -85,13 +85,13 @@ class QuantSimWarning(UserWarning):
     """Something was left unquantized or could not be done as asked; the message says what."""
 
 
-def _fold_bn(net: nn.Module) -> FoldReport:
+def _fold_bn(net: nn.Module, example_inputs) -> FoldReport:
     """Fold ``net``'s batch norms in place (what an integer runtime does); those that cannot be folded stay."""
     bns = [name for name, m in net.named_modules() if isinstance(m, BN_MODULES)]
     if not bns:
         return FoldReport()
     try:
-        return fold_batch_norms(net, inplace=True)[1]
+        return fold_batch_norms(net, inplace=True, example_inputs=example_inputs)[1]
     except GraphCaptureError as e:
         warnings.warn(f"{len(bns)} batch norm(s) stay unfolded: folding needs the torch.fx graph ({e}). Fold them "
                       "by hand (edgequant.ptq.fold_batch_norms on a traceable copy) to simulate what an integer "
@@ -159,7 +159,7 @@ class QuantSim(nn.Module):
         self.fold_bn = bool(fold_bn)
         with evaluating(net):  # own-forward convs ("same" padding, weight standardization) as plain convs
             self.plain_convs = plain_convs(net, *to_device(as_args(example_inputs), device_of(net)))
-        self.bn_folding = _fold_bn(net) if fold_bn else FoldReport()
+        self.bn_folding = _fold_bn(net, to_device(example_inputs, device_of(net))) if fold_bn else FoldReport()
         # the float architecture (batch norms folded; no data: meta tensors), for float_model() and sim.save()
         object.__setattr__(self, "_arch", meta_copy(net))
         device = device_of(net)

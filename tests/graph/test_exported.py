@@ -221,3 +221,37 @@ def test_export_keeps_token_sizes_free_and_fixes_image_sizes():
 
     spec = _dynamic_shapes(Two(), (torch.randn(2, 3, 8, 8), torch.zeros(2, 5, dtype=torch.long)), {})
     assert set(spec["image"]) == {0} and set(spec["ids"]) == {0, 1}
+
+
+class _ShapeBranchBN(nn.Module):
+    """fx cannot trace the shape test; torch.export can, and its batch norms fold like an fx graph's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batch_norms_fold_in_a_model_captured_by_torch_export(tmp_path):
+    torch.manual_seed(0)
+    net = _ShapeBranchBN().eval()
+    net.bn.running_mean.uniform_(-1, 1)
+    net.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+    sim = QuantSim(net, x, "w8a8")
+    assert sim.bn_folding.folded == [("conv", "bn")] and isinstance(net.bn, nn.BatchNorm2d)  # the user's model untouched
+    with torch.no_grad(), sim.quantization_disabled():
+        assert sqnr_db(ref, sim(x)) > 60
+    sim.calibrate([x], progress=False)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    import onnx
+
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(path).graph.node)

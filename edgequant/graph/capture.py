@@ -79,12 +79,9 @@ def _drop_specialized(graph: fx.Graph, names: set) -> None:
     for n in graph.nodes:
         if n.op == "call_function" and n.all_input_nodes and all(i in held for i in n.all_input_nodes):
             held.add(n)
-    for n in reversed(list(graph.nodes)):
-        if n in held and all(u in held for u in n.users):
-            for u in list(n.users):
-                graph.erase_node(u) if u in held and not u.users else None
-            if not n.users:
-                graph.erase_node(n)
+    for n in reversed(list(graph.nodes)):  # users first: a node goes once nothing reads it
+        if n in held and not n.users:
+            graph.erase_node(n)
 
 
 def _describe_failure(e: BaseException) -> str:

@@ -40,7 +40,7 @@ from ..graph import lowering, ops, patterns
 from ..io.encodings import to_edgequant, write_files_together
 from ..nn.clamp import ChannelClamp
 from ..nn.modules import own_forward
-from ..nn.padded import PaddedConv2d
+from ..nn.padded import conv_pads
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
@@ -223,11 +223,7 @@ def _weight_integers(b: _Builder, q: Quantizer, w: torch.Tensor, dtype: Optional
     zp = _qparams_np(q)[1]
     if b.unsigned_weights and dtype == TensorProto.INT8:  # same values on a uint8 grid shifted by 128
         dtype, wi, zp = TensorProto.UINT8, wi.astype(np.int64) + 128, zp.astype(np.int64) + 128
-    name = q.tensor_name
-    if name in b.names:  # a layer called twice whose calls store it differently (QGemm, MatMulInteger): its own copy
-        name = b.fresh(name)
-        b.names.discard(name)
-    name = b.int_const(name, wi, dtype)
+    name = b.int_const(q.tensor_name, wi, dtype)
     zname = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(zname)
     b.int_const(zname, _scale_shape(q, zp), dtype)
@@ -293,16 +289,7 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
     if isinstance(m, nn.Embedding):
         return b.node("Gather", [w, x], out=out, base=name)
     k = list(m.kernel_size)
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            pads = [0] * (2 * len(k))
-        else:  # "same" (stride 1): torch puts the odd one of each dimension's padding at its end
-            total = [d * (kk - 1) for d, kk in zip(m.dilation, k)]
-            pads = [t // 2 for t in total] + [t - t // 2 for t in total]
-    else:
-        pads = list(m.padding) * 2
-    if isinstance(m, PaddedConv2d):  # its own per-side padding (padding is 0)
-        pads = m.onnx_pads()
+    pads = [b for b, _ in conv_pads(m)] + [e for _, e in conv_pads(m)]  # ONNX: every begin, then every end
     if m.padding_mode != "zeros":
         raise ExportError(f"{name}: padding_mode={m.padding_mode!r} has no ONNX Conv equivalent")
     attrs = dict(kernel_shape=k, strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=m.groups)
@@ -906,10 +893,8 @@ def _shape_move(b: _Builder, n: fx.Node, t, a: list, out: str, base: str, shape_
     if t in ("tile", torch.tile, "repeat"):  # constant repeats (folded shape arithmetic): ONNX Tile
         reps = n.kwargs.get("dims", a[1] if len(a) == 2 and isinstance(a[1], (list, tuple)) else a[1:])
         in_ndim = len(shape_of(n.args[0]) or [])
-        if not reps or not all(isinstance(r, int) for r in reps) or (t == "repeat" and len(reps) != in_ndim):
-            raise _NoMapping(base)
         reps = [1] * (in_ndim - len(reps)) + list(reps)  # tile pads the repeats with leading ones
-        if len(reps) != in_ndim:
+        if len(reps) != in_ndim or not all(isinstance(r, int) for r in reps):  # repeat that adds dims, traced reps
             raise _NoMapping(base)
         return b.node("Tile", [a[0], b.const(f"{base}_repeats", np.array(reps, dtype=np.int64))], out=out, base=base)
     if t in ("view", "reshape", torch.reshape):

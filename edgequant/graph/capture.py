@@ -60,11 +60,12 @@ def _defaults_left(model: nn.Module, args, kwargs) -> Optional[dict]:
     if args is None and not kwargs:
         return None
     try:
-        bound = inspect.signature(model.forward).bind_partial(*(args or ()), **(kwargs or {}))
+        sig = inspect.signature(model.forward)
+        bound = sig.bind_partial(*(args or ()), **(kwargs or {}))
     except (TypeError, ValueError):
         return None
     left = {}
-    for name, p in inspect.signature(model.forward).parameters.items():
+    for name, p in sig.parameters.items():
         if name in bound.arguments or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
             continue
         if p.default is None or isinstance(p.default, (bool, int, str)):

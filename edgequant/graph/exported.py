@@ -146,16 +146,15 @@ def export_program(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.
     """``torch.export`` of ``model`` on the example inputs, every tensor dimension left free where the
     model allows it."""
     args, kwargs = _batch_doubled(tuple(args), dict(kwargs))
+    # shape code export cannot keep symbolic (a guard on H % 32): then only the batch free, then fixed sizes
+    specs = (_dynamic_shapes(model, args, kwargs), _dynamic_shapes(model, args, kwargs, dims={0}), None)
     with torch.no_grad():
-        try:
-            return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs), strict=False)
-        except Exception:  # noqa: BLE001 -- shape code export cannot keep symbolic (a guard on H % 32): sizes fixed
-            pass
-        try:  # the batch size free, the other sizes those of the example
-            return torch.export.export(model, args, kwargs, dynamic_shapes=_dynamic_shapes(model, args, kwargs, dims={0}),
-                                       strict=False)
-        except Exception:  # noqa: BLE001
-            return torch.export.export(model, args, kwargs, strict=False)
+        for i, spec in enumerate(specs):
+            try:
+                return torch.export.export(model, args, kwargs, dynamic_shapes=spec, strict=False)
+            except Exception:  # noqa: BLE001 -- the last attempt's error is the one raised
+                if i == len(specs) - 1:
+                    raise
 
 
 def _owner(node, layers: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:

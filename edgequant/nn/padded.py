@@ -27,7 +27,18 @@ class PaddedConv2d(nn.Conv2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pads={self.pads}"
 
-    def onnx_pads(self) -> list[int]:
-        """The pads in ONNX's order: ``[top, left, bottom, right]``."""
-        left, right, top, bottom = self.pads
-        return [top, left, bottom, right]
+
+
+def conv_pads(m: nn.Module) -> list[tuple[int, int]]:
+    """``(begin, end)`` zero padding per spatial dimension of conv ``m``: explicit sizes, ``"valid"``, ``"same"``
+    (stride 1; torch puts the odd one of each dimension's padding at its end) or a :class:`PaddedConv2d`'s pads."""
+    if isinstance(m, PaddedConv2d):
+        left, right, top, bottom = m.pads
+        return [(top, bottom), (left, right)]
+    k = list(m.kernel_size)
+    if m.padding == "valid":
+        return [(0, 0)] * len(k)
+    if m.padding == "same":
+        total = [d * (kk - 1) for d, kk in zip(m.dilation, k)]
+        return [(t // 2, t - t // 2) for t in total]
+    return [(p, p) for p in m.padding]

@@ -47,7 +47,7 @@ from ..core.quant import fake_quantize
 from ..errors import NotCalibratedError
 from ..graph.patterns import following_activation
 from ..nn.modules import QuantizedModuleMixin, float_class_of, own_forward
-from ..nn.padded import PaddedConv2d
+from ..nn.padded import conv_pads
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 
@@ -142,14 +142,9 @@ class _Sampler:
             out_shape = (out_shape[0], out_shape[1], 1, out_shape[2])
         ks = _pair(m.kernel_size)
         st, dl = _pair(m.stride), _pair(m.dilation)
-        if isinstance(m, PaddedConv2d):  # per-side padding (its padding is 0)
-            pad4 = m.pads
-        elif m.padding == "same":  # stride 1; torch puts the odd one of each dimension's padding at its end
-            total = [d * (k - 1) for d, k in zip(dl, ks)]
-            pad4 = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
-        else:
-            pad = (0, 0) if m.padding == "valid" else _pair(m.padding)
-            pad4 = (pad[1], pad[1], pad[0], pad[0])
+        pads = conv_pads(m)
+        (top, bottom), (left, right) = pads if len(pads) == 2 else [(0, 0)] + pads  # Conv1d: height 1
+        pad4 = (left, right, top, bottom)
         if m.padding_mode != "zeros":
             raise NotImplementedError(f"padding_mode={m.padding_mode!r}")
         n, oh, ow = self._pick(b, out_shape, x.device)

@@ -151,19 +151,19 @@ class QuantSim(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"QuantSim needs a torch.nn.Module, got {type(model).__name__}")
         self.config = QuantConfig.coerce(config)
-        args, kwargs = as_args(example_inputs)
         _check_device(model)
         # cloned: a slice of a big batch would otherwise keep (and save) the whole batch
         object.__setattr__(self, "_example_inputs", map_tensors(lambda t: t.detach().cpu().clone(), example_inputs))
         net = model if inplace else copy.deepcopy(model)
         self.fold_bn = bool(fold_bn)
+        device = device_of(net)
+        inputs = to_device(example_inputs, device)
+        args, kwargs = as_args(inputs)
         with evaluating(net):  # own-forward convs ("same" padding, weight standardization) as plain convs
-            self.plain_convs = plain_convs(net, *to_device(as_args(example_inputs), device_of(net)))
-        self.bn_folding = _fold_bn(net, to_device(example_inputs, device_of(net))) if fold_bn else FoldReport()
+            self.plain_convs = plain_convs(net, args, kwargs)
+        self.bn_folding = _fold_bn(net, inputs) if fold_bn else FoldReport()
         # the float architecture (batch norms folded; no data: meta tensors), for float_model() and sim.save()
         object.__setattr__(self, "_arch", meta_copy(net))
-        device = device_of(net)
-        args, kwargs = to_device(args, device), to_device(kwargs, device)
         modes = {name: m.training for name, m in net.named_modules()}
         with evaluating(net):
             _check_runs(net, args, kwargs, example_inputs)
@@ -259,7 +259,8 @@ class QuantSim(nn.Module):
     def copy_weights_to(self, model: nn.Module) -> nn.Module:
         """Copy the sim's float weights (AdaRound's rounded weights, corrected biases, ...) into ``model``,
         which has the structure of the model the sim was built from; returns it. The batch norms the sim
-        folded are replaced by ``nn.Identity`` in ``model`` too (their layers get the folded weights)."""
+        folded are replaced in ``model`` too (``nn.Identity`` or their child modules; their layers get the folded
+        weights), and so are the own-forward convs the sim holds as plain ones (``sim.plain_convs``)."""
         for name in self.plain_convs:  # rewritten as plain convs holding the effective weight
             try:
                 model.get_submodule(name)

@@ -5,7 +5,8 @@ Per model (BatchNorm folded; MobileNetV2 with its real ImageNet weights, the oth
 weights: latency does not depend on the values), at batch 1 and 32, 2 threads, in a fresh process:
 FP32 (edgequant's export with its quantizers off), edgequant ``w8a8`` (uint8 weight containers, exact
 on every x86 CPU), edgequant ``w7a8`` (int8 weights, exact on ORT's fast u8s8 kernels), for models
-with SiLU also ``w7a8`` after ``edgequant.nn.split_silu`` (SiLU as integer sigmoid and multiply), and ORT's
+with ReLU6 also ``w7a8`` after activation equalization (the form ``edgequant.quantize``'s default recipe
+deploys: per-channel clamps before the depthwise convs), for models with SiLU also ``w7a8`` after ``edgequant.nn.split_silu`` (SiLU as integer sigmoid and multiply), and ORT's
 ``quantize_static`` (uint8 activations, int8 per-channel weights, ``reduce_range``: its setting for
 CPUs without VNNI). Transformers are measured in ``bench_transformers.py``.
 
@@ -26,7 +27,7 @@ from edgequant import QuantSim, export_onnx
 from edgequant.data import calibration_crops
 from edgequant.models import mobilenet_v2_imagenet
 from edgequant.nn import split_silu
-from edgequant.ptq import fold_batch_norms
+from edgequant.ptq import equalize_activations, fold_batch_norms
 from ort_latency import emit, latencies, ort_quantize_static, timing_parser
 
 
@@ -50,6 +51,13 @@ def export_all(name: str, cal: torch.Tensor, tmp: str) -> dict[str, str]:
     sim7 = QuantSim(folded, cal[:1], "w7a8")
     sim7.calibrate(cal.split(8), progress=False)
     paths["edgequant w7a8"] = export_onnx(sim7, os.path.join(tmp, f"{name}_w7a8.onnx"))["onnx"]
+    if any(isinstance(m, torch.nn.ReLU6) for m in folded.modules()):
+        # what edgequant.quantize's default recipe deploys: activation equalization turns the ReLU6 before each
+        # depthwise conv into a per-channel clamp (exported as Max/Min on the quantized integers)
+        eq, _ = equalize_activations(folded, cal.split(8))
+        sim_eq = QuantSim(eq, cal[:1], "w7a8")
+        sim_eq.calibrate(cal.split(8), progress=False)
+        paths["edgequant w7a8 + act_eq"] = export_onnx(sim_eq, os.path.join(tmp, f"{name}_w7a8_acteq.onnx"))["onnx"]
     if any(isinstance(m, torch.nn.SiLU) for m in folded.modules()):  # SiLU as QLinearSigmoid + QLinearMul
         sim_s = QuantSim(split_silu(folded), cal[:1], "w7a8")
         sim_s.calibrate(cal.split(8), progress=False)

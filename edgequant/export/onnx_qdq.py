@@ -436,6 +436,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     # values that a quantizer reads carry the quantizer's tensor name
     want = {n.args[0]: m.tensor_name for n in gm.graph.nodes if isinstance(m := patterns.module_of(n, modules), Quantizer)}
     reserved = set(want.values())  # a quantizer named "add" (a top-level add) vs an unquantized fx node named "add"
+    int_clamps = _integer_clamps(gm, modules, want, lambda n: len(patterns.recorded_meta(n).shape))
     inputs, outputs = [], []
 
     def shape_of(n):
@@ -464,6 +465,9 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         if dynamic_batch:
             _refuse_baked_batch(n, folded, batch)
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if n in int_clamps.values():
+            val[n] = val[n.args[0]]  # clamped on the integers after its quantizer
+            continue
         if isinstance(src, _Quantized) and ops.is_identity(n, modules) and n not in want:
             val[n] = src  # contiguous(), dropout: the integers pass on, still quantized
             continue
@@ -484,6 +488,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
             _add_outputs(b, n, val, inputs, outputs, vinfo)
         elif isinstance(m, Quantizer):
             val[n] = _quantized(b, n, m, a[0], flat, shape_of)
+            if n in int_clamps:
+                _clamp_integers(b, val[n], m, int_clamps[n], modules, len(shape_of(n)))
         elif m is not None or n.op in ("call_function", "call_method"):
             try:
                 val[n] = _module(b, n, m, a, out, modules, shape_of) if m is not None else _function(b, n, a, out, shape_of)
@@ -502,6 +508,44 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _integer_clamps(gm: fx.GraphModule, modules: dict, want: dict, ndim_of) -> dict:
+    """``{quantizer node: ChannelClamp node}`` for each per-channel clamp (CLE or activation equalization through
+    ReLU6) read only by an 8-bit per-tensor quantizer and reading a value nothing else reads. Exported as the
+    quantizer's QuantizeLinear, then ``Max``/``Min`` on its uint8 integers at the clamp's bounds on the grid (the same
+    integers, since rounding is monotonic): a float ``Max``/``Min`` between the layer and its QuantizeLinear kept
+    ONNX Runtime from fusing the layer into its integer kernel, so the layer ran in float32 (slower, and off the
+    integer-exact sim by a step at near-ties). The clamp's input takes the quantizer's tensor name."""
+    found = {}
+    for n in gm.graph.nodes:
+        m, u = patterns.module_of(n, modules), patterns.only_user(n)
+        q = patterns.module_of(u, modules) if u is not None else None
+        src = n.args[0] if n.args else None
+        if not (isinstance(m, ChannelClamp) and isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor)
+                and q.spec.bits <= 8 and isinstance(src, fx.Node) and len(src.users) == 1 and src not in want
+                and src.op != "placeholder" and patterns.recorded_meta(n) is not None
+                and (m.channel_axis == 1 or ndim_of(n) == 2)):
+            continue
+        found[u] = n
+        want[src] = want.pop(n)
+    return found
+
+
+def _clamp_integers(b: _Builder, qv: "_Quantized", q: Quantizer, clamp: fx.Node, modules, ndim: int) -> None:
+    """Clamp the stored (uint8) integers of ``qv`` per channel at the bounds of ChannelClamp node ``clamp``."""
+    m = patterns.module_of(clamp, modules)
+    s, z = float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
+    lo, hi = lowering.act_bounds(clamp, modules, s, z, q.qmin, q.qmax, m.lo.numel(), ndim)
+    offset = storage_offset(q.spec.bits, q.spec.signed)
+    names = []
+    for k, v in (("lo", lo), ("hi", hi)):
+        name = b.fresh(f"{q.tensor_name}_{k}")
+        b.names.discard(name)
+        names.append(b.int_const(name, (v + offset).numpy(), TensorProto.UINT8))
+    lo, hi = names
+    y = b.node("Max", [qv.q, lo], base=f"{q.tensor_name}_clamp")
+    qv.q = b.node("Min", [y, hi], base=f"{q.tensor_name}_clamp")
 
 
 def _move(b: _Builder, n: fx.Node, m, src: "_Quantized", val: dict, want: dict, modules, shape_of) -> bool:

@@ -4,7 +4,9 @@ Cross-layer equalization divides output channel ``c`` of a layer by ``s_c``. A R
 that scaling, but ReLU6 does not: ``relu6(x) / s = clamp(x / s, 0, 6 / s)``. Replacing the ReLU6 by a
 clamp with per-channel bounds keeps the float model exact (AIMET instead skips such pairs, or asks for
 ReLU6 to be swapped for ReLU, which changes the model). An integer kernel applies it on the int32
-accumulator like any fused clamp; ONNX expresses it as ``Max``/``Min`` with per-channel constants.
+accumulator like any fused clamp; the ONNX export applies it as ``Max``/``Min`` with per-channel integer
+bounds on the output quantizer's integers (the same values, as rounding is monotonic), so ONNX Runtime
+still fuses the layer before it into its integer kernel.
 """
 from __future__ import annotations
 

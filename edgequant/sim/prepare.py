@@ -15,7 +15,7 @@ propagated to learn which values are float tensors. Then
    * pass-through ops (reshape, max-pool, dropout, ...) get none: their output stays on the input's grid;
    * a float value that reaches a quantized op off-grid (a model input, the output of an unsupported
      op) gets a quantizer right after its producer;
-   * the outputs of the model take ``config.output_range_method``;
+   * the outputs of the model take ``config.output_range_method``, its float inputs ``config.input_range_method``;
 
 3. **inserting** (:func:`insert_quantizers`): quantizers are built from the plan
    (:func:`~edgequant.nn.make_quantizer`) and put into the graph.
@@ -207,9 +207,7 @@ class _GraphPlanner:
         """A quantizer after node ``n`` (its spec from the config; None leaves it in float)."""
         name = self.names.get(n, n.name)
         if n.op == "placeholder":
-            role, spec, owner, nonneg = "input", (self.config.activation if self.config.quantize_inputs else None), "input", False
-            if self.config.names_activation(name):  # module_names={"x": Override(activation=...)} names an input
-                spec = self.config.spec_for("activation", name, ())
+            role, spec, owner, nonneg = "input", self.config.input_spec(name), "input", False
         else:
             role = "output" if n in self.model_outputs else "activation"
             spec, owner, nonneg = self.config.spec_for("activation", name, self.type_of(n)), self.type_of(n)[0], ops.is_nonneg(n, self.modules)
@@ -474,8 +472,7 @@ def plan_leaf(model: nn.Module, leaves: dict[str, nn.Module], shapes: dict, args
         entries[name] = replace(e, spec=e.resolve(config.spec_for("activation", name, type_names(m))))
     for name, i in _float_inputs(model, args).items():
         e = PlanEntry("input", None, "input", tuple(args[i].shape), 1 if args[i].ndim >= 2 else 0)
-        spec = config.activation if config.quantize_inputs else None
-        entries[name] = replace(e, spec=e.resolve(config.spec_for("activation", name, ()) if config.names_activation(name) else spec))
+        entries[name] = replace(e, spec=e.resolve(config.input_spec(name)))
     return QuantPlan(entries)
 
 

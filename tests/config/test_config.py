@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -51,7 +52,7 @@ def test_overrides_precedence():
     assert cfg.spec_for("activation", "layer1.add", ("add",)) is None
     back = QuantConfig.from_json(cfg.to_json())
     assert back == cfg
-    assert json.loads(cfg.to_json())["schema_version"] == 1
+    assert json.loads(cfg.to_json())["schema_version"] == 2
 
 
 def test_coerce():
@@ -82,3 +83,22 @@ def test_override_activation_reads_the_old_output_key():
     assert QuantConfig.from_dict(old).module_types["add"] == Override(activation=None)
     with pytest.raises(ValueError, match="role"):
         cfg.spec_for("output", "x.add", ("add",))
+
+
+def test_model_inputs_take_an_asymmetric_min_max_grid_unless_told_otherwise():
+    cfg = QuantConfig.preset("w8a8")
+    assert cfg.activation.symmetric and cfg.activation.range_method == "mean_minmax"
+    spec = cfg.input_spec("x")
+    assert spec.range_method == "minmax" and not spec.symmetric and spec.bits == 8
+    assert replace(cfg, input_range_method=None).input_spec("x") == cfg.activation
+    named = QuantSpec(bits=8, symmetric=True, range_method="percentile")
+    assert replace(cfg, module_names={"x": Override(activation=named)}).input_spec("x") == named
+    assert replace(cfg, quantize_inputs=False).input_spec("x") is None
+    with pytest.raises(ValueError, match="input_range_method"):
+        replace(cfg, input_range_method="magic")
+    # a config written before the field existed keeps its inputs on the activation spec (a saved sim's grids)
+    old = json.loads(cfg.to_json())
+    old["schema_version"] = 1
+    del old["input_range_method"]
+    assert QuantConfig.from_dict(old).input_spec("x") == cfg.activation
+    assert QuantConfig.from_json(cfg.to_json()) == cfg

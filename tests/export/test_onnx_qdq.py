@@ -1,6 +1,7 @@
 import copy
 import json
 import os
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -76,6 +77,13 @@ def test_cle_model_with_channel_clamps_exports(folded, tmp_path):
     with torch.no_grad():
         r = sim(x[1000:1200]).numpy()
     assert (o.argmax(1) == r.argmax(1)).all() and (_steps(sim, o, r) <= 1 + 1e-3).mean() >= 0.999
+    # the per-channel clamps run on the quantized integers, so ORT still fuses every conv into its integer
+    # kernel (a float Max/Min before the QuantizeLinear kept two of the five convs in float32)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert ops["QLinearConv"] == 5 and ops["Conv"] == 0 and ops["Max"] == len(rep.replaced_activations), ops
 
 
 def test_export_bad_input(folded, tmp_path):

@@ -154,7 +154,8 @@ def test_calibration_data_mistakes_get_one_clear_error():
 def test_calibration_warns_when_most_values_are_clipped():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)).eval()
-    cfg = edgequant.QuantConfig(activation=edgequant.QuantSpec(bits=8, symmetric=True, signed=False, range_method="percentile"))
+    cfg = edgequant.QuantConfig(activation=edgequant.QuantSpec(bits=8, symmetric=True, signed=False, range_method="percentile"),
+                                input_range_method=None)  # the input on the activation spec: an unsigned grid clips it
     sim = QuantSim(net, torch.randn(1, 8), cfg)
     with pytest.warns(QuantSimWarning, match="clip most"):
         sim.calibrate([torch.randn(64, 8) for _ in range(2)], progress=False)

@@ -72,7 +72,10 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
     finetune(one, glob, steps=3, lr=1e-3, teacher=net, progress=False, schedule="constant")
     mine = one.state_dict()
     learned = [k for k in s0 if k.endswith((".scale", ".offset", "weight", "bias"))]
-    assert learned and all(torch.allclose(mine[k], s0[k], atol=1e-5, rtol=1e-4) for k in learned)
+    # within a tenth of one Adam step (lr 1e-3, and Adam's first steps move every weight by about lr): the sums in
+    # another order can flip a rounding at a grid's edge (3 of 512 weights of one layer moved 4e-5 once the model
+    # input took a min-max grid), while gradients that were not averaged would move weights by whole steps
+    assert learned and all(torch.allclose(mine[k], s0[k], atol=1e-4, rtol=1e-4) for k in learned)
 
 
 def test_distributed_true_without_a_process_group_says_what_to_do():

@@ -83,7 +83,32 @@ def test_cle_model_with_channel_clamps_exports(folded, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
-    assert ops["QLinearConv"] == 5 and ops["Conv"] == 0 and ops["Max"] == len(rep.replaced_activations), ops
+    assert ops["QLinearConv"] == 5 and ops["Conv"] == 0, ops
+
+
+def test_channel_clamp_inside_the_grid_runs_on_the_integers(tmp_path):
+    """A channel clamped inside the output grid gets an integer Min after the QuantizeLinear (the others are left to
+    its saturation); ONNX Runtime then computes the integer-exact sim's integers, with the conv fused."""
+    from edgequant.nn import ChannelClamp
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), ChannelClamp(torch.zeros(3), torch.tensor([0.5, 6.0, 40.0])),
+                        nn.Conv2d(3, 2, 1)).eval()
+    x = torch.randn(64, 1, 8, 8) * 3
+    sim = QuantSim(net, x[:1], "w8a8_per_tensor")
+    sim.calibrate([x[:32], x[32:]], progress=False)
+    info = export_onnx(sim, tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(info["onnx"], so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["Min"] == 1 and ops["Max"] == 0 and ops["Conv"] == 0, ops
+    xe = torch.randn(16, 1, 8, 8) * 3
+    with sim.integer_exact("float32"):
+        exact = sim(xe)
+    assert torch.equal(exact, torch.from_numpy(sess.run(None, {"input": xe.numpy()})[0]))
+    q = sim.quantizers()["1"]
+    assert float(q.scale) * (q.qmax - int(q.zero_point)) > 1.0  # the grid reaches past channel 0's bound
 
 
 def test_export_bad_input(folded, tmp_path):

@@ -6,7 +6,8 @@ weights: latency does not depend on the values), at batch 1 and 32, 2 threads, i
 FP32 (edgequant's export with its quantizers off), edgequant ``w8a8`` (uint8 weight containers, exact
 on every x86 CPU), edgequant ``w7a8`` (int8 weights, exact on ORT's fast u8s8 kernels), for models
 with ReLU6 also ``w7a8`` after activation equalization (the form ``edgequant.quantize``'s default recipe
-deploys: per-channel clamps before the depthwise convs), for models with SiLU also ``w7a8`` after ``edgequant.nn.split_silu`` (SiLU as integer sigmoid and multiply), and ORT's
+deploys: per-channel clamps before the depthwise convs), for models with SiLU also ``w7a8`` after
+``edgequant.nn.split_silu`` (SiLU as integer sigmoid and multiply), and ORT's
 ``quantize_static`` (uint8 activations, int8 per-channel weights, ``reduce_range``: its setting for
 CPUs without VNNI). Transformers are measured in ``bench_transformers.py``.
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -308,7 +309,8 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     """Write ``sim`` as an ONNX QDQ model to ``path`` and its encodings beside it (atomically).
 
     Args:
-        opset: defaults to 21 when a grid needs it (4 or 16 bits, blocked weights), else 17.
+        opset: defaults to 21 when a grid needs it (4 or 16 bits, blocked weights), else 17; raised to the
+            opset that defines a float op of the graph when 17 does not (``F.fold`` is Col2Im, opset 18).
         weight_dtype: container of signed weights of 5 to 8 bits. ``"uint8"`` stores ``q + 128`` with
             zero point ``128`` -- the same dequantized values -- so ONNX Runtime picks its u8u8
             kernels. With ``"int8"`` it picks u8s8 kernels, which on x86 CPUs without VNNI add pairs
@@ -347,6 +349,7 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
         raise NotCalibratedError(f"{len(missing)} quantizer(s) have no encoding ({', '.join(missing[:5])}): "
                                  "call sim.calibrate(data) or sim.load_encodings(path) before export_onnx")
     needs21 = any(q.spec.bits in (4, 16) or q.spec.bits > 8 or isinstance(q.spec.granularity, PerBlock) for q in qs.values())
+    auto_opset = opset is None
     opset = opset or (21 if needs21 else 17)
     if opset < 13:
         raise ExportError("opset must be >= 13 (per-axis QuantizeLinear/DequantizeLinear)")
@@ -361,18 +364,12 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     if weight_dtype == "auto":
         wide = [q for q in qs.values() if q.role == "weight" and q.spec.signed and q.qmin < -64 and q.spec.bits <= 8]
         weight_dtype = "uint8" if wide else "int8"
-    build = (lambda dyn: _build_on(sim, example_inputs, opset, dyn, weight_dtype == "uint8")) if example_inputs is not None \
-        else (lambda dyn: _build(sim, opset, dyn, weight_dtype == "uint8"))
-    try:
-        model = build(dynamic_batch is not False)
-    except _BakedBatch as e:
-        if dynamic_batch:
-            raise
-        import warnings
+    def build(op: int, dyn: bool) -> onnx.ModelProto:
+        if example_inputs is not None:
+            return _build_on(sim, example_inputs, op, dyn, weight_dtype == "uint8")
+        return _build(sim, op, dyn, weight_dtype == "uint8")
 
-        warnings.warn(f"{e.args[0].split(':')[0]}; the export keeps the batch size of the example inputs. Export once "
-                      "per batch size (example_inputs=) or pass dynamic_batch=False to silence this", stacklevel=2)
-        model = build(False)
+    model, opset = _build_at_opset(build, opset, auto_opset, dynamic_batch)
     onnx.checker.check_model(model)
     _check_names(model, sim)
     acts, params = sim.encodings()
@@ -382,6 +379,34 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+
+
+def _build_at_opset(build, opset: int, auto_opset: bool, dynamic_batch: Optional[bool]) -> tuple[onnx.ModelProto, int]:
+    """``(model, opset)``: ``build(opset, dynamic)``; with the opset left to the export (``auto_opset``), a float op
+    that only a later opset defines (``F.fold``: Col2Im, 18) raises it to the one torch.onnx names."""
+    try:
+        return _with_batch(lambda dyn: build(opset, dyn), dynamic_batch), opset
+    except ExportError as e:
+        found = re.search(r"added in (?:opset )?version (\d+)", str(e))
+        if not (auto_opset and found and opset < int(found.group(1)) <= 21):
+            raise
+        need = int(found.group(1))
+        return _with_batch(lambda dyn: build(need, dyn), dynamic_batch), need
+
+
+def _with_batch(build, dynamic_batch: Optional[bool]) -> onnx.ModelProto:
+    """``build(dynamic)``, falling back to the recorded batch size (with a warning) when ``dynamic_batch`` is None and
+    the graph builds tensors from its batch size."""
+    try:
+        return build(dynamic_batch is not False)
+    except _BakedBatch as e:
+        if dynamic_batch:
+            raise
+        import warnings
+
+        warnings.warn(f"{e.args[0].split(':')[0]}; the export keeps the batch size of the example inputs. Export once "
+                      "per batch size (example_inputs=) or pass dynamic_batch=False to silence this", stacklevel=4)
+        return build(False)
 
 
 def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx.ModelProto:

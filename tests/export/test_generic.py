@@ -264,3 +264,29 @@ def test_tile_and_repeat_by_folded_sizes_export_as_tile(tmp_path):
     out = _ort(tmp_path / "m.onnx", [x.numpy()])
     with torch.no_grad():
         assert sqnr_db(sim(x), torch.from_numpy(out)) > 30
+
+
+class _Folded(nn.Module):
+    """``F.fold`` (volo's outlook attention folds patches back): ONNX's Col2Im, defined from opset 18 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(2, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x).flatten(2)  # (N, 2 * 2 * 2, 64 blocks)
+        return self.c2(F.fold(y, output_size=(16, 16), kernel_size=2, stride=2))
+
+
+def test_an_op_that_needs_a_later_opset_raises_the_default_opset(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Folded().eval(), torch.randn(4, 3, 8, 8)
+    sim = QuantSim(model, x[:1], "w8a8")
+    sim.calibrate([x], progress=False)
+    info = export_onnx(sim, tmp_path / "m.onnx")
+    assert info["opset"] == 18 and any(n.op_type == "Col2Im" for n in onnx.load(tmp_path / "m.onnx").graph.node)
+    with torch.no_grad():
+        assert sqnr_db(sim(x), torch.from_numpy(_ort(tmp_path / "m.onnx", [x.numpy()]))) > 30
+    with pytest.raises(Exception, match="version 18"):  # an opset the user chose is kept: the error says which one works
+        export_onnx(sim, tmp_path / "m17.onnx", opset=17)

@@ -15,6 +15,7 @@ the static shapes the graph recorded (see ``onnx_qdq``).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from typing import Optional
 
@@ -24,6 +25,14 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..graph.patterns import recorded_meta
+
+
+class NeedsOpset(ExportError):
+    """torch.onnx exports the op only from opset :attr:`opset` on (``F.fold``: Col2Im, 18)."""
+
+    def __init__(self, message: str, opset: int):
+        super().__init__(message)
+        self.opset = opset
 
 
 class _OneOp(nn.Module):
@@ -94,8 +103,10 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
                               output_names=out_names, dynamic_axes=dyn, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 -- any exporter failure is reported with the op's name
         what = node.target if node.op != "call_module" else type(module).__name__
-        raise ExportError(f"{node.name}: {what} has no integer kernel and torch.onnx could not export it in float "
-                          f"either ({type(e).__name__}: {' '.join(str(e).split())[:200]})") from e
+        msg = (f"{node.name}: {what} has no integer kernel and torch.onnx could not export it in float "
+               f"either ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+        later = re.search(r"added in (?:opset )?version (\d+)", str(e))  # torch.onnx names the opset that has it
+        raise (NeedsOpset(msg, int(later.group(1))) if later else ExportError(msg)) from e
     sub = onnx.load_from_string(buf.getvalue()).graph
     rename = dict(zip(in_names, inputs))
     outs = [out] if not multi else [b.fresh(f"{out}_{i}") for i in range(n_out)]

@@ -232,14 +232,11 @@ class IntegerEngine:
             return getattr(q, n.target)(*args, **n.kwargs)
         return n.target(q, *args, **n.kwargs)
 
-    def _out_grid(self, q: Quantizer):
-        return float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
-
     def _clamp_bounds(self, act, s_y: float, z_y: int, q: Quantizer, channels: int, ndim: int):
         return lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, channels, ndim)
 
     def _quantized(self, n, q: Quantizer, env) -> QTensor:
-        s_y, z_y = self._out_grid(q)
+        s_y, z_y = q.scalar_grid()
         src = n.args[0]
         val = env[src]
         if isinstance(val, QTensor):  # a pass-through chain ended on a quantized value: requantize it

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import operator
 import os
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -257,7 +256,7 @@ def _weight_quantizer(m: nn.Module) -> Optional[Quantizer]:
 def _input_scale(node: fx.Node, modules) -> Optional[float]:
     """Scale of the per-tensor activation quantizer that feeds ``node`` (through pass-through ops)."""
     q = lowering.source_quantizer(node.args[0], modules) if node.args else None
-    return float(q.scale.detach().reshape(-1)[0]) if q is not None and isinstance(q.spec.granularity, PerTensor) else None
+    return q.scalar_grid()[0] if q is not None and isinstance(q.spec.granularity, PerTensor) else None
 
 
 def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, modules, meta_ndim: int) -> str:
@@ -290,7 +289,8 @@ def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, module
     if isinstance(m, nn.Embedding):
         return b.node("Gather", [w, x], out=out, base=name)
     k = list(m.kernel_size)
-    pads = [b for b, _ in conv_pads(m)] + [e for _, e in conv_pads(m)]  # ONNX: every begin, then every end
+    begins, ends = zip(*conv_pads(m))
+    pads = list(begins + ends)  # ONNX: every begin, then every end
     if m.padding_mode != "zeros":
         raise ExportError(f"{name}: padding_mode={m.padding_mode!r} has no ONNX Conv equivalent")
     attrs = dict(kernel_shape=k, strides=list(m.stride), pads=pads, dilations=list(m.dilation), group=m.groups)
@@ -386,12 +386,11 @@ def _build_at_opset(build, opset: int, auto_opset: bool, dynamic_batch: Optional
     that only a later opset defines (``F.fold``: Col2Im, 18) raises it to the one torch.onnx names."""
     try:
         return _with_batch(lambda dyn: build(opset, dyn), dynamic_batch), opset
-    except ExportError as e:
-        found = re.search(r"added in (?:opset )?version (\d+)", str(e))
-        if not (auto_opset and found and opset < int(found.group(1)) <= 21):
+    except generic_export.NeedsOpset as e:
+        need = e.opset
+        if not (auto_opset and opset < need <= 21):
             raise
-        need = int(found.group(1))
-        return _with_batch(lambda dyn: build(need, dyn), dynamic_batch), need
+    return _with_batch(lambda dyn: build(need, dyn), dynamic_batch), need
 
 
 def _with_batch(build, dynamic_batch: Optional[bool]) -> onnx.ModelProto:
@@ -461,7 +460,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     # values that a quantizer reads carry the quantizer's tensor name
     want = {n.args[0]: m.tensor_name for n in gm.graph.nodes if isinstance(m := patterns.module_of(n, modules), Quantizer)}
     reserved = set(want.values())  # a quantizer named "add" (a top-level add) vs an unquantized fx node named "add"
-    int_clamps = _integer_clamps(gm, modules, want, lambda n: len(patterns.recorded_meta(n).shape))
+    int_clamps = _integer_clamps(gm, modules, want)
     inputs, outputs = [], []
 
     def shape_of(n):
@@ -490,7 +489,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         if dynamic_batch:
             _refuse_baked_batch(n, folded, batch)
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
-        if n in int_clamps.values():
+        if n in int_clamps.values():  # a handful of clamps: no index needed
             val[n] = val[n.args[0]]  # clamped on the integers after its quantizer
             continue
         if isinstance(src, _Quantized) and ops.is_identity(n, modules) and n not in want:
@@ -535,7 +534,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     return model
 
 
-def _integer_clamps(gm: fx.GraphModule, modules: dict, want: dict, ndim_of) -> dict:
+def _integer_clamps(gm: fx.GraphModule, modules: dict, want: dict) -> dict:
     """``{quantizer node: ChannelClamp node}`` for each per-channel clamp (CLE or activation equalization through
     ReLU6) read only by an 8-bit per-tensor quantizer and reading a value nothing else reads. Exported as the
     quantizer's QuantizeLinear, then ``Max``/``Min`` on its uint8 integers at the clamp's bounds on the grid (the same
@@ -549,8 +548,8 @@ def _integer_clamps(gm: fx.GraphModule, modules: dict, want: dict, ndim_of) -> d
         src = n.args[0] if n.args else None
         if not (isinstance(m, ChannelClamp) and isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor)
                 and q.spec.bits <= 8 and isinstance(src, fx.Node) and len(src.users) == 1 and src not in want
-                and src.op != "placeholder" and patterns.recorded_meta(n) is not None
-                and (m.channel_axis == 1 or ndim_of(n) == 2)):
+                and src.op != "placeholder" and (meta := patterns.recorded_meta(n)) is not None
+                and (m.channel_axis == 1 or len(meta.shape) == 2)):
             continue
         found[u] = n
         want[src] = want.pop(n)
@@ -564,8 +563,7 @@ def _clamp_integers(b: _Builder, qv: "_Quantized", q: Quantizer, clamp: fx.Node,
     grid), and elementwise ops on uint8 cost ONNX Runtime more than they seem (17 Max/Min pairs on MobileNetV2: 25.0
     against 18.4 ms at batch 1, side by side in one run of ``benchmarks/bench_latency.py``)."""
     m = patterns.module_of(clamp, modules)
-    s, z = float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
-    lo, hi = lowering.act_bounds(clamp, modules, s, z, q.qmin, q.qmax, m.lo.numel(), ndim)
+    lo, hi = lowering.act_bounds(clamp, modules, *q.scalar_grid(), q.qmin, q.qmax, m.lo.numel(), ndim)
     offset = storage_offset(q.spec.bits, q.spec.signed)
     for op, v, inside in (("Max", lo, bool((lo > q.qmin).any())), ("Min", hi, bool((hi < q.qmax).any()))):
         if inside:

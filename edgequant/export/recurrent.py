@@ -43,8 +43,8 @@ class _Grid:
             self.dtype, self.cmin = TensorProto.UINT8, 0
         else:
             self.dtype, self.cmin = container(q.spec.bits, q.spec.signed, b.opset)[:2]
-        self.zp = int(q.zero_point.reshape(-1)[0])
-        self.core = Grid(float(q.scale.detach().reshape(-1)[0]), self.zp, q.qmin, q.qmax)
+        self.core = Grid(*q.scalar_grid(), q.qmin, q.qmax)
+        self.zp = self.core.zero_point
         self._consts: dict[str, str] = {}
 
     def _const(self, key: str, make) -> str:

@@ -28,7 +28,6 @@ class PaddedConv2d(nn.Conv2d):
         return f"{super().extra_repr()}, pads={self.pads}"
 
 
-
 def conv_pads(m: nn.Module) -> list[tuple[int, int]]:
     """``(begin, end)`` zero padding per spatial dimension of conv ``m``: explicit sizes, ``"valid"``, ``"same"``
     (stride 1; torch puts the odd one of each dimension's padding at its end) or a :class:`PaddedConv2d`'s pads."""

@@ -160,6 +160,10 @@ class Quantizer(nn.Module):
         self.initialized.fill_(True)
         self._ready = True
 
+    def scalar_grid(self) -> tuple[float, int]:
+        """``(scale, zero_point)`` of a per-tensor grid as Python numbers (the integer arithmetic's operands)."""
+        return float(self.scale.detach().reshape(-1)[0]), int(self.zero_point.reshape(-1)[0])
+
     # ---- encodings ----
     @property
     def is_initialized(self) -> bool:

@@ -317,7 +317,7 @@ def grid_of(q, what: str) -> Grid:
         raise ValueError(f"integer-exact recurrent layers need every tensor quantized and calibrated: {what} is not")
     if not isinstance(q.spec.granularity, PerTensor):
         raise ValueError(f"{q.tensor_name}: integer-exact recurrent layers need per-tensor grids")
-    return Grid(float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0]), q.qmin, q.qmax)
+    return Grid(*q.scalar_grid(), q.qmin, q.qmax)
 
 
 def _int_matmul(m, weight: str, bias: Optional[str], src: Grid) -> IntMatmul:

@@ -93,10 +93,6 @@ class IntegerExactMode:
         return self._plain
 
     # ------------------------------------------------------------------ steps
-    @staticmethod
-    def _grid(q: Quantizer):
-        return float(q.scale.detach().reshape(-1)[0]), int(q.zero_point.reshape(-1)[0])
-
     def _out(self, q: Quantizer, qi: torch.Tensor) -> torch.Tensor:
         self.tape[id(q)] = qi
         return dequantize(qi.to(torch.int32), q.scale, q.zero_point, q.spec.granularity).to(torch.float32)
@@ -107,7 +103,7 @@ class IntegerExactMode:
 
     def _weighted(self, q: Quantizer, layer, q_in: Quantizer, q_w: Quantizer, act) -> torch.Tensor:
         y = self.tape.pop(id(layer))  # the layer's float64 output, before the activation
-        s_x, _ = self._grid(q_in)
+        s_x, _ = q_in.scalar_grid()
         s_w = q_w.scale.detach().double().reshape(-1)
         if isinstance(layer, nn.Linear):  # channels last, whatever the rank (tokens, channels-last blocks)
             cout, shape = y.shape[-1], [1] * (y.ndim - 1) + [-1]
@@ -116,7 +112,7 @@ class IntegerExactMode:
             shape = [1, -1] + [1] * (y.ndim - 2) if y.ndim > 2 else [1, -1]
         s_w = s_w.expand(cout) if s_w.numel() == 1 else s_w
         acc = torch.round(y / (s_x * s_w).view(shape)).long()
-        s_y, z_y = self._grid(q)
+        s_y, z_y = q.scalar_grid()
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, cout, y.ndim)
         lo, hi = lo.reshape(shape), hi.reshape(shape)  # the layer's channel axis (last for a Linear)
         return self._out(q, rq.requantize(acc, s_x, s_w, s_y, z_y, lo, hi, self.mode, shape))
@@ -124,7 +120,7 @@ class IntegerExactMode:
     def _binary(self, op, q: Quantizer, qa: Quantizer, qb: Quantizer, act, x) -> torch.Tensor:
         """``op`` (:func:`~edgequant.core.requant.add` or ``mul``) on the integers of ``qa`` and ``qb``."""
         a, b = self.tape[id(qa)], self.tape[id(qb)]
-        (s_a, z_a), (s_b, z_b), (s_y, z_y) = self._grid(qa), self._grid(qb), self._grid(q)
+        (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
         ch = x.shape[1] if x.ndim > 1 else 1
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
@@ -133,12 +129,12 @@ class IntegerExactMode:
     def _mean(self, q: Quantizer, qx: Quantizer, node, x) -> torch.Tensor:
         v = self.tape[id(qx)]
         dims, keep = patterns.pool_dims(node, self.modules, v.ndim)
-        s_x, z_x = self._grid(qx)
+        s_x, z_x = qx.scalar_grid()
         count = 1
         for d in dims:
             count *= v.shape[d]
         acc = (v - z_x).sum(dim=dims, keepdim=keep)
-        s_y, z_y = self._grid(q)
+        s_y, z_y = q.scalar_grid()
         return self._out(q, rq.mean(acc, count, s_x, s_y, z_y, q.qmin, q.qmax, self.mode).reshape(x.shape))
 
     # ------------------------------------------------------------------ context

@@ -106,9 +106,54 @@ def markdown(table: list[dict], partitions: int, n_eval: int, errors: list[str])
                       and "sqnr_db" in t), None)
             cells.append("" if r is None else f"{r['sqnr_db']:.2f} / {r['kl']:.4f}")
         lines.append(f"| {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    lines += per_photo(table)
     if errors:
         lines += ["", "Errors:", ""] + [f"- {e}" for e in errors]
     return "\n".join(lines)
+
+
+#: the rows compared photo by photo: edgequant's default recipe against NNCF's defaults
+PER_PHOTO = (("edgequant", "BN fold + activation equalization + first-layer sum rounding + bias correction"),
+             ("nncf", "nncf.quantize defaults (per-channel weights, fast bias correction)"))
+
+
+def _photo_sqnr(r: dict) -> dict:
+    """``{photo: logit SQNR dB over that photo's evaluation crops}`` for a scored row (crops are drawn
+    round-robin from the evaluation photos, so crop ``i`` comes from photo ``i % 10``)."""
+    folder = SPLITS_DIR / f"p{r['partition']}_c{r['n_cal']}"
+    ref = np.load(folder / "imagenet_fp32_logits.npy").astype(np.float64)
+    got = np.load(folder / "results" / r["peer"] / r["imagenet_logits"]).astype(np.float64)
+    photos = partition(r["partition"])[1]
+    which = np.arange(len(ref)) % len(photos)
+    return {p: 10 * np.log10((ref[which == i] ** 2).sum() / ((got[which == i] - ref[which == i]) ** 2).sum())
+            for i, p in enumerate(photos)}
+
+
+def per_photo(table: list[dict]) -> list[str]:
+    """Per evaluation photo, the logit SQNR of edgequant's default recipe and of NNCF's defaults in each
+    column where both ran (``PER_PHOTO``): which photos decide a partition."""
+    found = {}
+    for r in table:
+        key = (r["peer"], r["method"])
+        if key in PER_PHOTO and "sqnr_db" in r and r.get("imagenet_logits"):
+            found.setdefault((r["n_cal"], r["partition"]), {})[key] = _photo_sqnr(r)
+    cols = sorted(c for c, v in found.items() if len(v) == len(PER_PHOTO))
+    if not cols:
+        return []
+    photos = sorted({p for c in cols for p in found[c][PER_PHOTO[0]]})
+    lines = ["", "Per evaluation photo (logit SQNR dB over its crops, edgequant default recipe / NNCF defaults; "
+             "**bold** where edgequant is behind; empty where the photo calibrates):", "",
+             "| photo | " + " | ".join(f"c{n} p{p}" for n, p in cols) + " |", "|---|" + "---|" * len(cols)]
+    for photo in photos:
+        cells = []
+        for c in cols:
+            e, n = (found[c][k].get(photo) for k in PER_PHOTO)
+            cells.append("" if e is None else (f"**{e:.2f} / {n:.2f}**" if e < n else f"{e:.2f} / {n:.2f}"))
+        lines.append(f"| {photo} | " + " | ".join(cells) + " |")
+    ahead = [sum(found[c][PER_PHOTO[0]][p] > found[c][PER_PHOTO[1]][p] for p in found[c][PER_PHOTO[0]]) for c in cols]
+    lines.append("| edgequant ahead on | " + " | ".join(f"{a} of {len(found[c][PER_PHOTO[0]])}"
+                                                       for a, c in zip(ahead, cols)) + " |")
+    return lines
 
 
 def main():

@@ -3,7 +3,7 @@
 MobileNetV2, partition ``k`` of ``bench_splits.py`` (128 calibration / 256 evaluation crops, same photos and crop
 seeds). Parts:
 
-* ``noise``: logit SQNR of the default (``bn_fold + act_eq + bias_correction``), of its weights only (activations
+* ``noise``: logit SQNR of the default (``bn_fold + act_eq + dc_round + bias_correction``), of its weights only (activations
   float) and of its activations only (weights float, no bias correction);
 * ``worst``: the activation quantizers that cost most alone (only that one enabled; 128 evaluation crops);
 * ``tensor``: quantizer ``--name``'s calibrated range against the float model's per-crop maxima there on
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-STAGES = ["bn_fold", "act_eq", "bias_correction"]
+STAGES = ["bn_fold", "act_eq", "dc_round", "bias_correction"]
 #: MobileNetV2's depthwise inputs (the ReLU6 outputs that ``act_eq`` equalizes)
 DEPTHWISE_INPUTS = ["features.0.2"] + [f"features.{i}.conv.0.2" for i in range(2, 18)]
 

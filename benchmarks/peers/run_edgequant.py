@@ -51,7 +51,8 @@ def main():
     w4_sqnr = _weight_ranges("w4a8", "sqnr")
     todo = {
         "w8a8_pc": [("BN fold + calibrate (no other PTQ)", lambda: sim_pair(fold, "w8a8")),
-                    ("BN fold + activation equalization + bias correction", recipe(["bn_fold", "act_eq", "bias_correction"]))],
+                    ("BN fold + activation equalization + first-layer sum rounding + bias correction",
+                     recipe(["bn_fold", "act_eq", "dc_round", "bias_correction"]))],
         "w8a8_pt": [("BN fold + calibrate", lambda: sim_pair(fold, "w8a8_per_tensor")),
                     ("calibrate, BN kept after the quantized conv", lambda: sim_pair(keep_bn, "w8a8_per_tensor")),
                     ("calibrate (MSE weight ranges), BN kept after the quantized conv", lambda: sim_pair(keep_bn, pt_mse))],

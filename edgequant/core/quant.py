@@ -118,6 +118,34 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmi
     return q.to(torch.int32)
 
 
+def quantize_sum_preserving(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                            granularity: Granularity = PerTensor(), group_from: int = 2) -> torch.Tensor:
+    """Like :func:`quantize`, but the integers of each group -- the elements sharing the indices before
+    dimension ``group_from`` (for a convolution weight ``(Cout, Cin, *kernel)``, one filter tap set) --
+    sum as close as the grid allows to ``sum(x / s)``. A filter's sum is its response to a flat input
+    (its DC gain), which nearest rounding misses by the sum of the taps' rounding errors; here the taps
+    nearest a tie flip to their other neighbour until the sum is right, each tap staying within one
+    step of its value. Every element of a group must share one scale.
+
+    >>> w = torch.tensor([[0.4, 0.4, 0.4]])  # nearest: 0 0 0 (sum 0, the float sum is 1.2)
+    >>> quantize_sum_preserving(w, torch.tensor(1.0), torch.tensor(0), -8, 7, group_from=1)
+    tensor([[1, 0, 0]], dtype=torch.int32)
+    """
+    s, z = _expanded(scale, zero_point, x.shape, granularity)
+    u = (x / s).reshape(*x.shape[:group_from], -1).flatten(0, group_from - 1)
+    lo = (qmin - z).expand_as(x).reshape(u.shape).to(u.dtype) if torch.is_tensor(z) else qmin - z
+    hi = (qmax - z).expand_as(x).reshape(u.shape).to(u.dtype) if torch.is_tensor(z) else qmax - z
+    u = torch.minimum(torch.maximum(u, torch.as_tensor(lo, dtype=u.dtype)), torch.as_tensor(hi, dtype=u.dtype))
+    n = torch.round(u)
+    need = torch.round(u.sum(1, keepdim=True)) - n.sum(1, keepdim=True)  # taps to move up (> 0) or down (< 0)
+    frac = u - n  # in [-0.5, 0.5]: the cost of moving up falls as frac rises
+    for step, key, ok in ((1, frac, n + 1 <= hi), (-1, -frac, n - 1 >= lo)):
+        key = torch.where(ok, key, torch.full_like(key, -float("inf")))
+        rank = torch.argsort(key, dim=1, descending=True, stable=True).argsort(1)
+        n = n + step * (ok & (rank < (step * need).clamp(min=0))).to(n.dtype)
+    return (n.reshape(x.shape) + z.to(n.dtype)).to(torch.int32)
+
+
 def _expanded(scale, zero_point, shape, granularity):
     """``scale`` and ``zero_point`` broadcastable against a tensor of ``shape``."""
     return expand_param(scale, shape, granularity), expand_param(zero_point, shape, granularity)

@@ -259,9 +259,36 @@ def _input_scale(node: fx.Node, modules) -> Optional[float]:
     return q.scalar_grid()[0] if q is not None and isinstance(q.spec.granularity, PerTensor) else None
 
 
+def _gathers_rows(q: Optional[Quantizer]) -> bool:
+    """Whether an embedding's weight grid lets its rows be gathered as integers, then dequantized."""
+    g = q.spec.granularity if q is not None else None
+    return q is not None and q.spec.bits <= 8 and (isinstance(g, PerTensor) or isinstance(g, PerChannel) and g.axis == 0)
+
+
+def _embedding_rows(b: _Builder, q: Quantizer, m: nn.Embedding, ids: str, out: str, name: str) -> str:
+    """An 8-bit embedding as Gather on its integer table, then the rows dequantized by DequantizeLinear's
+    arithmetic, ``(float(q) - z) * s`` with each row's own ``s`` and ``z`` gathered alike (Cast, Sub, Mul;
+    the same float32 values): a DequantizeLinear of the whole table ran on every inference (MiniLM's
+    30522 x 384 table: about half of its batch-1 time)."""
+    wi, _ = _weight_integers(b, q, m.weight)
+    dtype = _container(q.spec.bits, q.spec.signed, b.opset)[0]
+    scale, zp = _qparams_np(q)
+    zp = zp.astype(np.float32) + (128 if b.unsigned_weights and dtype == TensorProto.INT8 else 0)
+    y = b.node("Cast", [b.node("Gather", [wi, ids], base=f"{name}.rows")], base=f"{name}.rows_float", to=TensorProto.FLOAT)
+    if np.any(zp != 0):
+        z = b.const(f"{name}.row_zero_point", zp.reshape(-1, 1))
+        y = b.node("Sub", [y, z if zp.size == 1 else b.node("Gather", [z, ids], base=f"{name}.row_zero_points")],
+                   base=f"{name}.rows_centered")
+    sname = b.const(f"{name}.row_scale", scale.astype(np.float32).reshape(-1, 1))
+    return b.node("Mul", [y, sname if scale.size == 1 else b.node("Gather", [sname, ids], base=f"{name}.row_scales")],
+                  out=out, base=name)
+
+
 def _weighted(b: _Builder, node: fx.Node, m: nn.Module, x: str, out: str, modules, meta_ndim: int) -> str:
     q = _weight_quantizer(m)
     name = node.target
+    if isinstance(m, nn.Embedding) and _gathers_rows(q):
+        return _embedding_rows(b, q, m, x, out, name)
     if q is not None:
         w = _weight_dq(b, q, m.weight)
     else:
@@ -426,12 +453,13 @@ def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_wei
 
 def _check_names(model: onnx.ModelProto, sim) -> None:
     """Every encoding names exactly one ONNX tensor: activations feed a QuantizeLinear, weights are the
-    integer initializers a DequantizeLinear (or a MatMulInteger, through its Transpose) reads."""
+    integer initializers a DequantizeLinear (or a MatMulInteger, through its Transpose, or an embedding's
+    row Gather) reads."""
     q_in = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     clip_src = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Clip"}
     q_in |= {clip_src[v] for v in list(q_in) if v in clip_src}
     dq_in = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    w_in = dq_in | {n.input[0] for n in model.graph.node if n.op_type == "Transpose"}  # MatMulInteger's weights
+    w_in = dq_in | {n.input[0] for n in model.graph.node if n.op_type in ("Transpose", "Gather")}  # MatMulInteger's, tables
     inits = {i.name for i in model.graph.initializer}
     # a recurrent layer's tensors: the first time step's value carries the name (a table lookup's output
     # for the gate activations, which no QuantizeLinear computes)

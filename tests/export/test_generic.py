@@ -83,6 +83,34 @@ def test_embedding_exports_with_integer_token_ids(tmp_path):
     assert np.abs(out - ref).max() < 1e-4 * max(1.0, np.abs(ref).max()) or sqnr_db(torch.from_numpy(ref), torch.from_numpy(out)) > 30
 
 
+class EmbeddingOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+
+    def forward(self, ids):
+        return self.emb(ids)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8_per_tensor"])
+def test_embedding_gathers_integer_rows_before_dequantizing(tmp_path, preset):
+    """No DequantizeLinear of the whole table on every run: Gather the integer rows, then dequantize them
+    (DequantizeLinear's arithmetic): the same values as the sim, to the bit."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (4, 7))
+    sim = QuantSim(EmbeddingOnly().eval(), ids[:1], preset)
+    sim.calibrate([ids], progress=False)
+    sim.disable(sim.output_quantizers())  # compare the dequantized rows themselves
+    export_onnx(sim, tmp_path / "e.onnx")
+    m = onnx.load(tmp_path / "e.onnx")
+    assert not any(n.op_type == "DequantizeLinear" and "emb.weight" in n.input for n in m.graph.node)
+    gathers = [n for n in m.graph.node if n.op_type == "Gather" and "emb.weight" in n.input]
+    assert len(gathers) == 1
+    out = _ort(tmp_path / "e.onnx", [ids.numpy()])
+    with torch.no_grad():
+        assert np.array_equal(out, sim(ids).numpy())
+
+
 class Squeeze(nn.Module):
     """A squeeze-and-excitation-like pool whose outputs span a sliver of its input's range."""
 

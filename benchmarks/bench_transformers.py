@@ -41,6 +41,17 @@ ROWS = {
         activation=None),
 }
 EXPORTED = ("w8a8_transformer", SMOOTHED, "w8a16")
+INT8_ROW = f"edgequant {SMOOTHED}, int8 weight containers (`weight_dtype=\"int8\"`: exact where the CPU has VNNI)"
+
+
+def _cpu() -> str:
+    """The CPU's model name and whether it has VNNI (int8 dot products: u8s8 kernels do not saturate)."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    return f"{name}, {'with' if 'vnni' in info else 'without'} VNNI"
 
 
 def batches(ids, mask, size=16):
@@ -101,7 +112,8 @@ def run_split(enc, tok, seed, n_calib, n_eval, tmp):
 
 def latency_table(tok, sims, tmp, threads, repeats):
     ids, mask = tokenize(tok, sentence_split(32, 1, seed=0)[0], SEQ)
-    paths = {"FP32": {}, "edgequant w8a8_transformer": {}, f"edgequant {SMOOTHED}": {}, "ORT quantize_static": {}}
+    paths = {"FP32": {}, "edgequant w8a8_transformer": {}, f"edgequant {SMOOTHED}": {}, INT8_ROW: {},
+             "ORT quantize_static": {}}
     feeds = {}
     for bs in (1, 32):
         ex = (ids[:bs], mask[:bs])
@@ -114,6 +126,8 @@ def latency_table(tok, sims, tmp, threads, repeats):
                                                              dynamic_batch=False, example_inputs=ex)["onnx"]
         paths[f"edgequant {SMOOTHED}"][bs] = export_onnx(sims[SMOOTHED], os.path.join(tmp, f"lat_sm_{bs}.onnx"),
                                                          dynamic_batch=False, example_inputs=ex)["onnx"]
+        paths[INT8_ROW][bs] = export_onnx(sims[SMOOTHED], os.path.join(tmp, f"lat_sm8_{bs}.onnx"), dynamic_batch=False,
+                                          example_inputs=ex, weight_dtype="int8")["onnx"]
         paths["ORT quantize_static"][bs] = ort_quantize_static(paths["FP32"][bs], [_feed(ex)], os.path.join(tmp, f"lat_qs_{bs}.onnx"))
     return latencies(paths, feeds, threads, repeats)
 
@@ -131,7 +145,8 @@ def main():
     times = latency_table(tok, sims, tmp, args.threads, args.repeats)
     lines = [f"all-MiniLM-L6-v2 (real weights), sequence length {SEQ}, {args.calib} calibration / {args.eval} evaluation "
              f"sentences per split (`edgequant.data.sentence_split`, seeds 0 and 1), torch {torch.__version__}, "
-             f"ONNX Runtime {ort.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}", "",
+             f"ONNX Runtime {ort.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}, "
+             f"CPU {_cpu()}", "",
              "| row | capture | sim cosine s0 / s1 | sim NN agreement s0 / s1 | ORT cosine s0 / s1 | ORT NN agreement s0 / s1 | build+calibrate s |",
              "|---|---|---|---|---|---|---|"]
     for label in results[0]:
@@ -143,9 +158,12 @@ def main():
                      f"{pair('ort', 1)} | {r0['s']:.1f} |" if "s" in r0 else
                      f"| {label} | - | - | - | {pair('ort', 0)} | {pair('ort', 1)} | - |")
     lines += ["", "ONNX Runtime latency (fresh process, median of interleaved runs):", "",
-              "| model | batch 1 ms | batch 32 ms | vs FP32 b1 | vs FP32 b32 |", "|---|---|---|---|---|"]
+              "| model | batch 1 ms | batch 32 ms | vs FP32 b1 | vs FP32 b32 | vs ORT quantize_static b1 | b32 |",
+              "|---|---|---|---|---|---|---|"]
+    qs = times["ORT quantize_static"]
     for k, t in times.items():
-        lines.append(f"| {k} | {t[1]:.2f} | {t[32]:.1f} | {times['FP32'][1] / t[1]:.2f}x | {times['FP32'][32] / t[32]:.2f}x |")
+        lines.append(f"| {k} | {t[1]:.2f} | {t[32]:.1f} | {times['FP32'][1] / t[1]:.2f}x | {times['FP32'][32] / t[32]:.2f}x | "
+                     f"{qs[1] / t[1]:.2f}x | {qs[32] / t[32]:.2f}x |")
     emit(lines, args.out)
 
 

@@ -116,3 +116,24 @@ def test_input_readers_in_leaf_mode_need_a_batch():
     with pytest.raises(ValueError, match="leaf mode"):
         preserve_filter_sums(sim)
     assert list(preserve_filter_sums(sim, data=data).layers) == ["first"]
+
+
+def test_sum_preserving_rounding_exports_bit_exact(tmp_path):
+    """The rounded weights sit on the grid: ONNX Runtime computes the integer-exact sim's outputs."""
+    import onnxruntime as ort
+
+    from edgequant import export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(48, 3, 10, 10)
+    sim = QuantSim(net, x[:1], "w7a8")
+    sim.calibrate([x[:24], x[24:]], progress=False)
+    rep = preserve_filter_sums(sim)
+    assert list(rep.layers) == ["0"] and rep.changed["0"] > 0
+    info = export_onnx(sim, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(info["onnx"], providers=["CPUExecutionProvider"])
+    xe = torch.randn(8, 3, 10, 10)
+    with torch.no_grad(), sim.integer_exact("float32"):
+        exact = sim(xe)
+    assert torch.equal(exact, torch.from_numpy(sess.run(None, {"input": xe.numpy()})[0]))

@@ -16,7 +16,8 @@ neighbour, each staying within one step. No training; data only to find the firs
 flat regions are exactly flat (saturated skies, black backgrounds, binary images), and the trade-off is
 clearest: keeping the sums costs each filter a little accuracy on textures (a flipped tap is off by more
 than half a step). Measured on real MobileNetV2 (W8A8 per-channel, after ``bn_fold + act_eq``, then
-bias correction; ``diagnose`` one-offs, SQNR dB / KL against FP32 on held-out photo crops):
+bias correction; one-off scripts on the crops of ``benchmarks/bench_splits.py``, SQNR dB / KL against FP32 on
+the held-out photo crops):
 
 =====================================  ==================  ==================
 layers                                 partition 0, 128    partition 1, 256

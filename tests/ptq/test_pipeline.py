@@ -67,17 +67,17 @@ def test_bn_folding_is_kept_unless_it_clearly_loses(tiny_net, digits, monkeypatc
 
 
 def test_a_preferred_stage_stays_when_kl_says_it_helps(tiny_net, digits, monkeypatch):
-    """On a few held-out batches SQNR alone is noisy: a default-recipe stage is dropped only when SQNR and KL
-    both say it loses (bias correction on MobileNetV2 scored -0.3 dB there and gained 3.8 dB on other photos)."""
+    """On a few held-out batches SQNR alone is noisy: a default-recipe stage is dropped only when SQNR, KL and top-1
+    agreement all say it loses (bias correction on MobileNetV2 scored -0.3 dB there and gained 3.8 dB on other photos)."""
     import itertools
 
-    for kl_bn, keep in ((0.05, True), (0.2, False)):
-        # (SQNR, KL): baseline, then bn_fold 0.5 dB worse in SQNR with a better or worse KL
-        scores = itertools.chain([(10.0, 0.1), (9.5, kl_bn)], itertools.repeat((0.0, 1.0)))
+    for kl_bn, top1_bn, keep in ((0.05, 0.8, True), (0.2, 0.9, True), (0.2, 0.8, False)):
+        # (SQNR, top-1, KL): baseline, then bn_fold 0.5 dB worse in SQNR with a better or worse KL / top-1
+        scores = itertools.chain([(10.0, 0.8, 0.1), (9.5, top1_bn, kl_bn)], itertools.repeat((0.0, 0.0, 1.0)))
 
         def fake_measure(self, sim):
-            sq, kl = next(scores)
-            return sq, sq, None, kl
+            sq, top1, kl = next(scores)
+            return sq, sq, top1, kl
 
         monkeypatch.setattr(pipeline._Run, "measure", fake_measure)
         monkeypatch.setattr(pipeline, "_resolve", lambda ptq, has: (["bn_fold", "calibrate"], True))

@@ -60,7 +60,7 @@ def test_bn_folding_is_kept_unless_it_clearly_loses(tiny_net, digits, monkeypatc
     r = quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq=["bn_fold", "cle"], progress=False)
     assert all(s.kept for s in r.report.stages)  # an explicit list keeps everything
     monkeypatch.setattr(pipeline, "_resolve", lambda ptq, has: (["bn_fold", "cle", "calibrate"], True))
-    scores = itertools.chain([10.0, 9.5, 10.05], itertools.repeat(0.0))
+    scores = itertools.chain([10.0, 8.5, 8.55], itertools.repeat(0.0))  # bn_fold 1.5 dB worse: beyond PREFERRED_DROP_DB
     r = quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8_per_tensor", ptq="auto", progress=False)
     kept = {s.name: s.kept for s in r.report.stages}
     assert kept["bn_fold"] is False and kept["cle"] is False
@@ -71,9 +71,10 @@ def test_a_preferred_stage_stays_when_kl_says_it_helps(tiny_net, digits, monkeyp
     agreement all say it loses (bias correction on MobileNetV2 scored -0.3 dB there and gained 3.8 dB on other photos)."""
     import itertools
 
-    for kl_bn, top1_bn, keep in ((0.05, 0.8, True), (0.2, 0.9, True), (0.2, 0.8, False)):
-        # (SQNR, top-1, KL): baseline, then bn_fold 0.5 dB worse in SQNR with a better or worse KL / top-1
-        scores = itertools.chain([(10.0, 0.8, 0.1), (9.5, top1_bn, kl_bn)], itertools.repeat((0.0, 0.0, 1.0)))
+    for sq_bn, kl_bn, top1_bn, keep in ((8.5, 0.05, 0.8, True), (8.5, 0.2, 0.9, True), (9.5, 0.2, 0.8, True),
+                                        (8.5, 0.2, 0.8, False)):
+        # (SQNR, top-1, KL): baseline, then bn_fold 0.5 or 1.5 dB worse in SQNR with a better or worse KL / top-1
+        scores = itertools.chain([(10.0, 0.8, 0.1), (sq_bn, top1_bn, kl_bn)], itertools.repeat((0.0, 0.0, 1.0)))
 
         def fake_measure(self, sim):
             sq, top1, kl = next(scores)

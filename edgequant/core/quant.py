@@ -133,9 +133,8 @@ def quantize_sum_preserving(x: torch.Tensor, scale: torch.Tensor, zero_point: to
     """
     s, z = _expanded(scale, zero_point, x.shape, granularity)
     u = (x / s).reshape(*x.shape[:group_from], -1).flatten(0, group_from - 1)
-    lo = (qmin - z).expand_as(x).reshape(u.shape).to(u.dtype) if torch.is_tensor(z) else qmin - z
-    hi = (qmax - z).expand_as(x).reshape(u.shape).to(u.dtype) if torch.is_tensor(z) else qmax - z
-    u = torch.minimum(torch.maximum(u, torch.as_tensor(lo, dtype=u.dtype)), torch.as_tensor(hi, dtype=u.dtype))
+    lo, hi = ((bound - z).expand_as(x).reshape(u.shape).to(u.dtype) for bound in (qmin, qmax))
+    u = torch.clamp(u, lo, hi)
     n = torch.round(u)
     need = torch.round(u.sum(1, keepdim=True)) - n.sum(1, keepdim=True)  # taps to move up (> 0) or down (< 0)
     frac = u - n  # in [-0.5, 0.5]: the cost of moving up falls as frac rises

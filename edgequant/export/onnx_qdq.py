@@ -211,18 +211,23 @@ class _Quantized:
                       base=self.name)
 
 
-def _weight_integers(b: _Builder, q: Quantizer, w: torch.Tensor, dtype: Optional[int] = None) -> tuple[str, str]:
-    """The integer initializer of weight ``w`` (named as its encoding) and of its zero point, in ``dtype``
-    (default: the smallest container of the grid); 8-bit signed weights move to uint8 + 128 when the
-    builder stores unsigned weights."""
+def _weight_storage(b: _Builder, q: Quantizer, dtype: Optional[int] = None) -> tuple[int, int]:
+    """``(stored dtype, shift added to the integers and the zero point)`` of weight grid ``q`` in ``dtype`` (default:
+    the smallest container of the grid): 8-bit signed weights move to uint8 + 128 when the builder stores unsigned
+    weights (the same dequantized values)."""
     dtype = dtype if dtype is not None else _container(q.spec.bits, q.spec.signed, b.opset)[0]
+    return (TensorProto.UINT8, 128) if b.unsigned_weights and dtype == TensorProto.INT8 else (dtype, 0)
+
+
+def _weight_integers(b: _Builder, q: Quantizer, w: torch.Tensor, dtype: Optional[int] = None) -> tuple[str, str]:
+    """The integer initializer of weight ``w`` (named as its encoding) and of its zero point, stored as
+    :func:`_weight_storage` says."""
+    dtype, shift = _weight_storage(b, q, dtype)
     key = (q.tensor_name, dtype)
     if key in b.weights:  # a layer called more than once: its integers are written once
         return b.weights[key]
-    wi = quantize(w.detach(), q.scale, q.zero_point, q.qmin, q.qmax, q.spec.granularity).cpu().numpy()
-    zp = _qparams_np(q)[1]
-    if b.unsigned_weights and dtype == TensorProto.INT8:  # same values on a uint8 grid shifted by 128
-        dtype, wi, zp = TensorProto.UINT8, wi.astype(np.int64) + 128, zp.astype(np.int64) + 128
+    wi = quantize(w.detach(), q.scale, q.zero_point, q.qmin, q.qmax, q.spec.granularity).cpu().numpy().astype(np.int64) + shift
+    zp = _qparams_np(q)[1].astype(np.int64) + shift
     name = b.int_const(q.tensor_name, wi, dtype)
     zname = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(zname)
@@ -271,9 +276,8 @@ def _embedding_rows(b: _Builder, q: Quantizer, m: nn.Embedding, ids: str, out: s
     the same float32 values): a DequantizeLinear of the whole table ran on every inference (MiniLM's
     30522 x 384 table: about half of its batch-1 time)."""
     wi, _ = _weight_integers(b, q, m.weight)
-    dtype = _container(q.spec.bits, q.spec.signed, b.opset)[0]
     scale, zp = _qparams_np(q)
-    zp = zp.astype(np.float32) + (128 if b.unsigned_weights and dtype == TensorProto.INT8 else 0)
+    zp = zp.astype(np.float32) + _weight_storage(b, q)[1]
     y = b.node("Cast", [b.node("Gather", [wi, ids], base=f"{name}.rows")], base=f"{name}.rows_float", to=TensorProto.FLOAT)
     if np.any(zp != 0):
         z = b.const(f"{name}.row_zero_point", zp.reshape(-1, 1))

@@ -112,7 +112,7 @@ def input_readers(sim, data: Optional[Iterable] = None) -> set[str]:
 
 def _sum_error(q: torch.Tensor, u: torch.Tensor, z: torch.Tensor) -> float:
     """Mean |sum of integers - sum of x/s| over the filters (in steps)."""
-    return float(((q.double() - z.double()).flatten(2).sum(2) - u.double().flatten(2).sum(2)).abs().mean())
+    return float(((q.double() - z.double()) - u.double()).flatten(2).sum(2).abs().mean())
 
 
 @torch.no_grad()
@@ -149,8 +149,8 @@ def preserve_filter_sums(sim, *, layers: Union[str, list[str]] = "input", data: 
             continue
         near = quantize(w, q.scale, q.zero_point, q.qmin, q.qmax, g)
         kept = quantize_sum_preserving(w, q.scale, q.zero_point, q.qmin, q.qmax, g)
-        z = expand_param(q.zero_point, w.shape, g).expand_as(w)
-        report.layers[name] = (_sum_error(near, w / s, z), _sum_error(kept, w / s, z))
+        u, z = w / s, expand_param(q.zero_point, w.shape, g)
+        report.layers[name] = (_sum_error(near, u, z), _sum_error(kept, u, z))
         report.changed[name] = float((near != kept).float().mean())
         m.weight.data.copy_(dequantize(kept, q.scale, q.zero_point, g).to(m.weight.dtype))
         q.freeze()

@@ -433,7 +433,7 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
                 bar.set_description_str("PTQ: refit on all batches")
                 run.calib = calib + score_batches
                 current, best_sim, _ = _run_stages(run, QuantizeReport(report.recipe, "", None),
-                                                   [s for s in STAGES if s in kept or s == "calibrate"], False)
+                                                   _resolve(kept, run.has_data)[0], False)
                 report.refit = (f"refit: the kept stages ({', '.join(kept) or 'none'}) ran again calibrating on all "
                                 f"{len(run.calib)} batches, the {len(score_batches)} held out for scoring included")
         finally:

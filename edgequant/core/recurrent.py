@@ -19,40 +19,12 @@ The float sim differs only in the matmuls (float32 sums of products) and in call
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
+from .lut import Grid, lookup, table  # noqa: F401  (re-exported: the cell's tables)
 from .quant import INT32_MAX, INT32_MIN
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A per-tensor integer grid ``(scale, zero_point, qmin, qmax)``."""
-    scale: float
-    zero_point: int
-    qmin: int
-    qmax: int
-
-    def quantize(self, v: torch.Tensor) -> torch.Tensor:
-        """``clamp(rne(v / s) + z)`` in float32, as int64."""
-        s = torch.tensor(self.scale, dtype=torch.float32, device=v.device)
-        return torch.clamp(torch.round(v.float() / s) + self.zero_point, self.qmin, self.qmax).long()
-
-    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        """``fp32(q - z) * s``."""
-        return (q - self.zero_point).float() * torch.tensor(self.scale, dtype=torch.float32, device=q.device)
-
-
-def table(fn: Callable, src: Grid, dst: Grid, device=None) -> torch.Tensor:
-    """``dst.quantize(fn(src.dequantize(q)))`` for every code ``q`` of ``src`` (int64, indexed by ``q - src.qmin``)."""
-    codes = torch.arange(src.qmin, src.qmax + 1, dtype=torch.int64, device=device)
-    return dst.quantize(fn(src.dequantize(codes)))
-
-
-def lookup(t: torch.Tensor, q: torch.Tensor, src: Grid) -> torch.Tensor:
-    """The activation's integers for the pre-activation integers ``q`` (on ``src``) through table ``t``."""
-    return t[q - src.qmin]
 
 
 @dataclass

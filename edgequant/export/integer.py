@@ -25,7 +25,8 @@ accumulated in int32 (checked for overflow), then requantized to the output grid
 clamp) mapped onto the output grid. **Add**: fixed point brings both inputs to a common scale with
 left-shifted multipliers (TFLite's scheme, 20 bits of headroom), sums in int64 and requantizes;
 float32 is ORT's fused multiply-add on the stored (uint8) integers. **Global average pooling**: an
-int32 sum, requantized with ``M = s_x / (s_y HW)``. Max pooling, flatten, reshape and dropout move
+int32 sum, requantized with ``M = s_x / (s_y HW)``. **Elementwise ops** (GELU, sigmoid, hard-swish, ...)
+between two per-tensor grids: a lookup table from code to code (:mod:`edgequant.core.lut`). Max pooling, flatten, reshape and dropout move
 integers without arithmetic.
 
 **Agreement with the sim.** The float sim accumulates in float32 and divides by ``s_y``; a value
@@ -48,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..core import lut
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import INT32_MAX, INT32_MIN, bias_integers, bias_scale, quantize, storage_offset
@@ -56,7 +58,7 @@ from ..graph import lowering, ops, patterns
 from ..nn.modules import float_class_of, own_forward
 from ..nn.padded import PaddedConv2d
 from ..nn.quantizer import Quantizer
-from ..nn.rnn import QuantizedRecurrentMixin
+from ..nn.rnn import QuantizedRecurrentMixin, grid_of
 
 
 @dataclass
@@ -121,7 +123,7 @@ class IntegerEngine:
                     or patterns.is_add(base) or self._is_global_pool(base) \
                     or patterns.is_cat(base) \
                     or (base.op == "call_method" and base.target == "mean") or self._is_pass(base) \
-                    or isinstance(self._mod(base), Quantizer)
+                    or isinstance(self._mod(base), Quantizer) or self._table(n) is not None
                 if not ok:
                     raise IntegerEngineError(self._unsupported(base))
                 if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -174,6 +176,19 @@ class IntegerEngine:
         hs = stack(h_n, m.state_tensors("h"))
         return [y, [hs, stack(c_n, m.state_tensors("c"))]] if m.mode == "LSTM" else [y, hs]
 
+    def _table(self, q_node):
+        """``(table, input grid)`` when quantizer node ``q_node`` closes an elementwise op on a per-tensor grid
+        (:func:`~edgequant.graph.lowering.table_lowering`), else None."""
+        found = lowering.table_lowering(q_node, self.modules)
+        if found is None:
+            return None
+        fn, q_in = found
+        src = grid_of(q_in, q_in.tensor_name)
+        try:
+            return lut.table(fn, src, grid_of(self._mod(q_node), q_node.target)), src
+        except ValueError:
+            return None
+
     def _is_global_pool(self, n) -> bool:
         return patterns.is_global_pool(n, self.modules)
 
@@ -181,7 +196,8 @@ class IntegerEngine:
         m = self._mod(n)
         what = type(m).__name__ if m is not None else getattr(n.target, "__name__", str(n.target))
         return (f"{n.name} ({what}) has no integer implementation; the engine runs conv, linear, add, "
-                "ReLU/ReLU6/clamps, max/global-average pooling, concat, flatten/reshape")
+                "ReLU/ReLU6/clamps, max/global-average pooling, concat, flatten/reshape, and elementwise ops (GELU, "
+                "sigmoid, hard-swish, ...) between per-tensor grids as lookup tables")
 
     # ---------------------------------------------------------------- run
     @torch.no_grad()
@@ -256,6 +272,11 @@ class IntegerEngine:
             return self._add(a, b, act, q, s_y, z_y)
         if self._is_global_pool(base):
             return self._global_pool(env[base.args[0]], q, s_y, z_y, base)
+        found = self._table(n)
+        if found is not None:
+            t, src = found
+            x = env[base.args[0]]
+            return QTensor(lut.lookup(t.to(x.q.device), x.q, src), s_y, z_y)
         if patterns.is_cat(base):
             dim = base.kwargs.get("dim", base.args[1] if len(base.args) > 1 else 0)
             parts = [self._rescale(env[p], s_y, z_y, q.qmin, q.qmax).q for p in base.args[0]]

@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from ..batches import as_args
+from ..core import lut
 from ..core.granularity import PerBlock, PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
 from ..errors import ExportError, NotCalibratedError
@@ -42,7 +43,7 @@ from ..nn.clamp import ChannelClamp
 from ..nn.modules import own_forward
 from ..nn.padded import conv_pads
 from ..nn.quantizer import Quantizer
-from ..nn.rnn import QuantizedRecurrentMixin
+from ..nn.rnn import QuantizedRecurrentMixin, grid_of
 from ..nn.scale import ChannelScale
 from . import generic as generic_export
 
@@ -174,29 +175,63 @@ def _scale_shape(q: Quantizer, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _activation_qdq(b: _Builder, q: Quantizer, x: str, ndim: int) -> str:
+def _act_storage(q: Quantizer, opset: int) -> tuple[int, int, int, int]:
+    """``(container dtype, cmin, cmax, offset)`` of activation grid ``q``: the stored code is the grid code plus
+    ``offset``."""
+    offset = storage_offset(q.spec.bits, q.spec.signed)
+    if q.spec.bits <= 8:  # stored as uint8 (a signed grid shifted by the offset): ORT fuses uint8 activations everywhere
+        return TensorProto.UINT8, 0, 255, offset
+    return (*_container(q.spec.bits, q.spec.signed, opset), offset)
+
+
+def _grid_consts(b: _Builder, q: Quantizer) -> tuple[str, str]:
+    """The scale and stored zero point initializers of per-tensor activation grid ``q``."""
     if not isinstance(q.spec.granularity, PerTensor):
         raise ExportError(f"activation quantizer {q.tensor_name!r} is {type(q.spec.granularity).__name__}: "
                           "ONNX export supports per-tensor activations (the integer kernels need them)")
     scale, zp = _qparams_np(q)
-    offset = storage_offset(q.spec.bits, q.spec.signed)
-    if q.spec.bits <= 8:  # stored as uint8 (a signed grid shifted by the offset): ORT fuses uint8 activations everywhere
-        dtype, cmin, cmax = TensorProto.UINT8, 0, 255
-    else:
-        dtype, cmin, cmax = _container(q.spec.bits, q.spec.signed, b.opset)
-    zp, qmin, qmax = zp.astype(np.int64) + offset, q.qmin + offset, q.qmax + offset
+    dtype, _, _, offset = _act_storage(q, b.opset)
     s = b.const(f"{q.tensor_name}_scale", _scale_shape(q, scale).astype(np.float32))
     z = b.fresh(f"{q.tensor_name}_zero_point")
     b.names.discard(z)
-    b.int_const(z, _scale_shape(q, zp), dtype)
+    b.int_const(z, _scale_shape(q, zp.astype(np.int64) + offset), dtype)
+    return s, z
+
+
+def _activation_qdq(b: _Builder, q: Quantizer, x: str, ndim: int) -> "_Quantized":
+    s, z = _grid_consts(b, q)
+    _, cmin, cmax, offset = _act_storage(q, b.opset)
     src = x
-    if (qmin, qmax) != (cmin, cmax):  # the grid is narrower than the container: clip in float first
+    if (q.qmin + offset, q.qmax + offset) != (cmin, cmax):  # the grid is narrower than the container: clip in float first
         lo, hi = (float(v.reshape(-1)[0]) for v in grid_range(q.scale.detach().cpu(), q.zero_point.cpu(), q.qmin, q.qmax))
         src = b.node("Clip", [x, b.const(f"{q.tensor_name}_lo", np.float32(lo)), b.const(f"{q.tensor_name}_hi", np.float32(hi))],
                      base=f"{q.tensor_name}_clip")
     b.q_inputs.add(x)
     qo = b.node("QuantizeLinear", [src, s, z], out=b.fresh(f"{q.tensor_name}_quantized"), base=q.tensor_name)
     return _Quantized(qo, s, z, q.tensor_name)
+
+
+def _lookup(b: _Builder, q_node: fx.Node, modules, src: "_Quantized") -> Optional["_Quantized"]:
+    """The elementwise op that quantizer node ``q_node`` reads, as a ``Gather`` from ``src``'s stored codes into
+    the op's table (:func:`~edgequant.graph.lowering.table_lowering`): its output is ``q_node``'s stored codes,
+    named after its encoding. None when the op has no table (NaN on some code)."""
+    fn, q_in = lowering.table_lowering(q_node, modules)
+    q = modules[q_node.target]
+    try:
+        t = lut.table(fn, grid_of(q_in, q_in.tensor_name), grid_of(q, q.tensor_name)).cpu().numpy()
+    except ValueError:
+        return None
+    _, cmin, cmax, offset = _act_storage(q_in, b.opset)
+    codes = np.clip(np.arange(cmin, cmax + 1) - offset, q_in.qmin, q_in.qmax) - q_in.qmin  # container code -> table row
+    s, z = _grid_consts(b, q)
+    dtype, _, _, out_offset = _act_storage(q, b.opset)
+    table = b.fresh(f"{q.tensor_name}_table")
+    b.names.discard(table)
+    b.int_const(table, t[codes] + out_offset, dtype)
+    idx = b.node("Cast", [src.q], base=q.tensor_name, to=TensorProto.INT32)
+    if cmin != 0:
+        idx = b.node("Sub", [idx, b.const(f"{q.tensor_name}_cmin", np.int32(cmin))], base=q.tensor_name)
+    return _Looked(b.node("Gather", [table, idx], out=b.fresh(q.tensor_name), base=q.tensor_name, axis=0), s, z, q.tensor_name)
 
 
 class _Quantized:
@@ -209,6 +244,10 @@ class _Quantized:
     def dequantized(self, b: "_Builder") -> str:
         return b.node("DequantizeLinear", [self.q, self.scale, self.zero_point], out=b.fresh(f"{self.name}_dequantized"),
                       base=self.name)
+
+
+class _Looked(_Quantized):
+    """A quantizer's codes computed by a table lookup (:func:`_lookup`): the quantizer node passes them on."""
 
 
 def _weight_storage(b: _Builder, q: Quantizer, dtype: Optional[int] = None) -> tuple[int, int]:
@@ -336,7 +375,8 @@ class _BakedBatch(ExportError):
 
 
 def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "auto",
-                dynamic_batch: Optional[bool] = None, encodings_path=None, example_inputs=None) -> dict:
+                dynamic_batch: Optional[bool] = None, encodings_path=None, example_inputs=None,
+                tables: bool = False) -> dict:
     """Write ``sim`` as an ONNX QDQ model to ``path`` and its encodings beside it (atomically).
 
     Args:
@@ -358,6 +398,14 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             with a warning (export once per batch size, ``example_inputs=`` sets it).
         example_inputs: inputs whose shapes the exported graph takes (a tensor, a tuple or a dict, as for
             ``QuantSim``) in place of the sim's own example inputs: another batch size or sequence length.
+        tables: write each elementwise op between two per-tensor grids (GELU, SiLU, hard-swish, sigmoid, tanh,
+            ...; :func:`~edgequant.graph.lowering.table_lowering`) as a ``Gather`` from its input's codes into
+            its table of output codes (:mod:`edgequant.core.lut`): an integer-only graph, bit-identical to
+            ``sim.integer_exact(tables=True)`` and the integer engine on any runtime. Off by default: ONNX
+            Runtime runs a ``Gather`` about 2.4x slower than ``DequantizeLinear -> HardSwish ->
+            QuantizeLinear`` and 30x slower than its ``QLinearSigmoid``, so the default keeps these ops in float
+            between DequantizeLinear and QuantizeLinear (as ``quantize_static`` does), where ORT's float kernels
+            may round a value differently from torch's in the last bit.
 
     Returns ``{"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}``.
     """
@@ -384,21 +432,14 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     opset = opset or (21 if needs21 else 17)
     if opset < 13:
         raise ExportError("opset must be >= 13 (per-axis QuantizeLinear/DequantizeLinear)")
-    path = os.fspath(path)
-    encodings_path = os.fspath(encodings_path) if encodings_path else os.path.splitext(path)[0] + ".encodings.json"
-    for p in (path, encodings_path):
-        parent = os.path.dirname(os.path.abspath(p))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"cannot write {p}: folder {parent} does not exist")
-        if os.path.isdir(p):
-            raise IsADirectoryError(f"cannot write {p}: it is a folder; give a file name such as {os.path.join(p, 'model.onnx')}")
+    path, encodings_path = _output_paths(path, encodings_path)
     if weight_dtype == "auto":
         wide = [q for q in qs.values() if q.role == "weight" and q.spec.signed and q.qmin < -64 and q.spec.bits <= 8]
         weight_dtype = "uint8" if wide else "int8"
     def build(op: int, dyn: bool) -> onnx.ModelProto:
         if example_inputs is not None:
-            return _build_on(sim, example_inputs, op, dyn, weight_dtype == "uint8")
-        return _build(sim, op, dyn, weight_dtype == "uint8")
+            return _build_on(sim, example_inputs, op, dyn, weight_dtype == "uint8", tables)
+        return _build(sim, op, dyn, weight_dtype == "uint8", tables)
 
     model, opset = _build_at_opset(build, opset, auto_opset, dynamic_batch)
     onnx.checker.check_model(model)
@@ -410,6 +451,19 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+
+
+def _output_paths(path, encodings_path) -> tuple[str, str]:
+    """The ONNX and encodings paths, checked writable (an existing folder holds each; neither is a folder)."""
+    path = os.fspath(path)
+    encodings_path = os.fspath(encodings_path) if encodings_path else os.path.splitext(path)[0] + ".encodings.json"
+    for p in (path, encodings_path):
+        parent = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(f"cannot write {p}: folder {parent} does not exist")
+        if os.path.isdir(p):
+            raise IsADirectoryError(f"cannot write {p}: it is a folder; give a file name such as {os.path.join(p, 'model.onnx')}")
+    return path, encodings_path
 
 
 def _build_at_opset(build, opset: int, auto_opset: bool, dynamic_batch: Optional[bool]) -> tuple[onnx.ModelProto, int]:
@@ -439,7 +493,8 @@ def _with_batch(build, dynamic_batch: Optional[bool]) -> onnx.ModelProto:
         return build(False)
 
 
-def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx.ModelProto:
+def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_weights: bool,
+              tables: bool = False) -> onnx.ModelProto:
     """``_build`` with the shapes of ``example_inputs`` recorded on the graph for the time of the export."""
     from ..sim.prepare import propagate_shapes
 
@@ -449,7 +504,7 @@ def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_wei
     try:
         with torch.no_grad():
             propagate_shapes(sim.model, args, kwargs)
-        return _build(sim, opset, dynamic_batch, unsigned_weights)
+        return _build(sim, opset, dynamic_batch, unsigned_weights, tables)
     finally:
         for n, meta in zip(nodes, saved):
             n.meta["tensor_meta"] = meta
@@ -465,6 +520,8 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
     dq_in = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
     w_in = dq_in | {n.input[0] for n in model.graph.node if n.op_type in ("Transpose", "Gather")}  # MatMulInteger's, tables
     inits = {i.name for i in model.graph.initializer}
+    # an elementwise op run as a table lookup: its output codes carry the name
+    looked_up = {n.output[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
     # a recurrent layer's tensors: the first time step's value carries the name (a table lookup's output
     # for the gate activations, which no QuantizeLinear computes)
     values = {o for n in model.graph.node for o in n.output}
@@ -476,7 +533,7 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
             if name not in values:
                 bad.append(f"recurrent tensor {name!r} is no value of the graph")
             continue
-        if not q.is_weight and name not in q_in:
+        if not q.is_weight and name not in q_in and name not in looked_up:
             bad.append(f"activation {name!r} is not the input of a QuantizeLinear")
         if q.role == "weight" and not (name in inits and name in w_in):
             bad.append(f"weight {name!r} is not an initializer read by a DequantizeLinear")
@@ -484,7 +541,7 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
         raise ExportError("encodings do not match the ONNX graph one-to-one: " + "; ".join(bad[:5]))
 
 
-def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx.ModelProto:
+def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables: bool = False) -> onnx.ModelProto:
     gm = sim.model
     modules = dict(gm.named_modules())
     b = _Builder(opset, unsigned_weights)
@@ -493,6 +550,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     want = {n.args[0]: m.tensor_name for n in gm.graph.nodes if isinstance(m := patterns.module_of(n, modules), Quantizer)}
     reserved = set(want.values())  # a quantizer named "add" (a top-level add) vs an unquantized fx node named "add"
     int_clamps = _integer_clamps(gm, modules, want)
+    # with tables=True, elementwise ops between per-tensor grids: a table lookup replaces the op and its quantizer
+    tables = {n.args[0]: n for n in gm.graph.nodes if tables and lowering.table_lowering(n, modules) is not None}
     inputs, outputs = [], []
 
     def shape_of(n):
@@ -521,11 +580,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
         if dynamic_batch:
             _refuse_baked_batch(n, folded, batch)
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
-        if n in int_clamps.values():  # a handful of clamps: no index needed
-            val[n] = val[n.args[0]]  # clamped on the integers after its quantizer
-            continue
-        if isinstance(src, _Quantized) and ops.is_identity(n, modules) and n not in want:
-            val[n] = src  # contiguous(), dropout: the integers pass on, still quantized
+        if _passes_on(b, n, m, src, val, (want, int_clamps, tables), modules):
             continue
         if isinstance(src, _Quantized) and _moves_integers(n, modules) and _move(b, n, m, src, val, want, modules, shape_of):
             continue
@@ -564,6 +619,23 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool) -> onnx
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _passes_on(b: _Builder, n: fx.Node, m, src, val: dict, lowered: tuple, modules) -> bool:
+    """Set ``val[n]`` and return True where node ``n`` passes its input's integers on, or a table lookup computes
+    them (``lowered``: the quantizer names wanted, the integer clamps, the table lookups of :func:`_build`)."""
+    want, int_clamps, tables = lowered
+    if n in int_clamps.values():  # a handful of clamps: no index needed
+        val[n] = val[n.args[0]]  # clamped on the integers after its quantizer
+    elif isinstance(src, _Quantized) and n in tables and (looked := _lookup(b, tables[n], modules, src)) is not None:
+        val[n] = looked  # the quantizer node that reads it passes it on
+    elif isinstance(m, Quantizer) and isinstance(src, _Looked):
+        val[n] = src
+    elif isinstance(src, _Quantized) and ops.is_identity(n, modules) and n not in want:
+        val[n] = src  # contiguous(), dropout: the integers pass on, still quantized
+    else:
+        return False
+    return True
 
 
 def _integer_clamps(gm: fx.GraphModule, modules: dict, want: dict) -> dict:

@@ -8,11 +8,12 @@ integer-exact mode both read the graph through these helpers, so they agree on w
 from __future__ import annotations
 
 import operator
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import fx, nn
 
+from ..core.granularity import PerTensor
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 from . import ops, patterns
@@ -72,6 +73,40 @@ def recurrent_source_name(n, modules) -> Optional[tuple[str, str]]:
         dirs = 2 if m.bidirectional else 1
         return n.target, f"l{(rest[0] % (m.num_layers * dirs)) // dirs}.h"
     return None
+
+
+def _table_function(n: fx.Node, modules) -> Optional[Callable]:
+    """The function of its first argument that elementwise op ``n`` computes (its other arguments are
+    constants), or None."""
+    if not ops.is_elementwise(n, modules) or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    rest, kw, found = n.args[1:], dict(n.kwargs), []
+    fx.node.map_arg((rest, kw), found.append)
+    if found:
+        return None
+    if n.op == "call_module":
+        return modules[n.target]
+    if n.op == "call_method":
+        return lambda t: getattr(t, n.target)(*rest, **kw)
+    return lambda t: n.target(t, *rest, **kw)
+
+
+def table_lowering(q_node: fx.Node, modules) -> Optional[tuple[Callable, Quantizer]]:
+    """``(fn, input quantizer)`` when quantizer node ``q_node`` reads an elementwise op (GELU, sigmoid,
+    hard-swish, ...; :func:`~edgequant.graph.ops.is_elementwise`) directly, nothing else reads the op's float
+    value, and the op's input sits on a per-tensor grid of at most 16 bits (through identity ops): the op
+    is then a lookup table from the input's codes to ``q_node``'s (:mod:`edgequant.core.lut`). None otherwise."""
+    q = patterns.module_of(q_node, modules)
+    if not (isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor)):
+        return None
+    base = q_node.args[0]
+    fn = _table_function(base, modules) if isinstance(base, fx.Node) and len(base.users) == 1 else None
+    if fn is None:
+        return None
+    q_in = source_quantizer(base.args[0], modules, through=ops.is_identity)
+    if not (isinstance(q_in, Quantizer) and isinstance(q_in.spec.granularity, PerTensor) and q_in.spec.bits <= 16):
+        return None
+    return fn, q_in
 
 
 def act_bounds(act, modules, s_y: float, z_y: int, qmin: int, qmax: int, channels: int, ndim: int):

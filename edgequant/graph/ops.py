@@ -14,7 +14,9 @@ and carries the properties the passes ask about: ``identity`` (returns its input
 mode), ``keeps_grid`` (values moved, never recomputed: the integers move too), ``fusable`` (an
 activation an integer kernel applies on its accumulator: one quantizer after it), ``nonneg`` (output
 >= 0: an unsigned grid fits), ``homogeneous`` (``f(x / s) = f(x) / s`` for ``s > 0``: CLE scales
-through it) and ``lowering`` (the integer kernel it is part of: ``add``, ``global_pool``, ``cat``).
+through it), ``elementwise`` (a function of each value alone, the same for every element: between two
+per-tensor grids it is a lookup table, :mod:`edgequant.core.lut`) and ``lowering`` (the integer kernel
+it is part of: ``add``, ``global_pool``, ``cat``).
 
 >>> import torch.nn.functional as F
 >>> from torch import nn
@@ -45,6 +47,7 @@ class Op:
     fusable: bool = False
     nonneg: Union[bool, Callable[[nn.Module], bool]] = False
     homogeneous: bool = False
+    elementwise: bool = False
     lowering: Optional[str] = None
 
 
@@ -56,6 +59,9 @@ MOVE = Op("pass", keeps_grid=True)  # reshape-like and max-pool: integers move u
 RELU = Op("compute", fusable=True, nonneg=True, homogeneous=True)
 NONNEG = Op("compute", nonneg=True)
 ADD = Op("compute", lowering="add")
+UNARY = Op("compute", elementwise=True)
+UNARY_NONNEG = Op("compute", nonneg=True, elementwise=True)
+LEAKY = Op("compute", homogeneous=True, elementwise=True)
 
 
 def _hardtanh_nonneg(m: nn.Module) -> bool:
@@ -79,14 +85,16 @@ _NORMS = BN_MODULES + (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.Instanc
 MODULE_OPS: dict[type, Op] = _table([
     (_NORMS + (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool3d), COMPUTE),
     ((nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d), Op("compute", lowering="global_pool")),  # when the output size is 1
-    ((nn.LeakyReLU, nn.PReLU), Op("compute", homogeneous=True)),
-    ((nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardswish, nn.Softplus, nn.LogSoftmax,
-      nn.Upsample, nn.UpsamplingBilinear2d), COMPUTE),
+    ((nn.LeakyReLU,), LEAKY),
+    ((nn.PReLU,), Op("compute", homogeneous=True)),
+    ((nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Hardswish, nn.Softplus), UNARY),
+    ((nn.LogSoftmax, nn.Upsample, nn.UpsamplingBilinear2d), COMPUTE),
     ((nn.ReLU,), RELU),
     ((nn.Hardtanh,), Op("compute", fusable=True, nonneg=_hardtanh_nonneg)),  # ReLU6 is a Hardtanh
     ((ChannelClamp,), Op("compute", fusable=True, nonneg=lambda m: m.nonneg)),
     ((ChannelScale,), Op("compute", homogeneous=True)),
-    ((nn.Sigmoid, nn.Softmax, nn.Hardsigmoid), NONNEG),
+    ((nn.Sigmoid, nn.Hardsigmoid), UNARY_NONNEG),
+    ((nn.Softmax,), NONNEG),
     ((nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout), IDENTITY),
     ((nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), MOVE),
     ((nn.Unflatten, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
@@ -105,17 +113,18 @@ def add_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg, torch.sub, torch.mul, torch.div,
-      torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.exp, torch.sqrt,
-      torch.rsqrt, torch.tanh, torch.einsum, F.gelu, F.silu, F.mish, F.hardswish, F.hardtanh, F.tanh, F.log_softmax,
-      F.elu, F.layer_norm, F.group_norm, F.batch_norm, F.normalize, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+      torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.einsum,
+      F.hardtanh, F.log_softmax, F.layer_norm, F.group_norm, F.batch_norm, F.normalize, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
       F.adaptive_avg_pool3d, F.interpolate, F.scaled_dot_product_attention), COMPUTE),
+    ((torch.exp, torch.sqrt, torch.rsqrt, torch.tanh, F.gelu, F.silu, F.mish, F.hardswish, F.tanh, F.elu), UNARY),
     ((operator.add, torch.add), ADD),
     ((torch.cat, torch.concat), Op("compute", lowering="cat")),
     ((torch.mean, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d), Op("compute", lowering="global_pool")),
     ((torch.relu, F.relu), RELU),
     ((F.relu6,), Op("compute", fusable=True, nonneg=True)),
-    ((F.leaky_relu,), Op("compute", homogeneous=True)),
-    ((torch.sigmoid, F.sigmoid, torch.softmax, F.softmax, F.hardsigmoid), NONNEG),
+    ((F.leaky_relu,), LEAKY),
+    ((torch.sigmoid, F.sigmoid, F.hardsigmoid), UNARY_NONNEG),
+    ((torch.softmax, F.softmax), NONNEG),
     ((F.dropout,), IDENTITY),
     ((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose), MOVE),
     ((operator.getitem, torch.chunk, torch.split, torch.narrow, torch.t, torch.select,
@@ -125,11 +134,13 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
 ])
 
 METHOD_OPS: dict[str, Op] = _table([
-    (("sub", "mul", "div", "matmul", "bmm", "sum", "exp", "sqrt", "rsqrt", "tanh", "neg", "pow", "mul_", "add_"), COMPUTE),
+    (("sub", "mul", "div", "matmul", "bmm", "sum", "neg", "pow", "mul_", "add_"), COMPUTE),
+    (("exp", "sqrt", "rsqrt", "tanh"), UNARY),
     (("add",), ADD),
     (("mean",), Op("compute", lowering="global_pool")),
     (("relu",), RELU),
-    (("sigmoid", "softmax"), NONNEG),
+    (("sigmoid",), UNARY_NONNEG),
+    (("softmax",), NONNEG),
     (("contiguous", "clone", "detach"), IDENTITY),
     (("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose"), MOVE),
     (("expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select",
@@ -190,6 +201,11 @@ def _flag(node, modules, name: str) -> bool:
 def is_identity(node: fx.Node, modules: dict) -> bool:
     """Whether fx ``node`` returns its input unchanged (``modules``: the graph's named modules)."""
     return _flag(node, modules, "identity")
+
+
+def is_elementwise(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` applies one function to each value alone (GELU, sigmoid, hard-swish, exp, ...)."""
+    return _flag(node, modules, "elementwise")
 
 
 def keeps_grid(node: fx.Node, modules: dict) -> bool:

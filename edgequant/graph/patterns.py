@@ -216,6 +216,8 @@ def pool_dims(node: fx.Node, modules: dict, ndim: int) -> tuple[list[int], bool]
     if module_of(node, modules) is not None or node.target in (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d):
         return list(range(2, ndim)), True
     dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if dims is None:  # x.mean(): every dimension
+        return list(range(ndim)), False
     dims = [dims] if isinstance(dims, int) else list(dims)
     return dims, node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
 

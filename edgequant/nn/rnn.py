@@ -312,7 +312,7 @@ class QuantizedRecurrentMixin(QuantizedModuleMixin):
 
 
 def grid_of(q, what: str) -> Grid:
-    """The :class:`~edgequant.core.recurrent.Grid` of a calibrated per-tensor quantizer."""
+    """The :class:`~edgequant.core.lut.Grid` of a calibrated per-tensor quantizer (``what`` names it in errors)."""
     if not isinstance(q, Quantizer) or not q.is_initialized:
         raise ValueError(f"integer-exact recurrent layers need every tensor quantized and calibrated: {what} is not")
     if not isinstance(q.spec.granularity, PerTensor):

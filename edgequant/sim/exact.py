@@ -11,6 +11,9 @@ apart, and in a deep network such a flip spreads (on MobileNetV2 w8a8: 3e-4 of t
   exact integer accumulator (bias included, on its int32 grid);
 * the output quantizer after a conv/linear (and its fused ReLU/ReLU6/clamp) requantizes that
   accumulator with :func:`edgequant.core.requant.requantize`;
+* with ``tables=True``, the output quantizer after an elementwise op (GELU, sigmoid, hard-swish, ...) whose
+  input is on a per-tensor grid looks its integers up in the op's table (:mod:`edgequant.core.lut`; the
+  ``Gather`` of ``export_onnx(..., tables=True)`` and the integer engine);
 * the output quantizer after an add, a product of two 8-bit tensors (``QLinearMul``; a squeeze-excitation
   gate) or a global average pool reads its inputs' integers and applies :func:`~edgequant.core.requant.add`
   / :func:`~edgequant.core.requant.mul` / :func:`~edgequant.core.requant.mean`;
@@ -27,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..core import lut
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import dequantize, quantize, storage_offset
@@ -34,7 +38,7 @@ from ..errors import NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..nn.modules import QuantizedModuleMixin, own_forward
 from ..nn.quantizer import Quantizer
-from ..nn.rnn import QuantizedRecurrentMixin
+from ..nn.rnn import QuantizedRecurrentMixin, grid_of
 
 
 def _identity_source(n, modules):
@@ -49,10 +53,11 @@ def _per_tensor(q) -> bool:
 class IntegerExactMode:
     """Context manager behind :meth:`QuantSim.integer_exact`; see the module docstring."""
 
-    def __init__(self, sim, requant: str = "float32"):
+    def __init__(self, sim, requant: str = "float32", tables: bool = False):
         if sim.capture_mode != "graph":
             raise ValueError("integer-exact mode needs a sim built by graph capture (this one fell back to leaf modules)")
         self.mode = rq.check_mode(requant)
+        self.tables = tables
         self.gm = sim.model
         self.modules = dict(self.gm.named_modules())
         self.tape: dict[int, torch.Tensor] = {}  # id(quantizer or layer) -> its integers / f64 output
@@ -78,6 +83,15 @@ class IntegerExactMode:
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
                 self.layers.append(bm)
                 return lambda qq, x: self._weighted(qq, bm, q_in, q_w, act)
+        found = lowering.table_lowering(n, self.modules) if self.tables else None
+        if found is not None and _per_tensor(found[1]):
+            fn, q_in = found
+            src = grid_of(q_in, q_in.tensor_name)
+            try:
+                t = lut.table(fn, src, grid_of(q, q.tensor_name), device=q.scale.device)
+            except ValueError:  # NaN on some input code: fake-quantize the float op
+                return self._plain
+            return lambda qq, x: self._out(qq, lut.lookup(t, self.tape[id(q_in)], src).reshape(x.shape))
         # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and fewer,
         # as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
         op = rq.add if patterns.is_add(base) and len(base.args) >= 2 else \

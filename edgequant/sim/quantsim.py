@@ -509,19 +509,21 @@ class QuantSim(nn.Module):
         for name, q, enc in staged:
             q.set_encoding(enc)
 
-    def integer_exact(self, requant: str = "float32"):
+    def integer_exact(self, requant: str = "float32", tables: bool = False):
         """Context manager: inside it, the sim computes what the deployed integer kernels compute,
         bit for bit (exact integer accumulators, the target's requantization); for evaluation.
 
         ``requant="float32"`` is ONNX Runtime's CPU arithmetic (what :func:`edgequant.export_onnx` writes for),
-        ``"fixed_point"`` gemmlowp/TFLite's multiplier and shift. See :mod:`edgequant.sim.exact`.
+        ``"fixed_point"`` gemmlowp/TFLite's multiplier and shift. ``tables=True`` looks elementwise ops between
+        per-tensor grids up in their tables, as ``export_onnx(..., tables=True)`` and the integer engine do.
+        See :mod:`edgequant.sim.exact`.
         Usage: ``with sim.integer_exact(): logits = sim(images)``.
         """
         from .exact import IntegerExactMode
 
         if any(getattr(m, "simulates_bn", False) for m in self.model.modules()):
             raise ValueError("layers still simulate their batch norm: call edgequant.qat.fold_simulated_bn(sim) first")
-        return IntegerExactMode(self, requant)
+        return IntegerExactMode(self, requant, tables)
 
     # ------------------------------------------------------------------ reporting
     def size_bytes(self) -> dict[str, int]:

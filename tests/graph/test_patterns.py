@@ -59,3 +59,29 @@ def test_equalization_pairs_go_through_one_activation():
     seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU6(), nn.Dropout(), nn.Conv2d(8, 4, 1)).eval()
     gm, modules = patterns.trace(fold_batch_norms(seq)[0])
     assert [(p.first, p.second, p.act_kind) for p in patterns.equalization_pairs(gm, modules)] == [("0", "4", "clamp")]
+
+
+def test_a_mean_over_every_dimension_calibrates_and_exports(tmp_path):
+    """``x.mean()`` (no dims) is a global average pool over every dimension: calibration's pool-grid cap used to
+    crash on it (``list(None)``)."""
+    import onnxruntime as ort
+
+    from edgequant import QuantSim, export_onnx
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y - y.mean()
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    sim = QuantSim(Net().eval(), x, "w8a8")
+    sim.calibrate([x], progress=False)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(out), sim(x), atol=float(sim.quantizers()["sub"].scale) * 1.01)

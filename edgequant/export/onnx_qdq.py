@@ -242,8 +242,10 @@ class _Quantized:
         self.q, self.scale, self.zero_point, self.name = q, scale, zero_point, name
 
     def dequantized(self, b: "_Builder") -> str:
-        return b.node("DequantizeLinear", [self.q, self.scale, self.zero_point], out=b.fresh(f"{self.name}_dequantized"),
-                      base=self.name)
+        out = b.node("DequantizeLinear", [self.q, self.scale, self.zero_point], out=b.fresh(f"{self.name}_dequantized"),
+                     base=self.name)
+        b.prunable.add(id(b.nodes[-1]))  # dropped if no node reads it (an op resolved, then exported another way)
+        return out
 
 
 class _Looked(_Quantized):
@@ -590,13 +592,14 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
         if isinstance(src, _Quantized) and _is_linear_nd(n, m, shape_of):
             val[n] = _linear_nd(b, n, m, src, out, modules, shape_of, flat)
             continue
+        if n.op == "output":  # before the arguments are resolved: one DequantizeLinear per output
+            _add_outputs(b, n, val, inputs, outputs, vinfo)
+            continue
         a = list(fx.node.map_aggregate(n.args, lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
         if n.op == "placeholder":
             b.names.add(out)
             inputs.append(vinfo(out, n))
             val[n] = out
-        elif n.op == "output":
-            _add_outputs(b, n, val, inputs, outputs, vinfo)
         elif isinstance(m, Quantizer):
             val[n] = _quantized(b, n, m, a[0], flat, shape_of)
             if n in int_clamps:
@@ -705,8 +708,8 @@ def _recurrent(b: _Builder, n: fx.Node, m, src, in_shape, val: dict) -> list:
 
 
 def _prune(b: _Builder, graph_outputs: set) -> None:
-    """Drop the builder's ``prunable`` nodes whose outputs nothing reads (an unused final LSTM cell state), and the
-    initializers only they read."""
+    """Drop the builder's ``prunable`` nodes whose outputs nothing reads (an unused final LSTM cell state, a
+    DequantizeLinear made for a mapping that fell back to the generic path), and the initializers only they read."""
     while True:
         used = graph_outputs | {i for nd in b.nodes for i in nd.input}
         dead = [nd for nd in b.nodes if id(nd) in b.prunable and not any(o in used for o in nd.output)]

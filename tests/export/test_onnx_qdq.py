@@ -47,6 +47,10 @@ def test_ort_integer_kernels_match_the_sim(folded, tmp_path, cfg):
     q_inputs = {n.input[0] for n in m.graph.node if n.op_type in ("QuantizeLinear", "Clip")}
     inits = {i.name for i in m.graph.initializer}
     assert set(enc["activations"]) <= q_inputs and set(enc["params"]) <= inits
+    # every node's output is read by another node or is a graph output (the model output had a second,
+    # dead DequantizeLinear that ONNX Runtime still ran)
+    read = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    assert [n.name for n in m.graph.node if not set(n.output) & read] == []
 
 
 def test_integer_kernels_are_used_and_int8_weights_saturate(folded, tmp_path):

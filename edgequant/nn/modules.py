@@ -8,11 +8,13 @@ holds and state_dict names stay the same (plus ``param_quantizers.*``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..core.granularity import PerChannel, PerTensor
-from ..core.quant import bias_integers, bias_scale
+from ..core.quant import INT32_MAX, bias_integers, bias_scale
 from .quantizer import Quantizer
 
 _CLASS_CACHE: dict[tuple, type] = {}
@@ -57,10 +59,10 @@ class QuantizedModuleMixin:
         itself, unless a subclass computes it (:mod:`edgequant.qat.bn`: the weight folded with a batch norm)."""
         return getattr(self, pname)
 
-    def _quantized_bias(self, dtype=None):
-        """``round(b / (s_in s_w)) * s_in s_w`` when the input and weight quantizers are active and
-        calibrated (per-tensor input; per-tensor or per-output-channel weight), else None. In ``dtype``
-        (float64 in integer-exact mode) if given."""
+    def bias_grid(self) -> Optional[torch.Tensor]:
+        """The accumulator grid ``s_in s_w`` (float64, one per output channel) of the int32 bias when the input and
+        weight quantizers are active and calibrated (per-tensor input; per-tensor or per-output-channel weight),
+        else None."""
         src = self._bias_input
         bias = self._parameters.get("bias")
         if src is None or bias is None or "weight" not in self.param_quantizers:
@@ -73,7 +75,21 @@ class QuantizedModuleMixin:
         channels = bias.shape[0]
         if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and q_w.scale.numel() == channels)):
             return None
-        s64 = bias_scale(q_in.scale.detach(), q_w.scale.detach(), channels).to(bias.device)
+        return bias_scale(q_in.scale.detach(), q_w.scale.detach(), channels).to(bias.device)
+
+    def bias_saturates(self) -> bool:
+        """Whether the bias falls outside int32 on its accumulator grid (:meth:`bias_grid`): a nearly empty input
+        range. The deployed kernel then clamps it, and its int32 accumulator can wrap around."""
+        s64 = self.bias_grid()
+        return s64 is not None and bool((self._parameters["bias"].detach().double().abs() / s64).max() > INT32_MAX)
+
+    def _quantized_bias(self, dtype=None):
+        """``round(b / (s_in s_w)) * s_in s_w`` on the grid of :meth:`bias_grid`, or None without one. In ``dtype``
+        (float64 in integer-exact mode) if given."""
+        s64 = self.bias_grid()
+        if s64 is None:
+            return None
+        bias = self._parameters["bias"]
         b = (bias_integers(bias.detach(), s64).double() * s64).to(dtype or bias.dtype)
         if bias.requires_grad and torch.is_grad_enabled() and dtype is None:
             b = bias + (b - bias).detach()  # straight through: the bias trains in QAT (same value, same bits)

@@ -33,7 +33,7 @@ from torch import nn
 from ..core import lut
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
-from ..core.quant import dequantize, quantize, storage_offset
+from ..core.quant import INT32_MIN, bias_integers, bias_scale, dequantize, quantize, storage_offset
 from ..errors import NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..nn.modules import QuantizedModuleMixin, own_forward
@@ -78,7 +78,9 @@ class IntegerExactMode:
         bm = patterns.module_of(base, self.modules)
         # a layer with its own forward (weight standardization) need not sum its integer weights: fake-quantize
         if isinstance(bm, lowering.INTEGER_WEIGHTED) and isinstance(bm, QuantizedModuleMixin) and not own_forward(bm):
-            q_in = bm._bias_input[0][bm._bias_input[1]] if bm._bias_input is not None else None
+            # the grid of this call's input (a layer called on several inputs, as a detector head on each feature
+            # level, has one per call; the export writes its bias once per call)
+            q_in = lowering.source_quantizer(base.args[0], self.modules) if base.args else None
             q_w = getattr(bm.param_quantizers, "weight", None)
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
                 self.layers.append(bm)
@@ -125,7 +127,14 @@ class IntegerExactMode:
             cout = y.shape[1] if y.ndim > 1 else y.shape[0]
             shape = [1, -1] + [1] * (y.ndim - 2) if y.ndim > 2 else [1, -1]
         s_w = s_w.expand(cout) if s_w.numel() == 1 else s_w
+        bias_int = None
+        if layer.bias is not None:  # the forward added the bias on its own grid: this call's bias integers instead
+            used = layer._quantized_bias(torch.float64)
+            y = y - (used if used is not None else layer.bias.detach().double()).view(shape)
+            bias_int = bias_integers(layer.bias, bias_scale(torch.tensor(s_x, dtype=torch.float64), s_w, cout)).view(shape)
         acc = torch.round(y / (s_x * s_w).view(shape)).long()
+        acc = acc + bias_int if bias_int is not None else acc
+        acc = (acc - INT32_MIN) % 2 ** 32 + INT32_MIN  # an int32 accumulator wraps around, as the kernels' does
         s_y, z_y = q.scalar_grid()
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, cout, y.ndim)
         lo, hi = lo.reshape(shape), hi.reshape(shape)  # the layer's channel axis (last for a Linear)

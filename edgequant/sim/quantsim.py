@@ -57,6 +57,33 @@ def _check_device(net) -> None:
                         "model.to_empty(device='cpu') then model.load_state_dict(...)")
 
 
+
+def _calibration_warnings(sim, qs: dict, acts: list) -> list[str]:
+    """Warn about what calibration left doubtful (empty or clipping ranges, saturated biases, quantizers that saw no
+    data); returns the names of the last."""
+    collapsed = [n for n, q in qs.items() if q.is_initialized and q.range_collapsed]
+    if collapsed:
+        warnings.warn(f"{len(collapsed)} quantizer(s) saw only zeros, so their range is empty: {', '.join(collapsed[:8])}"
+                      f"{', ...' if len(collapsed) > 8 else ''}. Check that the calibration data is real (not all "
+                      "zeros or constant) and the layers' weights are not all zero", QuantSimWarning, stacklevel=3)
+    clipped = [f"{q.tensor_name} ({q.clipped:.0%})" for q in acts if q.is_initialized and q.clipped > CLIP_WARNING]
+    if clipped:
+        warnings.warn(f"{len(clipped)} activation quantizer(s) clip most of what they saw (values outside the grid): "
+                      f"{', '.join(clipped[:8])}{', ...' if len(clipped) > 8 else ''}. Check the spec (an unsigned "
+                      "grid on signed data?) and the range method", QuantSimWarning, stacklevel=3)
+    saturated = [n for n, m in sim.model.named_modules() if isinstance(m, QuantizedModuleMixin) and m.bias_saturates()]
+    if saturated:
+        warnings.warn(f"{len(saturated)} layer(s) have a bias beyond int32 on their accumulator grid (input scale x "
+                      f"weight scale): {', '.join(saturated[:8])}. Their input range is nearly empty; the sim clamps "
+                      "the bias as deployed kernels do, and their int32 accumulators may wrap around. Check the "
+                      "calibration data reaching them", QuantSimWarning, stacklevel=3)
+    unobserved = [q.tensor_name for q in acts if not q.is_initialized]
+    if unobserved:
+        warnings.warn(f"{len(unobserved)} activation quantizer(s) saw no data during calibration and have no "
+                      f"encoding (their code path never ran): {', '.join(unobserved)}", QuantSimWarning, stacklevel=3)
+    return unobserved
+
+
 def _disabled_state(sim, state_dict, prefix, local_metadata):
     """state_dict hook: a disabled quantizer's buffers under its slot's keys, as if it were enabled."""
     for name, _, _, slot_prefix in sim._slots():
@@ -201,7 +228,8 @@ class QuantSim(nn.Module):
             warnings.warn(
                 f"{e}. Falling back to leaf-module quantization: layers get weight and output quantizers, "
                 "but functional ops (add, cat, matmul, ...) stay in float and conv/bn/relu are not fused. "
-                "Make that code traceable by torch.fx to quantize the whole graph.",
+                "Make that code traceable by torch.fx to quantize the whole graph, or use edgequant.RegionSim "
+                "to capture the submodules that trace (a detector's backbone and heads) in graph mode.",
                 QuantSimWarning, stacklevel=3,
             )
             with torch.no_grad():
@@ -433,20 +461,7 @@ class QuantSim(nn.Module):
         if merge:
             n = merge_across_processes(observers, n, group)
         cap_pool_grids(self)
-        collapsed = [n for n, q in qs.items() if q.is_initialized and q.range_collapsed]
-        if collapsed:
-            warnings.warn(f"{len(collapsed)} quantizer(s) saw only zeros, so their range is empty: {', '.join(collapsed[:8])}"
-                          f"{', ...' if len(collapsed) > 8 else ''}. Check that the calibration data is real (not all "
-                          "zeros or constant) and the layers' weights are not all zero", QuantSimWarning, stacklevel=2)
-        clipped = [f"{q.tensor_name} ({q.clipped:.0%})" for q in acts if q.is_initialized and q.clipped > CLIP_WARNING]
-        if clipped:
-            warnings.warn(f"{len(clipped)} activation quantizer(s) clip most of what they saw (values outside the grid): "
-                          f"{', '.join(clipped[:8])}{', ...' if len(clipped) > 8 else ''}. Check the spec (an unsigned "
-                          "grid on signed data?) and the range method", QuantSimWarning, stacklevel=2)
-        unobserved = [q.tensor_name for q in acts if not q.is_initialized]
-        if unobserved:
-            warnings.warn(f"{len(unobserved)} activation quantizer(s) saw no data during calibration and have no "
-                          f"encoding (their code path never ran): {', '.join(unobserved)}", QuantSimWarning, stacklevel=2)
+        unobserved = _calibration_warnings(self, qs, acts)
         return CalibrationReport(batches=n, seconds=time.perf_counter() - t0, quantizers=len(qs), unobserved=unobserved)
 
     # ------------------------------------------------------------------ encodings

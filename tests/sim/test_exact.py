@@ -126,3 +126,53 @@ def _optimized(sess, path, tmp_path):
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     return onnx.load(so.optimized_model_filepath).graph.node
+
+
+def test_a_bias_beyond_int32_warns_and_the_accumulator_wraps_as_in_onnx_runtime(tmp_path):
+    """A linear layer whose input range is nearly empty: its bias is far beyond int32 on the grid s_in * s_w."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 64) * 1e-6
+    fc = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        fc.bias.fill_(0.5)
+    sim = QuantSim(torch.nn.Sequential(fc).eval(), x[:1], "w8a8")
+    with pytest.warns(UserWarning, match="beyond int32"):
+        sim.calibrate([x], progress=False)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with sim.integer_exact("float32"):
+        exact = sim(x).numpy()
+    assert np.array_equal(out, exact)  # the clamped bias plus a positive sum wraps around in int32
+    with pytest.raises(Exception, match="overflow"):  # the reference engine refuses instead
+        IntegerEngine(sim, "float32")(x)
+
+
+class _Shared(torch.nn.Module):
+    """One conv applied to two inputs on different grids (a detector head on each feature level)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.stem, self.head = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 3, padding=1)
+        for m in (self.stem, self.head):
+            torch.nn.init.normal_(m.weight, generator=g)
+            torch.nn.init.normal_(m.bias, std=3.0, generator=g)
+
+    def forward(self, x):
+        f = torch.relu(self.stem(x))
+        g = torch.relu(self.stem(x * 5.0))
+        return torch.cat([self.head(f).flatten(1), self.head(g).flatten(1)], dim=1)
+
+
+def test_a_layer_called_on_two_grids_is_exact_per_call(tmp_path):
+    x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    sim = _sim(_Shared().eval(), x, "w8a8")
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with sim.integer_exact("float32"):
+        exact = sim(x).numpy()
+    # each call's accumulator is recovered on its own input grid, with its bias on that grid (the export writes
+    # the bias once per call); the layer's single bias grid was off for the other call
+    assert np.array_equal(out, exact)

@@ -3,7 +3,8 @@
 Stages per model (random weights, BatchNorm folded first as an integer runtime folds it, one image):
 capture (``QuantSim``), calibrate, sim forward, ``export_onnx``, ONNX Runtime runs the export, ORT's
 top-1 equals the sim's (and the ORT-vs-sim logit SQNR), and the integer-exact sim is bit-identical to
-ORT. Each model runs in its own process with a time limit; the table lists the first stage that failed
+ORT (where it is not, the fraction of identical outputs, and the same with elementwise ops exported and
+simulated as lookup tables: ``export_onnx(tables=True)``, ``sim.integer_exact(tables=True)``). Each model runs in its own process with a time limit; the table lists the first stage that failed
 and its error, the ONNX op types that stayed in float (between DequantizeLinear and QuantizeLinear
 rather than fused into ORT's integer kernels is not checked here: see ``bench_export.py``), and seconds.
 
@@ -40,6 +41,10 @@ SIZES = {"inception_v3": 299, "vit_h_14": 224}
 #: segmentation and detection models that fit on the machine (their backbones without weights too)
 DENSE = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "fcn_resnet50", "deeplabv3_resnet50",
          "ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn")
+#: detectors (quantized region by region: edgequant.RegionSim) and the score threshold that leaves their random-weight
+#: heads some boxes to compare
+DETECTION = {"ssdlite320_mobilenet_v3_large": {}, "fasterrcnn_mobilenet_v3_large_320_fpn": {"box_score_thresh": 0.0},
+             "retinanet_resnet50_fpn": {"score_thresh": 0.0}}
 #: timm models beyond one per module: TensorFlow / JAX ports ("same" padding, StdConv, normalizer-free) and common idioms
 TIMM_EXTRA = ("tf_efficientnet_b0", "efficientnet_b0", "tf_mobilenetv3_large_100", "mobilenetv3_large_100",
               "resnetv2_50x1_bit", "nf_resnet26", "eca_nfnet_l0", "regnety_008", "resnet50d", "seresnext26d_32x4d",
@@ -86,7 +91,9 @@ def _build(name: str, size: int, source: str, out: dict):
             raise _Skip(f"{out['parameters_m']} M parameters, {h}x{w} input")
         return model, torch.randn(1, c, h, w)
     dense = name in DENSE
-    model = torchvision.models.get_model(name, weights=None, **({"weights_backbone": None} if dense else {})).eval()
+    extra = {"weights_backbone": None} if dense else {}
+    extra.update(DETECTION.get(name, {}))
+    model = torchvision.models.get_model(name, weights=None, **extra).eval()
     out["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
     size = SIZES.get(name, size)
     return model, torch.randn(1, 3, size, size)
@@ -155,7 +162,9 @@ def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> Non
             raise AssertionError(f"top-1 differs (SQNR {out['ort_sqnr_db']:.1f} dB){exact}")
         stage = "integer-exact = ORT"
         if not np.array_equal(ye, o):
-            raise AssertionError(f"{out['identical_fraction']:.4f} of the outputs identical")
+            out["identical_tables"] = _with_tables(sim, x, o.shape)
+            raise AssertionError(f"{out['identical_fraction']:.4f} of the outputs identical "
+                                 f"({out['identical_tables']:.4f} with elementwise ops as tables)")
         stage = "done"
     except _Skip as e:
         out["error"], stage = str(e), "skipped"
@@ -169,6 +178,26 @@ def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> Non
     out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
+def _with_tables(sim, x, shape) -> float:
+    """The identical fraction of ``export_onnx(tables=True)`` in ORT against ``sim.integer_exact(tables=True)``:
+    elementwise ops (GELU, hard-swish, sigmoid, ...) as lookup tables on both sides."""
+    import onnxruntime as ort
+    import torch
+
+    from edgequant import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.onnx"
+        export_onnx(sim, path, tables=True)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = 2
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        o = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact(tables=True):
+        ye = _first(sim(x)).detach().float().numpy().reshape(shape)
+    return float((ye == o).mean())
+
+
 def _first(y):
     """The first tensor of a model's output (a tensor, a dict of them, or a tuple)."""
     while not hasattr(y, "shape"):
@@ -178,8 +207,84 @@ def _first(y):
 
 def _child(name, size, source, q):
     out = {"model": name}
-    run_one(name, size, out, source)
+    (run_regions if name in DETECTION else run_one)(name, size, out, source)
     q.put(out)
+
+
+def _detections_equal(a: list, b: list) -> bool:
+    """The same detections per image, bit for bit."""
+    import torch
+
+    return len(a) == len(b) and all(set(x) == set(y) and all(x[k].shape == y[k].shape and torch.equal(x[k], y[k])
+                                                             for k in x) for x, y in zip(a, b))
+
+
+def _detections_close(a: list, b: list, atol: float = 1e-3) -> bool:
+    """As many detections per image, with the same scores within ``atol`` once sorted (the order of near-tied
+    boxes may differ: folded batch norms round differently in float)."""
+    import torch
+
+    return len(a) == len(b) and all(len(x["scores"]) == len(y["scores"]) and torch.allclose(
+        x["scores"].sort().values, y["scores"].sort().values, rtol=0, atol=atol) for x, y in zip(a, b))
+
+
+def run_regions(name: str, size: int, out: dict, source: str = "torchvision") -> None:
+    """A detector through the same stages, as an ``edgequant.RegionSim`` (backbone and heads in graph mode, the
+    pre/post-processing in float): the export is one ONNX file per region, "ORT runs" runs the detector with its
+    regions in ONNX Runtime, its top detection's label is compared with the sim's, and its boxes, scores and labels
+    with the integer-exact sim's."""
+    import torch
+
+    from edgequant import RegionSim, export_onnx
+    from edgequant.export.regions import deployed
+
+    torch.set_num_threads(int(os.environ.get("EDGEQUANT_BENCH_THREADS", "2")))
+    torch.manual_seed(0)
+    t0, stage = time.perf_counter(), "capture"
+    try:
+        model, x = _build(name, size, source, out)
+        x = ([x[0].uniform_(0, 1)],)  # a list of images in [0, 1]
+        sim = RegionSim(model, x)
+        out["capture_mode"] = "regions: " + ", ".join(sorted(sim.regions))
+        stage = "float = model"
+        with torch.no_grad(), sim.quantization_disabled():
+            if not _detections_close(sim(*x), model(*x)):
+                raise AssertionError("the sim with quantizers off finds other detections than the model")
+        stage = "calibrate"
+        sim.calibrate([x], progress=False)
+        stage = "sim forward"
+        with torch.no_grad():
+            y = sim(*x)
+        stage = "export"
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = export_onnx(sim, tmp)
+            ops = Counter(n.op_type for p in paths.values() for n in onnx_nodes(p["onnx"]))
+            out["float_ops"] = sorted(set(ops) - INTEGER_OPS - {"QuantizeLinear", "DequantizeLinear", "Constant"})
+            stage = "ORT runs"
+            with torch.no_grad():
+                o = deployed(sim, paths)(*x)
+        with torch.no_grad(), sim.integer_exact():
+            ye = sim(*x)
+        out["boxes"] = int(len(o[0]["boxes"]))
+        stage = "ORT top-1 = sim"
+        if out["boxes"] == 0 or int(o[0]["labels"][0]) != int(y[0]["labels"][0]):
+            raise AssertionError(f"top detection's label differs or no boxes ({out['boxes']})")
+        stage = "integer-exact = ORT"
+        if not _detections_equal(o, ye):
+            raise AssertionError("the detections of ORT and the integer-exact sim differ")
+        out["identical_fraction"] = 1.0
+        stage = "done"
+    except Exception as e:  # noqa: BLE001 -- every failure is a row of the table
+        out["error"] = f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+        out["trace"] = traceback.format_exc()[-1500:]
+    out["stage"] = stage
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+
+
+def onnx_nodes(path):
+    import onnx
+
+    return onnx.load(str(path)).graph.node
 
 
 def main():

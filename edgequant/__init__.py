@@ -23,6 +23,7 @@ __version__ = "0.2.0"
 #: public name -> the module that defines it
 _EXPORTS = {
     "quantize": ".ptq", "analyze": ".analysis", "load": ".sim", "QuantSim": ".sim", "QuantSimWarning": ".sim", "CalibrationReport": ".sim",
+    "RegionSim": ".sim",
     "QuantConfig": ".config", "QuantSpec": ".config", "Override": ".config", "PRESETS": ".config",
     "QuantPlan": ".config", "PlanEntry": ".config", "PerTensor": ".config", "PerChannel": ".config",
     "PerBlock": ".config", "Encoding": ".core", "Quantizer": ".nn", "register_quantized": ".nn",

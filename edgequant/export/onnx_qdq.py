@@ -409,26 +409,26 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             between DequantizeLinear and QuantizeLinear (as ``quantize_static`` does), where ORT's float kernels
             may round a value differently from torch's in the last bit.
 
-    Returns ``{"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}``.
+    Returns ``{"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}``. A
+    :class:`~edgequant.sim.RegionSim` is written region by region into the folder ``path``
+    (:func:`edgequant.export.regions.export_regions`).
     """
     if weight_dtype not in ("auto", "uint8", "int8"):
         raise ValueError(f"weight_dtype must be 'auto', 'uint8' or 'int8', got {weight_dtype!r}")
     from ..sim.quantsim import QuantSim
+    from ..sim.regions import RegionSim
 
+    if isinstance(sim, RegionSim):
+        from .regions import export_regions
+
+        return export_regions(sim, path, opset=opset, weight_dtype=weight_dtype, dynamic_batch=dynamic_batch,
+                              tables=tables)
     if not isinstance(sim, QuantSim):
-        raise TypeError(f"export_onnx needs a QuantSim, got {type(sim).__name__}")
+        raise TypeError(f"export_onnx needs a QuantSim or a RegionSim, got {type(sim).__name__}")
     if sim.capture_mode != "graph":
         raise ExportError("ONNX export needs a sim built by graph capture; this one fell back to leaf modules "
                           "(see the capture warning for the line that stopped tracing)")
-    simulated = [n for n, m in sim.model.named_modules() if getattr(m, "simulates_bn", False)]
-    if simulated:
-        raise ExportError(f"{len(simulated)} layer(s) still simulate their batch norm ({', '.join(simulated[:3])}): call "
-                          "edgequant.qat.fold_simulated_bn(sim) after training, then export")
-    qs = sim.quantizers()
-    missing = [n for n, q in qs.items() if not q.is_initialized]
-    if missing:
-        raise NotCalibratedError(f"{len(missing)} quantizer(s) have no encoding ({', '.join(missing[:5])}): "
-                                 "call sim.calibrate(data) or sim.load_encodings(path) before export_onnx")
+    qs = _exportable_quantizers(sim)
     needs21 = any(q.spec.bits in (4, 16) or q.spec.bits > 8 or isinstance(q.spec.granularity, PerBlock) for q in qs.values())
     auto_opset = opset is None
     opset = opset or (21 if needs21 else 17)
@@ -453,6 +453,20 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+
+
+def _exportable_quantizers(sim) -> dict:
+    """``sim.quantizers()``, checked: every one calibrated, no batch norm still simulated."""
+    simulated = [n for n, m in sim.model.named_modules() if getattr(m, "simulates_bn", False)]
+    if simulated:
+        raise ExportError(f"{len(simulated)} layer(s) still simulate their batch norm ({', '.join(simulated[:3])}): call "
+                          "edgequant.qat.fold_simulated_bn(sim) after training, then export")
+    qs = sim.quantizers()
+    missing = [n for n, q in qs.items() if not q.is_initialized]
+    if missing:
+        raise NotCalibratedError(f"{len(missing)} quantizer(s) have no encoding ({', '.join(missing[:5])}): "
+                                 "call sim.calibrate(data) or sim.load_encodings(path) before export_onnx")
+    return qs
 
 
 def _output_paths(path, encodings_path) -> tuple[str, str]:

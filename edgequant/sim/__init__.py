@@ -1,5 +1,6 @@
 """Quantization simulation."""
 from .quantsim import CalibrationReport, QuantSim, QuantSimWarning
+from .regions import RegionSim
 from .saving import load
 
-__all__ = ["QuantSim", "QuantSimWarning", "CalibrationReport", "load"]
+__all__ = ["QuantSim", "QuantSimWarning", "CalibrationReport", "RegionSim", "load"]

@@ -115,7 +115,14 @@ def _has_float(meta) -> bool:
 
 
 def propagate_shapes(gm: fx.GraphModule, args: tuple, kwargs: dict) -> None:
-    """Run the example inputs through ``gm``, recording every node's ``tensor_meta``."""
+    """Run the example inputs through ``gm``, recording every node's ``tensor_meta``. A graph captured through
+    ``torch.export`` takes its inputs flattened (a list of feature maps is one placeholder per map)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+        flat = torch.utils._pytree.tree_leaves((tuple(args), dict(kwargs)))
+        if len(flat) == len(placeholders):
+            ShapeProp(gm).propagate(*flat)
+            return
     pos = list(args)
     values = []
     for p in (n for n in gm.graph.nodes if n.op == "placeholder"):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from ..batches import as_args
 from ..graph.patterns import set_submodule
 
 
@@ -38,8 +39,9 @@ class OrtRegion(nn.Module):
         so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(os.fspath(path), so, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
+        args, kwargs = as_args(region._example_inputs)
         with torch.no_grad():
-            out = region(*region._example_inputs) if isinstance(region._example_inputs, tuple) else region(region._example_inputs)
+            out = region(*args, **kwargs)
         self.spec = pytree.tree_flatten(out)[1]
 
     def forward(self, *args, **kwargs):

@@ -10,7 +10,8 @@ exports to its own ONNX file (:func:`edgequant.export_onnx` given a folder), whi
 deployed: the network on the accelerator, the box decoding and NMS on the CPU.
 
 Regions are found top-down: a submodule that ran on the example and holds a weighted layer is captured
-whole if graph capture accepts it on the inputs it was called with, else its children are tried.
+whole if graph capture accepts it on the inputs it was called with (its first call's), else its children
+are tried.
 """
 from __future__ import annotations
 
@@ -71,22 +72,25 @@ def _capture(m: nn.Module, call, config, sim_kwargs) -> Optional[QuantSim]:
         logging.disable(logging.NOTSET)
 
 
-def find_regions(model: nn.Module, calls: dict[str, list], config, sim_kwargs: dict) -> dict[str, QuantSim]:
-    """The largest submodules of ``model`` that capture in graph mode (see the module docstring)."""
+def find_regions(model: nn.Module, args: tuple, kwargs: dict, config, sim_kwargs: dict) -> dict[str, QuantSim]:
+    """The largest submodules of ``model`` that capture in graph mode (see the module docstring), level by level:
+    one forward per level records the inputs of that level's candidates only (a clone of every layer's input at
+    once would hold a detector's whole activation memory)."""
     found: dict[str, QuantSim] = {}
-
-    def visit(prefix: str, m: nn.Module) -> None:
-        if not _has_weights(m) or prefix not in calls:
-            return
-        sim = _capture(m, calls[prefix][0], config, sim_kwargs)
-        if sim is not None:
-            found[prefix] = sim
-            return
-        for name, child in m.named_children():
-            visit(f"{prefix}.{name}", child)
-
-    for name, child in model.named_children():
-        visit(name, child)
+    frontier = [name for name, child in model.named_children() if _has_weights(child)]
+    while frontier:
+        calls = _record_calls(model, args, kwargs, set(frontier))
+        deeper = []
+        for name in frontier:
+            if name not in calls:  # did not run on the example
+                continue
+            m = model.get_submodule(name)
+            sim = _capture(m, calls[name][0], config, sim_kwargs)
+            if sim is not None:
+                found[name] = sim
+            else:
+                deeper += [f"{name}.{c}" for c, child in m.named_children() if _has_weights(child)]
+        frontier = deeper
     return found
 
 
@@ -117,9 +121,9 @@ class RegionSim(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"RegionSim needs a torch.nn.Module, got {type(model).__name__}")
         args, kwargs = as_args(example_inputs)
-        names = set(regions) if regions is not None else None
-        calls = _record_calls(model, args, kwargs, names)
-        if names is not None:
+        if regions is not None:
+            names = set(regions)
+            calls = _record_calls(model, args, kwargs, names)
             missing = sorted(names - set(calls))
             if missing:
                 raise ValueError(f"regions {missing} did not run on the example inputs; name submodules the model "
@@ -131,7 +135,7 @@ class RegionSim(nn.Module):
                     raise GraphCaptureError(f"region {n!r} does not capture in graph mode; try its submodules")
                 found[n] = sim
         else:
-            found = find_regions(model, calls, config, sim_kwargs)
+            found = find_regions(model, args, kwargs, config, sim_kwargs)
         if not found:
             raise GraphCaptureError("no submodule of the model captures in graph mode: use QuantSim (leaf mode)")
         self.model = copy.deepcopy(model)

@@ -11,7 +11,7 @@ deploys: per-channel clamps before the depthwise convs), for models with SiLU al
 ``quantize_static`` (uint8 activations, int8 per-channel weights, ``reduce_range``: its setting for
 CPUs without VNNI). Transformers are measured in ``bench_transformers.py``.
 
-Usage: python benchmarks/bench_latency.py [--models mobilenet_v2,resnet18,efficientnet_b0] [--repeats 20]
+Usage: python benchmarks/bench_latency.py [--models mobilenet_v2,resnet18,efficientnet_b0,mobilenet_v3_large] [--repeats 20]
        [--out benchmarks/results/latency.md]
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def export_all(name: str, cal: torch.Tensor, tmp: str) -> dict[str, str]:
 
 def main():
     ap = timing_parser(__doc__, 32, 32)
-    ap.add_argument("--models", default="mobilenet_v2,resnet18,efficientnet_b0")
+    ap.add_argument("--models", default="mobilenet_v2,resnet18,efficientnet_b0,mobilenet_v3_large")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)

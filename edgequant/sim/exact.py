@@ -20,12 +20,19 @@ apart, and in a deep network such a flip spreads (on MobileNetV2 w8a8: 3e-4 of t
 * quantized LSTM / GRU / RNN layers run their cells on integers (:mod:`edgequant.core.recurrent`: integer
   matmuls, lookup tables for sigmoid/tanh, the export's float32 elementwise steps), ``"float32"`` only;
 * every other quantizer fake-quantizes as usual (ONNX Runtime runs those ops as
-  DequantizeLinear -> float op -> QuantizeLinear, which divides just like the sim).
+  DequantizeLinear -> float op -> QuantizeLinear, which divides just like the sim). Where that float op
+  computes new values (LayerNorm, softmax, a float matmul) rather than moving them, ORT's float kernel can
+  round the last bit differently from torch's: the mode lists those quantizers (``float_computed``) and
+  warns once per sim.
 
 ``requant="float32"`` reproduces ONNX Runtime's CPU kernels; ``"fixed_point"`` the gemmlowp/TFLite
 multiplier-and-shift (see :mod:`edgequant.core.requant`). Evaluation only: no gradients flow.
 """
 from __future__ import annotations
+
+import operator
+import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -39,6 +46,7 @@ from ..graph import lowering, ops, patterns
 from ..nn.modules import QuantizedModuleMixin, own_forward
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin, grid_of
+from .quantsim import QuantSimWarning
 
 
 def _identity_source(n, modules):
@@ -48,6 +56,20 @@ def _identity_source(n, modules):
 
 def _per_tensor(q) -> bool:
     return isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor) and q.is_initialized
+
+
+def _computes_in_float(n, modules) -> bool:
+    """Whether node ``n`` computes new float values (a LayerNorm, a softmax, a float matmul), as opposed to reading a
+    model input or moving values that are already on a grid (a quantizer, reshapes, selections, concat, pads)."""
+    if n.op == "placeholder" or isinstance(patterns.module_of(n, modules), Quantizer) or patterns.is_cat(n):
+        return False
+    op = ops.node_op(n, modules)
+    return not (n.target is operator.getitem or (op is not None and op.kind == "pass"))
+
+
+def _op_name(n, modules) -> str:
+    m = patterns.module_of(n, modules)
+    return type(m).__name__ if m is not None else ops.function_name(n.target)
 
 
 class IntegerExactMode:
@@ -62,6 +84,10 @@ class IntegerExactMode:
         self.modules = dict(self.gm.named_modules())
         self.tape: dict[int, torch.Tensor] = {}  # id(quantizer or layer) -> its integers / f64 output
         self.steps: dict[Quantizer, object] = {}
+        self.sim = sim
+        #: quantizers whose input a float op computes, and the op: ONNX Runtime runs such ops with its own float
+        #: kernels, which may round the last bit differently from torch's (then the quantizer lands a step away)
+        self.float_computed: dict[str, str] = {}
         self.layers: list[QuantizedModuleMixin] = []
         # recurrent layers run their cells on integers (edgequant.core.recurrent)
         self.recurrent = [m for m in self.modules.values() if isinstance(m, QuantizedRecurrentMixin)]
@@ -83,6 +109,8 @@ class IntegerExactMode:
             q_in = lowering.source_quantizer(base.args[0], self.modules) if base.args else None
             q_w = getattr(bm.param_quantizers, "weight", None)
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
+                if q.spec.bits > 8:  # ORT's integer kernels write 8-bit outputs: a float rescale (or a float layer)
+                    self.float_computed[q.tensor_name] = f"{type(bm).__name__} to a {q.spec.bits}-bit grid"
                 self.layers.append(bm)
                 return lambda qq, x: self._weighted(qq, bm, q_in, q_w, act)
         found = lowering.table_lowering(n, self.modules) if self.tables else None
@@ -106,6 +134,8 @@ class IntegerExactMode:
             qx = _identity_source(base.args[0], self.modules)
             if _per_tensor(qx):
                 return lambda qq, x: self._mean(qq, qx, base, x)
+        if _computes_in_float(base, self.modules):
+            self.float_computed[q.tensor_name] = _op_name(base, self.modules)
         return self._plain
 
     # ------------------------------------------------------------------ steps
@@ -176,6 +206,15 @@ class IntegerExactMode:
             m._exact_requant = self.mode
         self._grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
+        if self.float_computed and not getattr(self.sim, "_float_ops_warned", False):
+            object.__setattr__(self.sim, "_float_ops_warned", True)  # once per sim
+            kinds = Counter(self.float_computed.values())
+            warnings.warn(
+                f"integer_exact: {len(self.float_computed)} quantizer(s) read ops computed in float "
+                f"({', '.join(f'{k} x{v}' for k, v in kinds.most_common(6))}): ONNX Runtime runs them with its own float "
+                "kernels, which can round the last bit differently from torch's, so those outputs (and what follows) "
+                "can land a step away from the deployed ones. Elementwise ops are exact as tables: "
+                "integer_exact(tables=True) with export_onnx(..., tables=True)", QuantSimWarning, stacklevel=3)
         return self
 
     def __exit__(self, *exc):

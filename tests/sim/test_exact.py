@@ -1,4 +1,6 @@
 """The sim's integer-exact mode against ONNX Runtime's integer kernels and the integer engine."""
+import warnings
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -176,3 +178,30 @@ def test_a_layer_called_on_two_grids_is_exact_per_call(tmp_path):
     # each call's accumulator is recovered on its own input grid, with its bias on that grid (the export writes
     # the bias once per call); the layer's single bias grid was off for the other call
     assert np.array_equal(out, exact)
+
+
+def test_integer_exact_names_the_quantizers_that_read_float_computations():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.ln = torch.nn.Linear(16, 16), torch.nn.LayerNorm(16)
+
+        def forward(self, x):
+            return self.fc(self.ln(x)).softmax(dim=-1)
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 16)
+    sim = _sim(Block().eval(), x, "w8a8")
+    with pytest.warns(UserWarning, match="LayerNorm x1, softmax x1"):
+        with sim.integer_exact() as mode:
+            sim(x)
+    assert sorted(mode.float_computed.values()) == ["LayerNorm", "softmax"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per sim
+        with sim.integer_exact():
+            sim(x)
+    cnn = _sim(_Gate().eval(), torch.randn(16, 3, 8, 8), "w8a8")  # conv, relu, sigmoid: only the sigmoid is float
+    with pytest.warns(UserWarning, match="Sigmoid|sigmoid"):
+        with cnn.integer_exact() as mode:
+            pass
+    assert list(mode.float_computed.values()) == ["sigmoid"]

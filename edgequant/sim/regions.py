@@ -61,6 +61,7 @@ def _capture(m: nn.Module, call, config, sim_kwargs) -> Optional[QuantSim]:
     example = dict(kw) if kw and not a else (tuple(a) if not kw else None)
     if example is None:  # positional and keyword inputs together: only the positional ones are examples
         return None
+    before = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # torch.export logs (and prints) every graph it cannot capture, whole
     try:
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
@@ -69,7 +70,7 @@ def _capture(m: nn.Module, call, config, sim_kwargs) -> Optional[QuantSim]:
     except (GraphCaptureError, DataError, ValueError, TypeError, RuntimeError, NotImplementedError):
         return None
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 def find_regions(model: nn.Module, args: tuple, kwargs: dict, config, sim_kwargs: dict) -> dict[str, QuantSim]:
@@ -150,9 +151,10 @@ class RegionSim(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def calibrate(self, data: Iterable, num_batches: Optional[int] = None, progress: bool = True) -> None:
+    def calibrate(self, data: Iterable, num_batches: Optional[int] = None, progress: bool = True) -> dict:
         """Calibrate every region on what it receives while the model runs ``data`` with its quantizers off
-        (each batch: a model input, a tuple of positional inputs or a dict, as for ``QuantSim.calibrate``)."""
+        (each batch: a model input, a tuple of positional inputs or a dict, as for ``QuantSim.calibrate``).
+        Returns ``{region: CalibrationReport}``."""
         regions = self.regions
         seen: dict[str, list] = {n: [] for n in regions}
         with self.quantization_disabled():
@@ -160,16 +162,18 @@ class RegionSim(nn.Module):
                 a, kw = as_args(batch)
                 for n, c in _record_calls(self.model, a, kw, set(regions)).items():
                     seen[n].extend(c)
-        for n, sim in regions.items():
-            if not seen[n]:
-                raise DataError(f"region {n!r} was not called on the calibration data")
-            sim.calibrate(seen[n], forward_fn=lambda s, call: s(*call[0], **call[1]), progress=False)
+        missing = [n for n in regions if not seen[n]]
+        if missing:
+            raise DataError(f"regions {missing} were not called on the calibration data")
+        return {n: sim.calibrate(seen[n], forward_fn=lambda s, call: s(*call[0], **call[1]), progress=False)
+                for n, sim in regions.items()}
 
+    @contextlib.contextmanager
     def _each(self, method: str, *args):
-        stack = contextlib.ExitStack()
-        for sim in self.regions.values():
-            stack.enter_context(getattr(sim, method)(*args))
-        return stack
+        with contextlib.ExitStack() as stack:
+            for sim in self.regions.values():
+                stack.enter_context(getattr(sim, method)(*args))
+            yield self
 
     def quantization_disabled(self):
         """Context manager: every region computes in float (the float model)."""

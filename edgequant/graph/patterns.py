@@ -122,6 +122,13 @@ def is_mul(node: fx.Node) -> bool:
     return mul and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
 
 
+def is_matmul(node: fx.Node) -> bool:
+    """A matrix product of two graph values (``a @ b``, ``torch.matmul(a, b)``, ``a.matmul(b)``, ``torch.bmm``)."""
+    mm = node.op == "call_function" and node.target in (operator.matmul, torch.matmul, torch.bmm) or \
+        node.op == "call_method" and node.target in ("matmul", "bmm")
+    return mm and len(node.args) >= 2 and all(isinstance(a, fx.Node) for a in node.args[:2])
+
+
 def is_cat(node: fx.Node) -> bool:
     op = ops.node_op(node, {}) if node.op == "call_function" else None
     return op is not None and op.lowering == "cat"

@@ -14,6 +14,8 @@ apart, and in a deep network such a flip spreads (on MobileNetV2 w8a8: 3e-4 of t
 * with ``tables=True``, the output quantizer after an elementwise op (GELU, sigmoid, hard-swish, ...) whose
   input is on a per-tensor grid looks its integers up in the op's table (:mod:`edgequant.core.lut`; the
   ``Gather`` of ``export_onnx(..., tables=True)`` and the integer engine);
+* the output quantizer after a matrix product of two 8-bit tensors (``QLinearMatMul``: attention; their
+  integers reach it through identity ops or transposes) computes the exact integer product and requantizes it;
 * the output quantizer after an add, a product of two 8-bit tensors (``QLinearMul``; a squeeze-excitation
   gate) or a global average pool reads its inputs' integers and applies :func:`~edgequant.core.requant.add`
   / :func:`~edgequant.core.requant.mul` / :func:`~edgequant.core.requant.mean`;
@@ -35,7 +37,7 @@ import warnings
 from collections import Counter
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from ..core import lut
 from ..core import requant as rq
@@ -56,6 +58,32 @@ def _identity_source(n, modules):
 
 def _per_tensor(q) -> bool:
     return isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor) and q.is_initialized
+
+
+def _moved_source(n, modules):
+    """``(quantizer, moves)``: the quantizer whose integers reach node ``n`` through identity ops and reshape-like
+    moves with constant arguments (a transpose, a permute), the moves in order; ``(None, [])`` otherwise."""
+    moves = []
+    while isinstance(n, fx.Node):
+        if isinstance(patterns.module_of(n, modules), Quantizer):
+            return patterns.module_of(n, modules), moves[::-1]
+        if ops.is_identity(n, modules):
+            n = n.args[0]
+            continue
+        found: list = []
+        fx.node.map_arg((n.args[1:], n.kwargs), found.append)
+        if n.op not in ("call_method", "call_function") or not ops.keeps_grid(n, modules) or found:
+            break
+        moves.append(n)
+        n = n.args[0]
+    return None, []
+
+
+def _replay(t: torch.Tensor, moves: list) -> torch.Tensor:
+    """Apply the recorded moves (:func:`_moved_source`) to integer tensor ``t``."""
+    for n in moves:
+        t = getattr(t, n.target)(*n.args[1:], **n.kwargs) if n.op == "call_method" else n.target(t, *n.args[1:], **n.kwargs)
+    return t
 
 
 def _computes_in_float(n, modules) -> bool:
@@ -130,6 +158,10 @@ class IntegerExactMode:
             qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
             if _per_tensor(qa) and _per_tensor(qb) and (op is rq.add or max(qa.spec.bits, qb.spec.bits) <= 8):
                 return lambda qq, x: self._binary(op, qq, qa, qb, act, x)
+        if patterns.is_matmul(base) and act is None and q.spec.bits <= 8:
+            (qa, ca), (qb, cb) = (_moved_source(a, self.modules) for a in base.args[:2])
+            if _per_tensor(qa) and _per_tensor(qb) and max(qa.spec.bits, qb.spec.bits) <= 8:
+                return lambda qq, x: self._matmul(qq, (qa, ca), (qb, cb), x)
         if patterns.is_global_pool(base, self.modules) and act is None:
             qx = _identity_source(base.args[0], self.modules)
             if _per_tensor(qx):
@@ -178,6 +210,16 @@ class IntegerExactMode:
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
         return self._out(q, op(a, s_a, z_a, b, s_b, z_b, s_y, z_y, lo, hi, self.mode, offsets).reshape(x.shape))
+
+    def _matmul(self, q: Quantizer, a, b, x) -> torch.Tensor:
+        """ONNX Runtime's ``QLinearMatMul``: the exact int32 product of the centred integers, requantized."""
+        (qa, ca), (qb, cb) = a, b
+        (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
+        ia, ib = _replay(self.tape[id(qa)] - z_a, ca), _replay(self.tape[id(qb)] - z_b, cb)
+        acc = torch.matmul(ia.double(), ib.double()).round().long()  # integers below 2**53: exact
+        acc = (acc - INT32_MIN) % 2 ** 32 + INT32_MIN
+        y = rq.requantize(acc, s_a, torch.tensor([s_b], dtype=torch.float64), s_y, z_y, q.qmin, q.qmax, self.mode)
+        return self._out(q, y.reshape(x.shape))
 
     def _mean(self, q: Quantizer, qx: Quantizer, node, x) -> torch.Tensor:
         v = self.tape[id(qx)]

@@ -205,3 +205,34 @@ def test_integer_exact_names_the_quantizers_that_read_float_computations():
         with cnn.integer_exact() as mode:
             pass
     assert list(mode.float_computed.values()) == ["sigmoid"]
+
+
+class _Attn(torch.nn.Module):
+    """A product of two quantized tensors, one of them transposed (attention's q k^T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        q = torch.relu(self.a(x)).flatten(2)
+        k = self.b(x).flatten(2)
+        return torch.matmul(q, k.transpose(1, 2)).flatten(1)
+
+
+def test_a_matmul_of_two_quantized_tensors_is_onnx_runtimes_qlinearmatmul(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 6, 6)
+    sim = _sim(_Attn().eval(), x, "w8a8")
+    qs = sim.quantizers()
+    # an output scale of 2 s_a s_b puts every odd integer product on a rounding tie: only the exact integer product
+    # requantized as QLinearMatMul does lands where ORT does
+    s_y = torch.tensor(2 * float(qs["relu"].scale) * float(qs["b"].scale), dtype=torch.float32)
+    qs["matmul"]._set(s_y.reshape(qs["matmul"].scale.shape), qs["matmul"].zero_point)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert "QLinearMatMul" in {n.op_type for n in _optimized(sess, path, tmp_path)}
+    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with sim.integer_exact("float32") as mode:
+        exact = sim(x).numpy()
+    assert np.array_equal(out, exact) and "matmul" not in mode.float_computed

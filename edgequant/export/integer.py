@@ -26,8 +26,8 @@ clamp) mapped onto the output grid. **Add**: fixed point brings both inputs to a
 left-shifted multipliers (TFLite's scheme, 20 bits of headroom), sums in int64 and requantizes;
 float32 is ORT's fused multiply-add on the stored (uint8) integers. **Global average pooling**: an
 int32 sum, requantized with ``M = s_x / (s_y HW)``. **Elementwise ops** (GELU, sigmoid, hard-swish, ...)
-between two per-tensor grids: a lookup table from code to code (:mod:`edgequant.core.lut`). Max pooling, flatten, reshape and dropout move
-integers without arithmetic.
+between two per-tensor grids: a lookup table from code to code (:mod:`edgequant.core.lut`). Max pooling,
+flatten, reshape and dropout move integers without arithmetic.
 
 **Agreement with the sim.** The float sim accumulates in float32 and divides by ``s_y``; a value
 within about ``1e-6`` of a rounding boundary lands one step away from the engine's, and in a deep

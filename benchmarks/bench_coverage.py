@@ -106,7 +106,6 @@ class _Skip(Exception):
 def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> None:
     import numpy as np
     import onnx
-    import onnxruntime as ort
     import torch
 
     from edgequant import QuantSim, export_onnx
@@ -141,10 +140,7 @@ def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> Non
             ops = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
             out["float_ops"] = sorted(set(ops) - INTEGER_OPS - {"QuantizeLinear", "DequantizeLinear", "Constant"})
             stage = "ORT runs"
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = 2
-            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-            o = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            o = _ort_output(path, x)
         stage = "integer-exact = ORT"  # computed first: it tells a top-1 flip of near-tied logits from an export error
         with torch.no_grad(), sim.integer_exact():
             ye = _first(sim(x))
@@ -178,10 +174,19 @@ def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> Non
     out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
+def _ort_output(path, x):
+    """The first output of the ONNX model at ``path`` on input ``x`` in ONNX Runtime (2 threads)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
 def _with_tables(sim, x, shape) -> float:
     """The identical fraction of ``export_onnx(tables=True)`` in ORT against ``sim.integer_exact(tables=True)``:
     elementwise ops (GELU, hard-swish, sigmoid, ...) as lookup tables on both sides."""
-    import onnxruntime as ort
     import torch
 
     from edgequant import export_onnx
@@ -189,10 +194,7 @@ def _with_tables(sim, x, shape) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.onnx"
         export_onnx(sim, path, tables=True)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 2
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        o = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        o = _ort_output(path, x)
     with torch.no_grad(), sim.integer_exact(tables=True):
         ye = _first(sim(x)).detach().float().numpy().reshape(shape)
     return float((ye == o).mean())

@@ -48,4 +48,3 @@ def table(fn: Callable, src: Grid, dst: Grid, device=None) -> torch.Tensor:
 def lookup(t: torch.Tensor, q: torch.Tensor, src: Grid) -> torch.Tensor:
     """The activation's integers for the pre-activation integers ``q`` (on ``src``) through table ``t``."""
     return t[q - src.qmin]
-

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .lut import Grid, lookup, table  # noqa: F401  (re-exported: the cell's tables)
+from .lut import lookup
 from .quant import INT32_MAX, INT32_MIN
 
 

@@ -29,6 +29,7 @@ import math
 import torch
 
 from ..errors import RequantError
+from .quant import INT32_MIN
 
 MODES = ("float32", "fixed_point")
 ADD_HEADROOM_BITS = 20  # TFLite's left shift before the add's rescaling
@@ -42,6 +43,12 @@ def check_mode(mode: str) -> str:
 
 def _f32(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64).to(torch.float32)
+
+
+def wrap_int32(acc: torch.Tensor) -> torch.Tensor:
+    """An int64 accumulator as an int32 register holds it: wrapped around modulo 2**32 (what the kernels' int32 adds
+    do when a saturated bias and a large sum overflow)."""
+    return (acc - INT32_MIN) % 2 ** 32 + INT32_MIN
 
 
 def rne_f32_product(acc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

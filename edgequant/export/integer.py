@@ -58,7 +58,7 @@ from ..graph import lowering, ops, patterns
 from ..nn.modules import float_class_of, own_forward
 from ..nn.padded import PaddedConv2d
 from ..nn.quantizer import Quantizer
-from ..nn.rnn import QuantizedRecurrentMixin, grid_of
+from ..nn.rnn import QuantizedRecurrentMixin
 
 
 @dataclass
@@ -123,7 +123,7 @@ class IntegerEngine:
                     or patterns.is_add(base) or self._is_global_pool(base) \
                     or patterns.is_cat(base) \
                     or (base.op == "call_method" and base.target == "mean") or self._is_pass(base) \
-                    or isinstance(self._mod(base), Quantizer) or self._table(n) is not None
+                    or isinstance(self._mod(base), Quantizer) or lowering.lookup_table(n, self.modules) is not None
                 if not ok:
                     raise IntegerEngineError(self._unsupported(base))
                 if isinstance(bm, (nn.Conv1d, nn.Conv2d, nn.Linear)):
@@ -175,19 +175,6 @@ class IntegerEngine:
         y = qt(out.transpose(0, 1) if m.batch_first else out, last)
         hs = stack(h_n, m.state_tensors("h"))
         return [y, [hs, stack(c_n, m.state_tensors("c"))]] if m.mode == "LSTM" else [y, hs]
-
-    def _table(self, q_node):
-        """``(table, input grid)`` when quantizer node ``q_node`` closes an elementwise op on a per-tensor grid
-        (:func:`~edgequant.graph.lowering.table_lowering`), else None."""
-        found = lowering.table_lowering(q_node, self.modules)
-        if found is None:
-            return None
-        fn, q_in = found
-        src = grid_of(q_in, q_in.tensor_name)
-        try:
-            return lut.table(fn, src, grid_of(self._mod(q_node), q_node.target)), src
-        except ValueError:
-            return None
 
     def _is_global_pool(self, n) -> bool:
         return patterns.is_global_pool(n, self.modules)
@@ -272,9 +259,9 @@ class IntegerEngine:
             return self._add(a, b, act, q, s_y, z_y)
         if self._is_global_pool(base):
             return self._global_pool(env[base.args[0]], q, s_y, z_y, base)
-        found = self._table(n)
+        found = lowering.lookup_table(n, self.modules)
         if found is not None:
-            t, src = found
+            t, src, _ = found
             x = env[base.args[0]]
             return QTensor(lut.lookup(t.to(x.q.device), x.q, src), s_y, z_y)
         if patterns.is_cat(base):

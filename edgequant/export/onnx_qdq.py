@@ -33,7 +33,6 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from ..batches import as_args
-from ..core import lut
 from ..core.granularity import PerBlock, PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
 from ..errors import ExportError, NotCalibratedError
@@ -43,7 +42,7 @@ from ..nn.clamp import ChannelClamp
 from ..nn.modules import own_forward
 from ..nn.padded import conv_pads
 from ..nn.quantizer import Quantizer
-from ..nn.rnn import QuantizedRecurrentMixin, grid_of
+from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
 from . import generic as generic_export
 
@@ -215,12 +214,11 @@ def _lookup(b: _Builder, q_node: fx.Node, modules, src: "_Quantized") -> Optiona
     """The elementwise op that quantizer node ``q_node`` reads, as a ``Gather`` from ``src``'s stored codes into
     the op's table (:func:`~edgequant.graph.lowering.table_lowering`): its output is ``q_node``'s stored codes,
     named after its encoding. None when the op has no table (NaN on some code)."""
-    fn, q_in = lowering.table_lowering(q_node, modules)
-    q = modules[q_node.target]
-    try:
-        t = lut.table(fn, grid_of(q_in, q_in.tensor_name), grid_of(q, q.tensor_name)).cpu().numpy()
-    except ValueError:
+    found = lowering.lookup_table(q_node, modules)
+    if found is None:
         return None
+    t, _, q_in = found
+    t, q = t.cpu().numpy(), modules[q_node.target]
     _, cmin, cmax, offset = _act_storage(q_in, b.opset)
     codes = np.clip(np.arange(cmin, cmax + 1) - offset, q_in.qmin, q_in.qmax) - q_in.qmin  # container code -> table row
     s, z = _grid_consts(b, q)

@@ -24,7 +24,7 @@ import torch
 from onnx import TensorProto, helper
 
 from ..core.quant import storage_offset
-from ..core.recurrent import Grid, table
+from ..core.lut import Grid, table
 from ..errors import ExportError
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import _directions, _int_matmul, cell_grids, tensor_key

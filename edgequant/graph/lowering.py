@@ -13,9 +13,10 @@ from typing import Callable, Optional
 import torch
 from torch import fx, nn
 
+from ..core import lut
 from ..core.granularity import PerTensor
 from ..nn.quantizer import Quantizer
-from ..nn.rnn import QuantizedRecurrentMixin
+from ..nn.rnn import QuantizedRecurrentMixin, grid_of
 from . import ops, patterns
 
 INTEGER_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -107,6 +108,22 @@ def table_lowering(q_node: fx.Node, modules) -> Optional[tuple[Callable, Quantiz
     if not (isinstance(q_in, Quantizer) and isinstance(q_in.spec.granularity, PerTensor) and q_in.spec.bits <= 16):
         return None
     return fn, q_in
+
+
+def lookup_table(q_node: fx.Node, modules, device=None) -> Optional[tuple[torch.Tensor, lut.Grid, Quantizer]]:
+    """``(table, input grid, input quantizer)`` of the elementwise op quantizer node ``q_node`` closes
+    (:func:`table_lowering`): the integer-exact sim, the integer engine and the export all index this table. None when
+    there is no such op or the function is NaN on some input code."""
+    found = table_lowering(q_node, modules)
+    if found is None:
+        return None
+    fn, q_in = found
+    q = patterns.module_of(q_node, modules)
+    src = grid_of(q_in, q_in.tensor_name)
+    try:
+        return lut.table(fn, src, grid_of(q, q.tensor_name), device=device), src, q_in
+    except ValueError:
+        return None
 
 
 def act_bounds(act, modules, s_y: float, z_y: int, qmin: int, qmax: int, channels: int, ndim: int):

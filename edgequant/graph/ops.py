@@ -114,8 +114,8 @@ def add_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg, torch.sub, torch.mul, torch.div,
       torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.einsum,
-      F.hardtanh, F.log_softmax, F.layer_norm, F.group_norm, F.batch_norm, F.normalize, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-      F.adaptive_avg_pool3d, F.interpolate, F.scaled_dot_product_attention), COMPUTE),
+      F.hardtanh, F.log_softmax, F.layer_norm, F.group_norm, F.batch_norm, F.normalize, F.avg_pool1d, F.avg_pool2d,
+      F.avg_pool3d, F.adaptive_avg_pool3d, F.interpolate, F.scaled_dot_product_attention), COMPUTE),
     ((torch.exp, torch.sqrt, torch.rsqrt, torch.tanh, F.gelu, F.silu, F.mish, F.hardswish, F.tanh, F.elu), UNARY),
     ((operator.add, torch.add), ADD),
     ((torch.cat, torch.concat), Op("compute", lowering="cat")),

@@ -39,7 +39,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale
 from ..core.quant import quantize
-from ..core.recurrent import CellGrids, Grid, IntMatmul, gru_step, lstm_step, rnn_step, table
+from ..core.lut import Grid, table
+from ..core.recurrent import CellGrids, IntMatmul, gru_step, lstm_step, rnn_step
 from .modules import QuantizedModuleMixin, float_class_of, quantized_class
 from .quantizer import Quantizer
 from .registry import TensorSite, register_quantized

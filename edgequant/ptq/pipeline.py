@@ -27,7 +27,8 @@ Stages, in the order of the white paper (Nagel et al., 2021) and AIMET's AutoQua
 rounding and bias correction are
 kept unless they score worse than the best so far by more than the noise tolerance (they are the
 default recipe; without ``eval_fn`` they are dropped only when they lose more than ``PREFERRED_DROP_DB``
-and neither the KL divergence to the float model's outputs falls nor the top-1 agreement with it rises); every other stage is kept only if it scores better (the score is ``eval_fn(sim)``
+and neither the KL divergence to the float model's outputs falls nor the top-1 agreement with it rises);
+every other stage is kept only if it scores better (the score is ``eval_fn(sim)``
 when given, else logit SQNR against the float model on held-out calibration batches, after which the
 kept stages run again calibrating on every batch); with ``eval_fn`` and ``max_drop`` it stops at the first stage whose drop from
 the float model's score is within ``max_drop``. A list of stage names runs exactly those, in the
@@ -349,7 +350,7 @@ def _try(run: _Run, report: QuantizeReport, stage: Stage, auto: bool, best_score
         or (top1 is not None and prev.top1 is not None and top1 > prev.top1))
     # ... and, scored by SQNR, only when it loses clearly (PREFERRED_DROP_DB): all three measures put bias correction
     # 0.78 dB down on the held-out crops of one partition while it gained 4 dB on other photos
-    drop_tol = tol if run.eval_fn is not None else max(tol, PREFERRED_DROP_DB)
+    drop_tol = tol if run.eval_fn is not None else PREFERRED_DROP_DB
     keep = (not auto) or best_score is None or score is None or \
         (score >= best_score - drop_tol or better_other if stage.prefer else score > best_score + tol)
     report.stages.append(StageResult(name, keep, score, sq, top1, time.perf_counter() - t0, detail, kl))

@@ -42,12 +42,12 @@ from torch import fx, nn
 from ..core import lut
 from ..core import requant as rq
 from ..core.granularity import PerChannel, PerTensor
-from ..core.quant import INT32_MIN, bias_integers, bias_scale, dequantize, quantize, storage_offset
+from ..core.quant import bias_integers, bias_scale, dequantize, quantize, storage_offset
 from ..errors import NotCalibratedError
 from ..graph import lowering, ops, patterns
 from ..nn.modules import QuantizedModuleMixin, own_forward
 from ..nn.quantizer import Quantizer
-from ..nn.rnn import QuantizedRecurrentMixin, grid_of
+from ..nn.rnn import QuantizedRecurrentMixin
 from .quantsim import QuantSimWarning
 
 
@@ -141,14 +141,9 @@ class IntegerExactMode:
                     self.float_computed[q.tensor_name] = f"{type(bm).__name__} to a {q.spec.bits}-bit grid"
                 self.layers.append(bm)
                 return lambda qq, x: self._weighted(qq, bm, q_in, q_w, act)
-        found = lowering.table_lowering(n, self.modules) if self.tables else None
-        if found is not None and _per_tensor(found[1]):
-            fn, q_in = found
-            src = grid_of(q_in, q_in.tensor_name)
-            try:
-                t = lut.table(fn, src, grid_of(q, q.tensor_name), device=q.scale.device)
-            except ValueError:  # NaN on some input code: fake-quantize the float op
-                return self._plain
+        found = lowering.lookup_table(n, self.modules, q.scale.device) if self.tables else None
+        if found is not None and _per_tensor(found[2]):
+            t, src, q_in = found
             return lambda qq, x: self._out(qq, lut.lookup(t, self.tape[id(q_in)], src).reshape(x.shape))
         # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and fewer,
         # as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
@@ -196,7 +191,7 @@ class IntegerExactMode:
             bias_int = bias_integers(layer.bias, bias_scale(torch.tensor(s_x, dtype=torch.float64), s_w, cout)).view(shape)
         acc = torch.round(y / (s_x * s_w).view(shape)).long()
         acc = acc + bias_int if bias_int is not None else acc
-        acc = (acc - INT32_MIN) % 2 ** 32 + INT32_MIN  # an int32 accumulator wraps around, as the kernels' does
+        acc = rq.wrap_int32(acc)
         s_y, z_y = q.scalar_grid()
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, cout, y.ndim)
         lo, hi = lo.reshape(shape), hi.reshape(shape)  # the layer's channel axis (last for a Linear)
@@ -217,7 +212,7 @@ class IntegerExactMode:
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
         ia, ib = _replay(self.tape[id(qa)] - z_a, ca), _replay(self.tape[id(qb)] - z_b, cb)
         acc = torch.matmul(ia.double(), ib.double()).round().long()  # integers below 2**53: exact
-        acc = (acc - INT32_MIN) % 2 ** 32 + INT32_MIN
+        acc = rq.wrap_int32(acc)
         y = rq.requantize(acc, s_a, torch.tensor([s_b], dtype=torch.float64), s_y, z_y, q.qmin, q.qmax, self.mode)
         return self._out(q, y.reshape(x.shape))
 

@@ -98,14 +98,8 @@ def test_a_product_of_two_quantized_tensors_is_onnx_runtimes_qlinearmul(tmp_path
     x = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     sim = _sim(_Gate().eval(), x, "w8a8")
     qs = sim.quantizers()
-    # an output scale of 2 s_a s_b puts every odd product of integers on a rounding tie: where the two
-    # formulas round the tie differently, only ORT's own arithmetic matches it
-    s_y = torch.tensor(2 * float(qs["relu"].scale) * float(qs["sigmoid"].scale), dtype=torch.float32)
-    qs["mul"]._set(s_y.reshape(qs["mul"].scale.shape), qs["mul"].zero_point)
-    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    assert "QLinearMul" in {n.op_type for n in _optimized(sess, path, tmp_path)}
-    ort_out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    # where the two formulas round a tie differently, only ORT's own arithmetic matches it
+    ort_out = torch.from_numpy(_on_ties(sim, ("relu", "sigmoid", "mul"), "QLinearMul", x, tmp_path))
     ints = {}
     hooks = [qs[n].register_forward_hook(lambda m, i, o, n=n: ints.__setitem__(n, o)) for n in ("relu", "sigmoid", "mul")]
     with sim.integer_exact("float32"):
@@ -118,6 +112,19 @@ def test_a_product_of_two_quantized_tensors_is_onnx_runtimes_qlinearmul(tmp_path
     qm = qs["mul"]
     plain = torch.clamp(torch.round(ints["relu"] * ints["sigmoid"] / qm.scale) + qm.zero_point, qm.qmin, qm.qmax)
     assert (plain != torch.round(exact / qm.scale) + qm.zero_point).sum() > 0
+
+
+def _on_ties(sim, names, kernel, x, tmp_path):
+    """Give the product ``names[2]`` of ``names[0]`` and ``names[1]`` the output scale ``2 s_a s_b``, which puts every odd
+    product of integers on a rounding tie; export, check that ONNX Runtime runs ``kernel``, and return its output."""
+    qs = sim.quantizers()
+    a, b, out = (qs[n] for n in names)
+    s_y = torch.tensor(2 * float(a.scale) * float(b.scale), dtype=torch.float32)
+    out._set(s_y.reshape(out.scale.shape), out.zero_point)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert kernel in {n.op_type for n in _optimized(sess, path, tmp_path)}
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
 def _optimized(sess, path, tmp_path):
@@ -224,15 +231,8 @@ def test_a_matmul_of_two_quantized_tensors_is_onnx_runtimes_qlinearmatmul(tmp_pa
     torch.manual_seed(0)
     x = torch.randn(64, 3, 6, 6)
     sim = _sim(_Attn().eval(), x, "w8a8")
-    qs = sim.quantizers()
-    # an output scale of 2 s_a s_b puts every odd integer product on a rounding tie: only the exact integer product
-    # requantized as QLinearMatMul does lands where ORT does
-    s_y = torch.tensor(2 * float(qs["relu"].scale) * float(qs["b"].scale), dtype=torch.float32)
-    qs["matmul"]._set(s_y.reshape(qs["matmul"].scale.shape), qs["matmul"].zero_point)
-    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    assert "QLinearMatMul" in {n.op_type for n in _optimized(sess, path, tmp_path)}
-    out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    # only the exact integer product requantized as QLinearMatMul does lands where ORT does
+    out = _on_ties(sim, ("relu", "b", "matmul"), "QLinearMatMul", x, tmp_path)
     with sim.integer_exact("float32") as mode:
         exact = sim(x).numpy()
     assert np.array_equal(out, exact) and "matmul" not in mode.float_computed

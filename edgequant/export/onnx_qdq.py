@@ -47,7 +47,7 @@ from ..nn.scale import ChannelScale
 from . import generic as generic_export
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
-_NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous"}
+_NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous", "float"}
 
 
 #: arithmetic and comparisons on shape values (``torch._assert(h == self.image_size)`` in ViT)

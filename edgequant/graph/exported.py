@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.modules import own_forward
-from .ops import add_mask
+from .ops import add_mask, pad_constant
 
 aten = torch.ops.aten
 
@@ -71,6 +71,22 @@ _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
     aten.expand.default: ("method", "expand"),
     aten.expand_as.default: ("method", "expand_as"),
     aten.sym_size.int: ("method", "size"),
+    aten.clone.default: ("method", "clone"),
+    aten.adaptive_avg_pool2d.default: ("function", F.adaptive_avg_pool2d),
+    aten.avg_pool2d.default: ("function", F.avg_pool2d),
+    aten.max_pool2d.default: ("function", F.max_pool2d),
+    aten.chunk.default: ("function", torch.chunk),
+    aten.split.Tensor: ("function", torch.split),
+    aten.split_with_sizes.default: ("function", torch.split),
+}
+# in-place activations (timm's ``act(inplace=True)``) -> their functional form, where nothing else reads the input
+_IN_PLACE = {
+    aten.relu_.default: torch.relu,
+    aten.hardswish_.default: F.hardswish,
+    aten.hardsigmoid_.default: F.hardsigmoid,
+    aten.silu_.default: F.silu,
+    aten.sigmoid_.default: torch.sigmoid,
+    aten.tanh_.default: torch.tanh,
 }
 # aten op -> (layer types it stands for, index of the data argument, indices of (weight, bias) arguments)
 _LAYERS = {
@@ -81,6 +97,14 @@ _LAYERS = {
     aten.embedding.default: ((nn.Embedding,), 1, (0, None)),
     aten.batch_norm.default: ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), 0, (1, 2)),  # eval mode only
 }
+
+
+def _same_dtype(n: fx.Node) -> bool:
+    """Whether ``n`` is ``aten.to(dtype)`` to the dtype its input already has."""
+    if n.target is not aten.to.dtype or not isinstance(n.args[0], fx.Node) or n.kwargs.get("memory_format") is not None:
+        return False
+    src, dst = n.args[0].meta.get("val"), n.meta.get("val")
+    return isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.dtype == dst.dtype
 
 
 def _batch_doubled(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -232,10 +256,41 @@ def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None
             return g.call_function(add_mask, (args[0], args[1]))
         if isinstance(a, fx.Node) and _static_float(a, static) and not _static_float(b, static):
             return g.call_function(add_mask, (args[1], args[0]))
+    moved = _selection_or_pad(g, n, args)
+    if moved is not None:
+        return moved
+    if n.target in _IN_PLACE and isinstance(n.args[0], fx.Node) and len(n.args[0].users) == 1:
+        return g.call_function(_IN_PLACE[n.target], args[:1])
     if n.target in _FUNCTIONS and not (n.target is aten.add.Tensor and kwargs):
         how, target = _FUNCTIONS[n.target]
         return g.call_method(target, args, kwargs) if how == "method" else g.call_function(target, args, kwargs)
     return g.call_function(n.target, args, kwargs)
+
+
+def _selection_or_pad(g: fx.Graph, n: fx.Node, args: tuple) -> fx.Node | None:
+    """``aten.slice`` as ``x[..., a:b]`` and a zero ``aten.pad`` / ``constant_pad_nd`` as ``F.pad``: ops that
+    move values without computing (the integers pass on, no quantizer of their own), or None for other nodes.
+    A pad with another constant (LiteMLA pads with 1.0) is :func:`~edgequant.graph.ops.pad_constant`: the value
+    need not lie on the input's grid, so its output gets a quantizer of its own."""
+    if n.target is aten.slice.Tensor:
+        val = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
+        dim, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
+        if not isinstance(val, torch.Tensor) or not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+            return None
+        end = None if end is not None and end >= 2 ** 62 else end  # export's "to the end" is INT64_MAX
+        index = (slice(None),) * (dim % val.ndim) + (slice(start or None, end, None if step == 1 else step),)
+        return g.call_function(operator.getitem, (args[0], index))
+    pads = {aten.pad.default: (1, 2, 3), aten.constant_pad_nd.default: (1, None, 2)}.get(n.target)
+    if pads is None:
+        return None
+    pad, mode_at, value_at = pads
+    mode = n.args[mode_at] if mode_at is not None and len(n.args) > mode_at else "constant"
+    value = n.args[value_at] if len(n.args) > value_at else None
+    if mode != "constant" or n.kwargs:
+        return None
+    if value not in (None, 0, 0.0):
+        return g.call_function(pad_constant, (args[0], args[pad], float(value)))
+    return g.call_function(F.pad, (args[0], args[pad]))
 
 
 def _replace_devices(a, device: fx.Node):
@@ -288,6 +343,8 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
         elif n.op == "call_module" or n.target is aten._assert_tensor_metadata.default:  # export's input guards
             env[n] = None
         elif n.target is aten.dropout.default and not (n.args[2] if len(n.args) > 2 else n.kwargs.get("train")):
+            env[n] = load(n.args[0])
+        elif _same_dtype(n):  # x.to(x.dtype), x.float() on float32: no op (LiteMLA's attention in float32)
             env[n] = load(n.args[0])
         else:
             env[n] = _lower_node(g, n, load, layers, static)

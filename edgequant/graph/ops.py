@@ -111,6 +111,12 @@ def add_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x + mask
 
 
+def pad_constant(x: torch.Tensor, pad, value: float) -> torch.Tensor:
+    """``F.pad(x, pad, value=value)`` with a constant other than zero (timm's LiteMLA pads with 1.0): unlike a zero
+    pad, the constant need not lie on ``x``'s grid, so the output gets a quantizer of its own."""
+    return F.pad(x, pad, value=value)
+
+
 FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg, torch.sub, torch.mul, torch.div,
       torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.einsum,
@@ -131,6 +137,7 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
       torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
       F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
     ((add_mask,), PASS),
+    ((pad_constant,), COMPUTE),
 ])
 
 METHOD_OPS: dict[str, Op] = _table([
@@ -144,7 +151,7 @@ METHOD_OPS: dict[str, Op] = _table([
     (("contiguous", "clone", "detach"), IDENTITY),
     (("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose"), MOVE),
     (("expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select",
-      "view_as", "unflatten", "to", "cpu", "cuda", "type_as"), PASS),
+      "view_as", "unflatten", "to", "float", "cpu", "cuda", "type_as"), PASS),
 ])
 
 

@@ -194,6 +194,27 @@ def split_producer(src: fx.Node, modules: dict) -> tuple[fx.Node, Optional[fx.No
             return src, act
 
 
+_DIVISIONS = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide")
+_POLES = (torch.rsqrt, torch.reciprocal, torch.log, "rsqrt", "reciprocal", "log")  # infinite at zero
+
+
+def feeds_pole(node: fx.Node) -> bool:
+    """Whether every reader of ``node`` is infinite where ``node`` is zero: the divisor of a division, ``rsqrt``,
+    ``reciprocal``, ``log``, directly or through ``sqrt``. A model protects such a value with ``+ eps``; an output
+    grid coarser than ``eps`` rounds it back to zero and ``x / (y + eps)`` becomes inf or NaN (timm's LiteMLA
+    divides by ``sum + 1e-5``)."""
+    users = list(node.users)
+    for u in users:
+        if u.op not in ("call_function", "call_method"):
+            return False
+        if u.target in _DIVISIONS and len(u.args) > 1 and u.args[1] is node and u.args[0] is not node:
+            continue
+        if u.target in _POLES or (u.target in (torch.sqrt, "sqrt") and feeds_pole(u)):
+            continue
+        return False
+    return bool(users)
+
+
 def in_supergroup(node: fx.Node, modules: dict) -> bool:
     """Whether ``node``'s output is fused into the next op's (``conv/linear -> bn``, ``conv/linear/bn/add
     -> ReLU-like``): a fused kernel computes them as one, so only the last gets an output quantizer."""

@@ -13,6 +13,8 @@ propagated to learn which values are float tensors. Then
      (conv/linear -> [bn] -> ReLU-like, bn -> act, add -> act: :func:`~edgequant.graph.patterns.in_supergroup`),
      whose single quantizer sits after the activation, as a fused integer kernel computes it;
    * pass-through ops (reshape, max-pool, dropout, ...) get none: their output stays on the input's grid;
+   * a value read only as a divisor (or by ``rsqrt``/``log``) gets none: a grid would round ``y + eps`` to 0
+     (:func:`~edgequant.graph.patterns.feeds_pole`);
    * a float value that reaches a quantized op off-grid (a model input, the output of an unsupported
      op) gets a quantizer right after its producer;
    * the outputs of the model take ``config.output_range_method``, its float inputs ``config.input_range_method``;
@@ -82,7 +84,8 @@ def type_names(obj) -> tuple[str, ...]:
 
 
 class _KeyMaker:
-    """ModuleDict keys (no dots) for tensor names, kept unique."""
+    """ModuleDict keys (no dots) for tensor names, kept unique and clear of the ModuleDict's own attributes (a
+    top-level ``x.float()`` is the tensor ``float``)."""
 
     def __init__(self):
         self.used: set[str] = set()
@@ -92,7 +95,7 @@ class _KeyMaker:
         if base[0].isdigit():
             base = "t_" + base
         key, k = base, 1
-        while key in self.used:
+        while key in self.used or hasattr(nn.ModuleDict, key):
             key, k = f"{base}_{k}", k + 1
         self.used.add(key)
         return key
@@ -246,8 +249,9 @@ class _GraphPlanner:
                 if _is_float(a) and not self.on_grid.get(a, True):
                     self.add(a)
                     self.on_grid[a] = True
-            if not (self.config.supergroups and patterns.in_supergroup(n, self.modules)):
-                self.add(n)
+            if not (self.config.supergroups and patterns.in_supergroup(n, self.modules)) and not (
+                    k == "compute" and n not in self.model_outputs and patterns.feeds_pole(n)):
+                self.add(n)  # a divisor stays float: Div has no integer kernel, and a grid would round y + eps to 0
             self.on_grid[n] = True
         elif k == "pass":
             self.on_grid[n] = self.on_grid.get(floats_in[0], True) if floats_in else True

@@ -255,3 +255,65 @@ def test_batch_norms_fold_in_a_model_captured_by_torch_export(tmp_path):
     import onnx
 
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(path).graph.node)
+
+
+class _LinearAttention(nn.Module):
+    """timm's LiteMLA (EfficientViT) in small: chunk, an in-place activation, no-op ``.float()`` / ``.to(dtype)``, a
+    pad with 1.0, slices, and a division by ``sum + eps`` whose sum is zero where a query row is all negative."""
+
+    def __init__(self, c=8, dim=4):
+        super().__init__()
+        self.dim = dim
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.act = nn.ReLU(inplace=True)
+        self.proj = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        if h * w < 1:  # a shape test: torch.fx cannot trace it, torch.export can
+            raise ValueError("empty image")
+        qkv = self.qkv(x).reshape(b, -1, 3 * self.dim, h * w).transpose(-1, -2)
+        q, k, v = qkv.chunk(3, dim=-1)
+        q, k = torch.relu(q), torch.relu(k)
+        v = nn.functional.pad(v, (0, 1), mode="constant", value=1.0)
+        q, k, v = q.float(), k.float(), v.to(v.dtype)
+        out = q @ (k.transpose(-1, -2) @ v)
+        out = out[..., :-1] / (out[..., -1:] + 1e-5)
+        return self.act(self.proj(out.transpose(-1, -2).reshape(b, -1, h, w)))
+
+
+def test_attention_ops_of_torch_export_stay_on_their_grids_and_the_divisor_in_float(tmp_path):
+    """torch.export's chunk / slice / no-op casts / in-place hard-swish were unknown float ops: every output got a
+    quantizer, so quantizers read quantizers through moves (ONNX Runtime merged such pairs into a grid neither the sim
+    nor the encodings had). And a quantizer on ``sum + 1e-5`` rounded it to 0: the sim divided 0 by 0."""
+    torch.manual_seed(0)
+    m = _LinearAttention().eval()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(m)
+    with torch.no_grad():
+        m.qkv.bias[:4] -= 3.0  # the queries of many positions all negative: relu(q) = 0, the divisor is 0 + eps
+    x = torch.randn(2, 8, 6, 6)
+    gm = capture_exported(m, (x,), {})
+    sim = QuantSim(m, x, "w8a8")
+    assert sim.capture_mode == "graph" and sim.unsupported == [], sim.unsupported
+    assert not any("aten" in str(n.target) for n in sim.model.graph.nodes if n.op == "call_function")
+    modules = dict(sim.model.named_modules())
+    for n in sim.model.graph.nodes:  # no quantizer reads another's output through moves alone
+        if n.op == "call_module" and n.target.startswith("activation_quantizers"):
+            src = n.args[0]
+            while src.op in ("call_function", "call_method") and ops.kind(src, modules) == "pass":
+                src = src.args[0]
+            assert not (src.op == "call_module" and src.target.startswith("activation_quantizers")), n.target
+    with torch.no_grad():
+        assert torch.equal(gm(x), m(x))
+        assert (m.qkv(x)[:, :4] < 0).all(1).any()  # some positions divide 0 by eps
+    sim.calibrate([x], progress=False)
+    with torch.no_grad():
+        y = sim(x)
+        assert torch.isfinite(y).all()
+        assert sqnr_db(m(x), y) > 20
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), warnings.catch_warnings(), sim.integer_exact():
+        warnings.simplefilter("ignore")
+        assert torch.equal(sim(x), torch.from_numpy(out))

@@ -416,3 +416,34 @@ def test_model_outputs_use_the_output_range_method(block):
     with pytest.raises(ValueError, match="output_range_method"):
         QuantConfig(output_range_method="max")
     assert QuantConfig.from_json(pct.to_json()).output_range_method == "minmax"
+
+
+class _Normalized(nn.Module):
+    """A sum used as a divisor, protected by ``+ eps`` (linear attention), and a top-level ``x.float()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        y = torch.relu(self.fc(x.float()))
+        z = y / (y.sum(-1, keepdim=True) + 1e-5)
+        return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def test_a_divisor_gets_no_quantizer_that_would_round_its_eps_to_zero():
+    torch.manual_seed(0)
+    m = _Normalized().eval()
+    with torch.no_grad():
+        m.fc.bias -= 2.0  # many rows all negative: relu gives 0, the divisors are exactly eps
+    x = torch.randn(64, 6)
+    assert (torch.relu(m.fc(x)) == 0).all(-1).sum() > 5
+    sim = QuantSim(m, x, "w8a8")  # top-level x.float(): its quantizer key is not ModuleDict.float
+    named = set(sim.quantizers())
+    assert "add" not in named and "sqrt" not in named and "add_1" not in named  # the divisors stay float
+    assert {"truediv", "truediv_1", "pow"} <= named
+    sim.calibrate([x], progress=False)
+    with torch.no_grad():
+        y = sim(x)
+    assert torch.isfinite(y).all()
+    assert sqnr_db(m(x), y) > 25

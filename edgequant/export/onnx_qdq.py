@@ -19,6 +19,7 @@ DQ -> op -> Q patterns into its integer kernels (QLinearConv, QLinearAdd, ...).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import os
@@ -33,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import fx, nn
 
 from ..batches import as_args
+from ..core.float64 import Float64Norms
 from ..core.granularity import PerBlock, PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale, grid_range, quantize, storage_offset
 from ..errors import ExportError, NotCalibratedError
@@ -376,7 +378,7 @@ class _BakedBatch(ExportError):
 
 def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "auto",
                 dynamic_batch: Optional[bool] = None, encodings_path=None, example_inputs=None,
-                tables: bool = False) -> dict:
+                tables: bool = False, float64: bool = False) -> dict:
     """Write ``sim`` as an ONNX QDQ model to ``path`` and its encodings beside it (atomically).
 
     Args:
@@ -406,6 +408,11 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             QuantizeLinear`` and 30x slower than its ``QLinearSigmoid``, so the default keeps these ops in float
             between DequantizeLinear and QuantizeLinear (as ``quantize_static`` does), where ORT's float kernels
             may round a value differently from torch's in the last bit.
+        float64: write LayerNorm, GroupNorm and softmax as their computation in float64 rounded to float32 once
+            (``Cast`` to double, ``ReduceMean``, ``Sub``, ``Mul``, ``Sqrt``, ``Div``, ``Softmax``, ``Cast`` back;
+            :mod:`edgequant.core.float64`), as ``sim.integer_exact(float64=True)`` computes them: the final float32
+            rounding hides the last-bit differences between ORT's float32 kernels and torch's, so transformers
+            become bit-identical with the sim. Off by default: a float64 LayerNorm costs ORT ~8x its float32 kernel.
 
     Returns ``{"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}``. A
     :class:`~edgequant.sim.RegionSim` is written region by region into the folder ``path``
@@ -420,7 +427,7 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
         from .regions import export_regions
 
         return export_regions(sim, path, opset=opset, weight_dtype=weight_dtype, dynamic_batch=dynamic_batch,
-                              tables=tables)
+                              tables=tables, float64=float64)
     if not isinstance(sim, QuantSim):
         raise TypeError(f"export_onnx needs a QuantSim or a RegionSim, got {type(sim).__name__}")
     if sim.capture_mode != "graph":
@@ -438,8 +445,8 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
         weight_dtype = "uint8" if wide else "int8"
     def build(op: int, dyn: bool) -> onnx.ModelProto:
         if example_inputs is not None:
-            return _build_on(sim, example_inputs, op, dyn, weight_dtype == "uint8", tables)
-        return _build(sim, op, dyn, weight_dtype == "uint8", tables)
+            return _build_on(sim, example_inputs, op, dyn, weight_dtype == "uint8", tables, float64)
+        return _build(sim, op, dyn, weight_dtype == "uint8", tables, float64)
 
     model, opset = _build_at_opset(build, opset, auto_opset, dynamic_batch)
     onnx.checker.check_model(model)
@@ -508,7 +515,7 @@ def _with_batch(build, dynamic_batch: Optional[bool]) -> onnx.ModelProto:
 
 
 def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_weights: bool,
-              tables: bool = False) -> onnx.ModelProto:
+              tables: bool = False, float64: bool = False) -> onnx.ModelProto:
     """``_build`` with the shapes of ``example_inputs`` recorded on the graph for the time of the export."""
     from ..sim.prepare import propagate_shapes
 
@@ -518,7 +525,7 @@ def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_wei
     try:
         with torch.no_grad():
             propagate_shapes(sim.model, args, kwargs)
-        return _build(sim, opset, dynamic_batch, unsigned_weights, tables)
+        return _build(sim, opset, dynamic_batch, unsigned_weights, tables, float64)
     finally:
         for n, meta in zip(nodes, saved):
             n.meta["tensor_meta"] = meta
@@ -555,7 +562,8 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
         raise ExportError("encodings do not match the ONNX graph one-to-one: " + "; ".join(bad[:5]))
 
 
-def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables: bool = False) -> onnx.ModelProto:
+def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables: bool = False,
+           float64: bool = False) -> onnx.ModelProto:
     gm = sim.model
     modules = dict(gm.named_modules())
     b = _Builder(opset, unsigned_weights)
@@ -581,7 +589,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
 
     def generic(n, m, out):
         ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded)]
-        return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded)
+        with Float64Norms() if float64 else contextlib.nullcontext():  # traced in float64, as integer_exact computes
+            return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded)
 
     for n in gm.graph.nodes:
         out = want.get(n) or (n.name if n.name not in reserved else b.fresh(f"{n.name}_value"))
@@ -616,6 +625,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
             val[n] = _quantized(b, n, m, a[0], flat, shape_of)
             if n in int_clamps:
                 _clamp_integers(b, val[n], m, int_clamps[n], modules, len(shape_of(n)))
+        elif float64 and lowering.float64_op(n, modules):
+            val[n] = generic(n, m, out)
         elif m is not None or n.op in ("call_function", "call_method"):
             try:
                 val[n] = _module(b, n, m, a, out, modules, shape_of) if m is not None else _function(b, n, a, out, shape_of)

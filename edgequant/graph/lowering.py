@@ -126,6 +126,22 @@ def lookup_table(q_node: fx.Node, modules, device=None) -> Optional[tuple[torch.
         return None
 
 
+_FLOAT64_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax)
+_FLOAT64_FUNCTIONS = (torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.softmax,
+                      torch.softmax, torch.nn.functional.log_softmax, torch.log_softmax, "softmax", "log_softmax")
+
+
+def float64_op(n: fx.Node, modules) -> bool:
+    """Whether node ``n`` is a normalization or softmax that ``float64=True`` (export and integer-exact mode) computes
+    in float64 and rounds to float32 once (:mod:`edgequant.core.float64`): LayerNorm (also subclasses with their own
+    forward, such as a channels-first LayerNorm2d, whose inner ``F.layer_norm`` is what changes), GroupNorm, softmax,
+    log-softmax."""
+    m = patterns.module_of(n, modules)
+    if m is not None:
+        return isinstance(m, _FLOAT64_MODULES)
+    return n.op in ("call_function", "call_method") and n.target in _FLOAT64_FUNCTIONS
+
+
 def act_bounds(act, modules, s_y: float, z_y: int, qmin: int, qmax: int, channels: int, ndim: int):
     """Integer bounds ``[lo, hi]`` (int64, shaped to broadcast over an (N, C, ...) tensor) of the output grid
     intersected with the fused activation ``act`` (None: the grid only). ``round`` is monotonic, so

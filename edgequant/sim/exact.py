@@ -25,7 +25,10 @@ apart, and in a deep network such a flip spreads (on MobileNetV2 w8a8: 3e-4 of t
   DequantizeLinear -> float op -> QuantizeLinear, which divides just like the sim). Where that float op
   computes new values (LayerNorm, softmax, a float matmul) rather than moving them, ORT's float kernel can
   round the last bit differently from torch's: the mode lists those quantizers (``float_computed``) and
-  warns once per sim.
+  warns once per sim;
+* with ``float64=True``, LayerNorm, GroupNorm and softmax compute in float64 and round to float32 once
+  (:mod:`edgequant.core.float64`), as ``export_onnx(..., float64=True)`` writes them: the rounding to float32
+  hides the libraries' last-bit differences, so these ops no longer count as float-computed.
 
 ``requant="float32"`` reproduces ONNX Runtime's CPU kernels; ``"fixed_point"`` the gemmlowp/TFLite
 multiplier-and-shift (see :mod:`edgequant.core.requant`). Evaluation only: no gradients flow.
@@ -41,6 +44,7 @@ from torch import fx, nn
 
 from ..core import lut
 from ..core import requant as rq
+from ..core.float64 import Float64Norms
 from ..core.granularity import PerChannel, PerTensor
 from ..core.quant import bias_integers, bias_scale, dequantize, quantize, storage_offset
 from ..errors import NotCalibratedError
@@ -103,11 +107,12 @@ def _op_name(n, modules) -> str:
 class IntegerExactMode:
     """Context manager behind :meth:`QuantSim.integer_exact`; see the module docstring."""
 
-    def __init__(self, sim, requant: str = "float32", tables: bool = False):
+    def __init__(self, sim, requant: str = "float32", tables: bool = False, float64: bool = False):
         if sim.capture_mode != "graph":
             raise ValueError("integer-exact mode needs a sim built by graph capture (this one fell back to leaf modules)")
         self.mode = rq.check_mode(requant)
         self.tables = tables
+        self.float64 = Float64Norms() if float64 else None
         self.gm = sim.model
         self.modules = dict(self.gm.named_modules())
         self.tape: dict[int, torch.Tensor] = {}  # id(quantizer or layer) -> its integers / f64 output
@@ -161,7 +166,7 @@ class IntegerExactMode:
             qx = _identity_source(base.args[0], self.modules)
             if _per_tensor(qx):
                 return lambda qq, x: self._mean(qq, qx, base, x)
-        if _computes_in_float(base, self.modules):
+        if _computes_in_float(base, self.modules) and not (self.float64 is not None and lowering.float64_op(base, self.modules)):
             self.float_computed[q.tensor_name] = _op_name(base, self.modules)
         return self._plain
 
@@ -243,6 +248,8 @@ class IntegerExactMode:
             m._exact_requant = self.mode
         self._grad = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
+        if self.float64 is not None:
+            self.float64.__enter__()
         if self.float_computed and not getattr(self.sim, "_float_ops_warned", False):
             object.__setattr__(self.sim, "_float_ops_warned", True)  # once per sim
             kinds = Counter(self.float_computed.values())
@@ -250,11 +257,14 @@ class IntegerExactMode:
                 f"integer_exact: {len(self.float_computed)} quantizer(s) read ops computed in float "
                 f"({', '.join(f'{k} x{v}' for k, v in kinds.most_common(6))}): ONNX Runtime runs them with its own float "
                 "kernels, which can round the last bit differently from torch's, so those outputs (and what follows) "
-                "can land a step away from the deployed ones. Elementwise ops are exact as tables: "
-                "integer_exact(tables=True) with export_onnx(..., tables=True)", QuantSimWarning, stacklevel=3)
+                "can land a step away from the deployed ones. Elementwise ops are exact as tables, normalizations and "
+                "softmax in float64: integer_exact(tables=True, float64=True) with export_onnx(..., tables=True, "
+                "float64=True)", QuantSimWarning, stacklevel=3)
         return self
 
     def __exit__(self, *exc):
+        if self.float64 is not None:
+            self.float64.__exit__(*exc)
         torch.set_grad_enabled(self._grad)
         for h in self._hooks:
             h.remove()

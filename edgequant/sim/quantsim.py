@@ -524,13 +524,15 @@ class QuantSim(nn.Module):
         for name, q, enc in staged:
             q.set_encoding(enc)
 
-    def integer_exact(self, requant: str = "float32", tables: bool = False):
+    def integer_exact(self, requant: str = "float32", tables: bool = False, float64: bool = False):
         """Context manager: inside it, the sim computes what the deployed integer kernels compute,
         bit for bit (exact integer accumulators, the target's requantization); for evaluation.
 
         ``requant="float32"`` is ONNX Runtime's CPU arithmetic (what :func:`edgequant.export_onnx` writes for),
         ``"fixed_point"`` gemmlowp/TFLite's multiplier and shift. ``tables=True`` looks elementwise ops between
         per-tensor grids up in their tables, as ``export_onnx(..., tables=True)`` and the integer engine do.
+        ``float64=True`` computes LayerNorm, GroupNorm and softmax in float64, rounded to float32 once, as
+        ``export_onnx(..., float64=True)`` writes them (:mod:`edgequant.core.float64`).
         See :mod:`edgequant.sim.exact`.
         Usage: ``with sim.integer_exact(): logits = sim(images)``.
         """
@@ -538,7 +540,7 @@ class QuantSim(nn.Module):
 
         if any(getattr(m, "simulates_bn", False) for m in self.model.modules()):
             raise ValueError("layers still simulate their batch norm: call edgequant.qat.fold_simulated_bn(sim) first")
-        return IntegerExactMode(self, requant, tables)
+        return IntegerExactMode(self, requant, tables, float64)
 
     # ------------------------------------------------------------------ reporting
     def size_bytes(self) -> dict[str, int]:

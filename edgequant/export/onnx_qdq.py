@@ -433,16 +433,10 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     if sim.capture_mode != "graph":
         raise ExportError("ONNX export needs a sim built by graph capture; this one fell back to leaf modules "
                           "(see the capture warning for the line that stopped tracing)")
-    qs = _exportable_quantizers(sim)
-    needs21 = any(q.spec.bits in (4, 16) or q.spec.bits > 8 or isinstance(q.spec.granularity, PerBlock) for q in qs.values())
     auto_opset = opset is None
-    opset = opset or (21 if needs21 else 17)
-    if opset < 13:
-        raise ExportError("opset must be >= 13 (per-axis QuantizeLinear/DequantizeLinear)")
+    opset, weight_dtype = _formats(_exportable_quantizers(sim), opset, weight_dtype)
     path, encodings_path = _output_paths(path, encodings_path)
-    if weight_dtype == "auto":
-        wide = [q for q in qs.values() if q.role == "weight" and q.spec.signed and q.qmin < -64 and q.spec.bits <= 8]
-        weight_dtype = "uint8" if wide else "int8"
+
     def build(op: int, dyn: bool) -> onnx.ModelProto:
         if example_inputs is not None:
             return _build_on(sim, example_inputs, op, dyn, weight_dtype == "uint8", tables, float64)
@@ -458,6 +452,19 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+
+
+def _formats(qs: dict, opset: Optional[int], weight_dtype: str) -> tuple[int, str]:
+    """``(opset, weight container)`` of an export of quantizers ``qs``: opset 21 where a grid needs it (4 or 16 bits,
+    blocked weights), else 17; ``"auto"`` weights are ``int8`` when no 8-bit weight grid could saturate u8s8 kernels."""
+    needs21 = any(q.spec.bits in (4, 16) or q.spec.bits > 8 or isinstance(q.spec.granularity, PerBlock) for q in qs.values())
+    opset = opset or (21 if needs21 else 17)
+    if opset < 13:
+        raise ExportError("opset must be >= 13 (per-axis QuantizeLinear/DequantizeLinear)")
+    if weight_dtype == "auto":
+        wide = [q for q in qs.values() if q.role == "weight" and q.spec.signed and q.qmin < -64 and q.spec.bits <= 8]
+        weight_dtype = "uint8" if wide else "int8"
+    return opset, weight_dtype
 
 
 def _exportable_quantizers(sim) -> dict:
@@ -562,6 +569,12 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
         raise ExportError("encodings do not match the ONNX graph one-to-one: " + "; ".join(bad[:5]))
 
 
+def _shape_of(n: fx.Node) -> Optional[list]:
+    """The shape shape propagation recorded for node ``n``, or None."""
+    meta = patterns.recorded_meta(n)
+    return list(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
 def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables: bool = False,
            float64: bool = False) -> onnx.ModelProto:
     gm = sim.model
@@ -575,10 +588,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     # with tables=True, elementwise ops between per-tensor grids: a table lookup replaces the op and its quantizer
     tables = {n.args[0]: n for n in gm.graph.nodes if tables and lowering.table_lowering(n, modules) is not None}
     inputs, outputs = [], []
-
-    def shape_of(n):
-        meta = patterns.recorded_meta(n)
-        return list(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    shape_of = _shape_of
 
     def vinfo(name, n):
         return _value_info(name, n, shape_of(n), dynamic_batch)

@@ -212,7 +212,8 @@ class IntegerEngine:
                 env[n] = QTensor(x.q[n.args[1]], x.scale, x.zero_point, x.offset)
             elif self._is_pass(n) and isinstance(env.get(n.args[0]), QTensor):
                 x = env[n.args[0]]
-                env[n] = QTensor(self._apply_pass(n, x.q), x.scale, x.zero_point, x.offset)
+                # centred on the zero point: a zero pad adds the real value 0
+                env[n] = QTensor(self._apply_pass(n, x.q - x.zero_point) + x.zero_point, x.scale, x.zero_point, x.offset)
             else:
                 env[n] = n  # computed lazily by the quantizer that consumes it
         if not isinstance(out, QTensor):

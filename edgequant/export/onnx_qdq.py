@@ -615,7 +615,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if _passes_on(b, n, m, src, val, (want, int_clamps, tables), modules):
             continue
-        if isinstance(src, _Quantized) and _moves_integers(n, modules) and _move(b, n, m, src, val, want, modules, shape_of):
+        if isinstance(src, _Quantized) and lowering.moves_integers(n, modules) and _move(b, n, m, src, val, want, modules, shape_of):
             continue
         if isinstance(m, QuantizedRecurrentMixin):
             val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]), val)
@@ -717,15 +717,33 @@ def _move(b: _Builder, n: fx.Node, m, src: "_Quantized", val: dict, want: dict, 
     Flatten -> DQ -> Gemm -> Q fuses into its integer QGemm); False when the move has no hand-written mapping
     (the float op on the dequantized values then)."""
     a = [src.q] + list(fx.node.map_aggregate(n.args[1:], lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
+    out = b.fresh(f"{src.name}_{n.name}")
     try:
-        y = _module(b, n, m, a, b.fresh(f"{src.name}_{n.name}"), modules, shape_of) if m is not None \
-            else _function(b, n, a, b.fresh(f"{src.name}_{n.name}"), shape_of)
+        y = _module(b, n, m, a, out, modules, shape_of) if m is not None else \
+            _pad_integers(b, n, src, out, shape_of(n.args[0])) if n.target is F.pad else _function(b, n, a, out, shape_of)
     except _NoMapping:
         return False
     val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
     if n in want:
         val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
     return True
+
+
+def _pad_integers(b: _Builder, n: fx.Node, src: "_Quantized", out: str, shape) -> str:
+    """``F.pad`` on stored integers: ONNX ``Pad`` with the zero point as the constant (the real value 0), or reflecting /
+    repeating the edge."""
+    pad = n.kwargs.get("pad", n.args[1] if len(n.args) > 1 else None)
+    mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 else "constant")
+    onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}.get(mode)
+    zp = next((i for i in b.inits if i.name == src.zero_point), None)
+    if (onnx_mode is None or shape is None or not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad)
+            or (onnx_mode == "constant" and (zp is None or len(zp.dims)))):
+        raise _NoMapping(n.name)
+    begins, ends = [0] * len(shape), [0] * len(shape)
+    for i in range(len(pad) // 2):  # torch: (last dim begin, last dim end, the one before, ...)
+        begins[len(shape) - 1 - i], ends[len(shape) - 1 - i] = pad[2 * i], pad[2 * i + 1]
+    ins = [src.q, b.const(f"{n.name}_pads", np.array(begins + ends, np.int64))]
+    return b.node("Pad", ins + ([src.zero_point] if onnx_mode == "constant" else []), out=out, base=n.name, mode=onnx_mode)
 
 
 def _recurrent(b: _Builder, n: fx.Node, m, src, in_shape, val: dict) -> list:
@@ -867,14 +885,6 @@ def _value_info(name: str, n: fx.Node, shape, dynamic_batch: bool):
     if shape is None:
         return helper.make_tensor_value_info(name, elem, None)
     return helper.make_tensor_value_info(name, elem, ["N" if (i == 0 and dynamic_batch) else d for i, d in enumerate(shape)])
-
-
-def _moves_integers(n: fx.Node, modules) -> bool:
-    """Reshape-like ops and plain selections (``x[:, -1]``) that ONNX runs on integer tensors as well
-    (values moved, never computed)."""
-    if n.target is operator.getitem:
-        return len(n.args) == 2 and _plain_index(n.args[1])
-    return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
 
 
 def _resolve(b: _Builder, v):
@@ -1062,7 +1072,7 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
             return b.node("ReduceMean", [a[0]], out=out, base=base, axes=dims, keepdims=int(keep))
         return b.node("ReduceMean", [a[0], b.const(f"{base}_axes", np.array(dims, dtype=np.int64))], out=out, base=base,
                       keepdims=int(keep))
-    if t is operator.getitem and _plain_index(n.args[1]):
+    if t is operator.getitem and lowering.plain_index(n.args[1]):
         return _getitem(b, a[1], a[0], out, base)
     raise _NoMapping(base)
 
@@ -1107,15 +1117,30 @@ def _shape_move(b: _Builder, n: fx.Node, t, a: list, out: str, base: str, shape_
         return b.node("Tile", [a[0], b.const(f"{base}_repeats", np.array(reps, dtype=np.int64))], out=out, base=base)
     if t in ("view", "reshape", torch.reshape):
         return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
+    if t in (torch.roll, "roll"):
+        return _roll(b, n, a, out, base, shape_of(n.args[0]))
     return None
 
 
-def _plain_index(idx) -> bool:
-    """An index of ints and slices of ints (``x[-1]``, ``x[:, -1]``, ``x[1:3]``): selection, no tensors."""
-    parts = idx if isinstance(idx, tuple) else (idx,)
-    return bool(parts) and all(isinstance(i, int) and not isinstance(i, bool) or isinstance(i, slice)
-                               and all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
-                               and (i.step is None or i.step > 0) for i in parts)
+def _roll(b: _Builder, n: fx.Node, a: list, out: str, base: str, shape) -> str:
+    """``torch.roll`` along given dims (Swin's cyclic window shift) as Slice + Concat, on integers or floats."""
+    shifts = n.kwargs.get("shifts", a[1] if len(a) > 1 else None)
+    dims = n.kwargs.get("dims", a[2] if len(a) > 2 else None)
+    if dims is None or shape is None:
+        raise _NoMapping(base)  # a roll of the flattened tensor
+    shifts, dims = ([v] if isinstance(v, int) else list(v) for v in (shifts, dims))
+    x = a[0]
+    moves = [(int(d) % len(shape), int(k) % shape[int(d)]) for k, d in zip(shifts, dims)]
+    moves = [(d, k) for d, k in moves if k]
+    if not moves:
+        return b.node("Identity", [x], out=out, base=base)
+    for i, (d, k) in enumerate(moves):
+        size = shape[d]
+        parts = [b.node("Slice", [x] + [b.const(f"{base}_{nm}", np.array([v], np.int64)) for nm, v in
+                                         (("start", lo), ("end", hi), ("axis", d))], base=base)
+                 for lo, hi in ((size - k, size), (0, size - k))]
+        x = b.node("Concat", parts, out=out if i == len(moves) - 1 else None, base=base, axis=d)
+    return x
 
 
 def _getitem(b: _Builder, idx, x: str, out: str, base: str) -> str:

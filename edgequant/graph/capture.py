@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import GraphCaptureError
+from ..nn.registry import lookup
 from .exported import capture_exported
 from .ops import add_mask, is_leaf_module
 
@@ -48,7 +49,30 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
             raise GraphCaptureError(f"{message}; torch.export failed too: {type(e2).__name__}: {first[:300]}") from e2
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     gm.training = model.training  # the flag only: gm.train() would reset the modes of the shared submodules
+    bypassed = bypassed_layers(gm, model)
+    if args is not None and bypassed:
+        try:  # torch.export reaches the layers inside the wrapped function
+            exported = capture_exported(model, tuple(args), dict(kwargs or {}))
+        except Exception:  # noqa: BLE001 -- keep the fx graph
+            return gm
+        if len(bypassed_layers(exported, model)) < len(bypassed):
+            return exported
     return gm
+
+
+def bypassed_layers(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """Layers (convs, linears, ... that edgequant quantizes) whose weights the graph reads outside the layer: a
+    function that ``torch.fx.wrap`` keeps as one node takes them as arguments (torchvision's Swin passes its
+    attention's ``qkv.weight`` and ``proj.weight`` to ``shifted_window_attention``), so the layer would never be
+    quantized. :func:`capture` then prefers the graph ``torch.export`` records, where those are layer calls."""
+    modules = dict(model.named_modules())  # the graph module holds bare containers on the path to such a weight
+    found = []
+    for n in gm.graph.nodes:
+        owner, _, attr = str(n.target).rpartition(".") if n.op == "get_attr" else ("", "", "")
+        m = modules.get(owner)
+        if owner and m is not None and lookup(m) is not None and isinstance(getattr(m, attr, None), nn.Parameter):
+            found.append(owner)
+    return sorted(set(found))
 
 
 def _defaults_left(model: nn.Module, args, kwargs) -> Optional[dict]:

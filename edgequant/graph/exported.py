@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..nn.modules import own_forward
-from .ops import add_mask, pad_constant
+from .ops import add_mask
 
 aten = torch.ops.aten
 
@@ -65,7 +65,6 @@ _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
     aten.reshape.default: ("function", torch.reshape),
     aten.unsqueeze.default: ("function", torch.unsqueeze),
     aten.flatten.using_ints: ("function", torch.flatten),
-    aten.select.int: ("function", torch.select),
     aten.view.default: ("method", "view"),
     aten.contiguous.default: ("method", "contiguous"),
     aten.expand.default: ("method", "expand"),
@@ -76,6 +75,7 @@ _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
     aten.avg_pool2d.default: ("function", F.avg_pool2d),
     aten.max_pool2d.default: ("function", F.max_pool2d),
     aten.chunk.default: ("function", torch.chunk),
+    aten.roll.default: ("function", torch.roll),
     aten.split.Tensor: ("function", torch.split),
     aten.split_with_sizes.default: ("function", torch.split),
 }
@@ -268,12 +268,16 @@ def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None
 
 
 def _selection_or_pad(g: fx.Graph, n: fx.Node, args: tuple) -> fx.Node | None:
-    """``aten.slice`` as ``x[..., a:b]`` and a zero ``aten.pad`` / ``constant_pad_nd`` as ``F.pad``: ops that
+    """``aten.slice`` / ``aten.select`` as ``x[:, a:b]`` / ``x[:, i]``, and a zero ``aten.pad`` / ``constant_pad_nd`` as ``F.pad``: ops that
     move values without computing (the integers pass on, no quantizer of their own), or None for other nodes.
-    A pad with another constant (LiteMLA pads with 1.0) is :func:`~edgequant.graph.ops.pad_constant`: the value
-    need not lie on the input's grid, so its output gets a quantizer of its own."""
+    A pad with another constant (LiteMLA pads with 1.0) keeps it: the value need not lie on the input's grid, so its
+    output gets a quantizer of its own (:mod:`edgequant.graph.ops` reads the value)."""
+    if n.target is aten.index.Tensor and len(n.args) == 2 and all(isinstance(i, fx.Node) for i in n.args[1]):
+        return g.call_function(operator.getitem, (args[0], tuple(args[1])))  # a table indexed by tensors (a gather)
+    val = n.args[0].meta.get("val") if n.args and isinstance(n.args[0], fx.Node) else None
+    if n.target is aten.select.int and isinstance(val, torch.Tensor) and all(isinstance(v, int) for v in n.args[1:3]):
+        return g.call_function(operator.getitem, (args[0], (slice(None),) * (n.args[1] % val.ndim) + (n.args[2],)))
     if n.target is aten.slice.Tensor:
-        val = n.args[0].meta.get("val") if isinstance(n.args[0], fx.Node) else None
         dim, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
         if not isinstance(val, torch.Tensor) or not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
             return None
@@ -289,8 +293,72 @@ def _selection_or_pad(g: fx.Graph, n: fx.Node, args: tuple) -> fx.Node | None:
     if mode != "constant" or n.kwargs:
         return None
     if value not in (None, 0, 0.0):
-        return g.call_function(pad_constant, (args[0], args[pad], float(value)))
+        return g.call_function(F.pad, (args[0], args[pad], "constant", float(value)))
     return g.call_function(F.pad, (args[0], args[pad]))
+
+
+#: ops whose output depends on their tensor input's dtype, device and shape, not its values
+_FACTORIES = {aten.new_zeros.default, aten.new_ones.default, aten.new_full.default, aten.new_empty.default,
+              aten.zeros_like.default, aten.ones_like.default, aten.full_like.default, aten.empty_like.default}
+
+
+def _foldable(src: fx.Graph, params: set) -> set:
+    """The nodes of an exported graph that compute the same tensor whatever the inputs' values: built from constants,
+    buffers and static shapes only (Swin's shifted-window attention mask: ``new_zeros`` of the image's size, slices
+    filled in place, ``masked_fill``). Parameters (``params``: their ``get_attr`` targets) count as inputs, so what
+    training would change is never folded; a tensor whose shape follows the free batch size is not folded either."""
+    fixed: set = set()
+
+    def static(v) -> bool:
+        return isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape)
+
+    for n in src.nodes:
+        val = n.meta.get("val")
+        if n.op == "get_attr":
+            if str(n.target) not in params:
+                fixed.add(n)
+        elif n.op == "call_function" and n.target is aten.sym_size.int and isinstance(val, int):
+            fixed.add(n)  # a static size of an input (the image's height)
+        elif n.op == "call_function" and (static(val) or n.target is operator.getitem):
+            ins = n.all_input_nodes[1:] if n.target in _FACTORIES else n.all_input_nodes
+            if all(a in fixed for a in ins) and (static(val) or not isinstance(val, torch.Tensor)):
+                fixed.add(n)
+    return fixed
+
+
+class _Snapshots(fx.Interpreter):
+    """Runs the exported module and keeps the value each folded node has when an unfolded node first reads it (an
+    in-place fill after a read would otherwise show in the constant)."""
+
+    def __init__(self, gm: fx.GraphModule, fixed: set):
+        super().__init__(gm, garbage_collect_values=False)
+        self.fixed, self.taken = fixed, {}
+
+    def run_node(self, n):
+        if n not in self.fixed:
+            for a in n.all_input_nodes:
+                if a in self.fixed and isinstance(self.env[a], torch.Tensor):
+                    self.taken.setdefault(a, self.env[a].detach().clone())
+        return super().run_node(n)
+
+
+def _folded_constants(src: fx.GraphModule, model: nn.Module, args: tuple, kwargs: dict) -> tuple[dict, set]:
+    """``({node: tensor}, dropped)``: the values, on the example inputs, of the foldable nodes of ``src`` that
+    unfoldable nodes read (:func:`_foldable`), which the lowered graph reads as constants, and the other foldable
+    computations, which it leaves out."""
+    params = {name for name, _ in model.named_parameters()}
+    fixed = {n for n in _foldable(src.graph, params) if n.op == "call_function" and n.target is not aten.sym_size.int}
+    if not fixed:
+        return {}, set()
+    runner = _Snapshots(src, fixed)
+    flat = torch.utils._pytree.tree_leaves((args, kwargs))
+    with torch.no_grad():
+        runner.run(*flat)
+    dropped = fixed - set(runner.taken)
+    for n in reversed(src.graph.nodes):  # what an emitted node reads, other than a constant, is emitted too
+        if n not in runner.taken and n not in dropped:
+            dropped -= set(n.all_input_nodes)
+    return runner.taken, dropped
 
 
 def _replace_devices(a, device: fx.Node):
@@ -320,6 +388,7 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
     ep = export_program(model, args, kwargs)
     src = ep.module()
     _inline_disabled_autocast(src)
+    constants, dropped = _folded_constants(src, model, *_batch_doubled(tuple(args), dict(kwargs)))
     layers = dict(model.named_modules())
     static = _mark_static(src.graph)
     g = fx.Graph()
@@ -338,10 +407,12 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
                 device.append(g.call_function(getattr, (env[n], "device")))
         elif n.op == "get_attr":
             env[n] = g.get_attr(str(n.target))
+        elif n in constants:  # computed from constants and static sizes only: its value on the example
+            env[n] = g.get_attr(f"_folded_{n.name}")
         elif n.op == "output":
             g.output(load(n.args[0]))
-        elif n.op == "call_module" or n.target is aten._assert_tensor_metadata.default:  # export's input guards
-            env[n] = None
+        elif n.op == "call_module" or n.target is aten._assert_tensor_metadata.default or n in dropped:
+            env[n] = None  # export's input guards; computations folded into constants
         elif n.target is aten.dropout.default and not (n.args[2] if len(n.args) > 2 else n.kwargs.get("train")):
             env[n] = load(n.args[0])
         elif _same_dtype(n):  # x.to(x.dtype), x.float() on float32: no op (LiteMLA's attention in float32)
@@ -353,7 +424,9 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
     g._codegen = src.graph._codegen
     for n in [n for n in g.nodes if n.op == "get_attr" and not n.users]:  # the weights now inside layers
         g.erase_node(n)
-    root: dict[str, Any] = {n.target: _attr(model, src, n.target) for n in g.nodes if n.op == "get_attr"}
+    folded = {f"_folded_{n.name}": v for n, v in constants.items()}
+    root: dict[str, Any] = {n.target: folded[n.target] if n.target in folded else _attr(model, src, n.target)
+                            for n in g.nodes if n.op == "get_attr"}
     root.update({n.target: layers[n.target] for n in g.nodes if n.op == "call_module"})
     gm = fx.GraphModule(root, g, type(model).__name__)
     gm.graph.eliminate_dead_code()

@@ -126,6 +126,22 @@ def lookup_table(q_node: fx.Node, modules, device=None) -> Optional[tuple[torch.
         return None
 
 
+def plain_index(idx) -> bool:
+    """An index of ints and slices of ints (``x[-1]``, ``x[:, -1]``, ``x[1:3]``): selection, no tensors."""
+    parts = idx if isinstance(idx, tuple) else (idx,)
+    return bool(parts) and all(isinstance(i, int) and not isinstance(i, bool) or isinstance(i, slice)
+                               and all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+                               and (i.step is None or i.step > 0) for i in parts)
+
+
+def moves_integers(n: fx.Node, modules) -> bool:
+    """Whether the export runs node ``n`` on stored integers: reshape-like ops, zero pads, rolls and plain selections
+    (``x[:, -1]``), which move values and never compute them (max-pools excepted: ORT fuses them otherwise)."""
+    if n.target is operator.getitem:
+        return len(n.args) == 2 and plain_index(n.args[1])
+    return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
+
+
 _FLOAT64_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax)
 _FLOAT64_FUNCTIONS = (torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.softmax,
                       torch.softmax, torch.nn.functional.log_softmax, torch.log_softmax, "softmax", "log_softmax")

@@ -111,12 +111,6 @@ def add_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x + mask
 
 
-def pad_constant(x: torch.Tensor, pad, value: float) -> torch.Tensor:
-    """``F.pad(x, pad, value=value)`` with a constant other than zero (timm's LiteMLA pads with 1.0): unlike a zero
-    pad, the constant need not lie on ``x``'s grid, so the output gets a quantizer of its own."""
-    return F.pad(x, pad, value=value)
-
-
 FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg, torch.sub, torch.mul, torch.div,
       torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.einsum,
@@ -132,12 +126,11 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
     ((torch.sigmoid, F.sigmoid, F.hardsigmoid), UNARY_NONNEG),
     ((torch.softmax, F.softmax), NONNEG),
     ((F.dropout,), IDENTITY),
-    ((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose), MOVE),
+    ((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.roll), MOVE),
     ((operator.getitem, torch.chunk, torch.split, torch.narrow, torch.t, torch.select,
       torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-      F.pad, F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
+      F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
     ((add_mask,), PASS),
-    ((pad_constant,), COMPUTE),
 ])
 
 METHOD_OPS: dict[str, Op] = _table([
@@ -149,7 +142,7 @@ METHOD_OPS: dict[str, Op] = _table([
     (("sigmoid",), UNARY_NONNEG),
     (("softmax",), NONNEG),
     (("contiguous", "clone", "detach"), IDENTITY),
-    (("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose"), MOVE),
+    (("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "roll"), MOVE),
     (("expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select",
       "view_as", "unflatten", "to", "float", "cpu", "cuda", "type_as"), PASS),
 ])
@@ -171,6 +164,15 @@ NAMED_FUNCTION_OPS: dict[str, Op] = {
 }
 
 
+def _pad_op(node: fx.Node) -> Op:
+    """``F.pad``: a move (on the input's grid) when it pads with zero, which every grid holds exactly, or repeats
+    values (reflect, replicate, circular); with another constant (timm's LiteMLA pads with 1.0) it computes new values,
+    which get a quantizer of their own."""
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    return COMPUTE if mode == "constant" and value not in (None, 0, 0.0) else MOVE
+
+
 def _function_op(target) -> Optional[Op]:
     op = FUNCTION_OPS.get(target)
     if op is None and callable(target):
@@ -185,7 +187,7 @@ def node_op(node: fx.Node, modules: dict) -> Optional[Op]:
         m = modules.get(node.target)
         return module_op(m) if m is not None else None
     if node.op == "call_function":
-        return _function_op(node.target)
+        return _pad_op(node) if node.target is F.pad else _function_op(node.target)
     if node.op == "call_method":
         return METHOD_OPS.get(node.target)
     return None

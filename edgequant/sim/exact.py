@@ -65,8 +65,9 @@ def _per_tensor(q) -> bool:
 
 
 def _moved_source(n, modules):
-    """``(quantizer, moves)``: the quantizer whose integers reach node ``n`` through identity ops and reshape-like
-    moves with constant arguments (a transpose, a permute), the moves in order; ``(None, [])`` otherwise."""
+    """``(quantizer, moves)``: the quantizer whose integers reach node ``n`` through identity ops and moves that the
+    export runs on the stored integers (:func:`~edgequant.graph.lowering.moves_integers`: a transpose, a reshape, a
+    zero pad, a roll, a plain selection) with constant arguments, the moves in order; ``(None, [])`` otherwise."""
     moves = []
     while isinstance(n, fx.Node):
         if isinstance(patterns.module_of(n, modules), Quantizer):
@@ -76,7 +77,8 @@ def _moved_source(n, modules):
             continue
         found: list = []
         fx.node.map_arg((n.args[1:], n.kwargs), found.append)
-        if n.op not in ("call_method", "call_function") or not ops.keeps_grid(n, modules) or found:
+        if n.op not in ("call_method", "call_function") or not lowering.moves_integers(n, modules) or (
+                found and _reshaped_to(n) is None):
             break
         moves.append(n)
         n = n.args[0]
@@ -84,10 +86,24 @@ def _moved_source(n, modules):
 
 
 def _replay(t: torch.Tensor, moves: list) -> torch.Tensor:
-    """Apply the recorded moves (:func:`_moved_source`) to integer tensor ``t``."""
+    """Apply the recorded moves (:func:`_moved_source`) to integer tensor ``t``, centred on its zero point (a zero pad
+    then adds the real value 0)."""
     for n in moves:
-        t = getattr(t, n.target)(*n.args[1:], **n.kwargs) if n.op == "call_method" else n.target(t, *n.args[1:], **n.kwargs)
+        shape = _reshaped_to(n)
+        if shape is not None:
+            t = t.reshape(shape)
+        else:
+            t = getattr(t, n.target)(*n.args[1:], **n.kwargs) if n.op == "call_method" else n.target(t, *n.args[1:], **n.kwargs)
     return t
+
+
+def _reshaped_to(n):
+    """The shape a reshape / view node gives, its first dimension left free (``-1``) as the export writes it when the
+    batch is folded with other axes (``x.reshape(B * windows, 49, C)``), or None for other nodes."""
+    meta = patterns.recorded_meta(n)
+    if n.target not in ("view", "reshape", torch.reshape) or not hasattr(meta, "shape"):
+        return None
+    return [-1] + list(meta.shape)[1:]
 
 
 def _computes_in_float(n, modules) -> bool:
@@ -155,9 +171,9 @@ class IntegerExactMode:
         op = rq.add if patterns.is_add(base) and len(base.args) >= 2 else \
             rq.mul if patterns.is_mul(base) and act is None and q.spec.bits == 8 else None
         if op is not None:
-            qa, qb = (_identity_source(a, self.modules) for a in base.args[:2])
+            (qa, ca), (qb, cb) = (_moved_source(a, self.modules) for a in base.args[:2])
             if _per_tensor(qa) and _per_tensor(qb) and (op is rq.add or max(qa.spec.bits, qb.spec.bits) <= 8):
-                return lambda qq, x: self._binary(op, qq, qa, qb, act, x)
+                return lambda qq, x: self._binary(op, qq, (qa, ca), (qb, cb), act, x)
         if patterns.is_matmul(base) and act is None and q.spec.bits <= 8:
             (qa, ca), (qb, cb) = (_moved_source(a, self.modules) for a in base.args[:2])
             if _per_tensor(qa) and _per_tensor(qb) and max(qa.spec.bits, qb.spec.bits) <= 8:
@@ -202,10 +218,12 @@ class IntegerExactMode:
         lo, hi = lo.reshape(shape), hi.reshape(shape)  # the layer's channel axis (last for a Linear)
         return self._out(q, rq.requantize(acc, s_x, s_w, s_y, z_y, lo, hi, self.mode, shape))
 
-    def _binary(self, op, q: Quantizer, qa: Quantizer, qb: Quantizer, act, x) -> torch.Tensor:
-        """``op`` (:func:`~edgequant.core.requant.add` or ``mul``) on the integers of ``qa`` and ``qb``."""
-        a, b = self.tape[id(qa)], self.tape[id(qb)]
+    def _binary(self, op, q: Quantizer, a, b, act, x) -> torch.Tensor:
+        """``op`` (:func:`~edgequant.core.requant.add` or ``mul``) on the integers of quantizers ``a = (qa, moves)`` and
+        ``b``, moved as the graph moves them on the way."""
+        (qa, ca), (qb, cb) = a, b
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
+        a, b = _replay(self.tape[id(qa)] - z_a, ca) + z_a, _replay(self.tape[id(qb)] - z_b, cb) + z_b
         ch = x.shape[1] if x.ndim > 1 else 1
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))

@@ -194,3 +194,57 @@ def test_a_sim_of_an_unfolded_model_deploys_folded(tmp_path):
     again = edgequant.load(tmp_path / "saved", model=net)
     with torch.no_grad():
         assert torch.equal(again(xe), sim(xe))
+
+
+class _Pads(nn.Module):
+    """A zero pad between two convs (moves integers: the real value 0 is the zero point) and a pad with 1.0 (a new
+    value, off the grid: it gets a quantizer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.b(torch.nn.functional.pad(self.a(x), (1, 2, 0, 1)))
+        return self.c(torch.nn.functional.pad(y, (1, 1, 1, 1), value=1.0))
+
+
+def test_a_zero_pad_moves_integers_and_a_pad_with_another_value_is_quantized(tmp_path):
+    from edgequant.export.integer import IntegerEngine
+
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 3, 10, 10) for _ in range(2)]
+    sim = QuantSim(_Pads().eval(), cal[0], "w8a8")
+    names = set(sim.quantizers())
+    assert "pad" not in names and "pad_1" in names
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "p.onnx")["onnx"]
+    g = onnx.load(path).graph
+    pads = [n for n in g.node if n.op_type == "Pad"]
+    q_out = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear"}
+    assert any(p.input[0] in q_out and len(p.input) == 3 for p in pads)  # on the integers, zero point as constant
+    x = torch.randn(3, 3, 10, 10)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact():
+        exact = sim(x)
+    assert torch.equal(exact, torch.from_numpy(out))
+    with pytest.raises(Exception, match="pad_1"):  # the engine moves zero pads but refuses a new value, by name
+        IntegerEngine(sim, "float32")
+
+
+def test_the_integer_engine_pads_with_the_zero_point():
+    from edgequant.export.integer import IntegerEngine
+
+    class ZeroPad(_Pads):
+        def forward(self, x):
+            return self.b(torch.nn.functional.pad(self.a(x), (2, 0, 1, 1)))
+
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 3, 10, 10) for _ in range(2)]
+    sim = QuantSim(ZeroPad().eval(), cal[0], "w8a8_transformer")  # asymmetric min-max activation grids
+    sim.calibrate(cal, progress=False)
+    assert sim.quantizers()["a"].zero_point.item() != 0  # an asymmetric grid: padding with integer 0 would be wrong
+    x = torch.randn(3, 3, 10, 10)
+    with torch.no_grad(), sim.integer_exact():
+        exact = sim(x)
+    assert torch.equal(IntegerEngine(sim, "float32")(x), exact)

@@ -317,3 +317,38 @@ def test_attention_ops_of_torch_export_stay_on_their_grids_and_the_divisor_in_fl
     with torch.no_grad(), warnings.catch_warnings(), sim.integer_exact():
         warnings.simplefilter("ignore")
         assert torch.equal(sim(x), torch.from_numpy(out))
+
+
+class _MiniSwin(nn.Module):
+    """torchvision's own Swin blocks (a shifted one: cyclic roll, an attention mask built by in-place fills) on 8x8
+    patches. Their attention is a ``torch.fx.wrap``-ed function that takes ``qkv.weight`` and ``proj.weight`` as
+    arguments: traced by fx, those layers were never quantized."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.swin_transformer import SwinTransformerBlock
+
+        self.embed = nn.Conv2d(3, 16, 2, stride=2)
+        self.blocks = nn.Sequential(*(SwinTransformerBlock(16, 2, [4, 4], [s, s]) for s in (0, 2)))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+def test_layers_inside_a_wrapped_function_are_captured_by_torch_export_and_exported_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    m = _MiniSwin().eval()
+    x = torch.randn(4, 3, 16, 16)
+    sim = QuantSim(m, x, "w8a8")
+    assert sim.capture_mode == "graph" and sim.unsupported == [], sim.unsupported
+    assert {"blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight"} <= set(sim.quantizers())
+    assert not any("fill_" in str(n.target) for n in sim.model.graph.nodes)  # the mask is a folded constant
+    with torch.no_grad(), sim.quantization_disabled():
+        assert torch.allclose(sim(x), m(x), atol=1e-6)
+    sim.calibrate([x, torch.randn(4, 3, 16, 16)], progress=False)
+    path = export_onnx(sim, tmp_path / "m.onnx", tables=True, float64=True)["onnx"]
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), warnings.catch_warnings(), sim.integer_exact(tables=True, float64=True):
+        warnings.simplefilter("ignore")
+        assert torch.equal(sim(x), torch.from_numpy(out))

@@ -247,7 +247,8 @@ class _GraphPlanner:
         elif k in ("weighted", "compute"):
             for a in n.all_input_nodes:
                 if _is_float(a) and not self.on_grid.get(a, True):
-                    self.add(a)
+                    if not patterns.feeds_pole(a):  # a divisor stays float (see below)
+                        self.add(a)
                     self.on_grid[a] = True
             if not (self.config.supergroups and patterns.in_supergroup(n, self.modules)) and not (
                     k == "compute" and n not in self.model_outputs and patterns.feeds_pole(n)):

@@ -428,7 +428,8 @@ class _Normalized(nn.Module):
     def forward(self, x):
         y = torch.relu(self.fc(x.float()))
         z = y / (y.sum(-1, keepdim=True) + 1e-5)
-        return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+        w = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(1e-6)  # a divisor from unknown ops
+        return z / torch.sqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) + w
 
 
 def test_a_divisor_gets_no_quantizer_that_would_round_its_eps_to_zero():
@@ -441,6 +442,7 @@ def test_a_divisor_gets_no_quantizer_that_would_round_its_eps_to_zero():
     sim = QuantSim(m, x, "w8a8")  # top-level x.float(): its quantizer key is not ModuleDict.float
     named = set(sim.quantizers())
     assert "add" not in named and "sqrt" not in named and "add_1" not in named  # the divisors stay float
+    assert "clamp_min" not in named
     assert {"truediv", "truediv_1", "pow"} <= named
     sim.calibrate([x], progress=False)
     with torch.no_grad():

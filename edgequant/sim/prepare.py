@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import operator
 import re
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -99,6 +100,13 @@ class _KeyMaker:
             key, k = f"{base}_{k}", k + 1
         self.used.add(key)
         return key
+
+
+def _attr_of(gm: fx.GraphModule, target: str):
+    try:
+        return operator.attrgetter(target)(gm)
+    except AttributeError:
+        return None
 
 
 def _is_float(node: fx.Node) -> bool:
@@ -232,8 +240,10 @@ class _GraphPlanner:
     def visit(self, n: fx.Node) -> None:
         k = ops.kind(n, self.modules)
         floats_in = [a for a in n.all_input_nodes if _has_float(a.meta.get("tensor_meta"))]
-        # data: derived from float inputs or weights (not a mask or positions built from integer inputs)
-        self.data[n] = (n.op in ("get_attr", "call_module") or (n.op == "placeholder" and _has_float(n.meta.get("tensor_meta")))
+        # data: derived from float inputs or weights (not a mask or positions built from integer inputs, nor a constant
+        # folded by the torch.export capture)
+        self.data[n] = (n.op == "call_module" or (n.op == "placeholder" and _has_float(n.meta.get("tensor_meta")))
+                        or (n.op == "get_attr" and isinstance(_attr_of(self.gm, n.target), nn.Parameter))
                         or any(self.data.get(a, False) for a in n.all_input_nodes))
         if k == "unknown" and _has_float(n.meta.get("tensor_meta")) and self.data[n]:
             t = self.modules[n.target] if n.op == "call_module" else n.target

@@ -457,7 +457,8 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
 def _formats(qs: dict, opset: Optional[int], weight_dtype: str) -> tuple[int, str]:
     """``(opset, weight container)`` of an export of quantizers ``qs``: opset 21 where a grid needs it (4 or 16 bits,
     blocked weights), else 17; ``"auto"`` weights are ``int8`` when no 8-bit weight grid could saturate u8s8 kernels."""
-    needs21 = any(q.spec.bits in (4, 16) or q.spec.bits > 8 or isinstance(q.spec.granularity, PerBlock) for q in qs.values())
+    needs21 = any(q.spec.bits in (4, 16) or q.spec.bits > 8 or isinstance(q.spec.granularity, PerBlock)
+                  for q in qs.values())
     opset = opset or (21 if needs21 else 17)
     if opset < 13:
         raise ExportError("opset must be >= 13 (per-axis QuantizeLinear/DequantizeLinear)")
@@ -615,7 +616,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
         src = val.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
         if _passes_on(b, n, m, src, val, (want, int_clamps, tables), modules):
             continue
-        if isinstance(src, _Quantized) and lowering.moves_integers(n, modules) and _move(b, n, m, src, val, want, modules, shape_of):
+        if isinstance(src, _Quantized) and _move(b, n, m, src, val, want, modules, shape_of):
             continue
         if isinstance(m, QuantizedRecurrentMixin):
             val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]), val)
@@ -715,12 +716,18 @@ def _clamp_integers(b: _Builder, qv: "_Quantized", q: Quantizer, clamp: fx.Node,
 def _move(b: _Builder, n: fx.Node, m, src: "_Quantized", val: dict, want: dict, modules, shape_of) -> bool:
     """Reshape the integers of ``src``, not their dequantized copy (DQ -> Flatten -> Gemm keeps ORT's Gemm in float,
     Flatten -> DQ -> Gemm -> Q fuses into its integer QGemm); False when the move has no hand-written mapping
-    (the float op on the dequantized values then)."""
+    (the float op on the dequantized values then) or ``n`` is no move (:func:`~edgequant.graph.lowering.moves_integers`)."""
+    if not lowering.moves_integers(n, modules):
+        return False
     a = [src.q] + list(fx.node.map_aggregate(n.args[1:], lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
     out = b.fresh(f"{src.name}_{n.name}")
     try:
-        y = _module(b, n, m, a, out, modules, shape_of) if m is not None else \
-            _pad_integers(b, n, src, out, shape_of(n.args[0])) if n.target is F.pad else _function(b, n, a, out, shape_of)
+        if m is not None:
+            y = _module(b, n, m, a, out, modules, shape_of)
+        elif n.target is F.pad:
+            y = _pad_integers(b, n, src, out, shape_of(n.args[0]))
+        else:
+            y = _function(b, n, a, out, shape_of)
     except _NoMapping:
         return False
     val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
@@ -736,14 +743,15 @@ def _pad_integers(b: _Builder, n: fx.Node, src: "_Quantized", out: str, shape) -
     mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 else "constant")
     onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}.get(mode)
     zp = next((i for i in b.inits if i.name == src.zero_point), None)
-    if (onnx_mode is None or shape is None or not isinstance(pad, (list, tuple)) or not all(isinstance(p, int) for p in pad)
-            or (onnx_mode == "constant" and (zp is None or len(zp.dims)))):
+    if (onnx_mode is None or shape is None or not isinstance(pad, (list, tuple))
+            or not all(isinstance(p, int) for p in pad) or (onnx_mode == "constant" and (zp is None or len(zp.dims)))):
         raise _NoMapping(n.name)
     begins, ends = [0] * len(shape), [0] * len(shape)
     for i in range(len(pad) // 2):  # torch: (last dim begin, last dim end, the one before, ...)
         begins[len(shape) - 1 - i], ends[len(shape) - 1 - i] = pad[2 * i], pad[2 * i + 1]
     ins = [src.q, b.const(f"{n.name}_pads", np.array(begins + ends, np.int64))]
-    return b.node("Pad", ins + ([src.zero_point] if onnx_mode == "constant" else []), out=out, base=n.name, mode=onnx_mode)
+    ins += [src.zero_point] if onnx_mode == "constant" else []
+    return b.node("Pad", ins, out=out, base=n.name, mode=onnx_mode)
 
 
 def _recurrent(b: _Builder, n: fx.Node, m, src, in_shape, val: dict) -> list:

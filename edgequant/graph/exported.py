@@ -268,8 +268,9 @@ def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None
 
 
 def _selection_or_pad(g: fx.Graph, n: fx.Node, args: tuple) -> fx.Node | None:
-    """``aten.slice`` / ``aten.select`` as ``x[:, a:b]`` / ``x[:, i]``, and a zero ``aten.pad`` / ``constant_pad_nd`` as ``F.pad``: ops that
-    move values without computing (the integers pass on, no quantizer of their own), or None for other nodes.
+    """``aten.slice`` / ``aten.select`` as ``x[:, a:b]`` / ``x[:, i]``, and a zero ``aten.pad`` / ``constant_pad_nd``
+    as ``F.pad``: ops that move values without computing (the integers pass on, no quantizer of their own), or None
+    for other nodes.
     A pad with another constant (LiteMLA pads with 1.0) keeps it: the value need not lie on the input's grid, so its
     output gets a quantizer of its own (:mod:`edgequant.graph.ops` reads the value)."""
     if n.target is aten.index.Tensor and len(n.args) == 2 and all(isinstance(i, fx.Node) for i in n.args[1]):
@@ -279,7 +280,7 @@ def _selection_or_pad(g: fx.Graph, n: fx.Node, args: tuple) -> fx.Node | None:
         return g.call_function(operator.getitem, (args[0], (slice(None),) * (n.args[1] % val.ndim) + (n.args[2],)))
     if n.target is aten.slice.Tensor:
         dim, start, end, step = (list(n.args[1:]) + [0, None, None, 1][len(n.args) - 1:])[:4]
-        if not isinstance(val, torch.Tensor) or not all(v is None or isinstance(v, int) for v in (dim, start, end, step)):
+        if not (isinstance(val, torch.Tensor) and all(v is None or isinstance(v, int) for v in (dim, start, end, step))):
             return None
         end = None if end is not None and end >= 2 ** 62 else end  # export's "to the end" is INT64_MAX
         index = (slice(None),) * (dim % val.ndim) + (slice(start or None, end, None if step == 1 else step),)

@@ -93,7 +93,8 @@ def _replay(t: torch.Tensor, moves: list) -> torch.Tensor:
         if shape is not None:
             t = t.reshape(shape)
         else:
-            t = getattr(t, n.target)(*n.args[1:], **n.kwargs) if n.op == "call_method" else n.target(t, *n.args[1:], **n.kwargs)
+            t = getattr(t, n.target)(*n.args[1:], **n.kwargs) if n.op == "call_method" else \
+                n.target(t, *n.args[1:], **n.kwargs)
     return t
 
 
@@ -182,7 +183,8 @@ class IntegerExactMode:
             qx = _identity_source(base.args[0], self.modules)
             if _per_tensor(qx):
                 return lambda qq, x: self._mean(qq, qx, base, x)
-        if _computes_in_float(base, self.modules) and not (self.float64 is not None and lowering.float64_op(base, self.modules)):
+        exact_float = self.float64 is not None and lowering.float64_op(base, self.modules)  # float64, rounded once
+        if _computes_in_float(base, self.modules) and not exact_float:
             self.float_computed[q.tensor_name] = _op_name(base, self.modules)
         return self._plain
 

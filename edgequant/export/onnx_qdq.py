@@ -863,8 +863,9 @@ def _quantized(b: _Builder, n: fx.Node, q: Quantizer, x: str, flat: dict, shape_
 
 
 def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: dict, shape_of, batch: set) -> bool:
-    """Handle ``n`` if it is shape arithmetic (folded to a value), a shape assertion (checked here) or one
-    output of a multi-output op (chunk, split, unbind); False for every other node."""
+    """Handle ``n`` if it is shape arithmetic (folded to a value), an op on parameters and constants only (folded to
+    an initializer), a shape assertion (checked here) or one output of a multi-output op (chunk, split, unbind); False
+    for every other node."""
     if n.op not in ("call_method", "call_function"):
         return False
     static = _static_value(n, folded, shape_of)
@@ -872,6 +873,13 @@ def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: 
         folded[n] = val[n] = static
         if _reads_batch(n, batch):
             batch.add(n)
+        return True
+    constant = _constant_tensor(n, folded, batch)
+    if constant is not None:
+        folded[n] = constant
+        val[n] = b.const(f"{n.name}_folded", constant.detach().cpu().numpy())
+        if n in want:
+            val[n] = b.node("Identity", [val[n]], out=want[n])
         return True
     if n.target is torch._assert and n.args and n.args[0] in folded:
         if not folded[n.args[0]]:
@@ -883,6 +891,31 @@ def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: 
             val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
         return True
     return False
+
+
+def _constant_tensor(n: fx.Node, folded: dict, batch: set) -> Optional[torch.Tensor]:
+    """The value of a function or method node that reads parameters, buffers and folded constants only (naflexvit's
+    position-embedding resize, a relative position bias gathered from its table), computed by torch at export: an
+    initializer in place of ops ONNX Runtime would rerun on every inference, or that torch.onnx cannot export at all
+    (antialiased bicubic resize). None for other nodes, and for anything sized by the batch."""
+    if n.op not in ("call_function", "call_method") or n.target is torch._assert:
+        return None
+    ins, tensors = {}, 0
+    for a in n.all_input_nodes:
+        if a.op == "get_attr":
+            ins[a] = operator.attrgetter(a.target)(n.graph.owning_module)
+        elif a in folded and a not in batch:
+            ins[a] = folded[a]
+        else:
+            return None
+        if isinstance(ins[a], torch.Tensor):
+            ins[a], tensors = ins[a].detach().clone(), tensors + 1  # an in-place op must not touch the model
+    if not tensors:
+        return None
+    args, kwargs = fx.node.map_aggregate((n.args, n.kwargs), lambda v: ins[v] if isinstance(v, fx.Node) else v)
+    with torch.no_grad():
+        y = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
+    return y if isinstance(y, torch.Tensor) else None
 
 
 def _value_info(name: str, n: fx.Node, shape, dynamic_batch: bool):

@@ -78,6 +78,8 @@ _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
     aten.roll.default: ("function", torch.roll),
     aten.split.Tensor: ("function", torch.split),
     aten.split_with_sizes.default: ("function", torch.split),
+    aten.unbind.int: ("function", torch.unbind),
+    aten.scaled_dot_product_attention.default: ("function", F.scaled_dot_product_attention),
 }
 # in-place activations (timm's ``act(inplace=True)``) -> their functional form, where nothing else reads the input
 _IN_PLACE = {
@@ -87,6 +89,7 @@ _IN_PLACE = {
     aten.silu_.default: F.silu,
     aten.sigmoid_.default: torch.sigmoid,
     aten.tanh_.default: torch.tanh,
+    aten.add_.Tensor: operator.add,
 }
 # aten op -> (layer types it stands for, index of the data argument, indices of (weight, bias) arguments)
 _LAYERS = {
@@ -259,8 +262,8 @@ def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None
     moved = _selection_or_pad(g, n, args)
     if moved is not None:
         return moved
-    if n.target in _IN_PLACE and isinstance(n.args[0], fx.Node) and len(n.args[0].users) == 1:
-        return g.call_function(_IN_PLACE[n.target], args[:1])
+    if n.target in _IN_PLACE and not n.kwargs and isinstance(n.args[0], fx.Node) and len(n.args[0].users) == 1:
+        return g.call_function(_IN_PLACE[n.target], args[:1] if n.target is not aten.add_.Tensor else args)
     if n.target in _FUNCTIONS and not (n.target is aten.add.Tensor and kwargs):
         how, target = _FUNCTIONS[n.target]
         return g.call_method(target, args, kwargs) if how == "method" else g.call_function(target, args, kwargs)
@@ -416,7 +419,7 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
             env[n] = None  # export's input guards; computations folded into constants
         elif n.target is aten.dropout.default and not (n.args[2] if len(n.args) > 2 else n.kwargs.get("train")):
             env[n] = load(n.args[0])
-        elif _same_dtype(n):  # x.to(x.dtype), x.float() on float32: no op (LiteMLA's attention in float32)
+        elif _same_dtype(n) or n.target is aten.alias.default:  # x.to(x.dtype) on float32 (LiteMLA), an alias
             env[n] = load(n.args[0])
         else:
             env[n] = _lower_node(g, n, load, layers, static)

@@ -127,7 +127,7 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
     ((torch.softmax, F.softmax), NONNEG),
     ((F.dropout,), IDENTITY),
     ((torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose, torch.roll), MOVE),
-    ((operator.getitem, torch.chunk, torch.split, torch.narrow, torch.t, torch.select,
+    ((operator.getitem, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.t, torch.select,
       torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
       F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
     ((add_mask,), PASS),

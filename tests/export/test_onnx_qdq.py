@@ -248,3 +248,36 @@ def test_the_integer_engine_pads_with_the_zero_point():
     with torch.no_grad(), sim.integer_exact():
         exact = sim(x)
     assert torch.equal(IntegerEngine(sim, "float32")(x), exact)
+
+
+class _ResizedPositions(nn.Module):
+    """A learned position grid resized with antialiasing (timm's NaFlexViT): torch.onnx cannot export the resize, but
+    it reads a parameter only, so the export computes it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 2, stride=2)
+        self.pos = nn.Parameter(torch.randn(1, 6, 6, 8))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        pos = torch.nn.functional.interpolate(self.pos.permute(0, 3, 1, 2), size=(4, 4), mode="bicubic", antialias=True)
+        return self.head(self.conv(x) + pos)
+
+
+def test_ops_on_parameters_only_are_folded_into_initializers(tmp_path):
+    torch.manual_seed(0)
+    m = _ResizedPositions().eval()
+    before = m.pos.detach().clone()
+    cal = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    sim = QuantSim(m, cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "r.onnx")["onnx"]
+    g = onnx.load(path).graph
+    assert not {"Resize", "Transpose"} & {n.op_type for n in g.node}
+    assert any(i.name.startswith("interpolate_folded") for i in g.initializer)
+    x = torch.randn(3, 3, 8, 8)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact():
+        assert torch.equal(sim(x), torch.from_numpy(out))
+    assert torch.equal(m.pos, before)

@@ -352,3 +352,32 @@ def test_layers_inside_a_wrapped_function_are_captured_by_torch_export_and_expor
     with torch.no_grad(), warnings.catch_warnings(), sim.integer_exact(tables=True, float64=True):
         warnings.simplefilter("ignore")
         assert torch.equal(sim(x), torch.from_numpy(out))
+
+
+class _FusedAttention(nn.Module):
+    """timm's attention idioms under torch.export: ``qkv.unbind(0)``, ``F.scaled_dot_product_attention`` and an
+    in-place ``x.add_(pos)``."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(1, 6, d))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        if n < 1:  # a shape test: torch.fx cannot trace it
+            raise ValueError("no tokens")
+        x = x.clone()
+        x.add_(self.pos)
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, d // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+
+
+def test_unbind_attention_and_in_place_add_of_torch_export_are_known_ops():
+    torch.manual_seed(0)
+    m = _FusedAttention().eval()
+    x = torch.randn(3, 6, 16)
+    sim = QuantSim(m, x, "w8a8")
+    assert sim.capture_mode == "graph" and sim.unsupported == [], sim.unsupported
+    with torch.no_grad(), sim.quantization_disabled():
+        assert torch.allclose(sim(x), m(x), atol=1e-6)

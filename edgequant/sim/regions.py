@@ -179,10 +179,10 @@ class RegionSim(nn.Module):
         """Context manager: every region computes in float (the float model)."""
         return self._each("quantization_disabled")
 
-    def integer_exact(self, requant: str = "float32", tables: bool = False):
+    def integer_exact(self, requant: str = "float32", tables: bool = False, float64: bool = False):
         """Context manager: every region computes what its deployed integer kernels compute
         (:meth:`QuantSim.integer_exact`); the code between regions runs as it always does."""
-        return self._each("integer_exact", requant, tables)
+        return self._each("integer_exact", requant, tables, float64)
 
     def summary(self) -> str:
         lines = [f"RegionSim: {len(self.regions)} region(s) in graph mode; the code between them runs in float"]

@@ -1019,7 +1019,7 @@ def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: st
     q = patterns.module_of(user, modules) if user is not None else None
     fused = isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor)
     q_in = lowering.source_quantizer(n.args[0], modules)
-    if not (fused and q.spec.bits <= 8) and _integer_matmul_fits(q_in, _weight_quantizer(m)):
+    if not (fused and q.spec.bits <= 8) and lowering.integer_matmul_fits(q_in, _weight_quantizer(m)):
         y = _matmul_integer(b, n, m, x2, src, q_in, out if fused else b.fresh(f"{out}_2d"))
     else:
         x = _Quantized(x2, src.scale, src.zero_point, src.name).dequantized(b)
@@ -1028,14 +1028,6 @@ def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: st
         flat[act if act is not None else n] = out_shape
         return y
     return _reshape(b, y, out_shape, out, n.target, [-1, out_shape[-1]])
-
-
-def _integer_matmul_fits(q_in: Optional[Quantizer], q_w: Optional[Quantizer]) -> bool:
-    """Whether a linear layer can run as ``MatMulInteger``: 8-bit per-tensor input, 8-bit symmetric weights
-    per tensor or per output channel."""
-    return (isinstance(q_in, Quantizer) and isinstance(q_in.spec.granularity, PerTensor) and q_in.spec.bits <= 8
-            and isinstance(q_w, Quantizer) and q_w.spec.bits <= 8 and q_w.spec.symmetric and q_w.spec.signed
-            and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)))
 
 
 def _matmul_integer(b: _Builder, n: fx.Node, m: nn.Linear, x2: str, src: "_Quantized", q_in: Quantizer, out: str) -> str:

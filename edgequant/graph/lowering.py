@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from ..core import lut
-from ..core.granularity import PerTensor
+from ..core.granularity import PerChannel, PerTensor
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin, grid_of
 from . import ops, patterns
@@ -140,6 +140,14 @@ def moves_integers(n: fx.Node, modules) -> bool:
     if n.target is operator.getitem:
         return len(n.args) == 2 and plain_index(n.args[1])
     return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
+
+
+def integer_matmul_fits(q_in: Optional[Quantizer], q_w: Optional[Quantizer]) -> bool:
+    """Whether a linear layer can run as ``MatMulInteger``: 8-bit per-tensor input, 8-bit symmetric weights
+    per tensor or per output channel."""
+    return (isinstance(q_in, Quantizer) and isinstance(q_in.spec.granularity, PerTensor) and q_in.spec.bits <= 8
+            and isinstance(q_w, Quantizer) and q_w.spec.bits <= 8 and q_w.spec.symmetric and q_w.spec.signed
+            and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)))
 
 
 _FLOAT64_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax)

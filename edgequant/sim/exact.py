@@ -107,6 +107,14 @@ def _reshaped_to(n):
     return [-1] + list(meta.shape)[1:]
 
 
+def _wide_matmul_integer(n, layer, q_in: Quantizer, q_w: Quantizer) -> bool:
+    """Whether the export runs linear layer ``layer`` (node ``n``) as ``MatMulInteger`` and a float32 rescale: a linear
+    on N-D tokens whose output grid is wider than 8 bits (``export.onnx_qdq._linear_nd``)."""
+    meta = patterns.recorded_meta(n)
+    return (isinstance(layer, nn.Linear) and n.op == "call_module" and hasattr(meta, "shape") and len(meta.shape) > 2
+            and lowering.integer_matmul_fits(q_in, q_w))
+
+
 def _computes_in_float(n, modules) -> bool:
     """Whether node ``n`` computes new float values (a LayerNorm, a softmax, a float matmul), as opposed to reading a
     model input or moving values that are already on a grid (a quantizer, reshapes, selections, concat, pads)."""
@@ -159,9 +167,11 @@ class IntegerExactMode:
             q_in = lowering.source_quantizer(base.args[0], self.modules) if base.args else None
             q_w = getattr(bm.param_quantizers, "weight", None)
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
+                self.layers.append(bm)
+                if q.spec.bits > 8 and act is None and _wide_matmul_integer(base, bm, q_in, q_w):
+                    return lambda qq, x: self._wide(qq, bm, q_in, q_w)
                 if q.spec.bits > 8:  # ORT's integer kernels write 8-bit outputs: a float rescale (or a float layer)
                     self.float_computed[q.tensor_name] = f"{type(bm).__name__} to a {q.spec.bits}-bit grid"
-                self.layers.append(bm)
                 return lambda qq, x: self._weighted(qq, bm, q_in, q_w, act)
         found = lowering.lookup_table(n, self.modules, q.scale.device) if self.tables else None
         if found is not None and _per_tensor(found[2]):
@@ -219,6 +229,20 @@ class IntegerExactMode:
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, cout, y.ndim)
         lo, hi = lo.reshape(shape), hi.reshape(shape)  # the layer's channel axis (last for a Linear)
         return self._out(q, rq.requantize(acc, s_x, s_w, s_y, z_y, lo, hi, self.mode, shape))
+
+    def _wide(self, q: Quantizer, layer, q_in: Quantizer, q_w: Quantizer) -> torch.Tensor:
+        """A linear layer writing a grid wider than 8 bits as the export runs it: ``MatMulInteger`` (the exact int32
+        accumulator), then ``acc * s_x s_w + bias`` in float32, each step rounded as ONNX Runtime rounds it."""
+        y = self.tape.pop(id(layer))
+        s_x, _ = q_in.scalar_grid()
+        s_acc = bias_scale(torch.tensor(s_x, dtype=torch.float64), q_w.scale.detach(), y.shape[-1])
+        if layer.bias is not None:  # the forward added the bias on its own grid
+            used = layer._quantized_bias(torch.float64)
+            y = y - (used if used is not None else layer.bias.detach().double())
+        out = rq.wrap_int32(torch.round(y / s_acc).long()).float() * s_acc.float()
+        if layer.bias is not None:
+            out = out + (bias_integers(layer.bias, s_acc).double() * s_acc).float()
+        return self._plain(q, out)
 
     def _binary(self, op, q: Quantizer, a, b, act, x) -> torch.Tensor:
         """``op`` (:func:`~edgequant.core.requant.add` or ``mul``) on the integers of quantizers ``a = (qa, moves)`` and

@@ -5,6 +5,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from edgequant import NotCalibratedError, QuantSim, export_onnx
 from edgequant.core import requant as rq
@@ -236,3 +237,33 @@ def test_a_matmul_of_two_quantized_tensors_is_onnx_runtimes_qlinearmatmul(tmp_pa
     with sim.integer_exact("float32") as mode:
         exact = sim(x).numpy()
     assert np.array_equal(out, exact) and "matmul" not in mode.float_computed
+
+
+class _WideResidual(nn.Module):
+    """Tokens through a residual MLP: under ``w8a8_transformer`` the residual sum is a 16-bit grid and ``fc2``, read
+    only by it, writes that grid too (exported as ``MatMulInteger`` and a float32 rescale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc3(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_a_linear_writing_a_16_bit_grid_computes_the_exports_float32_rescale(tmp_path):
+    import onnx
+
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 10, 16) * 4 for _ in range(2)]
+    sim = QuantSim(_WideResidual().eval(), cal[0], "w8a8_transformer")
+    sim.calibrate(cal, progress=False)
+    assert sim.quantizers()["fc2"].spec.bits == 16
+    path = export_onnx(sim, tmp_path / "w.onnx")["onnx"]
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(path).graph.node}
+    x = torch.randn(256, 10, 16) * 4
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact() as mode:
+        exact = sim(x)
+    assert "fc2" not in mode.float_computed  # computed as the export computes it, not flagged
+    assert torch.equal(exact, torch.from_numpy(out))

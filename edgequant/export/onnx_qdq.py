@@ -621,7 +621,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
         if isinstance(m, QuantizedRecurrentMixin):
             val[n] = _recurrent(b, n, m, src, shape_of(n.args[0]), val)
             continue
-        if isinstance(src, _Quantized) and _is_linear_nd(n, m, shape_of):
+        if isinstance(src, _Quantized) and lowering.linear_on_tokens(n, m):
             val[n] = _linear_nd(b, n, m, src, out, modules, shape_of, flat)
             continue
         if n.op == "output":  # before the arguments are resolved: one DequantizeLinear per output
@@ -740,8 +740,7 @@ def _pad_integers(b: _Builder, n: fx.Node, src: "_Quantized", out: str, shape) -
     """``F.pad`` on stored integers: ONNX ``Pad`` with the zero point as the constant (the real value 0), or reflecting /
     repeating the edge."""
     pad = n.kwargs.get("pad", n.args[1] if len(n.args) > 1 else None)
-    mode = n.kwargs.get("mode", n.args[2] if len(n.args) > 2 else "constant")
-    onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}.get(mode)
+    onnx_mode = lowering.ONNX_PAD_MODES.get(ops.pad_mode(n))
     zp = next((i for i in b.inits if i.name == src.zero_point), None)
     if (onnx_mode is None or shape is None or not isinstance(pad, (list, tuple))
             or not all(isinstance(p, int) for p in pad) or (onnx_mode == "constant" and (zp is None or len(zp.dims)))):
@@ -998,10 +997,6 @@ def _module(b: _Builder, n: fx.Node, m: nn.Module, a: list, out: str, modules, s
             return _reshape(b, x, shape_of(n), out, name, shape_of(n.args[0]))
         return b.node("Flatten", [x], out=out, base=name, axis=1)
     raise _NoMapping(name)
-
-
-def _is_linear_nd(n: fx.Node, m, shape_of) -> bool:
-    return isinstance(m, nn.Linear) and not own_forward(m) and n.op == "call_module" and len(shape_of(n) or []) > 2
 
 
 def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: str, modules, shape_of, flat: dict) -> str:

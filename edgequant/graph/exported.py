@@ -263,7 +263,7 @@ def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None
     if moved is not None:
         return moved
     if n.target in _IN_PLACE and not n.kwargs and isinstance(n.args[0], fx.Node) and len(n.args[0].users) == 1:
-        return g.call_function(_IN_PLACE[n.target], args[:1] if n.target is not aten.add_.Tensor else args)
+        return g.call_function(_IN_PLACE[n.target], args)
     if n.target in _FUNCTIONS and not (n.target is aten.add.Tensor and kwargs):
         how, target = _FUNCTIONS[n.target]
         return g.call_method(target, args, kwargs) if how == "method" else g.call_function(target, args, kwargs)
@@ -323,9 +323,10 @@ def _foldable(src: fx.Graph, params: set) -> set:
                 fixed.add(n)
         elif n.op == "call_function" and n.target is aten.sym_size.int and isinstance(val, int):
             fixed.add(n)  # a static size of an input (the image's height)
-        elif n.op == "call_function" and (static(val) or n.target is operator.getitem):
+        elif n.op == "call_function" and (static(val) or (n.target is operator.getitem
+                                                           and not isinstance(val, torch.Tensor))):  # a tuple's part
             ins = n.all_input_nodes[1:] if n.target in _FACTORIES else n.all_input_nodes
-            if all(a in fixed for a in ins) and (static(val) or not isinstance(val, torch.Tensor)):
+            if all(a in fixed for a in ins):
                 fixed.add(n)
     return fixed
 
@@ -341,8 +342,8 @@ class _Snapshots(fx.Interpreter):
     def run_node(self, n):
         if n not in self.fixed:
             for a in n.all_input_nodes:
-                if a in self.fixed and isinstance(self.env[a], torch.Tensor):
-                    self.taken.setdefault(a, self.env[a].detach().clone())
+                if a in self.fixed and a not in self.taken and isinstance(self.env[a], torch.Tensor):
+                    self.taken[a] = self.env[a].detach().clone()
         return super().run_node(n)
 
 
@@ -389,10 +390,11 @@ def _attr(model: nn.Module, src: nn.Module, target: str):
 def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphModule:
     """A layer-level ``GraphModule`` of ``model`` through ``torch.export`` (see the module docstring).
     Raises whatever ``torch.export`` raises when it cannot export the model."""
+    args, kwargs = _batch_doubled(tuple(args), dict(kwargs))  # once: export_program's own doubling is then a no-op
     ep = export_program(model, args, kwargs)
     src = ep.module()
     _inline_disabled_autocast(src)
-    constants, dropped = _folded_constants(src, model, *_batch_doubled(tuple(args), dict(kwargs)))
+    constants, dropped = _folded_constants(src, model, args, kwargs)
     layers = dict(model.named_modules())
     static = _mark_static(src.graph)
     g = fx.Graph()

@@ -13,8 +13,9 @@ from typing import Callable, Optional
 import torch
 from torch import fx, nn
 
-from ..core import lut
+from ..core import float64, lut
 from ..core.granularity import PerChannel, PerTensor
+from ..nn.modules import own_forward
 from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin, grid_of
 from . import ops, patterns
@@ -134,12 +135,26 @@ def plain_index(idx) -> bool:
                                and (i.step is None or i.step > 0) for i in parts)
 
 
+#: ``F.pad`` modes -> ONNX ``Pad`` modes the export writes on stored integers (circular has no opset-17 form)
+ONNX_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
+
+
 def moves_integers(n: fx.Node, modules) -> bool:
     """Whether the export runs node ``n`` on stored integers: reshape-like ops, zero pads, rolls and plain selections
     (``x[:, -1]``), which move values and never compute them (max-pools excepted: ORT fuses them otherwise)."""
     if n.target is operator.getitem:
         return len(n.args) == 2 and plain_index(n.args[1])
+    if n.target is torch.nn.functional.pad and ops.pad_mode(n) not in ONNX_PAD_MODES:
+        return False
     return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
+
+
+def linear_on_tokens(n: fx.Node, m) -> bool:
+    """Whether node ``n`` calls linear layer ``m`` on an N-D input (tokens, windows): the export reshapes its integers
+    to 2-D around a ``QGemm`` (8-bit output) or a ``MatMulInteger`` and a float rescale (wider output)."""
+    meta = patterns.recorded_meta(n)
+    return (isinstance(m, nn.Linear) and not own_forward(m) and n.op == "call_module" and hasattr(meta, "shape")
+            and len(meta.shape) > 2)
 
 
 def integer_matmul_fits(q_in: Optional[Quantizer], q_w: Optional[Quantizer]) -> bool:
@@ -151,8 +166,6 @@ def integer_matmul_fits(q_in: Optional[Quantizer], q_w: Optional[Quantizer]) -> 
 
 
 _FLOAT64_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax)
-_FLOAT64_FUNCTIONS = (torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.softmax,
-                      torch.softmax, torch.nn.functional.log_softmax, torch.log_softmax, "softmax", "log_softmax")
 
 
 def float64_op(n: fx.Node, modules) -> bool:
@@ -163,7 +176,7 @@ def float64_op(n: fx.Node, modules) -> bool:
     m = patterns.module_of(n, modules)
     if m is not None:
         return isinstance(m, _FLOAT64_MODULES)
-    return n.op in ("call_function", "call_method") and n.target in _FLOAT64_FUNCTIONS
+    return n.op in ("call_function", "call_method") and n.target in float64.FUNCTIONS
 
 
 def act_bounds(act, modules, s_y: float, z_y: int, qmin: int, qmax: int, channels: int, ndim: int):

@@ -168,9 +168,13 @@ def _pad_op(node: fx.Node) -> Op:
     """``F.pad``: a move (on the input's grid) when it pads with zero, which every grid holds exactly, or repeats
     values (reflect, replicate, circular); with another constant (timm's LiteMLA pads with 1.0) it computes new values,
     which get a quantizer of their own."""
-    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    return COMPUTE if mode == "constant" and value not in (None, 0, 0.0) else MOVE
+    return COMPUTE if pad_mode(node) == "constant" and value not in (None, 0, 0.0) else MOVE
+
+
+def pad_mode(node: fx.Node) -> str:
+    """The mode of an ``F.pad`` node."""
+    return node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
 
 
 def _function_op(target) -> Optional[Op]:

@@ -107,12 +107,13 @@ def _reshaped_to(n):
     return [-1] + list(meta.shape)[1:]
 
 
-def _wide_matmul_integer(n, layer, q_in: Quantizer, q_w: Quantizer) -> bool:
-    """Whether the export runs linear layer ``layer`` (node ``n``) as ``MatMulInteger`` and a float32 rescale: a linear
-    on N-D tokens whose output grid is wider than 8 bits (``export.onnx_qdq._linear_nd``)."""
-    meta = patterns.recorded_meta(n)
-    return (isinstance(layer, nn.Linear) and n.op == "call_module" and hasattr(meta, "shape") and len(meta.shape) > 2
-            and lowering.integer_matmul_fits(q_in, q_w))
+def _without_bias(layer, y: torch.Tensor, shape) -> torch.Tensor:
+    """Layer output ``y`` (float64) less the bias its forward added on the bias's own grid (``shape`` broadcasts it over
+    the channel axis): the exact products alone."""
+    if layer.bias is None:
+        return y
+    used = layer._quantized_bias(torch.float64)
+    return y - (used if used is not None else layer.bias.detach().double()).view(shape)
 
 
 def _computes_in_float(n, modules) -> bool:
@@ -168,7 +169,9 @@ class IntegerExactMode:
             q_w = getattr(bm.param_quantizers, "weight", None)
             if _per_tensor(q_in) and isinstance(q_w, Quantizer) and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)):
                 self.layers.append(bm)
-                if q.spec.bits > 8 and act is None and _wide_matmul_integer(base, bm, q_in, q_w):
+                # a wider output grid on tokens: the export's MatMulInteger and float32 rescale (onnx_qdq._linear_nd)
+                if (q.spec.bits > 8 and act is None and lowering.linear_on_tokens(base, bm)
+                        and lowering.integer_matmul_fits(q_in, q_w)):
                     return lambda qq, x: self._wide(qq, bm, q_in, q_w)
                 if q.spec.bits > 8:  # ORT's integer kernels write 8-bit outputs: a float rescale (or a float layer)
                     self.float_computed[q.tensor_name] = f"{type(bm).__name__} to a {q.spec.bits}-bit grid"
@@ -217,10 +220,9 @@ class IntegerExactMode:
             cout = y.shape[1] if y.ndim > 1 else y.shape[0]
             shape = [1, -1] + [1] * (y.ndim - 2) if y.ndim > 2 else [1, -1]
         s_w = s_w.expand(cout) if s_w.numel() == 1 else s_w
+        y = _without_bias(layer, y, shape)
         bias_int = None
         if layer.bias is not None:  # the forward added the bias on its own grid: this call's bias integers instead
-            used = layer._quantized_bias(torch.float64)
-            y = y - (used if used is not None else layer.bias.detach().double()).view(shape)
             bias_int = bias_integers(layer.bias, bias_scale(torch.tensor(s_x, dtype=torch.float64), s_w, cout)).view(shape)
         acc = torch.round(y / (s_x * s_w).view(shape)).long()
         acc = acc + bias_int if bias_int is not None else acc
@@ -236,9 +238,7 @@ class IntegerExactMode:
         y = self.tape.pop(id(layer))
         s_x, _ = q_in.scalar_grid()
         s_acc = bias_scale(torch.tensor(s_x, dtype=torch.float64), q_w.scale.detach(), y.shape[-1])
-        if layer.bias is not None:  # the forward added the bias on its own grid
-            used = layer._quantized_bias(torch.float64)
-            y = y - (used if used is not None else layer.bias.detach().double())
+        y = _without_bias(layer, y, [-1])
         out = rq.wrap_int32(torch.round(y / s_acc).long()).float() * s_acc.float()
         if layer.bias is not None:
             out = out + (bias_integers(layer.bias, s_acc).double() * s_acc).float()

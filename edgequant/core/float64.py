@@ -24,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .attention import attention_softmax
+
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
 #: the functions (and tensor methods, by name, as fx records them) :class:`Float64Norms` computes in float64
 FUNCTIONS = (F.layer_norm, F.group_norm, F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax",
-             "log_softmax")
+             "log_softmax", attention_softmax)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import GraphCaptureError
+from ..core.attention import attention_softmax
+from ..nn.attention import mha_mask
 from ..nn.registry import lookup
 from .exported import capture_exported
 from .ops import add_mask, is_leaf_module
@@ -32,7 +34,7 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
     models whose Python inspects sizes or values). Raises :class:`GraphCaptureError` naming the user
     source line where tracing stopped, and why ``torch.export`` failed too.
     """
-    tracer = _Tracer(autowrap_functions=(add_mask,))  # stays one node when a captured graph is traced again
+    tracer = _Tracer(autowrap_functions=(add_mask, attention_softmax, mha_mask))  # stays one node when a captured graph is traced again
     try:
         concrete = _defaults_left(model, args, kwargs)
         graph = tracer.trace(model, concrete_args=concrete)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..core.attention import attention_softmax
+from ..nn.attention import mha_mask
 from ..nn.clamp import ChannelClamp
 from ..nn.scale import ChannelScale
 from ..nn.registry import lookup
@@ -49,6 +51,7 @@ class Op:
     homogeneous: bool = False
     elementwise: bool = False
     lowering: Optional[str] = None
+    data_args: Optional[tuple] = None  # the positional arguments that carry data (None: all); others (a mask) stay float
 
 
 WEIGHTED = Op("weighted")
@@ -130,7 +133,8 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.getitem, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.t, torch.select,
       torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
       F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
-    ((add_mask,), PASS),
+    ((add_mask, mha_mask), PASS),
+    ((attention_softmax,), Op("compute", nonneg=True, data_args=(0,))),  # the scores; never the mask
 ])
 
 METHOD_OPS: dict[str, Op] = _table([
@@ -143,7 +147,7 @@ METHOD_OPS: dict[str, Op] = _table([
     (("softmax",), NONNEG),
     (("contiguous", "clone", "detach"), IDENTITY),
     (("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "roll"), MOVE),
-    (("expand", "expand_as", "chunk", "split", "t", "narrow", "repeat", "select",
+    (("expand", "expand_as", "chunk", "split", "unbind", "t", "narrow", "repeat", "select",
       "view_as", "unflatten", "to", "float", "cpu", "cuda", "type_as"), PASS),
 ])
 

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..nn.modules import own_forward
 from ..nn.padded import PaddedConv2d
-from .patterns import set_submodule
+from .patterns import first_calls, set_submodule
 
 _CONVS = {"conv2d"}
 _PADS = {"pad", "_pad", "constant_pad_nd"}
@@ -76,17 +76,10 @@ def plain_convs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
             if isinstance(m, nn.Conv2d) and type(m) not in (nn.Conv2d, PaddedConv2d) and own_forward(m)}
     if not todo:
         return {}
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: inputs.setdefault(name, a[0].detach()))
-             for name, m in todo.items()]
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except Exception:  # noqa: BLE001 -- the sim's own check of the example inputs reports it
+    calls = first_calls(model, todo, args, kwargs)
+    if calls is None:
         return {}
-    finally:
-        for h in hooks:
-            h.remove()
+    inputs = {name: a[0].detach() for name, (a, _) in calls.items() if a and isinstance(a[0], torch.Tensor)}
     done = {}
     for name, m in todo.items():
         x = inputs.get(name)

@@ -51,6 +51,23 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
+def first_calls(model: nn.Module, layers: dict, args: tuple, kwargs: dict) -> Optional[dict]:
+    """``{name: (args, kwargs)}`` of the first call of each of ``layers`` (``{name: module}`` inside ``model``) when
+    ``model`` runs on the example inputs (without gradients); None when that run fails."""
+    calls: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw, name=name: calls.setdefault(name, (a, kw)) and None,
+                                         with_kwargs=True) for name, m in layers.items()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception:  # noqa: BLE001 -- the caller's own check of the example inputs reports it
+        return None
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
+
+
 def call_counts(gm: fx.GraphModule) -> dict[str, int]:
     """How many times each submodule is called in the graph."""
     counts: dict[str, int] = {}

@@ -44,6 +44,7 @@ from ..config.plan import PlanEntry, QuantPlan
 from ..config.spec import QuantConfig
 from ..errors import PlanError
 from ..graph import lowering, ops, patterns
+from ..graph.attention import decompose_sdpa, prune_dead, select_unbound
 from ..graph.capture import capture
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import make_quantizer
@@ -255,7 +256,7 @@ class _GraphPlanner:
                 self.add(x)  # a recurrent layer (its outputs are a tuple, on its own grids): its input goes on a grid
                 self.on_grid[x] = True
         elif k in ("weighted", "compute"):
-            for a in n.all_input_nodes:
+            for a in _data_inputs(n, self.modules):
                 if _is_float(a) and not self.on_grid.get(a, True):
                     if not patterns.feeds_pole(a):  # a divisor stays float (see below)
                         self.add(a)
@@ -302,6 +303,14 @@ class _GraphPlanner:
         return {f"{layer}.bias": PlanEntry("bias", None, self.entries[f"{layer}.weight"].owner_type,
                                            tuple(self.modules[layer].bias.shape), source=(src, f"{layer}.weight"))
                 for layer, src in links.items() if isinstance(getattr(self.modules[layer], "bias", None), torch.Tensor)}
+
+
+def _data_inputs(n: fx.Node, modules: dict) -> list[fx.Node]:
+    """The inputs of ``n`` that carry data (an attention mask beside the scores does not: it stays float)."""
+    op = ops.node_op(n, modules)
+    if op is None or op.data_args is None:
+        return n.all_input_nodes
+    return [n.args[i] for i in op.data_args if i < len(n.args) and isinstance(n.args[i], fx.Node)]
 
 
 def _nodes_in(args):
@@ -430,7 +439,11 @@ def insert_quantizers(gm: fx.GraphModule, plan: QuantPlan, anchors: dict[str, fx
 def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConfig,
                   plan: Optional[QuantPlan] = None) -> Prepared:
     gm = capture(model, args, kwargs)
+    prune_dead(gm)
+    select_unbound(gm)
     propagate_shapes(gm, args, kwargs)
+    if decompose_sdpa(gm):  # both products of attention quantized, the softmax between them in float
+        propagate_shapes(gm, args, kwargs)
     names = name_nodes(gm)
     modules = dict(gm.named_modules())
     weighted = {n.target: modules[n.target] for n in gm.graph.nodes if ops.kind(n, modules) == "weighted"}

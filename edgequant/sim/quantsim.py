@@ -20,6 +20,7 @@ from ..config.spec import QuantConfig, QuantSpec
 from ..core.encoding import Encoding
 from ..errors import DataError, GraphCaptureError, NotCalibratedError, PlanError
 from ..graph.bn_fold import FoldReport, fold_batch_norms, folded_replacement
+from ..graph.attention import decompose_mha
 from ..graph.own_conv import plain_convs
 from ..graph.ops import BN_MODULES
 from ..graph.patterns import set_submodule
@@ -188,6 +189,7 @@ class QuantSim(nn.Module):
         args, kwargs = as_args(inputs)
         with evaluating(net):  # own-forward convs ("same" padding, weight standardization) as plain convs
             self.plain_convs = plain_convs(net, args, kwargs)
+            self.plain_convs.update(decompose_mha(net, args, kwargs))  # MultiheadAttention -> linears + sdpa
         self.bn_folding = _fold_bn(net, inputs) if fold_bn else FoldReport()
         # the float architecture (batch norms folded; no data: meta tensors), for float_model() and sim.save()
         object.__setattr__(self, "_arch", meta_copy(net))
@@ -288,8 +290,9 @@ class QuantSim(nn.Module):
         """Copy the sim's float weights (AdaRound's rounded weights, corrected biases, ...) into ``model``,
         which has the structure of the model the sim was built from; returns it. The batch norms the sim
         folded are replaced in ``model`` too (``nn.Identity`` or their child modules; their layers get the folded
-        weights), and so are the own-forward convs the sim holds as plain ones (``sim.plain_convs``)."""
-        for name in self.plain_convs:  # rewritten as plain convs holding the effective weight
+        weights), and so are the layers the sim holds rewritten (``sim.plain_convs``: own-forward convs as plain ones,
+        ``nn.MultiheadAttention`` as :class:`~edgequant.nn.attention.DecomposedMultiheadAttention`)."""
+        for name in self.plain_convs:  # rewritten: plain convs holding the effective weight, decomposed attention
             try:
                 model.get_submodule(name)
             except AttributeError:

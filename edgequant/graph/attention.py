@@ -24,7 +24,8 @@ from torch import fx, nn
 
 from ..core.attention import attention_softmax
 from ..nn.attention import DecomposedMultiheadAttention
-from . import ops
+from . import ops, patterns
+from .ops import add_mask
 from .patterns import first_calls, set_submodule
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
@@ -91,6 +92,69 @@ def select_unbound(gm: fx.GraphModule) -> int:
             u.replace_all_uses_with(sel)
             gm.graph.erase_node(u)
         gm.graph.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+_SOFTMAXES = (torch.softmax, F.softmax)
+
+
+def _last_dim_softmax(n: fx.Node) -> bool:
+    """A softmax over the last axis of a shape-propagated value, without a dtype cast."""
+    if not ((n.op == "call_function" and n.target in _SOFTMAXES) or (n.op == "call_method" and n.target == "softmax")):
+        return False
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    meta = n.meta.get("tensor_meta")
+    return n.kwargs.get("dtype") is None and meta is not None and isinstance(dim, int) and dim in (-1, len(meta.shape) - 1)
+
+
+def _scaling(n) -> tuple:
+    """``(x, factor)`` when node ``n`` is ``x * factor`` / ``factor * x`` / ``x / divisor`` with a Python number, read
+    by one node only; ``(None, None)`` otherwise."""
+    if not (isinstance(n, fx.Node) and len(n.users) == 1 and n.op == "call_function" and len(n.args) == 2):
+        return None, None
+    a, b = n.args
+    if n.target in (operator.mul, torch.mul):
+        if isinstance(a, fx.Node) and isinstance(b, (int, float)):
+            return a, float(b)
+        if isinstance(b, fx.Node) and isinstance(a, (int, float)):
+            return b, float(a)
+    if n.target in (operator.truediv, torch.div) and isinstance(a, fx.Node) and isinstance(b, (int, float)) and b:
+        return a, 1.0 / b
+    return None, None
+
+
+def fuse_attention_softmax(gm: fx.GraphModule) -> int:
+    """Attention written out (Hugging Face's eager BERT: ``softmax(q @ k^T * scale + mask)``; timm's unfused path:
+    ``softmax((q * scale) @ k^T)``): the scaling and the mask go into one
+    :func:`~edgequant.core.attention.attention_softmax` step, so the scores are rounded once, straight after their
+    product (a separate ``* scale`` got a quantizer of its own: a second rounding). Needs propagated shapes (and
+    again after); returns how many softmaxes."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        if not _last_dim_softmax(n):
+            continue
+        x, mask, scale, gone = n.args[0], None, None, []
+        if isinstance(x, fx.Node) and x.op == "call_function" and x.target is add_mask and len(x.users) == 1:
+            gone, mask, x = [x], x.args[1], x.args[0]
+        src, factor = _scaling(x)
+        if src is not None:
+            gone, scale, x = gone + [x], factor, src
+        elif patterns.is_matmul(x) and len(x.users) == 1 and _scaling(x.args[0])[0] is not None:
+            scaled = x.args[0]
+            src, scale = _scaling(scaled)
+            x.replace_input_with(scaled, src)  # (q * c) @ k == c * (q @ k)
+            gm.graph.erase_node(scaled)
+        if scale is None and mask is None:
+            continue
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(attention_softmax, (x, scale, mask))
+        new.meta = {k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")}
+        n.replace_all_uses_with(new)
+        for old in [n] + gone:
+            gm.graph.erase_node(old)
         count += 1
     if count:
         gm.recompile()

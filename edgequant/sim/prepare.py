@@ -44,7 +44,7 @@ from ..config.plan import PlanEntry, QuantPlan
 from ..config.spec import QuantConfig
 from ..errors import PlanError
 from ..graph import lowering, ops, patterns
-from ..graph.attention import decompose_sdpa, prune_dead, select_unbound
+from ..graph.attention import decompose_sdpa, fuse_attention_softmax, prune_dead, select_unbound
 from ..graph.capture import capture
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import make_quantizer
@@ -442,7 +442,7 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
     prune_dead(gm)
     select_unbound(gm)
     propagate_shapes(gm, args, kwargs)
-    if decompose_sdpa(gm):  # both products of attention quantized, the softmax between them in float
+    if decompose_sdpa(gm) + fuse_attention_softmax(gm):  # both products of attention on integers, one float step
         propagate_shapes(gm, args, kwargs)
     names = name_nodes(gm)
     modules = dict(gm.named_modules())

@@ -160,3 +160,33 @@ def test_timm_style_attention_runs_on_integers_in_ort(tmp_path):
             exact = sim(x)
     assert not [t for t in mode.float_computed if "matmul" in t]  # both products exact on integers (q, k, v selected)
     assert torch.equal(torch.from_numpy(out), exact)
+
+
+class _Eager(nn.Module):
+    """Attention written out: Hugging Face's eager BERT (``q @ k^T * scale + mask``) or timm's unfused path
+    (``(q * scale) @ k^T``)."""
+
+    def __init__(self, scale_first: bool):
+        super().__init__()
+        self.scale_first, self.q, self.k, self.v = scale_first, nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k = self.q(x), self.k(x)
+        if self.scale_first:
+            s = torch.softmax((q * 0.35) @ k.transpose(-2, -1), dim=-1)
+        else:
+            s = (q @ k.transpose(-2, -1) / 2.8).softmax(-1)
+        return s @ self.v(x)
+
+
+@pytest.mark.parametrize("scale_first", [False, True])
+def test_written_out_attention_rounds_its_scores_once(scale_first):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    model = _Eager(scale_first).eval()
+    sim = QuantSim(model, x, "w8a8")
+    acts = [k for k in sim.quantizers() if not k.endswith((".weight", ".bias"))]
+    assert not {"mul", "truediv"} & set(acts)  # no second grid for the scaled scores
+    assert {"matmul", "attention_softmax", "matmul_1"} <= set(acts)
+    with sim.quantization_disabled():
+        torch.testing.assert_close(sim(x), model(x), atol=1e-5, rtol=1e-4)

@@ -80,6 +80,9 @@ _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
     aten.split_with_sizes.default: ("function", torch.split),
     aten.unbind.int: ("function", torch.unbind),
     aten.scaled_dot_product_attention.default: ("function", F.scaled_dot_product_attention),
+    aten.linalg_vector_norm.default: ("function", torch.linalg.vector_norm),  # F.normalize: x / clamp_min(norm, eps)
+    aten.clamp_min.default: ("function", torch.clamp_min),
+    aten.clamp.default: ("function", torch.clamp),
 }
 # in-place activations (timm's ``act(inplace=True)``) -> their functional form, where nothing else reads the input
 _IN_PLACE = {
@@ -193,9 +196,10 @@ def _owner(node, layers: dict[str, nn.Module]) -> tuple[str, nn.Module] | None:
     return (path, m) if m is not None and getattr(m, attr, None) is not None else None
 
 
-def _as_layer(n: fx.Node, layers: dict[str, nn.Module]):
+def _as_layer(n: fx.Node, layers: dict[str, nn.Module], rebuilt: frozenset = frozenset()):
     """``(layer name, data argument)`` when aten node ``n`` is exactly the computation of one of the
-    model's layers (its own weight and bias, default options), else None."""
+    model's layers (its own weight and bias, default options; ``rebuilt``: linear nodes whose bias the forward rebuilt
+    from the layer's own, :func:`_rebuilt_biases`), else None."""
     entry = _LAYERS.get(n.target)
     if entry is None:
         return None
@@ -206,7 +210,7 @@ def _as_layer(n: fx.Node, layers: dict[str, nn.Module]):
     name, m = owner
     bias = n.args[bi] if bi is not None and len(n.args) > bi else None
     want_bias = getattr(m, "bias", None) if bi is not None else None
-    if (bias is None) != (want_bias is None) or (bias is not None and _owner(bias, layers) != owner):
+    if (bias is None) != (want_bias is None) or (bias is not None and _owner(bias, layers) != owner and n not in rebuilt):
         return None
     if isinstance(m, nn.LayerNorm) and (list(n.args[1]) != list(m.normalized_shape) or (len(n.args) > 4 and n.args[4] != m.eps)):
         return None
@@ -248,8 +252,8 @@ def _mark_static(src: fx.Graph) -> dict[fx.Node, bool]:
     return static
 
 
-def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static) -> fx.Node | None:
-    layer = _as_layer(n, layers)
+def _lower_node(g: fx.Graph, n: fx.Node, load, layers, static, rebuilt: frozenset = frozenset()) -> fx.Node | None:
+    layer = _as_layer(n, layers, rebuilt)
     if layer is not None:
         return g.call_module(layer[0], (load(layer[1]),))
     args, kwargs = load(n.args), load(n.kwargs)
@@ -366,6 +370,59 @@ def _folded_constants(src: fx.GraphModule, model: nn.Module, args: tuple, kwargs
     return runner.taken, dropped
 
 
+def _descendants(start: fx.Node, within: set) -> set:
+    found, todo = set(), [start]
+    while todo:
+        for u in todo.pop().users:
+            if u in within and u not in found:
+                found.add(u)
+                todo.append(u)
+    return found
+
+
+def _bias_value(src: fx.GraphModule, fixed: set, node: fx.Node, args: tuple, kwargs: dict) -> torch.Tensor:
+    runner = _Snapshots(src, fixed)
+    with torch.no_grad():
+        runner.run(*torch.utils._pytree.tree_leaves((args, kwargs)))
+    return runner.taken[node]
+
+
+def _rebuilt_biases(src: fx.GraphModule, args: tuple, kwargs: dict, layers: dict) -> tuple[frozenset, set]:
+    """``(linear nodes, nodes to drop)``: the ``aten.linear`` calls that pass a linear layer's own weight with a bias the
+    forward rebuilt from the layer's own bias alone (torchvision's Swin v2 clones ``qkv.bias`` and zeroes its key third
+    in place, every call). Such a layer becomes a layer call when the rebuild is idempotent: its bias then takes the
+    rebuilt value (the forward, rebuilding it again, computes the same), and the rebuild's nodes are dropped."""
+    fixed = _foldable(src.graph, set())  # parameters count as constants here
+    chosen, gone = set(), set()
+    for n in src.graph.nodes:
+        owner = _owner(n.args[1], layers) if n.target is aten.linear.default and len(n.args) > 2 else None
+        b = n.args[2] if owner is not None else None
+        if (owner is None or not isinstance(owner[1], nn.Linear) or own_forward(owner[1]) or owner[1].bias is None
+                or not isinstance(b, fx.Node) or b.op == "get_attr" or b not in fixed):
+            continue
+        root = next((a for a in src.graph.nodes if a.op == "get_attr" and str(a.target) == f"{owner[0]}.bias"), None)
+        group = _descendants(root, fixed) if root is not None else set()
+        reads = {a for m in group for a in m.all_input_nodes if a not in group}
+        if b not in group or any(a.op == "get_attr" and a is not root and str(a.target) in dict(src.named_parameters())
+                                 for a in reads) or any(u not in group and u is not n for m in group for u in m.users):
+            continue
+        steps = {m for m in group if m.op == "call_function"}
+        value = _bias_value(src, steps, b, args, kwargs)
+        tensors = {id(t): t for t in (owner[1].bias, operator.attrgetter(f"{owner[0]}.bias")(src))}
+        before = owner[1].bias.detach().clone()
+        with torch.no_grad():
+            for t in tensors.values():
+                t.copy_(value)
+        if torch.equal(_bias_value(src, steps, b, args, kwargs), value):
+            chosen.add(n)
+            gone |= group
+        else:
+            with torch.no_grad():
+                for t in tensors.values():
+                    t.copy_(before)
+    return frozenset(chosen), gone
+
+
 def _replace_devices(a, device: fx.Node):
     """``a`` with every ``torch.device`` constant (export records the trace's device in factory calls such as
     ``arange``) replaced by ``device``, so the graph runs wherever its inputs are."""
@@ -394,8 +451,10 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
     ep = export_program(model, args, kwargs)
     src = ep.module()
     _inline_disabled_autocast(src)
-    constants, dropped = _folded_constants(src, model, args, kwargs)
     layers = dict(model.named_modules())
+    rebuilt, rebuild_steps = _rebuilt_biases(src, args, kwargs, layers)
+    constants, dropped = _folded_constants(src, model, args, kwargs)
+    dropped = (dropped | rebuild_steps) - set(constants)
     static = _mark_static(src.graph)
     g = fx.Graph()
     env: dict[fx.Node, Any] = {}
@@ -424,7 +483,7 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
         elif _same_dtype(n) or n.target is aten.alias.default:  # x.to(x.dtype) on float32 (LiteMLA), an alias
             env[n] = load(n.args[0])
         else:
-            env[n] = _lower_node(g, n, load, layers, static)
+            env[n] = _lower_node(g, n, load, layers, static, rebuilt)
         if isinstance(env.get(n), fx.Node) and n.op not in ("placeholder", "output"):
             env[n].meta.update({k: v for k, v in n.meta.items() if k in ("nn_module_stack", "stack_trace")})
     g._codegen = src.graph._codegen

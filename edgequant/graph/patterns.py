@@ -215,18 +215,21 @@ _DIVISIONS = (operator.truediv, torch.div, torch.true_divide, "div", "true_divid
 _POLES = (torch.rsqrt, torch.reciprocal, torch.log, "rsqrt", "reciprocal", "log")  # infinite at zero
 
 
+_TO_POLE = (torch.sqrt, "sqrt", torch.clamp_min, "clamp_min", torch.clamp, "clamp", "expand", "expand_as")
+
+
 def feeds_pole(node: fx.Node) -> bool:
     """Whether every reader of ``node`` is infinite where ``node`` is zero: the divisor of a division, ``rsqrt``,
-    ``reciprocal``, ``log``, directly or through ``sqrt``. A model protects such a value with ``+ eps``; an output
-    grid coarser than ``eps`` rounds it back to zero and ``x / (y + eps)`` becomes inf or NaN (timm's LiteMLA
-    divides by ``sum + 1e-5``)."""
+    ``reciprocal``, ``log``, directly or through ``sqrt`` or a lower clamp (``F.normalize`` divides by
+    ``clamp_min(norm, eps)``). A model protects such a value with ``+ eps``; an output grid coarser than ``eps``
+    rounds it back to zero and ``x / (y + eps)`` becomes inf or NaN (timm's LiteMLA divides by ``sum + 1e-5``)."""
     users = list(node.users)
     for u in users:
         if u.op not in ("call_function", "call_method"):
             return False
         if u.target in _DIVISIONS and len(u.args) > 1 and u.args[1] is node and u.args[0] is not node:
             continue
-        if u.target in _POLES or (u.target in (torch.sqrt, "sqrt") and feeds_pole(u)):
+        if u.target in _POLES or (u.target in _TO_POLE and feeds_pole(u)):
             continue
         return False
     return bool(users)

@@ -381,3 +381,55 @@ def test_unbind_attention_and_in_place_add_of_torch_export_are_known_ops():
     assert sim.capture_mode == "graph" and sim.unsupported == [], sim.unsupported
     with torch.no_grad(), sim.quantization_disabled():
         assert torch.allclose(sim(x), m(x), atol=1e-6)
+
+
+class _RebuiltBias(nn.Module):
+    """A forward that passes its layer's weight with a bias rebuilt from the layer's own (Swin v2 clones ``qkv.bias`` and
+    zeroes its key third in place, every call), idempotently or (``twice=True``) not."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        self.fc, self.out, self.twice = nn.Linear(6, 6), nn.Linear(6, 2), twice
+
+    def forward(self, x):
+        b = self.fc.bias * 2 if self.twice else self.fc.bias.clone()
+        if not self.twice:
+            b[2:4].zero_()
+        return self.out(torch.relu(nn.functional.linear(x, self.fc.weight, b)))
+
+
+@pytest.mark.parametrize("twice", [False, True])
+def test_a_bias_rebuilt_in_the_forward_is_the_layers_own_when_the_rebuild_is_idempotent(twice):
+    torch.manual_seed(0)
+    model, x = _RebuiltBias(twice).eval(), torch.randn(3, 6)
+    before, ref = model.fc.bias.detach().clone(), model(x)
+    gm = capture_exported(model, (x,), {})
+    called = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert ("fc" in called) is not twice  # `bias * 2` applied again by the forward would double it: not a layer call
+    torch.testing.assert_close(gm(x), ref)
+    torch.testing.assert_close(model(x), ref)  # the model computes what it did
+    if twice:
+        assert torch.equal(model.fc.bias, before)
+    else:
+        assert torch.equal(model.fc.bias[2:4], torch.zeros(2)) and torch.equal(model.fc.bias[:2], before[:2])
+
+
+def test_swin_v2_attention_is_quantized_and_bit_exact_in_ort(tmp_path):
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = QuantSim(model, x, "w8a8")
+    assert sim.unsupported == []
+    assert {"features.1.0.attn.qkv.weight", "features.1.0.attn.matmul", "features.1.0.attn.matmul_1"} <= set(sim.quantizers())
+    with torch.no_grad(), sim.quantization_disabled():
+        torch.testing.assert_close(sim(x), model(x), atol=1e-5, rtol=1e-4)
+    sim.calibrate([x, torch.randn(2, 3, 32, 32)], progress=False)
+    path = export_onnx(sim, tmp_path / "swinv2.onnx", tables=True, float64=True)["onnx"]
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with warnings.catch_warnings(), torch.no_grad(), sim.integer_exact(tables=True, float64=True):
+        warnings.simplefilter("ignore")
+        assert torch.equal(torch.from_numpy(out), sim(x))

@@ -1,4 +1,4 @@
-"""Normalizations and softmax computed in float64 and rounded to float32 once.
+"""Normalizations, softmax and L2 norms computed in float64 and rounded to float32 once.
 
 A LayerNorm or softmax between two quantizers runs in ONNX Runtime as ``DequantizeLinear -> float op ->
 QuantizeLinear``. ORT's float32 kernels sum in another order than torch's (vectorized), so on ~20% of the
@@ -13,7 +13,7 @@ quantizer are even exact: every value is ``s * integer``, a 33-bit product that 
 rounding in any order.
 
 :class:`Float64Norms` is a ``TorchFunctionMode``: inside it, ``F.layer_norm``, ``F.group_norm`` and every
-softmax form compute this way. The sim's integer-exact mode runs its forward inside it; the ONNX export
+softmax form and the L2 norm of ``F.normalize`` (Swin v2's cosine attention) compute this way. The sim's integer-exact mode runs its forward inside it; the ONNX export
 traces the ops inside it, so the graph holds the same computation (``Cast`` to double, ``ReduceMean``,
 ``Sub``, ``Mul``, ``Sqrt``, ``Div``, ``Softmax`` in double, ``Cast`` back). The price is ORT time: a float64
 LayerNorm of 600k elements takes 1.4 ms against 0.18 ms for ORT's float32 kernel (2 threads).
@@ -28,9 +28,10 @@ from .attention import attention_softmax
 
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
+_NORMS = {torch.linalg.vector_norm, torch.Tensor.norm}
 #: the functions (and tensor methods, by name, as fx records them) :class:`Float64Norms` computes in float64
 FUNCTIONS = (F.layer_norm, F.group_norm, F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax",
-             "log_softmax", attention_softmax)
+             "log_softmax", attention_softmax, torch.linalg.vector_norm, F.normalize)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
@@ -91,4 +92,18 @@ class Float64Norms(TorchFunctionMode):
                 return func(*args, **kwargs)
             op = torch.softmax if func in _SOFTMAX else torch.log_softmax
             return op(x.double(), a["dim"]).to(x.dtype)
+        if func is F.normalize:  # its norm as below, the division in float32 as F.normalize does it
+            a = _bound(args, kwargs, ("input", "p", "dim", "eps", "out"), {"p": 2.0, "dim": 1, "eps": 1e-12, "out": None})
+            if a["p"] != 2 or a["out"] is not None:
+                return func(*args, **kwargs)
+            norm = torch.linalg.vector_norm(x.double(), 2, a["dim"], True).to(x.dtype)
+            return x / norm.clamp_min(a["eps"]).expand_as(x)
+        if func in _NORMS:  # F.normalize's (and cosine attention's) L2 norm: the sum of squares in float64
+            a = _bound(args, kwargs, ("input", "ord", "dim", "keepdim"), {"ord": 2, "dim": None, "keepdim": False})
+            if func is torch.Tensor.norm:
+                a = _bound(args, kwargs, ("input", "p", "dim", "keepdim"), {"p": "fro", "dim": None, "keepdim": False})
+                a["ord"] = 2 if a["p"] in (2, "fro") and a["dim"] is not None else None
+            if a["ord"] != 2 or a.get("dtype") is not None or a.get("out") is not None:
+                return func(*args, **kwargs)
+            return torch.linalg.vector_norm(x.double(), 2, a["dim"], a["keepdim"]).to(x.dtype)
         return func(*args, **kwargs)

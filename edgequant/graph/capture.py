@@ -34,7 +34,8 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
     models whose Python inspects sizes or values). Raises :class:`GraphCaptureError` naming the user
     source line where tracing stopped, and why ``torch.export`` failed too.
     """
-    tracer = _Tracer(autowrap_functions=(add_mask, attention_softmax, mha_mask))  # stays one node when a captured graph is traced again
+    # each stays one node when a captured graph is traced again
+    tracer = _Tracer(autowrap_functions=(add_mask, attention_softmax, mha_mask))
     try:
         concrete = _defaults_left(model, args, kwargs)
         graph = tracer.trace(model, concrete_args=concrete)

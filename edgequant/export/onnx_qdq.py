@@ -719,6 +719,11 @@ def _move(b: _Builder, n: fx.Node, m, src: "_Quantized", val: dict, want: dict, 
     (the float op on the dequantized values then) or ``n`` is no move (:func:`~edgequant.graph.lowering.moves_integers`)."""
     if not lowering.moves_integers(n, modules):
         return False
+    if lowering.empty_pad(n):  # its amounts may be shape arithmetic: nothing to write
+        val[n] = src
+        if n in want:
+            val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+        return True
     a = [src.q] + list(fx.node.map_aggregate(n.args[1:], lambda x: _resolve(b, val[x]) if isinstance(x, fx.Node) else x))
     out = b.fresh(f"{src.name}_{n.name}")
     try:

@@ -139,6 +139,16 @@ def plain_index(idx) -> bool:
 ONNX_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}
 
 
+def empty_pad(n: fx.Node) -> bool:
+    """An ``F.pad`` that pads nothing on the recorded shapes: the "pad to a multiple of the window" of window attention
+    (Swin, DaViT) when the feature map already is one, its amounts computed from sizes (``(7 - w % 7) % 7``). The export
+    and the integer-exact mode pass the integers on unchanged."""
+    if not (n.op == "call_function" and n.target is torch.nn.functional.pad and n.args and isinstance(n.args[0], fx.Node)):
+        return False
+    before, after = patterns.recorded_meta(n.args[0]), patterns.recorded_meta(n)
+    return hasattr(before, "shape") and hasattr(after, "shape") and tuple(before.shape) == tuple(after.shape)
+
+
 def moves_integers(n: fx.Node, modules) -> bool:
     """Whether the export runs node ``n`` on stored integers: reshape-like ops, zero pads, rolls and plain selections
     (``x[:, -1]``), which move values and never compute them (max-pools excepted: ORT fuses them otherwise)."""

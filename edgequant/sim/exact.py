@@ -72,7 +72,7 @@ def _moved_source(n, modules):
     while isinstance(n, fx.Node):
         if isinstance(patterns.module_of(n, modules), Quantizer):
             return patterns.module_of(n, modules), moves[::-1]
-        if ops.is_identity(n, modules):
+        if ops.is_identity(n, modules) or lowering.empty_pad(n):
             n = n.args[0]
             continue
         found: list = []

@@ -190,3 +190,34 @@ def test_written_out_attention_rounds_its_scores_once(scale_first):
     assert {"matmul", "attention_softmax", "matmul_1"} <= set(acts)
     with sim.quantization_disabled():
         torch.testing.assert_close(sim(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+class _Windows(nn.Module):
+    """Window partition as Swin / DaViT write it: pad to a multiple of the window with amounts computed from the sizes
+    (nothing to pad here), then a linear layer on the windows."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        x = F.pad(self.norm(x), (0, 0, 0, (4 - w % 4) % 4, 0, (4 - h % 4) % 4))
+        x = x.view(b, h // 4, 4, w // 4, 4, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 16, c)
+        return self.fc(x)
+
+
+def test_a_pad_of_nothing_sized_by_shape_arithmetic_keeps_the_integers(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 8)
+    sim = QuantSim(_Windows().eval(), x, "w8a8")
+    sim.calibrate([x, torch.randn(2, 8, 8, 8)], progress=False)
+    path = export_onnx(sim, tmp_path / "win.onnx", float64=True)["onnx"]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    out = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    kernels = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "QGemm" in kernels and "MatMul" not in kernels  # the linear runs on the padded-by-nothing integers
+    with warnings.catch_warnings(), torch.no_grad(), sim.integer_exact(float64=True):
+        warnings.simplefilter("ignore")
+        assert torch.equal(torch.from_numpy(out), sim(x))

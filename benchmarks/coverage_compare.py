@@ -1,5 +1,5 @@
 """Two coverage runs side by side: the raw results (``--results`` JSON lines) of ``bench_coverage.py`` on the same
-machine, for example before and after a change, as one markdown table.
+machine, for example before and after a change, as one markdown table (the models both runs hold).
 
 Per model: the stage each run stopped at ("done": all stages), the fraction of outputs the integer-exact sim and
 ONNX Runtime compute identically (default export, and with ``tables=True, float64=True``; "-" where the run stopped
@@ -40,8 +40,10 @@ def table(before: dict, after: dict, labels: tuple[str, str]) -> list[str]:
     b, a = labels
     lines = [f"| model | stage {b} | stage {a} | identical {b} | identical {a} | with options {b} | with options {a} "
              f"| ORT-vs-sim dB {b} | ORT-vs-sim dB {a} |", "|---|---|---|---|---|---|---|---|---|"]
-    for m in list(after) + [m for m in before if m not in after]:
-        x, y = _cells(before.get(m)), _cells(after.get(m))
+    both = [m for m in after if m in before]  # a rerun of a few models compares those
+    before, after = {m: before[m] for m in both}, {m: after[m] for m in both}
+    for m in both:
+        x, y = _cells(before[m]), _cells(after[m])
         lines.append(f"| {m} | {x[0]} | {y[0]} | {x[1]} | {y[1]} | {x[2]} | {y[2]} | {x[3]} | {y[3]} |")
 
     def count(rows, test):

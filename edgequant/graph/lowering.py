@@ -145,6 +145,9 @@ def empty_pad(n: fx.Node) -> bool:
     and the integer-exact mode pass the integers on unchanged."""
     if not (n.op == "call_function" and n.target is torch.nn.functional.pad and n.args and isinstance(n.args[0], fx.Node)):
         return False
+    pad = n.kwargs.get("pad", n.args[1] if len(n.args) > 1 else ())
+    if any(isinstance(p, int) and p < 0 for p in pad):  # a crop and a pad of one size shift the values
+        return False
     before, after = patterns.recorded_meta(n.args[0]), patterns.recorded_meta(n)
     return hasattr(before, "shape") and hasattr(after, "shape") and tuple(before.shape) == tuple(after.shape)
 

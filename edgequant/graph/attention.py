@@ -26,9 +26,16 @@ from ..core.attention import attention_softmax
 from ..nn.attention import DecomposedMultiheadAttention
 from . import ops, patterns
 from .ops import add_mask
-from .patterns import first_calls, set_submodule
+from .patterns import computes_the_same, first_calls, set_submodule
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _rewrote(gm: fx.GraphModule, count: int) -> int:
+    """``count``, after regenerating ``gm``'s code when a pass changed its graph."""
+    if count:
+        gm.recompile()
+    return count
 
 
 def decompose_mha(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
@@ -50,8 +57,8 @@ def decompose_mha(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]
         new = DecomposedMultiheadAttention.from_float(m)
         with torch.no_grad():
             ref, got = m(*a, **kw), new(*a, **kw)
-        same = all(r is None and g is None or (r is not None and g is not None and r.shape == g.shape and torch.allclose(
-            r, g, rtol=1e-4, atol=1e-5 * float(r.abs().max().clamp_min(1)))) for r, g in zip(ref, got))
+        same = all(r is None and g is None or (r is not None and g is not None and computes_the_same(r, g))
+                   for r, g in zip(ref, got))
         if same:
             set_submodule(model, name, new)
             done[name] = "MultiheadAttention -> DecomposedMultiheadAttention"
@@ -67,9 +74,7 @@ def prune_dead(gm: fx.GraphModule) -> int:
                 and not str(getattr(n.target, "__name__", n.target)).endswith("_")):
             gm.graph.erase_node(n)
             removed += 1
-    if removed:
-        gm.recompile()
-    return removed
+    return _rewrote(gm, removed)
 
 
 def select_unbound(gm: fx.GraphModule) -> int:
@@ -93,9 +98,7 @@ def select_unbound(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(u)
         gm.graph.erase_node(n)
         count += 1
-    if count:
-        gm.recompile()
-    return count
+    return _rewrote(gm, count)
 
 
 _SOFTMAXES = (torch.softmax, F.softmax)
@@ -156,9 +159,7 @@ def fuse_attention_softmax(gm: fx.GraphModule) -> int:
         for old in [n] + gone:
             gm.graph.erase_node(old)
         count += 1
-    if count:
-        gm.recompile()
-    return count
+    return _rewrote(gm, count)
 
 
 def _bound(n: fx.Node) -> dict:
@@ -192,6 +193,4 @@ def decompose_sdpa(gm: fx.GraphModule) -> int:
         n.replace_all_uses_with(out)
         g.erase_node(n)
         count += 1
-    if count:
-        gm.recompile()
-    return count
+    return _rewrote(gm, count)

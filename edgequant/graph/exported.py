@@ -380,46 +380,58 @@ def _descendants(start: fx.Node, within: set) -> set:
     return found
 
 
-def _bias_value(src: fx.GraphModule, fixed: set, node: fx.Node, args: tuple, kwargs: dict) -> torch.Tensor:
+def _bias_values(src: fx.GraphModule, fixed: set, nodes: list, args: tuple, kwargs: dict) -> list:
+    """The values ``nodes`` (computed from parameters only) have when the layer call first reads them, in one run."""
     runner = _Snapshots(src, fixed)
     with torch.no_grad():
         runner.run(*torch.utils._pytree.tree_leaves((args, kwargs)))
-    return runner.taken[node]
+    return [runner.taken[b] for b in nodes]
 
 
 def _rebuilt_biases(src: fx.GraphModule, args: tuple, kwargs: dict, layers: dict) -> tuple[frozenset, set]:
     """``(linear nodes, nodes to drop)``: the ``aten.linear`` calls that pass a linear layer's own weight with a bias the
     forward rebuilt from the layer's own bias alone (torchvision's Swin v2 clones ``qkv.bias`` and zeroes its key third
     in place, every call). Such a layer becomes a layer call when the rebuild is idempotent: its bias then takes the
-    rebuilt value (the forward, rebuilding it again, computes the same), and the rebuild's nodes are dropped."""
+    rebuilt value (the forward, rebuilding it again, computes the same), and the rebuild's nodes are dropped. Two runs of
+    the module in all: the rebuilt values, then the rebuild of those."""
     fixed = _foldable(src.graph, set())  # parameters count as constants here
-    chosen, gone = set(), set()
+    params = {name for name, _ in src.named_parameters()}
+    reads_attr = {str(a.target): a for a in src.graph.nodes if a.op == "get_attr"}
+    found = []  # (linear node, owner, bias node, rebuild nodes)
     for n in src.graph.nodes:
         owner = _owner(n.args[1], layers) if n.target is aten.linear.default and len(n.args) > 2 else None
         b = n.args[2] if owner is not None else None
         if (owner is None or not isinstance(owner[1], nn.Linear) or own_forward(owner[1]) or owner[1].bias is None
                 or not isinstance(b, fx.Node) or b.op == "get_attr" or b not in fixed):
             continue
-        root = next((a for a in src.graph.nodes if a.op == "get_attr" and str(a.target) == f"{owner[0]}.bias"), None)
+        root = reads_attr.get(f"{owner[0]}.bias")
         group = _descendants(root, fixed) if root is not None else set()
         reads = {a for m in group for a in m.all_input_nodes if a not in group}
-        if b not in group or any(a.op == "get_attr" and a is not root and str(a.target) in dict(src.named_parameters())
-                                 for a in reads) or any(u not in group and u is not n for m in group for u in m.users):
+        if b not in group or any(a.op == "get_attr" and a is not root and str(a.target) in params for a in reads) or any(
+                u not in group and u is not n for m in group for u in m.users):
             continue
-        steps = {m for m in group if m.op == "call_function"}
-        value = _bias_value(src, steps, b, args, kwargs)
-        tensors = {id(t): t for t in (owner[1].bias, operator.attrgetter(f"{owner[0]}.bias")(src))}
-        before = owner[1].bias.detach().clone()
-        with torch.no_grad():
-            for t in tensors.values():
+        found.append((n, owner, b, group))
+    if not found:
+        return frozenset(), set()
+    steps = {m for _, _, _, group in found for m in group if m.op == "call_function"}
+    values = _bias_values(src, steps, [b for _, _, b, _ in found], args, kwargs)
+    biases = [{id(t): t for t in (owner[1].bias, operator.attrgetter(f"{owner[0]}.bias")(src))}.values()
+              for _, owner, _, _ in found]
+    before = [owner[1].bias.detach().clone() for _, owner, _, _ in found]
+    with torch.no_grad():
+        for tensors, value in zip(biases, values):
+            for t in tensors:
                 t.copy_(value)
-        if torch.equal(_bias_value(src, steps, b, args, kwargs), value):
+    again = _bias_values(src, steps, [b for _, _, b, _ in found], args, kwargs)
+    chosen, gone = set(), set()
+    for (n, _, _, group), tensors, value, old, new in zip(found, biases, values, before, again):
+        if torch.equal(new, value):
             chosen.add(n)
             gone |= group
         else:
             with torch.no_grad():
-                for t in tensors.values():
-                    t.copy_(before)
+                for t in tensors:
+                    t.copy_(old)
     return frozenset(chosen), gone
 
 

@@ -68,6 +68,12 @@ def first_calls(model: nn.Module, layers: dict, args: tuple, kwargs: dict) -> Op
     return calls
 
 
+def computes_the_same(ref: torch.Tensor, got: torch.Tensor) -> bool:
+    """Whether a rewritten layer's output ``got`` is its original's ``ref`` up to float32 rounding (same shape; relative
+    1e-4, absolute 1e-5 of the largest magnitude)."""
+    return ref.shape == got.shape and torch.allclose(ref, got, rtol=1e-4, atol=1e-5 * float(ref.abs().max().clamp_min(1)))
+
+
 def call_counts(gm: fx.GraphModule) -> dict[str, int]:
     """How many times each submodule is called in the graph."""
     counts: dict[str, int] = {}

@@ -2,7 +2,8 @@
 
 Each fx node of the sim becomes ONNX nodes by a table (:data:`_MODULE_OPS`, :data:`_FUNCTION_OPS`);
 each quantizer becomes a Q/DQ pair on the tensor that carries its name, so the encodings file and the
-ONNX graph match one to one by construction (and a check verifies it):
+ONNX graph match one to one by construction (and a check verifies it; quantizers inside a subgraph on parameters and
+buffers only, which the sim computes at export, name no tensor: :mod:`edgequant.export.constants`):
 
 * activation ``name`` -> the ONNX value ``name`` feeds ``QuantizeLinear`` -> ``DequantizeLinear``;
 * weight ``layer.weight`` -> an integer initializer ``layer.weight`` (int8/uint8, int4/uint4 or
@@ -47,6 +48,7 @@ from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
 from . import generic as generic_export
+from .constants import constant_values, folded_quantizers
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
 _NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous", "float"}
@@ -556,8 +558,11 @@ def _check_names(model: onnx.ModelProto, sim) -> None:
     values = {o for n in model.graph.node for o in n.output}
     recurrent = {q.tensor_name for m in sim.model.modules() if isinstance(m, QuantizedRecurrentMixin)
                  for q in m.tensor_quantizers.values() if isinstance(q, Quantizer)}
+    computed = folded_quantizers(sim.model)  # inside subgraphs computed at export (export/constants.py)
     bad = []
     for name, q in sim.quantizers().items():
+        if name in computed and name not in values and name not in inits:
+            continue
         if name in recurrent:
             if name not in values:
                 bad.append(f"recurrent tensor {name!r} is no value of the graph")
@@ -582,6 +587,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     modules = dict(gm.named_modules())
     b = _Builder(opset, unsigned_weights)
     val: dict[fx.Node, str] = {}
+    # subgraphs on parameters and buffers with layers or quantizers in them, computed by the sim (export/constants.py)
+    constants = constant_values(sim, tables, float64)
     # values that a quantizer reads carry the quantizer's tensor name
     want = {n.args[0]: m.tensor_name for n in gm.graph.nodes if isinstance(m := patterns.module_of(n, modules), Quantizer)}
     reserved = set(want.values())  # a quantizer named "add" (a top-level add) vs an unquantized fx node named "add"
@@ -606,6 +613,8 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     for n in gm.graph.nodes:
         out = want.get(n) or (n.name if n.name not in reserved else b.fresh(f"{n.name}_value"))
         m = patterns.module_of(n, modules)
+        if n in constants and _fold_constant(b, n, m, constants, val, folded, flat, shape_of):
+            continue
         if _shape_or_selection(b, n, val, folded, want, shape_of, batch):
             continue
         if dynamic_batch and n.op == "call_method" and n.target == "expand" and any(a in batch for a in n.args[1:]):
@@ -651,11 +660,33 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
             raise ExportError(f"cannot export fx node {n.op} {n.target}")
         if n in want and val.get(n) != want[n] and n.op != "placeholder":
             val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
+    return _model(b, inputs, outputs, opset)
+
+
+def _model(b: _Builder, inputs: list, outputs: list, opset: int) -> onnx.ModelProto:
+    """The ONNX model of what builder ``b`` holds, its dead nodes pruned."""
     _prune(b, {o.name for o in outputs})
     graph = helper.make_graph(b.nodes, "edgequant", inputs, outputs, b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgequant")
     model.ir_version = min(model.ir_version, 10)
     return model
+
+
+def _fold_constant(b: _Builder, n: fx.Node, m, constants: dict, val: dict, folded: dict, flat: dict, shape_of) -> bool:
+    """Write node ``n`` of a constant subgraph (:mod:`edgequant.export.constants`) as the value the sim computed: nothing
+    where only other constant nodes read it, an initializer where the rest of the graph does, and for a quantizer there
+    its QuantizeLinear / DequantizeLinear on that initializer (ORT's integer kernels read it; it carries the name).
+    False for a non-tensor value that the rest of the graph reads (exported as usual)."""
+    v = constants[n]
+    outside = [u for u in n.users if u not in constants]
+    if not isinstance(v, torch.Tensor):
+        return not outside
+    folded[n] = v
+    val[n] = b.const(f"{n.name}_folded", v.cpu().numpy())
+    if isinstance(m, Quantizer) and outside:
+        x = b.node("Identity", [val[n]], out=m.tensor_name)
+        val[n] = _quantized(b, n, m, x, flat, shape_of)
+    return True
 
 
 def _passes_on(b: _Builder, n: fx.Node, m, src, val: dict, lowered: tuple, modules) -> bool:

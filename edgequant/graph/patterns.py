@@ -355,3 +355,27 @@ def equalization_pairs(gm: fx.GraphModule, modules: dict) -> list[Pair]:
         act_name = None if act is None else (act.target if act.op == "call_module" else str(act.target))
         pairs.append(Pair(node.target, n.target, act_name, kind))
     return pairs
+
+
+def constant_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes of ``gm`` that depend on parameters and buffers only, in graph order, restricted to those with a module
+    call (a layer, a quantizer) among themselves and their inputs, and the constant nodes these read; empty when there
+    is no such call. The export computes them once with the sim (:mod:`edgequant.export.constants`: Swin v2's position
+    bias MLP on its coordinate table) and the integer-exact mode does not count their quantizers as float-computed."""
+    const: set[fx.Node] = set()
+    moduled: set[fx.Node] = set()  # constant nodes with a module call among them or their inputs
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            const.add(n)
+        elif (n.op in ("call_module", "call_function", "call_method") and n.target is not torch._assert and n.all_input_nodes
+              and all(a in const for a in n.all_input_nodes)):
+            const.add(n)
+            if n.op == "call_module" or any(a in moduled for a in n.all_input_nodes):
+                moduled.add(n)
+    if not moduled:
+        return []
+    keep = set(moduled)
+    for n in reversed(list(gm.graph.nodes)):  # and the constant inputs they read
+        if n in keep:
+            keep.update(a for a in n.all_input_nodes if a in const)
+    return [n for n in gm.graph.nodes if n in keep]

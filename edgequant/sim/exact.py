@@ -150,6 +150,8 @@ class IntegerExactMode:
         self.layers: list[QuantizedModuleMixin] = []
         # recurrent layers run their cells on integers (edgequant.core.recurrent)
         self.recurrent = [m for m in self.modules.values() if isinstance(m, QuantizedRecurrentMixin)]
+        # computed once at export from parameters and buffers (export/constants.py): ORT does not recompute them
+        self.constant = set(patterns.constant_nodes(self.gm))
         for n in self.gm.graph.nodes:
             q = patterns.module_of(n, self.modules)
             if isinstance(q, Quantizer):
@@ -197,7 +199,7 @@ class IntegerExactMode:
             if _per_tensor(qx):
                 return lambda qq, x: self._mean(qq, qx, base, x)
         exact_float = self.float64 is not None and lowering.float64_op(base, self.modules)  # float64, rounded once
-        if _computes_in_float(base, self.modules) and not exact_float:
+        if _computes_in_float(base, self.modules) and not exact_float and n not in self.constant:
             self.float_computed[q.tensor_name] = _op_name(base, self.modules)
         return self._plain
 

@@ -69,7 +69,7 @@ def _is_depthwise(m: nn.Module) -> bool:
 @torch.no_grad()
 def equalize_activations(model: nn.Module, data: Iterable, *, num_batches: Optional[int] = None,
                          forward_fn: Optional[Callable] = None, fold: bool = True, inplace: bool = False,
-                         progress: bool = False) -> tuple[nn.Module, ActEqReport]:
+                         progress: bool = False, example_inputs=None) -> tuple[nn.Module, ActEqReport]:
     """Equalize the channel ranges at every depthwise layer's input (see the module docstring).
 
     Args:
@@ -78,6 +78,7 @@ def equalize_activations(model: nn.Module, data: Iterable, *, num_batches: Optio
             largest magnitude over them.
         fold: fold batch norms first (a layer followed by a BatchNorm cannot be scaled).
         inplace: change ``model`` itself instead of a copy.
+        example_inputs: read a model torch.fx cannot trace through torch.export (as for ``QuantSim``).
 
     Returns ``(model, report)``; the float model's output is unchanged up to float rounding.
 
@@ -91,8 +92,8 @@ def equalize_activations(model: nn.Module, data: Iterable, *, num_batches: Optio
     net = model if inplace else copy.deepcopy(model)
     report = ActEqReport()
     if fold:
-        net, report.fold = fold_batch_norms(net, inplace=True)
-    net, gm, modules = trace_unshared(net)
+        net, report.fold = fold_batch_norms(net, inplace=True, example_inputs=example_inputs)
+    net, gm, modules = trace_unshared(net, example_inputs)
     pairs = [p for p in equalization_pairs(gm, modules)
              if _is_depthwise(modules[p.second]) and p.act_kind in ("none", "relu", "clamp")]
     if not pairs:

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
+from ..batches import as_args, evaluating
 from ..graph.patterns import Pair, equalization_pairs, set_submodule, split_shared_activations, trace
 from ..metrics import sqnr_db
 from ..nn.clamp import ChannelClamp
@@ -92,10 +93,15 @@ def _scale_pair(l1: nn.Module, l2: nn.Module, act: Optional[nn.Module], s: torch
     l2.weight.mul_(S.view(*S.shape, *[1] * (l2.weight.ndim - 2)))
 
 
-def trace_unshared(net: nn.Module) -> tuple[nn.Module, fx.GraphModule, dict]:
+def trace_unshared(net: nn.Module, example_inputs=None) -> tuple[nn.Module, fx.GraphModule, dict]:
     """``(model, graph, modules)`` where every call of a shared activation module has its own copy;
-    the model is then the graph module itself (the original class cannot express the copies)."""
-    gm, modules = trace(net)
+    the model is then the graph module itself (the original class cannot express the copies). With
+    ``example_inputs``, a model torch.fx cannot trace is read through torch.export."""
+    if example_inputs is None:
+        gm, modules = trace(net)
+    else:
+        with evaluating(net):
+            gm, modules = trace(net, *as_args(example_inputs))
     if split_shared_activations(gm):
         return gm, gm, dict(gm.named_modules())
     return net, gm, modules
@@ -158,8 +164,8 @@ def cross_layer_equalization(model: nn.Module, example_inputs=None, *, absorb_hi
     ref = _run(model, example_inputs) if example_inputs is not None else None
     report = CLEReport()
     if fold:
-        net, report.fold = fold_batch_norms(net, inplace=True)
-    net, gm, modules = trace_unshared(net)
+        net, report.fold = fold_batch_norms(net, inplace=True, example_inputs=example_inputs)
+    net, gm, modules = trace_unshared(net, example_inputs)
     pairs = equalization_pairs(gm, modules)
     acts = _channel_clamps(net, pairs, modules, report.replaced_activations)
     report.pairs.extend((p.first, p.second) for p in pairs)
@@ -221,7 +227,8 @@ def absorb_high_biases(model: nn.Module, example_inputs=None, *, n_std: float = 
     """High-bias absorption alone (see the module docstring); needs batch norms folded first."""
     net = model if inplace else copy.deepcopy(model)
     ref = _run(model, example_inputs) if example_inputs is not None else None
-    gm, modules = trace(net)
+    with evaluating(net):
+        gm, modules = trace(net, *as_args(example_inputs)) if example_inputs is not None else trace(net)
     pairs = equalization_pairs(gm, modules)
     acts = {p.first: (modules.get(p.act) if p.act is not None else None) for p in pairs}
     report = CLEReport(pairs=[(p.first, p.second) for p in pairs])

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..batches import device_of, evaluating, in_training_mode, model_input, reiterable, run_batch, to_device
+from ..batches import (device_of, evaluating, in_training_mode, map_tensors, model_input, reiterable, run_batch,
+                       to_device)
 from ..config.spec import QuantConfig
 from ..core.granularity import PerTensor
 from ..errors import DataError
@@ -140,7 +141,7 @@ class _Run:
         return to_device(model_input(b), self.device)
 
     def call(self, m, b):
-        return run_batch(m, self.first(b))
+        return _flat_output(run_batch(m, self.first(b)))
 
     def build(self, m: nn.Module, input_methods: Optional[dict] = None) -> QuantSim:
         """A sim of ``m``, calibrated on the data (BN-based ranges without data); ``input_methods``:
@@ -184,12 +185,13 @@ class _Run:
 
 # ---------------------------------------------------------------------- the stages
 def _bn_fold(run: _Run, model, stages):
-    cand, r = fold_batch_norms(model)
+    cand, r = fold_batch_norms(model, example_inputs=run.opts["example_inputs"])
     return cand, f"folded {len(r.folded)}, left {len(r.skipped)}"
 
 
 def _act_eq(run: _Run, model, stages):
-    cand, r = equalize_activations(model, run.calib, fold="bn_fold" in stages, progress=run.opts["progress"])
+    cand, r = equalize_activations(model, run.calib, fold="bn_fold" in stages, progress=run.opts["progress"],
+                                   example_inputs=run.opts["example_inputs"])
     # the equalized inputs are calibrated with the median of per-sample extremes (see act_eq's docstring)
     return cand, str(r) + ("; their input ranges: median of per-sample extremes" if r.pairs else ""), \
         {second: "median_minmax" for _, second in r.pairs}
@@ -214,7 +216,7 @@ def _has_silu(run: _Run) -> bool:
 
 
 def _cle(run: _Run, model, stages):
-    cand, r = cross_layer_equalization(model, absorb_high_bias=False, fold="bn_fold" in stages)
+    cand, r = cross_layer_equalization(model, run.opts["example_inputs"], absorb_high_bias=False, fold="bn_fold" in stages)
     return cand, f"{len(r.pairs)} pairs, {len(r.replaced_activations)} ReLU6->ChannelClamp"
 
 
@@ -311,6 +313,40 @@ PREFERRED_DROP_DB = 1.0
 FEW_SAMPLES = 64
 
 
+def _warn_inputs(model: nn.Module, chooses: bool, batches: list, held_out: bool) -> None:
+    """Warn when ``auto`` chooses stages (``chooses``) on fewer than ``FEW_SAMPLES`` samples, and when the model is in
+    train mode."""
+    n_samples = sum(_samples(model_input(b)) for b in batches)
+    if chooses and n_samples < FEW_SAMPLES:
+        warnings.warn(f"ptq='auto' chooses stages by logit SQNR on {n_samples} samples "
+                      f"({'held out' if held_out else 'the calibration samples themselves'}): with fewer than "
+                      f"{FEW_SAMPLES} its choices are unreliable; pass more data or eval_fn", QuantSimWarning, stacklevel=3)
+    training = in_training_mode(model)
+    if training:
+        warnings.warn(f"the model is in train mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}): "
+                      "it is quantized and scored as in eval mode (batch norms use their running statistics, dropout is "
+                      "off); call model.eval() first to silence this", QuantSimWarning, stacklevel=3)
+
+
+def _flat_output(y):
+    """A model output as one tensor: itself, or every tensor in it (a dict of feature maps, a tuple of a detector
+    head's outputs) flattened and concatenated, scored by SQNR alone."""
+    if torch.is_tensor(y):
+        return y
+    found: list = []
+    map_tensors(lambda t: found.append(t.float().reshape(-1)), y)
+    if not found:
+        raise DataError(f"the model returned no tensor to score ({type(y).__name__})")
+    return torch.cat(found)
+
+
+def _samples(x) -> int:
+    """The batch size of a model input: the first dimension of its first tensor."""
+    found: list = []
+    map_tensors(found.append, x)
+    return int(found[0].shape[0]) if found and found[0].ndim else 1 if found else 0
+
+
 def _split(data, num_batches, holdout_batches, eval_fn, example_inputs, choose: bool):
     """``(calibration batches, scoring batches, held out?, example inputs)``. Batches are held out for
     scoring only when stages are chosen by score (``choose``) without ``eval_fn``; otherwise every
@@ -369,7 +405,8 @@ def _baseline(run: _Run, report: QuantizeReport, model, label: str, input_method
 def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_fn: Optional[Callable] = None,
              max_drop: Optional[float] = None, *, example_inputs=None, num_batches: Optional[int] = None,
              holdout_batches: int = 2, input_ranges: Optional[dict] = None, input_stats: Optional[dict] = None,
-             adaround_iterations: int = 800, progress: bool = True, recipe_name: Optional[str] = None) -> QuantizeResult:
+             adaround_iterations: int = 800, progress: bool = True, recipe_name: Optional[str] = None,
+             regions="auto") -> QuantizeResult:
     """Quantize ``model`` in one call; the float model is never modified.
 
     Args:
@@ -392,6 +429,9 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
         adaround_iterations: Adam steps per layer for AdaRound.
         progress: show a progress bar naming the stage that runs (and the passes' own bars).
         recipe_name: the name the report gives the recipe (default: the preset's name, else "custom").
+        regions: a model that does not capture as one graph (a detector) is quantized region by region
+            (:mod:`edgequant.ptq.regions`: ``"auto"``, the default, or submodule names; ``None``: leaf mode). Its
+            batches are then the model's positional inputs (a detector's: ``([image, ...],)``) or a dict.
 
     >>> import torch
     >>> from torch import nn
@@ -406,19 +446,18 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
     t_start = time.perf_counter()
     config = QuantConfig.coerce(recipe)
     data = reiterable(calib_data)
+    if regions is not None:  # a detector: its regions, each by this pipeline (ptq/regions.py)
+        from .regions import by_regions
+
+        done = by_regions(model, data, config, ptq, regions, example_inputs, eval_fn, dict(
+            num_batches=num_batches, progress=progress, holdout_batches=holdout_batches,
+            adaround_iterations=adaround_iterations, recipe_name=recipe_name or _recipe_name(recipe, config)))
+        if done is not None:
+            return done
     stages, auto = _resolve(ptq, data is not None)
     calib, score_batches, held_out, example_inputs = _split(data, num_batches, holdout_batches, eval_fn, example_inputs, auto)
-    n_samples = sum(len(x) for x in map(model_input, (calib or []) + (score_batches if held_out else []))
-                    if hasattr(x, "__len__"))
-    if auto and calib is not None and eval_fn is None and n_samples < FEW_SAMPLES:
-        warnings.warn(f"ptq='auto' chooses stages by logit SQNR on {n_samples} samples "
-                      f"({'held out' if held_out else 'the calibration samples themselves'}): with fewer than "
-                      f"{FEW_SAMPLES} its choices are unreliable; pass more data or eval_fn", QuantSimWarning, stacklevel=2)
-    training = in_training_mode(model)
-    if training:
-        warnings.warn(f"the model is in train mode ({', '.join(training[:3])}{', ...' if len(training) > 3 else ''}): "
-                      "it is quantized and scored as in eval mode (batch norms use their running statistics, dropout is "
-                      "off); call model.eval() first to silence this", QuantSimWarning, stacklevel=2)
+    _warn_inputs(model, auto and eval_fn is None and calib is not None, calib + (score_batches if held_out else [])
+                 if calib is not None else [], held_out)
     with evaluating(model):
         bar = tqdm(total=len(stages), desc="PTQ", unit="stage", disable=not progress)
         run = _Run(model, config, calib, score_batches, eval_fn, max_drop,

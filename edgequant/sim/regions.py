@@ -32,7 +32,7 @@ from ..nn.registry import lookup
 from .quantsim import QuantSim
 
 
-def _record_calls(model: nn.Module, args: tuple, kwargs: dict, names: Optional[set] = None) -> dict[str, list]:
+def record_calls(model: nn.Module, args: tuple, kwargs: dict, names: Optional[set] = None) -> dict[str, list]:
     """``{submodule name: [(args, kwargs), ...]}``, one entry per call during ``model(*args, **kwargs)`` (inputs
     detached and cloned); only the submodules in ``names`` when given."""
     calls: dict[str, list] = {}
@@ -80,7 +80,7 @@ def find_regions(model: nn.Module, args: tuple, kwargs: dict, config, sim_kwargs
     found: dict[str, QuantSim] = {}
     frontier = [name for name, child in model.named_children() if _has_weights(child)]
     while frontier:
-        calls = _record_calls(model, args, kwargs, set(frontier))
+        calls = record_calls(model, args, kwargs, set(frontier))
         deeper = []
         for name in frontier:
             if name not in calls:  # did not run on the example
@@ -124,7 +124,7 @@ class RegionSim(nn.Module):
         args, kwargs = as_args(example_inputs)
         if regions is not None:
             names = set(regions)
-            calls = _record_calls(model, args, kwargs, names)
+            calls = record_calls(model, args, kwargs, names)
             missing = sorted(names - set(calls))
             if missing:
                 raise ValueError(f"regions {missing} did not run on the example inputs; name submodules the model "
@@ -139,10 +139,25 @@ class RegionSim(nn.Module):
             found = find_regions(model, args, kwargs, config, sim_kwargs)
         if not found:
             raise GraphCaptureError("no submodule of the model captures in graph mode: use QuantSim (leaf mode)")
+        self._assemble(model, found)
+
+    def _assemble(self, model: nn.Module, sims: dict[str, QuantSim]) -> None:
         self.model = copy.deepcopy(model)
-        for n, sim in found.items():
+        for n, sim in sims.items():
             set_submodule(self.model, n, sim)
         self.model.train(model.training)
+
+    @classmethod
+    def from_sims(cls, model: nn.Module, sims: dict[str, QuantSim]) -> "RegionSim":
+        """A RegionSim of ``model`` (copied, not modified) whose submodules named in ``sims`` are those graph-mode sims
+        (built elsewhere, e.g. each by :func:`edgequant.quantize` on the region's recorded inputs)."""
+        bad = [n for n, s in sims.items() if not isinstance(s, QuantSim) or s.capture_mode != "graph"]
+        if bad or not sims:
+            raise ValueError(f"regions must be graph-mode QuantSims; not: {bad or 'none given'}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._assemble(model, sims)
+        return self
 
     @property
     def regions(self) -> dict[str, QuantSim]:
@@ -160,7 +175,7 @@ class RegionSim(nn.Module):
         with self.quantization_disabled():
             for _, batch in iterate(data, num_batches=num_batches, device=None, desc="recording", progress=progress):
                 a, kw = as_args(batch)
-                for n, c in _record_calls(self.model, a, kw, set(regions)).items():
+                for n, c in record_calls(self.model, a, kw, set(regions)).items():
                     seen[n].extend(c)
         missing = [n for n in regions if not seen[n]]
         if missing:

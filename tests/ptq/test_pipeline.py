@@ -1,5 +1,7 @@
 """The one-call pipeline: what it calibrates on, how it chooses, what it tells."""
 import pytest
+import torch
+from torch import nn
 
 from edgequant import QuantSimWarning, quantize
 from edgequant.ptq import pipeline
@@ -84,3 +86,31 @@ def test_a_preferred_stage_stays_when_kl_says_it_helps(tiny_net, digits, monkeyp
         monkeypatch.setattr(pipeline, "_resolve", lambda ptq, has: (["bn_fold", "calibrate"], True))
         r = quantize(tiny_net, _batches(digits[0], 4), recipe="w8a8", ptq="auto", progress=False)
         assert {s.name: s.kept for s in r.report.stages}["bn_fold"] is keep
+
+
+class _ListInput(nn.Module):
+    """Reads a list of feature maps in a Python loop: torch.fx cannot trace it, torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, feats):
+        return torch.cat([self.head(self.dw(torch.relu(self.bn(self.conv(f))))).flatten(1) for f in feats], dim=1)
+
+
+def test_float_model_stages_read_a_model_fx_cannot_trace_through_its_examples():
+    torch.manual_seed(0)
+    m = _ListInput().eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+    data = [{"feats": [torch.randn(4, 4, 8, 8)]} for _ in range(4)]  # one map: each layer called once
+    result = quantize(m, data, "w8a8", ptq=["bn_fold", "act_eq", "bias_correction"], progress=False)
+    stages = {s.name: s for s in result.report.stages}
+    assert stages["bn_fold"].detail.startswith("folded 1")  # torch.export's graph, read with the example
+    assert "1 depthwise" in stages["act_eq"].detail
+    assert result.sim.capture_mode == "graph" and stages["bias_correction"].sqnr_db > 25

@@ -112,3 +112,30 @@ def test_a_real_detector_runs_in_onnx_runtime_as_the_integer_exact_sim(tmp_path)
         with sim.integer_exact():
             want = sim(*x)[0]
     assert len(got["boxes"]) > 0 and all(torch.equal(got[k], want[k]) for k in ("boxes", "scores", "labels"))
+
+
+def test_quantize_runs_the_pipeline_region_by_region(det, tmp_path):
+    before = copy.deepcopy(det.state_dict())
+    data = [(_images(s, 4),) for s in range(6)]  # each batch: the detector's positional inputs
+    result = edgequant.quantize(det, data, "w8a8", ptq="auto", progress=False)
+    sim = result.sim
+    assert isinstance(sim, RegionSim) and sorted(sim.regions) == ["backbone", "down", "head"]
+    assert sorted(result.encodings) == ["backbone", "down", "head"]
+    names = [s.name for s in result.report.stages]
+    assert "backbone: bn_fold" in names and "head: calibrate (no PTQ)" in names  # each region ran its own stages
+    assert all(s.sqnr_db is not None and s.sqnr_db > 15 for s in result.report.stages if s.kept)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.model.modules())  # the float model, folded
+    with torch.no_grad(), sim.quantization_disabled():  # which computes what the user's model computes
+        out, ref = sim(_images(9)), det(_images(9))
+    assert torch.allclose(out["scores"], ref["scores"], atol=1e-4)
+    ort_model = deployed(sim, edgequant.export_onnx(sim, tmp_path / "regions"))
+    with torch.no_grad():
+        got = ort_model(_images(7, 3))
+        with sim.integer_exact():
+            want = sim(_images(7, 3))
+    assert torch.equal(got["scores"], want["scores"])
+    assert all(torch.equal(v, before[k]) for k, v in det.state_dict().items())  # the user's model is untouched
+    with pytest.raises(ValueError, match="eval_fn"):
+        edgequant.quantize(det, data, "w8a8", eval_fn=lambda m: 0.0, progress=False)
+    with pytest.raises(ValueError, match="not submodules"):
+        edgequant.quantize(det, data, "w8a8", regions=["nope"], progress=False)

@@ -28,7 +28,7 @@ from ..io import encodings as enc_io
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import Quantizer, make_quantizer
 from .distributed import distributed_group, merge_across_processes
-from .pool_grid import cap_pool_grids
+from .pool_grid import cap_pool_grids, settle_empty_add_inputs
 from .prepare import prepare_graph, prepare_leaf
 from .saving import copy_weights, meta_copy
 from .saving import save as save_sim
@@ -464,6 +464,7 @@ class QuantSim(nn.Module):
         if merge:
             n = merge_across_processes(observers, n, group)
         cap_pool_grids(self)
+        settle_empty_add_inputs(self)
         unobserved = _calibration_warnings(self, qs, acts)
         return CalibrationReport(batches=n, seconds=time.perf_counter() - t0, quantizers=len(qs), unobserved=unobserved)
 

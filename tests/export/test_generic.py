@@ -322,3 +322,39 @@ def test_an_op_that_needs_a_later_opset_raises_the_default_opset(tmp_path):
         assert sqnr_db(sim(x), torch.from_numpy(_ort(tmp_path / "m.onnx", [x.numpy()]))) > 30
     with pytest.raises(Exception, match="version 18"):  # an opset the user chose is kept: the error says which one works
         export_onnx(sim, tmp_path / "m17.onnx", opset=17)
+
+
+class _DeadBranch(nn.Module):
+    """A residual block whose branch is dead (its last layer's weights and bias are zero), on tiny values."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.branch = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1, bias=False)  # a bias on the tiny grid s_in s_w would saturate int32
+        with torch.no_grad():
+            self.branch.weight.zero_()
+            self.branch.bias.zero_()
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))  # an unsigned grid: the add output (signed) stores another zero point
+        return self.head(y + self.branch(y))
+
+
+def test_an_add_input_that_saw_only_zeros_takes_the_output_scale(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8) * 1e-6  # the add's output scale ~1e-8: a scale of 1 for the dead input broke ORT's add
+    sim = QuantSim(_DeadBranch().eval(), x[:1], "w8a8")
+    with pytest.warns(Warning, match="saw only zeros"):
+        sim.calibrate([x], progress=False)
+    qs = sim.quantizers()
+    assert float(qs["branch"].scale) == float(qs["add"].scale)
+    export_onnx(sim, tmp_path / "dead.onnx")
+    out = _ort(tmp_path / "dead.onnx", [x.numpy()])
+    with torch.no_grad():
+        with sim.quantization_disabled():
+            ref = sim(x)
+        with sim.integer_exact():
+            exact = sim(x)
+    assert torch.equal(exact, torch.from_numpy(out))
+    assert sqnr_db(ref, torch.from_numpy(out)) > 30  # was -11 dB: the add lost its zero point to float32 cancellation

@@ -124,8 +124,10 @@ def _quantize_model(model, calib, config, recipe_name, ptq, batch_size, adaround
             return sim, None
         from ..ptq import quantize as run_ptq
 
+        # one sim, one model.onnx: a model that captures only region by region stays in leaf mode here (the Python
+        # API's edgequant.quantize quantizes its regions: a RegionSim exported as one file per region)
         result = run_ptq(model, batches(calib, batch_size), recipe=config, ptq=stages, eval_fn=eval_fn,
-                         adaround_iterations=adaround_iterations, recipe_name=recipe_name)
+                         adaround_iterations=adaround_iterations, recipe_name=recipe_name, regions=None)
         return result.sim, result
     except DataError as e:
         raise UserError(f"{e} (check --input-size / --channels / --preprocess against what the model takes)") from None

@@ -430,8 +430,8 @@ def quantize(model: nn.Module, calib_data=None, recipe="w8a8", ptq="auto", eval_
         progress: show a progress bar naming the stage that runs (and the passes' own bars).
         recipe_name: the name the report gives the recipe (default: the preset's name, else "custom").
         regions: a model that does not capture as one graph (a detector) is quantized region by region
-            (:mod:`edgequant.ptq.regions`: ``"auto"``, the default, or submodule names; ``None``: leaf mode). Its
-            batches are then the model's positional inputs (a detector's: ``([image, ...],)``) or a dict.
+            (:mod:`edgequant.ptq.regions`: ``"auto"``, the default, or submodule names; ``None``: leaf mode). Batches
+            read as everywhere: a detector's is ``([image, ...],)`` or ``(images, targets)``.
 
     >>> import torch
     >>> from torch import nn

@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from ..batches import as_args, evaluating, iterate, model_input
+from ..batches import as_args, evaluating, iterate
 from ..config.spec import QuantConfig
 from ..errors import DataError, GraphCaptureError
 from ..graph.capture import capture
@@ -31,18 +31,29 @@ from ..graph.patterns import set_submodule
 from ..sim.regions import RegionSim, find_regions, record_calls
 
 
-def region_names(model: nn.Module, example_inputs, config, regions) -> list[str]:
-    """The regions to quantize: ``regions`` itself (names of submodules), or those :class:`RegionSim` finds when
-    ``regions == "auto"`` (none when no submodule captures in graph mode)."""
+def region_names(model: nn.Module, call: tuple, config, regions) -> list[str]:
+    """The regions to quantize: ``regions`` itself (names of submodules), or those :class:`RegionSim` finds on the model
+    called with ``call = (args, kwargs)`` when ``regions == "auto"`` (none when no submodule captures in graph mode)."""
     if regions != "auto":
         names = [regions] if isinstance(regions, str) else list(regions)
         unknown = [n for n in names if n not in dict(model.named_modules())]
         if unknown:
             raise ValueError(f"regions {unknown} are not submodules of the model")
         return names
-    args, kwargs = as_args(example_inputs)
     with evaluating(model):
-        return sorted(find_regions(model, args, kwargs, QuantConfig.coerce(config), {}))
+        return sorted(find_regions(model, *call, QuantConfig.coerce(config), {}))
+
+
+def call_of(batch, example_inputs=None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` the model is called with on ``batch``, as every pass calls it (:func:`~edgequant.batches.run_batch`:
+    a dict as keyword inputs, the first items of a tuple as positional inputs -- as many as ``example_inputs`` holds, one
+    by default, so ``(images, labels)`` and a detector's ``([image, ...],)`` both work -- else the batch itself)."""
+    n = len(as_args(example_inputs)[0]) if example_inputs is not None else 1
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch[: max(n, 1)]), {}
+    return (batch,), {}
 
 
 def _as_batch(m: nn.Module, call) -> object:
@@ -65,13 +76,14 @@ def _as_batch(m: nn.Module, call) -> object:
     return out
 
 
-def record_region_inputs(model: nn.Module, data: Iterable, names: list[str], progress: bool = True) -> dict[str, list]:
-    """``{region: [batch, ...]}``: what each region receives while the float model runs every batch of ``data`` (each
-    batch: a model input, a tuple of positional inputs, or a dict of keyword inputs)."""
+def record_region_inputs(model: nn.Module, data: Iterable, names: list[str], progress: bool = True,
+                         example_inputs=None) -> dict[str, list]:
+    """``{region: [batch, ...]}``: what each region receives while the float model runs every batch of ``data``
+    (called as :func:`call_of` says)."""
     seen: dict[str, list] = {n: [] for n in names}
     with torch.no_grad(), evaluating(model):
         for _, batch in iterate(data, desc="recording region inputs", progress=progress):
-            a, kw = as_args(batch)
+            a, kw = call_of(batch, example_inputs)
             for n, calls in record_calls(model, a, kw, set(names)).items():
                 seen[n].extend(_as_batch(model.get_submodule(n), c) for c in calls)
     missing = [n for n in names if not seen[n]]
@@ -96,8 +108,9 @@ def quantize_regions(model: nn.Module, calib_data, recipe="w8a8", ptq="auto", *,
     batches = list(calib_data) if num_batches is None else [b for _, b in zip(range(num_batches), calib_data)]
     if not batches:
         raise DataError("calib_data yielded no batches")
-    names = region_names(model, example_inputs if example_inputs is not None else batches[0], recipe, regions)
-    seen = record_region_inputs(model, batches, names, progress)
+    call = as_args(example_inputs) if example_inputs is not None else call_of(batches[0])
+    names = region_names(model, call, recipe, regions)
+    seen = record_region_inputs(model, batches, names, progress, example_inputs)
     results = {}
     for n in names:
         results[n] = quantize(model.get_submodule(n), seen[n], recipe, ptq, example_inputs=seen[n][0],
@@ -116,13 +129,11 @@ def quantize_regions(model: nn.Module, calib_data, recipe="w8a8", ptq="auto", *,
 
 
 def captures(model: nn.Module, data, example_inputs) -> bool:
-    """Whether ``model`` captures as one graph on its example (a batch's model input by default); True without an
-    example (data-free) or where no submodule captures either (the leaf-module fallback is all there is)."""
-    example = example_inputs if example_inputs is not None else (
-        model_input(next(iter(data))) if data is not None else None)
-    if example is None:
+    """Whether ``model`` captures as one graph on its example (the first batch by default, called as :func:`call_of`
+    says); True without either (data-free)."""
+    if example_inputs is None and data is None:
         return True
-    args, kwargs = as_args(example)
+    args, kwargs = as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))
     try:
         with torch.no_grad(), evaluating(model), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -136,7 +147,8 @@ def by_regions(model: nn.Module, data, config, ptq, regions, example_inputs, eva
     one graph while some submodules do; None otherwise (the caller quantizes the whole model)."""
     if regions == "auto" and captures(model, data, example_inputs):
         return None
-    names = region_names(model, example_inputs if example_inputs is not None else next(iter(data)), config, regions)
+    call = as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))
+    names = region_names(model, call, config, regions)
     if not names:  # no submodule captures either: the whole model in leaf mode
         return None
     if eval_fn is not None:

@@ -116,7 +116,7 @@ def test_a_real_detector_runs_in_onnx_runtime_as_the_integer_exact_sim(tmp_path)
 
 def test_quantize_runs_the_pipeline_region_by_region(det, tmp_path):
     before = copy.deepcopy(det.state_dict())
-    data = [(_images(s, 4),) for s in range(6)]  # each batch: the detector's positional inputs
+    data = [(_images(s, 4), None) for s in range(6)]  # each batch: (images, targets), as every pass reads batches
     result = edgequant.quantize(det, data, "w8a8", ptq="auto", progress=False)
     sim = result.sim
     assert isinstance(sim, RegionSim) and sorted(sim.regions) == ["backbone", "down", "head"]

@@ -129,10 +129,8 @@ def quantize_regions(model: nn.Module, calib_data, recipe="w8a8", ptq="auto", *,
 
 
 def captures(model: nn.Module, data, example_inputs) -> bool:
-    """Whether ``model`` captures as one graph on its example (the first batch by default, called as :func:`call_of`
-    says); True without either (data-free)."""
-    if example_inputs is None and data is None:
-        return True
+    """Whether ``model`` captures as one graph on its example (the first batch of ``data`` by default, called as
+    :func:`call_of` says)."""
     args, kwargs = as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))
     try:
         with torch.no_grad(), evaluating(model), warnings.catch_warnings():
@@ -142,9 +140,15 @@ def captures(model: nn.Module, data, example_inputs) -> bool:
     except GraphCaptureError:
         return False
 
+
 def by_regions(model: nn.Module, data, config, ptq, regions, example_inputs, eval_fn, opts: dict):
     """:func:`quantize_regions` when ``regions`` names submodules, or is ``"auto"`` and the model does not capture as
     one graph while some submodules do; None otherwise (the caller quantizes the whole model)."""
+    if data is None:  # data-free: the whole model (each region would need the inputs it receives)
+        if regions == "auto":
+            return None
+        raise ValueError("quantizing region by region needs calibration data (each region is calibrated on what it "
+                         "receives from the model); pass regions=None for data-free quantization of the whole model")
     if regions == "auto" and captures(model, data, example_inputs):
         return None
     call = as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))

@@ -13,9 +13,12 @@ detections: a region is a network with a fixed input, the code between regions i
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
+import io
+import logging
 import time
 import warnings
 from typing import Iterable, Optional
@@ -132,13 +135,17 @@ def captures(model: nn.Module, data, example_inputs) -> bool:
     """Whether ``model`` captures as one graph on its example (the first batch of ``data`` by default, called as
     :func:`call_of` says)."""
     args, kwargs = as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)  # torch.export logs (and prints) the whole graph it could not capture
     try:
-        with torch.no_grad(), evaluating(model), warnings.catch_warnings():
+        with torch.no_grad(), evaluating(model), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             capture(model, args, kwargs)
         return True
     except GraphCaptureError:
         return False
+    finally:
+        logging.disable(before)
 
 
 def by_regions(model: nn.Module, data, config, ptq, regions, example_inputs, eval_fn, opts: dict):

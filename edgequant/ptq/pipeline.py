@@ -161,8 +161,11 @@ class _Run:
         fid, sq = None, None
         if self.ref:
             with torch.no_grad():
-                out = torch.cat([self.call(sim, b).float() for b in self.score_batches])
-            r = torch.cat([t.float() for t in self.ref])
+                outs = [self.call(sim, b).float() for b in self.score_batches]
+            refs = [t.float() for t in self.ref]
+            if len({tuple(t.shape[1:]) for t in refs}) > 1:  # batches of other sizes (a detector's resized images)
+                outs, refs = [t.reshape(-1) for t in outs], [t.reshape(-1) for t in refs]
+            out, r = torch.cat(outs), torch.cat(refs)
             fid = fidelity(r, out) if r.ndim == 2 else None
             sq = fid.sqnr_db if fid is not None else sqnr_db(r, out)
         score = float(self.eval_fn(sim)) if self.eval_fn is not None else sq

@@ -114,3 +114,11 @@ def test_float_model_stages_read_a_model_fx_cannot_trace_through_its_examples():
     assert stages["bn_fold"].detail.startswith("folded 1")  # torch.export's graph, read with the example
     assert "1 depthwise" in stages["act_eq"].detail
     assert result.sim.capture_mode == "graph" and stages["bias_correction"].sqnr_db > 25
+
+
+def test_outputs_of_other_sizes_per_batch_are_scored():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    data = [torch.randn(2, 3, 8 + 4 * i, 8) for i in range(4)]  # fully convolutional: each batch its own height
+    result = quantize(m, data, "w8a8", ptq=["bn_fold"], progress=False)
+    assert all(s.sqnr_db > 20 for s in result.report.stages)

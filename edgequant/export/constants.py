@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+from typing import Optional
 
 import torch
 from torch import fx
@@ -62,15 +63,17 @@ def constant_values(sim, tables: bool = False, float64: bool = False) -> dict[fx
 def _run(n: fx.Node, env: dict, gm, modules):
     if n.op == "get_attr":
         return operator.attrgetter(n.target)(gm)
+    return evaluate(n, {a: env[a] for a in n.all_input_nodes}, modules)
 
+
+def evaluate(n: fx.Node, values: dict, modules: Optional[dict] = None):
+    """The value of call node ``n`` on ``values`` (its input nodes' values). Tensors are passed as copies: an in-place op
+    (``ReLU(inplace=True)``, ``zero_``) must not touch the model's own parameters and buffers."""
     def arg(v):
-        if not isinstance(v, fx.Node):
-            return v
-        x = env[v]
-        # an in-place op (ReLU(inplace=True)) must not touch the model's own parameters and buffers
-        return x.detach().clone() if v.op == "get_attr" and isinstance(x, torch.Tensor) else x
+        x = values[v]
+        return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
-    args, kwargs = fx.node.map_aggregate((n.args, n.kwargs), arg)
+    args, kwargs = fx.node.map_arg((n.args, n.kwargs), arg)
     if n.op == "call_module":
         return modules[n.target](*args, **kwargs)
     if n.op == "call_method":

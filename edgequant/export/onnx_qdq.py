@@ -48,7 +48,7 @@ from ..nn.quantizer import Quantizer
 from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
 from . import generic as generic_export
-from .constants import constant_values, folded_quantizers
+from .constants import constant_values, evaluate, folded_quantizers
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
 _NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous", "float"}
@@ -935,7 +935,7 @@ def _constant_tensor(n: fx.Node, folded: dict, batch: set) -> Optional[torch.Ten
     (antialiased bicubic resize). None for other nodes, and for anything sized by the batch."""
     if n.op not in ("call_function", "call_method") or n.target is torch._assert:
         return None
-    ins, tensors = {}, 0
+    ins = {}
     for a in n.all_input_nodes:
         if a.op == "get_attr":
             ins[a] = operator.attrgetter(a.target)(n.graph.owning_module)
@@ -943,13 +943,10 @@ def _constant_tensor(n: fx.Node, folded: dict, batch: set) -> Optional[torch.Ten
             ins[a] = folded[a]
         else:
             return None
-        if isinstance(ins[a], torch.Tensor):
-            ins[a], tensors = ins[a].detach().clone(), tensors + 1  # an in-place op must not touch the model
-    if not tensors:
+    if not any(isinstance(v, torch.Tensor) for v in ins.values()):
         return None
-    args, kwargs = fx.node.map_aggregate((n.args, n.kwargs), lambda v: ins[v] if isinstance(v, fx.Node) else v)
     with torch.no_grad():
-        y = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
+        y = evaluate(n, ins)
     return y if isinstance(y, torch.Tensor) else None
 
 

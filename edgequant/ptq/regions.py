@@ -59,6 +59,11 @@ def call_of(batch, example_inputs=None) -> tuple[tuple, dict]:
     return (batch,), {}
 
 
+def _example_call(data, example_inputs) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the example call: ``example_inputs`` as ``QuantSim`` reads them, else the first batch."""
+    return as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))
+
+
 def _as_batch(m: nn.Module, call) -> object:
     """One recorded call of region ``m`` as a batch the pipeline can feed back: the tensor itself for a single tensor
     input, else a dict of its forward's arguments by name (a tuple would read as ``(inputs, labels)``)."""
@@ -111,7 +116,7 @@ def quantize_regions(model: nn.Module, calib_data, recipe="w8a8", ptq="auto", *,
     batches = list(calib_data) if num_batches is None else [b for _, b in zip(range(num_batches), calib_data)]
     if not batches:
         raise DataError("calib_data yielded no batches")
-    call = as_args(example_inputs) if example_inputs is not None else call_of(batches[0])
+    call = _example_call(batches, example_inputs)
     names = region_names(model, call, recipe, regions)
     seen = record_region_inputs(model, batches, names, progress, example_inputs)
     results = {}
@@ -134,7 +139,7 @@ def quantize_regions(model: nn.Module, calib_data, recipe="w8a8", ptq="auto", *,
 def captures(model: nn.Module, data, example_inputs) -> bool:
     """Whether ``model`` captures as one graph on its example (the first batch of ``data`` by default, called as
     :func:`call_of` says)."""
-    args, kwargs = as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))
+    args, kwargs = _example_call(data, example_inputs)
     before = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # torch.export logs (and prints) the whole graph it could not capture
     try:
@@ -158,7 +163,7 @@ def by_regions(model: nn.Module, data, config, ptq, regions, example_inputs, eva
                          "receives from the model); pass regions=None for data-free quantization of the whole model")
     if regions == "auto" and captures(model, data, example_inputs):
         return None
-    call = as_args(example_inputs) if example_inputs is not None else call_of(next(iter(data)))
+    call = _example_call(data, example_inputs)
     names = region_names(model, call, config, regions)
     if not names:  # no submodule captures either: the whole model in leaf mode
         return None

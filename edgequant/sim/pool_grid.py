@@ -31,17 +31,30 @@ def _pooled_count(pool, modules) -> int:
     return math.prod(int(meta.shape[d]) for d in dims)
 
 
+def _activation_grids(sim):
+    """``(node, quantizer, modules)`` for every calibrated per-tensor activation quantizer of a graph-mode sim."""
+    if sim.capture_mode != "graph":
+        return
+    modules = dict(sim.model.named_modules())
+    for n in sim.model.graph.nodes:
+        q = patterns.module_of(n, modules)
+        if isinstance(q, Quantizer) and not q.is_weight and q.is_initialized and isinstance(q.spec.granularity, PerTensor):
+            yield n, q, modules
+
+
+def _quantizer_node(n, modules):
+    """The quantizer node whose value reaches node ``n`` through identity ops, or None."""
+    while isinstance(n, fx.Node) and not isinstance(patterns.module_of(n, modules), Quantizer) and ops.is_identity(n, modules):
+        n = n.args[0]
+    return n if isinstance(n, fx.Node) and isinstance(patterns.module_of(n, modules), Quantizer) else None
+
+
 @torch.no_grad()
 def cap_pool_grids(sim) -> list[str]:
     """Fix every too-fine or too-coarse global-pool output grid of a calibrated graph-mode sim; returns their names."""
-    if sim.capture_mode != "graph":
-        return []
-    modules = dict(sim.model.named_modules())
     changed = []
-    for n in sim.model.graph.nodes:
-        q = patterns.module_of(n, modules)
-        if not isinstance(q, Quantizer) or q.is_weight or not q.is_initialized or q.is_frozen \
-                or not isinstance(q.spec.granularity, PerTensor) or not patterns.is_global_pool(n.args[0], modules):
+    for n, q, modules in _activation_grids(sim):
+        if q.is_frozen or not patterns.is_global_pool(n.args[0], modules):
             continue
         pool = n.args[0]
         qx = lowering.source_quantizer(pool.args[0], modules, through=ops.is_identity)
@@ -88,23 +101,14 @@ def settle_empty_add_inputs(sim) -> list[str]:
     terms of 2e10 cancelled to within float32's spacing of 2048: every output landed up to 251 steps off, the deployed
     model (and the integer-exact sim, which reproduces ORT) -7.9 dB from FP32 while the fake-quantized sim was 24.9 dB.
     With the output's scale ``r_b = 1``. Inputs a weighted layer also reads keep their scale (their bias grid)."""
-    if sim.capture_mode != "graph":
-        return []
-    modules = dict(sim.model.named_modules())
     changed = []
-    for n in sim.model.graph.nodes:
-        q = patterns.module_of(n, modules)
-        if not isinstance(q, Quantizer) or q.is_weight or not q.is_initialized or not isinstance(q.spec.granularity, PerTensor):
-            continue
+    for n, q, modules in _activation_grids(sim):
         base, _ = patterns.split_producer(n.args[0], modules)
         if not (patterns.is_add(base) and len(base.args) >= 2):
             continue
-        for a in base.args[:2]:
-            qa = lowering.source_quantizer(a, modules, through=ops.is_identity) if isinstance(a, fx.Node) else None
-            src = a
-            while isinstance(src, fx.Node) and patterns.module_of(src, modules) is not qa:
-                src = src.args[0]
-            if (isinstance(qa, Quantizer) and qa is not q and qa.is_initialized and not qa.is_frozen and qa.range_collapsed
+        for src in filter(None, (_quantizer_node(a, modules) for a in base.args[:2])):
+            qa = patterns.module_of(src, modules)
+            if (qa is not q and qa.is_initialized and not qa.is_frozen and qa.range_collapsed
                     and isinstance(qa.spec.granularity, PerTensor) and not _reads_into_layer(src, modules)
                     and not math.isclose(float(qa.scale), float(q.scale))):
                 qa._set(q.scale.detach().clone().reshape(qa.scale.shape), qa.zero_point.detach().clone())

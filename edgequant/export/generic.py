@@ -15,6 +15,7 @@ the static shapes the graph recorded (see ``onnx_qdq``).
 from __future__ import annotations
 
 import io
+import operator
 import re
 import warnings
 from typing import Optional
@@ -25,6 +26,7 @@ from torch import fx, nn
 
 from ..errors import ExportError
 from ..graph.patterns import recorded_meta
+from .dynamic import SizeDependent
 
 
 class NeedsOpset(ExportError):
@@ -36,15 +38,24 @@ class NeedsOpset(ExportError):
 
 
 class _OneOp(nn.Module):
-    """``forward(*tensors)`` calls the node's target with its constant arguments filled back in."""
+    """``forward(*tensors)`` calls the node's target with its constant arguments filled back in; the arguments in
+    ``replayed`` (read from a tensor's shape) are read again from the tensors passed after the node's own."""
 
-    def __init__(self, node: fx.Node, module: Optional[nn.Module], consts: dict):
+    def __init__(self, node: fx.Node, module: Optional[nn.Module], consts: dict, replayed: Optional[dict] = None):
         super().__init__()
-        self.node, self.inner, self.consts = node, module, consts
+        self.node, self.inner, self.consts, self.replayed = node, module, consts, replayed or {}
 
     def forward(self, *tensors):
         it = iter(tensors)
-        fill = lambda v: (self.consts[v] if v in self.consts else next(it)) if isinstance(v, fx.Node) else v  # noqa: E731
+        own = len(tensor_nodes(self.node, self.consts))
+        env = dict(zip(dict.fromkeys(self.replayed.values()), tensors[own:]))
+
+        def fill(v):
+            if not isinstance(v, fx.Node):
+                return v
+            if v in self.replayed:
+                return _replay(v, env)
+            return self.consts[v] if v in self.consts else next(it)
         args = fx.node.map_aggregate(self.node.args, fill)
         kwargs = fx.node.map_aggregate(self.node.kwargs, fill)
         n = self.node
@@ -64,6 +75,42 @@ def tensor_nodes(node: fx.Node, consts: dict) -> list[fx.Node]:
     return found
 
 
+def _shape_root(v: fx.Node) -> Optional[fx.Node]:
+    """The tensor node whose shape the shape-arithmetic node ``v`` reads (``y.shape``, ``y.shape[-2:]``, ``y.size()``,
+    ``y.size(2)``), or None for anything else."""
+    if v.target is getattr and v.args[1] == "shape":
+        return v.args[0]
+    if v.op == "call_method" and v.target == "size":
+        return v.args[0]
+    if v.target is operator.getitem and isinstance(v.args[0], fx.Node) and isinstance(v.args[1], (int, slice)):
+        return _shape_root(v.args[0])
+    return None
+
+
+def _replay(v: fx.Node, env: dict):
+    """The value of shape-arithmetic node ``v`` (see :func:`_shape_root`) with its tensor taken from ``env``."""
+    if v in env:
+        return env[v]
+    if v.target is getattr:
+        return _replay(v.args[0], env).shape
+    if v.target == "size":
+        return _replay(v.args[0], env).size(*v.args[1:])
+    return _replay(v.args[0], env)[v.args[1]]
+
+
+def shape_reads(node: fx.Node, consts: dict) -> dict[fx.Node, fx.Node]:
+    """``{argument node: tensor node}`` for the arguments of ``node`` folded from a tensor's shape (the ``size`` of
+    ``F.interpolate(x, size=y.shape[-2:])``), which an export with symbolic sizes reads from that tensor at run time."""
+    found = {}
+
+    def visit(v):
+        if isinstance(v, fx.Node) and v in consts and (root := _shape_root(v)) is not None and root not in consts:
+            found[v] = root
+    fx.node.map_aggregate(node.args, visit)
+    fx.node.map_aggregate(node.kwargs, visit)
+    return found
+
+
 def _example(n: fx.Node) -> torch.Tensor:
     meta = recorded_meta(n)
     if meta is None or not hasattr(meta, "shape"):
@@ -73,18 +120,34 @@ def _example(n: fx.Node) -> torch.Tensor:
     return torch.zeros(tuple(meta.shape), dtype=meta.dtype)
 
 
+def _dynamic_axes(named, dynamic_batch: bool, dynamic_size: bool) -> dict:
+    """torch.onnx's ``dynamic_axes`` for ``named`` ``(name, example, is data)``: the batch axis, and with
+    ``dynamic_size`` the dimensions after the channels of data tensors of 3 to 5 dimensions."""
+    dyn = {}
+    for name, x, data in named:
+        axes = {0: "N"} if dynamic_batch and x.dim() > 0 else {}
+        if dynamic_size and data and 3 <= x.dim() <= 5:
+            axes.update({d: f"{name}_d{d}" for d in range(2, x.dim())})
+        if axes:
+            dyn[name] = axes
+    return dyn
+
+
 def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str], out: str, dynamic_batch: bool,
-               consts: dict) -> str:
+               consts: dict, replayed: Optional[dict] = None, dynamic_size: bool = False) -> str:
     """Splice the ONNX of ``node`` (``inputs``: the ONNX names of its tensor arguments, in argument
-    order; ``consts``: argument nodes folded to Python values) into builder ``b``; its output gets the
-    name ``out``. Raises ExportError naming the op when torch's exporter cannot export it either."""
-    tnodes = tensor_nodes(node, consts)
+    order, then of the tensors whose shapes the ``replayed`` arguments read (:func:`shape_reads`); ``consts``:
+    argument nodes folded to Python values) into builder ``b``; its output gets the name ``out``. With
+    ``dynamic_size`` the dimensions after the channels of inputs and outputs of 3 to 5 dimensions are symbolic.
+    Raises ExportError naming the op when torch's exporter cannot export it either."""
+    replayed = replayed or {}
+    tnodes = tensor_nodes(node, consts) + list(dict.fromkeys(replayed.values()))
     if len(tnodes) != len(inputs):
         raise ExportError(f"{node.name}: {len(inputs)} ONNX inputs for {len(tnodes)} tensor arguments")
     examples = tuple(_example(t) for t in tnodes)
     in_names = [f"in{i}" for i in range(len(examples))]
     buf = io.BytesIO()
-    op = _OneOp(node, module, consts).eval()
+    op = _OneOp(node, module, consts, replayed).eval()
     with torch.no_grad():
         result = op(*examples)
     # chunk, split, unbind, MultiheadAttention: several outputs (a None among them is no ONNX output)
@@ -92,10 +155,9 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
     is_tensor = [torch.is_tensor(r) for r in result] if multi else [True]
     n_out = sum(is_tensor)
     out_names = ["out"] if not multi else [f"out{i}" for i in range(n_out)]
-    dyn = None
-    if dynamic_batch:
-        dyn = {name: {0: "N"} for name, x in zip(in_names, examples) if x.dim() > 0}
-        dyn.update({o: {0: "N"} for o in out_names})
+    outputs = [r for r, t in zip(result if multi else [result], is_tensor) if t]
+    data = [t.op != "get_attr" for t in tnodes] + [True] * len(outputs)  # a weight passed as a tensor keeps its shape
+    dyn = _dynamic_axes(zip(in_names + out_names, list(examples) + outputs, data), dynamic_batch, dynamic_size) or None
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -103,6 +165,10 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
                               output_names=out_names, dynamic_axes=dyn, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001 -- any exporter failure is reported with the op's name
         what = node.target if node.op != "call_module" else type(module).__name__
+        what = getattr(what, "__name__", what)
+        if dynamic_size:  # an adaptive pool to a fixed grid: its kernel follows the input size
+            raise SizeDependent(f"{node.name}: {what} depends on the input's height and width, which torch.onnx cannot "
+                                f"keep symbolic there ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from e
         msg = (f"{node.name}: {what} has no integer kernel and torch.onnx could not export it in float "
                f"either ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
         later = re.search(r"added in (?:opset )?version (\d+)", str(e))  # torch.onnx names the opset that has it

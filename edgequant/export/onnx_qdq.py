@@ -49,6 +49,7 @@ from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
 from . import generic as generic_export
 from .constants import constant_values, evaluate, folded_quantizers
+from .dynamic import SizeDependent, with_dynamic_size
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
 _NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous", "float"}
@@ -380,7 +381,7 @@ class _BakedBatch(ExportError):
 
 def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "auto",
                 dynamic_batch: Optional[bool] = None, encodings_path=None, example_inputs=None,
-                tables: bool = False, float64: bool = False) -> dict:
+                tables: bool = False, float64: bool = False, dynamic_size: Optional[bool] = False) -> dict:
     """Write ``sim`` as an ONNX QDQ model to ``path`` and its encodings beside it (atomically).
 
     Args:
@@ -400,6 +401,13 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             symbolic: ``True`` then raises, ``False`` always writes the recorded batch size, and ``None``
             (default) makes it symbolic where the graph allows and otherwise writes the recorded batch size
             with a warning (export once per batch size, ``example_inputs=`` sets it).
+        dynamic_size: make the height and width (every dimension after the channels of floating-point inputs of 3
+            to 5 dimensions, and the output dimensions that follow them) symbolic, so one file runs on images of any
+            size (a detector's backbone on resized photos of any aspect ratio, a segmentation network). Checked,
+            not assumed (:mod:`edgequant.export.dynamic`): the graph is built again on inputs 32 larger along each
+            such dimension and must come out the same; a graph that computes a shape, pool or size from its input
+            size is refused by the name of the first node that differs. ``True`` raises then, ``None`` writes the
+            example's size with a warning, ``False`` (default) always writes the example's size.
         example_inputs: inputs whose shapes the exported graph takes (a tensor, a tuple or a dict, as for
             ``QuantSim``) in place of the sim's own example inputs: another batch size or sequence length.
         tables: write each elementwise op between two per-tensor grids (GELU, SiLU, hard-swish, sigmoid, tanh,
@@ -429,7 +437,7 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
         from .regions import export_regions
 
         return export_regions(sim, path, opset=opset, weight_dtype=weight_dtype, dynamic_batch=dynamic_batch,
-                              tables=tables, float64=float64)
+                              tables=tables, float64=float64, dynamic_size=dynamic_size)
     if not isinstance(sim, QuantSim):
         raise TypeError(f"export_onnx needs a QuantSim or a RegionSim, got {type(sim).__name__}")
     if sim.capture_mode != "graph":
@@ -440,8 +448,12 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     path, encodings_path = _output_paths(path, encodings_path)
 
     def build(op: int, dyn: bool) -> onnx.ModelProto:
+        def on(example, sized=False):
+            return _build_on(sim, example, op, dyn, weight_dtype == "uint8", tables, float64, sized)
+        if dynamic_size is not False:
+            return _sized(on, sim._example_inputs if example_inputs is None else example_inputs, dynamic_size)
         if example_inputs is not None:
-            return _build_on(sim, example_inputs, op, dyn, weight_dtype == "uint8", tables, float64)
+            return on(example_inputs)
         return _build(sim, op, dyn, weight_dtype == "uint8", tables, float64)
 
     model, opset = _build_at_opset(build, opset, auto_opset, dynamic_batch)
@@ -454,6 +466,20 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+
+
+def _sized(build, example_inputs, dynamic_size: Optional[bool]) -> onnx.ModelProto:
+    """``build(example_inputs, sized)`` with symbolic height and width (:func:`edgequant.export.dynamic.with_dynamic_size`);
+    with ``dynamic_size=None``, where the graph allows, else at the example's size with a warning."""
+    try:
+        return with_dynamic_size(lambda example: build(example, True), example_inputs)
+    except SizeDependent as e:
+        if dynamic_size:
+            raise
+        import warnings
+
+        warnings.warn(f"{e.args[0].split(':')[0]}; the export keeps the example's height and width", stacklevel=5)
+        return build(example_inputs)
 
 
 def _formats(qs: dict, opset: Optional[int], weight_dtype: str) -> tuple[int, str]:
@@ -525,7 +551,7 @@ def _with_batch(build, dynamic_batch: Optional[bool]) -> onnx.ModelProto:
 
 
 def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_weights: bool,
-              tables: bool = False, float64: bool = False) -> onnx.ModelProto:
+              tables: bool = False, float64: bool = False, dynamic_size: bool = False) -> onnx.ModelProto:
     """``_build`` with the shapes of ``example_inputs`` recorded on the graph for the time of the export."""
     from ..sim.prepare import propagate_shapes
 
@@ -535,7 +561,7 @@ def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_wei
     try:
         with torch.no_grad():
             propagate_shapes(sim.model, args, kwargs)
-        return _build(sim, opset, dynamic_batch, unsigned_weights, tables, float64)
+        return _build(sim, opset, dynamic_batch, unsigned_weights, tables, float64, dynamic_size)
     finally:
         for n, meta in zip(nodes, saved):
             n.meta["tensor_meta"] = meta
@@ -582,7 +608,7 @@ def _shape_of(n: fx.Node) -> Optional[list]:
 
 
 def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables: bool = False,
-           float64: bool = False) -> onnx.ModelProto:
+           float64: bool = False, dynamic_size: bool = False) -> onnx.ModelProto:
     gm = sim.model
     modules = dict(gm.named_modules())
     b = _Builder(opset, unsigned_weights)
@@ -606,9 +632,12 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     flat: dict[fx.Node, list] = {}  # linear layers run on 2-D integers whose quantizer reshapes back: N-D shape
 
     def generic(n, m, out):
+        # with symbolic sizes, a size read from a tensor's shape (F.interpolate(x, size=y.shape[-2:])) is read at run time
+        replayed = generic_export.shape_reads(n, folded) if dynamic_size else {}
         ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded)]
+        ins += [_resolve(b, val[x]) for x in dict.fromkeys(replayed.values())]
         with Float64Norms() if float64 else contextlib.nullcontext():  # traced in float64, as integer_exact computes
-            return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded)
+            return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded, replayed, dynamic_size)
 
     for n in gm.graph.nodes:
         out = want.get(n) or (n.name if n.name not in reserved else b.fresh(f"{n.name}_value"))

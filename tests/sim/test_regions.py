@@ -85,6 +85,16 @@ def test_deployed_regions_in_onnx_runtime_are_bit_identical_to_the_integer_exact
             with sim.integer_exact():
                 want = sim(_images(seed, 3))
         assert torch.equal(got["count"], want["count"]) and torch.equal(got["scores"], want["scores"])
+    # with symbolic height and width, one file per region serves images of every size
+    ort_model = deployed(sim, edgequant.export_onnx(sim, tmp_path / "any_size", dynamic_size=True))
+    g = torch.Generator().manual_seed(8)
+    images = [torch.rand(3, 24, 40, generator=g) for _ in range(2)]
+    with torch.no_grad():
+        got = ort_model(images)
+        with sim.integer_exact():
+            want = sim(images)
+    assert got["count"].shape == (2,) and torch.equal(got["count"], want["count"])
+    assert torch.equal(got["scores"], want["scores"])
     with pytest.raises(ValueError, match="folder"):
         edgequant.export_onnx(sim, tmp_path / "one.onnx")
 

@@ -447,15 +447,7 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     opset, weight_dtype = _formats(_exportable_quantizers(sim), opset, weight_dtype)
     path, encodings_path = _output_paths(path, encodings_path)
 
-    def build(op: int, dyn: bool) -> onnx.ModelProto:
-        def on(example, sized=False):
-            return _build_on(sim, example, op, dyn, weight_dtype == "uint8", tables, float64, sized)
-        if dynamic_size is not False:
-            return _sized(on, sim._example_inputs if example_inputs is None else example_inputs, dynamic_size)
-        if example_inputs is not None:
-            return on(example_inputs)
-        return _build(sim, op, dyn, weight_dtype == "uint8", tables, float64)
-
+    build = _builder(sim, example_inputs, weight_dtype == "uint8", tables, float64, dynamic_size)
     model, opset = _build_at_opset(build, opset, auto_opset, dynamic_batch)
     onnx.checker.check_model(model)
     _check_names(model, sim)
@@ -466,6 +458,19 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
     return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+
+
+def _builder(sim, example_inputs, unsigned_weights: bool, tables: bool, float64: bool, dynamic_size: Optional[bool]):
+    """``build(opset, dynamic_batch) -> ModelProto`` for :func:`export_onnx`'s options."""
+    def build(op: int, dyn: bool) -> onnx.ModelProto:
+        def on(example, sized=False):
+            return _build_on(sim, example, op, dyn, unsigned_weights, tables, float64, sized)
+        if dynamic_size is not False:
+            return _sized(on, sim._example_inputs if example_inputs is None else example_inputs, dynamic_size)
+        if example_inputs is not None:
+            return on(example_inputs)
+        return _build(sim, op, dyn, unsigned_weights, tables, float64)
+    return build
 
 
 def _sized(build, example_inputs, dynamic_size: Optional[bool]) -> onnx.ModelProto:
@@ -623,9 +628,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     tables = {n.args[0]: n for n in gm.graph.nodes if tables and lowering.table_lowering(n, modules) is not None}
     inputs, outputs = [], []
     shape_of = _shape_of
-
-    def vinfo(name, n):
-        return _value_info(name, n, shape_of(n), dynamic_batch)
+    vinfo = lambda name, n: _value_info(name, n, shape_of(n), dynamic_batch)  # noqa: E731
 
     folded: dict[fx.Node, object] = {}  # shape arithmetic, folded to Python values
     batch: set[fx.Node] = set()  # the folded values that hold the recorded batch size
@@ -634,8 +637,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     def generic(n, m, out):
         # with symbolic sizes, a size read from a tensor's shape (F.interpolate(x, size=y.shape[-2:])) is read at run time
         replayed = generic_export.shape_reads(n, folded) if dynamic_size else {}
-        ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded)]
-        ins += [_resolve(b, val[x]) for x in dict.fromkeys(replayed.values())]
+        ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded) + list(dict.fromkeys(replayed.values()))]
         with Float64Norms() if float64 else contextlib.nullcontext():  # traced in float64, as integer_exact computes
             return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded, replayed, dynamic_size)
 

@@ -10,6 +10,8 @@ between the two builds and is refused by the name of the first node that differs
 """
 from __future__ import annotations
 
+import contextlib
+import io
 from typing import Callable, Optional
 
 import onnx
@@ -70,7 +72,8 @@ def with_dynamic_size(build: Callable[[object], onnx.ModelProto], example_inputs
     raises :class:`SizeDependent` when the graph itself depends on the size (see the module's docstring)."""
     a = build(example_inputs)
     try:
-        b = build(grown(example_inputs))
+        with contextlib.redirect_stderr(io.StringIO()):  # torch's shape propagation prints the traceback it raises
+            b = build(grown(example_inputs))
     except Exception as e:  # the model itself does not run at another size (a fixed position table, an assertion)
         raise SizeDependent(f"the model does not run on inputs {GROWTH} larger than the example along height and width "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): it takes one input "

@@ -173,6 +173,26 @@ def is_linear_like(node: fx.Node, modules: dict) -> bool:
     return m is not None and ops.module_op(m) is ops.WEIGHTED and not isinstance(m, (nn.Embedding, nn.EmbeddingBag))
 
 
+_PRODUCTS = (operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum, "matmul", "bmm", "mm",
+             F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+
+def read_by_product(node: fx.Node, modules: dict) -> bool:
+    """Whether a product reads ``node``'s output -- a conv or linear layer, a matmul -- directly or through ops that
+    move its values unchanged (reshape, permute, a selection, ...)."""
+    stack, seen = list(node.users), set()
+    while stack:
+        u = stack.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if is_linear_like(u, modules) or (u.op in ("call_function", "call_method") and u.target in _PRODUCTS):
+            return True
+        if ops.keeps_grid(u, modules) or (u.target is operator.getitem and ops.kind(u, modules) == "pass"):
+            stack.extend(u.users)
+    return False
+
+
 # ---------------------------------------------------------------------- activations
 def activation_bounds(node: fx.Node, modules: dict):
     """``(a, b)`` of a fusable activation ``clamp(x, a, b)`` (floats, or float64 per-channel tensors for a

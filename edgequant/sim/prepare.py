@@ -347,6 +347,17 @@ def widen_add_inputs(entries: dict[str, PlanEntry], anchors: dict[str, fx.Node],
             entries[src] = replace(e, spec=e.resolve(replace(spec, signed=None)))
 
 
+def products_only(entries: dict[str, PlanEntry], anchors: dict[str, fx.Node], modules: dict, config: QuantConfig) -> None:
+    """``QuantConfig(activation_placement="products")``: an activation quantizer stays only where a product (conv,
+    linear, matmul) reads its value; the others (adds, normalizations, the model's outputs) are planned in float,
+    unless a ``module_names`` override names them."""
+    for name, n in anchors.items():
+        e = entries[name]
+        if (e.role in ("activation", "output") and e.spec is not None and not config.names_activation(name)
+                and not patterns.read_by_product(n, modules)):
+            entries[name] = replace(e, spec=None)
+
+
 def plan_graph(gm: fx.GraphModule, names: dict[fx.Node, str], config: QuantConfig, weighted: dict[str, nn.Module]):
     """``(plan, anchors, bias links, unsupported)``: the plan of a shape-propagated graph (``weighted``: its
     registered layers by name), the node each activation entry's quantizer follows, each quantized layer's
@@ -355,6 +366,8 @@ def plan_graph(gm: fx.GraphModule, names: dict[fx.Node, str], config: QuantConfi
     for n in gm.graph.nodes:
         planner.visit(n)
     widen_add_inputs(planner.entries, planner.anchors, planner.modules, config)
+    if config.activation_placement == "products":
+        products_only(planner.entries, planner.anchors, planner.modules, config)
     entries = {**weight_entries(weighted, config), **planner.entries}
     planner.entries = entries
     links = planner.bias_links()

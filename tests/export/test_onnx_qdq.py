@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from edgequant import NotCalibratedError, QuantSim, export_onnx
+from edgequant.config.spec import QuantConfig, QuantSpec
 from edgequant.export.onnx_qdq import ExportError
 from edgequant.ptq import cross_layer_equalization
 
@@ -241,7 +242,8 @@ def test_the_integer_engine_pads_with_the_zero_point():
 
     torch.manual_seed(0)
     cal = [torch.randn(4, 3, 10, 10) for _ in range(2)]
-    sim = QuantSim(ZeroPad().eval(), cal[0], "w8a8_transformer")  # asymmetric min-max activation grids
+    asym = QuantConfig(activation=QuantSpec(bits=8, symmetric=False, range_method="minmax"))  # asymmetric grids
+    sim = QuantSim(ZeroPad().eval(), cal[0], asym)
     sim.calibrate(cal, progress=False)
     assert sim.quantizers()["a"].zero_point.item() != 0  # an asymmetric grid: padding with integer 0 would be wrong
     x = torch.randn(3, 3, 10, 10)

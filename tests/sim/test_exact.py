@@ -1,5 +1,6 @@
 """The sim's integer-exact mode against ONNX Runtime's integer kernels and the integer engine."""
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from edgequant import NotCalibratedError, QuantSim, export_onnx
+from edgequant.config.spec import QuantConfig
 from edgequant.core import requant as rq
 from edgequant.export.integer import IntegerEngine
 from edgequant.ptq import cross_layer_equalization
@@ -240,7 +242,8 @@ def test_a_matmul_of_two_quantized_tensors_is_onnx_runtimes_qlinearmatmul(tmp_pa
 
 
 class _WideResidual(nn.Module):
-    """Tokens through a residual MLP: under ``w8a8_transformer`` the residual sum is a 16-bit grid and ``fc2``, read
+    """Tokens through a residual MLP: under ``w8a8_transformer`` with every op output quantized the residual sum is a
+    16-bit grid and ``fc2``, read
     only by it, writes that grid too (exported as ``MatMulInteger`` and a float32 rescale)."""
 
     def __init__(self):
@@ -256,7 +259,8 @@ def test_a_linear_writing_a_16_bit_grid_computes_the_exports_float32_rescale(tmp
 
     torch.manual_seed(0)
     cal = [torch.randn(4, 10, 16) * 4 for _ in range(2)]
-    sim = QuantSim(_WideResidual().eval(), cal[0], "w8a8_transformer")
+    every_output = replace(QuantConfig.preset("w8a8_transformer"), activation_placement="outputs")
+    sim = QuantSim(_WideResidual().eval(), cal[0], every_output)
     sim.calibrate(cal, progress=False)
     assert sim.quantizers()["fc2"].spec.bits == 16
     path = export_onnx(sim, tmp_path / "w.onnx")["onnx"]

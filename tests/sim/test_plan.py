@@ -94,3 +94,36 @@ def test_disabled_quantizers_stay_in_the_state_dict(block):
     again.enable(off)
     assert torch.equal(again(x), ref)
     assert set(sd) == set(fresh.state_dict())
+
+
+class _Tokens(torch.nn.Module):
+    """A transformer block's shape: a residual sum read by a LayerNorm, whose output linear layers read, and an
+    attention-like product of two projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.q, self.k, self.out = (torch.nn.Linear(8, 8) for _ in range(4))
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        h = self.norm(x + self.a(x))
+        scores = self.q(h) @ self.k(h).transpose(-1, -2)
+        return self.out(torch.softmax(scores, -1) @ h)
+
+
+def test_products_placement_quantizes_what_products_read():
+    x = torch.randn(2, 5, 8)
+    every = QuantSim(_Tokens(), x, "w8a8").plan
+    cfg = QuantConfig(activation_placement="products")
+    plan = QuantSim(_Tokens(), x, cfg).plan
+    quantized = {n for n, e in plan.quantized().items() if e.role in ("activation", "output")}
+    assert {"a", "add", "matmul", "out"} <= {n for n, e in every.quantized().items() if e.role != "weight"}
+    # q and k (read through a transpose) by the matmul, the norm and the softmax by a product, the context by `out`;
+    # not the layer output the add reads, the sum the norm reads, the scores softmax reads, nor the model's output
+    assert quantized == {"q", "k", "norm", "softmax", "matmul_1"}
+    assert plan["x"].spec is not None  # the model input keeps its quantizer
+    kept = QuantConfig(activation_placement="products", module_names={"add": Override(activation=QuantSpec(bits=16))})
+    assert QuantSim(_Tokens(), x, kept).plan["add"].spec.bits == 16  # a named override wins
+    assert QuantConfig.from_json(cfg.to_json()).activation_placement == "products"
+    with pytest.raises(ValueError, match="activation_placement"):
+        QuantConfig(activation_placement="inputs")

@@ -26,13 +26,19 @@ INTEGER_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 def source_quantizer(n, modules, through=ops.keeps_grid):
     """The activation quantizer whose grid the value of node ``n`` is on, looking back through the ops
     ``through`` accepts (grid-keeping ops by default; ``ops.is_identity`` for the same shape), or None.
-    A selection from a quantized recurrent layer's outputs is on that layer's hidden-state grid."""
+    A selection from a quantized recurrent layer's outputs is on that layer's hidden-state grid; a plain selection
+    from a tensor (``x[:, 0]``, ``x[:, n:]``: PiT's class token and patch tokens) keeps its grid."""
     while isinstance(n, fx.Node):
         m = patterns.module_of(n, modules)
         if isinstance(m, Quantizer):
             return m
         if n.target is operator.getitem:
-            return recurrent_source(n, modules)
+            found = recurrent_source(n, modules)
+            if found is not None or not (len(n.args) == 2 and plain_index(n.args[1])
+                                         and hasattr(patterns.recorded_meta(n.args[0]), "shape")):
+                return found
+            n = n.args[0]
+            continue
         if not through(n, modules):
             return None
         n = n.args[0]
@@ -127,12 +133,20 @@ def lookup_table(q_node: fx.Node, modules, device=None) -> Optional[tuple[torch.
         return None
 
 
+def _int_like(v) -> bool:
+    """An int, or an fx node that computes one from shapes (``x.shape[1]``: no tensor recorded for it)."""
+    if isinstance(v, fx.Node):
+        return not hasattr(patterns.recorded_meta(v), "shape")
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def plain_index(idx) -> bool:
-    """An index of ints and slices of ints (``x[-1]``, ``x[:, -1]``, ``x[1:3]``): selection, no tensors."""
+    """An index of ints and slices of ints (``x[-1]``, ``x[:, -1]``, ``x[1:3]``, ``x[:, n:]`` with ``n`` read from a
+    shape): selection, no tensors."""
     parts = idx if isinstance(idx, tuple) else (idx,)
-    return bool(parts) and all(isinstance(i, int) and not isinstance(i, bool) or isinstance(i, slice)
-                               and all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
-                               and (i.step is None or i.step > 0) for i in parts)
+    return bool(parts) and all(_int_like(i) or isinstance(i, slice)
+                               and all(v is None or _int_like(v) for v in (i.start, i.stop, i.step))
+                               and (i.step is None or isinstance(i.step, int) and i.step > 0) for i in parts)
 
 
 #: ``F.pad`` modes -> ONNX ``Pad`` modes the export writes on stored integers (circular has no opset-17 form)

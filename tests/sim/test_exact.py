@@ -271,3 +271,32 @@ def test_a_linear_writing_a_16_bit_grid_computes_the_exports_float32_rescale(tmp
         exact = sim(x)
     assert "fc2" not in mode.float_computed  # computed as the export computes it, not flagged
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _ClassToken(nn.Module):
+    """PiT's pattern: a class token beside patch tokens, the patches sliced off by a length read from a shape,
+    reshaped to a grid for a conv; the head reads the class token."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.conv, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Conv2d(8, 3, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (N, 1 + 16, 8)
+        t = self.mix(self.embed(x))
+        n = x.shape[1] - 16
+        grid = t[:, n:].transpose(1, 2).reshape(x.shape[0], 8, 4, 4)
+        return self.head(t[:, 0]) + self.conv(grid).mean((2, 3))
+
+
+def test_layers_reading_selected_tokens_run_on_the_integers(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 17, 8) for _ in range(2)]
+    sim = QuantSim(_ClassToken().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "t.onnx")["onnx"]
+    x = torch.randn(64, 17, 8)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact() as mode:
+        exact = sim(x)
+    assert not {"conv", "head"} & set(mode.float_computed)  # their inputs' grids found through the selections
+    assert torch.equal(exact, torch.from_numpy(out))

@@ -1,4 +1,4 @@
-"""LayerNorm, GroupNorm, softmax and L2 norms in float64, rounded to float32 once: the export and the integer-exact sim compute
+"""LayerNorm, GroupNorm, softmax, L2 norms and einsum in float64, rounded to float32 once: the export and the integer-exact sim compute
 them alike, so a model whose float islands are these ops comes out of ONNX Runtime bit-identical with the sim."""
 import io
 import warnings
@@ -18,10 +18,12 @@ class _Norms(nn.Module):
     def __init__(self):
         super().__init__()
         self.ln, self.gn = nn.LayerNorm(64), nn.GroupNorm(4, 8)
+        self.table = nn.Parameter(torch.randn(7, 64))
 
     def forward(self, x, y):
         return (self.ln(x).softmax(-1), F.softmax(x, dim=1), torch.log_softmax(x, -1), self.gn(y),
-                F.normalize(x, dim=-1), torch.linalg.vector_norm(x, 2, -1, True))  # cosine attention's L2 norm
+                F.normalize(x, dim=-1), torch.linalg.vector_norm(x, 2, -1, True),  # cosine attention's L2 norm
+                torch.einsum("bnc,kc->bnk", x, self.table))  # a float product (MViTv2's relative positions)
 
 
 def test_float64_ops_traced_by_torch_onnx_compute_what_torch_computes_in_the_mode():

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -251,6 +252,10 @@ def test_quantize_writes_a_deployable_model_and_a_verdict(tmp_path, monkeypatch)
     rep = json.loads((out / "report.json").read_text())
     assert rep["calibration_images"] == 12 and "resize shorter side to 40" in rep["preprocess"]
     assert all(row["eval_fn"] is not None for row in rep["results"]) and not (out / "model.onnx").exists()
+    r = CliRunner().invoke(main, base + ["--dynamic-size", "--holdout", "0.5", "--out", str(out)])  # one file, any size
+    assert r.exit_code == 0, r.output
+    dims = [d.dim_param or d.dim_value for d in onnx.load(out / "model.onnx").graph.input[0].type.tensor_type.shape.dim]
+    assert dims[2:] == ["input_dim2", "input_dim3"] and "any height and width" in (out / "report.md").read_text()
     r = CliRunner().invoke(main, base + ["--preprocess", "tests.test_cli:scale_only", "--out", str(out)])
     assert r.exit_code == 0 and "custom (tests.test_cli:scale_only)" in (out / "report.md").read_text()
     r = CliRunner().invoke(main, base + ["--mean", "0.1,0.2", "--out", str(out)])

@@ -51,6 +51,9 @@ PREPROCESS_HELP = ("Default preprocessing: the largest centered square of each i
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the model runs.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch and ONNX Runtime CPU threads (default: their choice).")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Write model.onnx (QDQ) and check it in ONNX Runtime.")
+@click.option("--dynamic-size", is_flag=True,
+              help="Write model.onnx with symbolic height and width (one file for every image size), where the graph "
+                   "allows it (checked by building it at a second size); otherwise a warning and the --input-size.")
 @click.option("--compress-macs", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Compress the model to this fraction of its MACs before quantizing (per-layer ratios chosen on the "
                    "calibration images; see --compress-method).")
@@ -136,7 +139,7 @@ def _quantize_model(model, calib, config, recipe_name, ptq, batch_size, adaround
 
 
 def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, input_size, resize, channels, mean, std,
-         preprocess_spec, batch_size, ptq, adaround_iterations, qat_steps, qat_lr, eval_fn_spec, device, threads, onnx, out,
+         preprocess_spec, batch_size, ptq, adaround_iterations, qat_steps, qat_lr, eval_fn_spec, device, threads, onnx, dynamic_size, out,
          analyze_report=False, compress_macs=None, compress_method="svd"):
     t0 = time.perf_counter()
     dev = _setup(device, threads)
@@ -177,7 +180,8 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
     extra_html = {"sim": sim, "compressed": compressed}
     if analyze_report:
         extra_html["analysis"], extra_html["histograms"] = sensitivity(sim, batches((eval_x if eval_x is not None else calib_x)[:batch_size], batch_size))
-    _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat, extra_html)
+    _write_outputs(out, sim, config, result, verdict, header, onnx and ("dynamic" if dynamic_size else "fixed"), eval_x,
+                   batch_size, threads, qat, extra_html)
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
     rows, extra = verdict[:2]
     print_table(rows, extra)
@@ -234,7 +238,7 @@ def _verdict(model, sim, eval_x, eval_fn, batch_size, device, original=None):
     return rows, extra, ref, out
 
 
-def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads, qat=None,
+def _write_outputs(out: Path, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat=None,
                    extra_html=None) -> None:
     """Everything into a fresh folder beside ``out``, swapped in at the end (a failed run changes nothing)."""
     import torch
@@ -257,25 +261,33 @@ def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, 
         atomic_write_text(tmp / "summary.txt", sim.summary() + "\n")
         sim.save(tmp / "sim")
         if onnx:
-            _export_and_check(tmp, sim, rows, header, ref, sim_out, eval_x, batch_size, threads)
+            _export_and_check(tmp, sim, rows, header, ref, sim_out, eval_x, batch_size, threads, onnx == "dynamic")
         write_report(tmp, rows, header, extra, **(extra_html or {}))
 
     replace_folder(out, write)
 
 
-def _export_and_check(tmp: Path, sim, rows, header, ref, sim_out, eval_x, batch_size, threads) -> None:
-    """model.onnx + model.encodings.json; ONNX Runtime's outputs on the evaluation images: their fidelity
-    to FP32 (what deploys) and their agreement with the sim."""
+def _export_and_check(tmp: Path, sim, rows, header, ref, sim_out, eval_x, batch_size, threads, dynamic=False) -> None:
+    """model.onnx + model.encodings.json (with ``dynamic``: symbolic height and width where the graph allows); ONNX
+    Runtime's outputs on the evaluation images: their fidelity to FP32 (what deploys) and their agreement with the sim."""
+    import warnings
+
     from ..errors import ExportError
     from ..export import export_onnx
 
     try:
-        info = export_onnx(sim, tmp / "model.onnx")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = export_onnx(sim, tmp / "model.onnx", dynamic_size=None if dynamic else False)
     except ExportError as e:
         header["onnx"] = f"not written: {e}"
         click.echo(f"warning: ONNX export failed (the other files are written): {e}", err=True)
         return
-    header["onnx"] = f"model.onnx (opset {info['opset']}, weights {info['weight_dtype']}), model.encodings.json"
+    for w in caught:
+        click.echo(f"warning: {w.message}", err=True)
+    size = "any height and width" if info["dynamic_size"] else "the input size"
+    header["onnx"] = (f"model.onnx (opset {info['opset']}, weights {info['weight_dtype']}, {size}), "
+                      "model.encodings.json")
     if eval_x is None:
         return
     t = time.perf_counter()

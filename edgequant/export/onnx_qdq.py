@@ -424,7 +424,8 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             rounding hides the last-bit differences between ORT's float32 kernels and torch's, so transformers
             become bit-identical with the sim. Off by default: a float64 LayerNorm costs ORT ~8x its float32 kernel.
 
-    Returns ``{"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}``. A
+    Returns ``{"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype,
+    "dynamic_size": whether the height and width came out symbolic}``. A
     :class:`~edgequant.sim.RegionSim` is written region by region into the folder ``path``
     (:func:`edgequant.export.regions.export_regions`).
     """
@@ -457,7 +458,8 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     text = json.dumps(to_edgequant(acts, params), indent=1)
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
-    return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype}
+    sized = any(d.dim_param not in ("", "N") for vi in model.graph.input for d in vi.type.tensor_type.shape.dim)
+    return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype, "dynamic_size": sized}
 
 
 def _builder(sim, example_inputs, unsigned_weights: bool, tables: bool, float64: bool, dynamic_size: Optional[bool]):

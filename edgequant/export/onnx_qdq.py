@@ -401,13 +401,12 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
             symbolic: ``True`` then raises, ``False`` always writes the recorded batch size, and ``None``
             (default) makes it symbolic where the graph allows and otherwise writes the recorded batch size
             with a warning (export once per batch size, ``example_inputs=`` sets it).
-        dynamic_size: make the height and width (every dimension after the channels of floating-point inputs of 3
-            to 5 dimensions, and the output dimensions that follow them) symbolic, so one file runs on images of any
-            size (a detector's backbone on resized photos of any aspect ratio, a segmentation network). Checked,
-            not assumed (:mod:`edgequant.export.dynamic`): the graph is built again on inputs 32 larger along each
-            such dimension and must come out the same; a graph that computes a shape, pool or size from its input
-            size is refused by the name of the first node that differs. ``True`` raises then, ``None`` writes the
-            example's size with a warning, ``False`` (default) always writes the example's size.
+        dynamic_size: make the height and width (the dimensions after the channels of float inputs of 3 to 5
+            dimensions, and the output dimensions that follow them) symbolic: one file for images of any size.
+            Checked, not assumed (:mod:`edgequant.export.dynamic`): the graph is built again on inputs 32 larger
+            and must come out the same; a graph that computes a shape, pool or size from its input size is refused
+            by the first node that differs. ``True`` raises then, ``None`` writes the example's size with a
+            warning, ``False`` (default) always writes the example's size.
         example_inputs: inputs whose shapes the exported graph takes (a tensor, a tuple or a dict, as for
             ``QuantSim``) in place of the sim's own example inputs: another batch size or sequence length.
         tables: write each elementwise op between two per-tensor grids (GELU, SiLU, hard-swish, sigmoid, tanh,

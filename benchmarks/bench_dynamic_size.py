@@ -39,7 +39,7 @@ def _leaves(x) -> list:
 def _symbolic(path) -> str:
     """The declared shape of the first input, symbolic dimensions by name."""
     dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
-    return "x".join(d.dim_param or str(d.dim_value) for d in dims)
+    return "[" + ", ".join(d.dim_param or str(d.dim_value) for d in dims) + "]"
 
 
 def run_one(name: str, folder: str) -> dict:
@@ -52,7 +52,8 @@ def run_one(name: str, folder: str) -> dict:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     t = time.perf_counter()
-    model = torchvision.models.get_model(name, weights=None, **DETECTION.get(name, {})).eval()
+    extra = {"weights_backbone": None, **DETECTION.get(name, {})} if name in DENSE or name in DETECTION else {}
+    model = torchvision.models.get_model(name, weights=None, **extra).eval()  # nothing downloaded
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if name in DETECTION:
@@ -70,7 +71,7 @@ def run_one(name: str, folder: str) -> dict:
             s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             got_fn = lambda x: [torch.from_numpy(o) for o in s.run(None, {s.get_inputs()[0].name: x.numpy()})]  # noqa: E731
             declared = _symbolic(path)
-    kept = [str(w.message).split(";")[0] for w in caught if "height and width" in str(w.message)]
+    kept = [str(w.message).split("; the export keeps")[0] for w in caught if "height and width" in str(w.message)]
     row = {"model": name, "declared": declared, "static": kept}
     if kept and name not in DETECTION:
         return dict(row, identical=None, seconds=time.perf_counter() - t)

@@ -74,6 +74,8 @@ def with_dynamic_size(build: Callable[[object], onnx.ModelProto], example_inputs
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # torch's shape propagation prints the traceback it raises
             b = build(grown(example_inputs))
+    except SizeDependent:  # an op torch.onnx cannot keep size-free (an adaptive pool to a fixed grid), by name
+        raise
     except Exception as e:  # the model itself does not run at another size (a fixed position table, an assertion)
         raise SizeDependent(f"the model does not run on inputs {GROWTH} larger than the example along height and width "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): it takes one input "

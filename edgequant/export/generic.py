@@ -167,8 +167,8 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
         what = node.target if node.op != "call_module" else type(module).__name__
         what = getattr(what, "__name__", what)
         if dynamic_size:  # an adaptive pool to a fixed grid: its kernel follows the input size
-            raise SizeDependent(f"{node.name}: {what} depends on the input's height and width, which torch.onnx cannot "
-                                f"keep symbolic there ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from e
+            raise SizeDependent(f"the exported graph depends on the input's height and width at {node.name!r} ({what}, "
+                                f"which torch.onnx cannot export with symbolic sizes: {' '.join(str(e).split())[:120]})") from e
         msg = (f"{node.name}: {what} has no integer kernel and torch.onnx could not export it in float "
                f"either ({type(e).__name__}: {' '.join(str(e).split())[:200]})")
         later = re.search(r"added in (?:opset )?version (\d+)", str(e))  # torch.onnx names the opset that has it

@@ -117,6 +117,7 @@ class _Builder:
         self.dq_inits: set[str] = set()  # initializers that feed a DequantizeLinear
         self.prunable: set[int] = set()  # ids of nodes dropped when nothing reads them (a final LSTM cell state)
         self.weights: dict[tuple, tuple[str, str]] = {}  # (encoding name, dtype): integers, zero point (shared layers)
+        self.dynamic_size = False  # height and width symbolic: shapes that follow them are read at run time
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -484,7 +485,8 @@ def _sized(build, example_inputs, dynamic_size: Optional[bool]) -> onnx.ModelPro
             raise
         import warnings
 
-        warnings.warn(f"{e.args[0].split(':')[0]}; the export keeps the example's height and width", stacklevel=5)
+        warnings.warn(f"{e.args[0].split(': export with')[0][:240]}; the export keeps the example's height and width",
+                      stacklevel=5)
         return build(example_inputs)
 
 
@@ -618,6 +620,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     gm = sim.model
     modules = dict(gm.named_modules())
     b = _Builder(opset, unsigned_weights)
+    b.dynamic_size = dynamic_size
     val: dict[fx.Node, str] = {}
     # subgraphs on parameters and buffers with layers or quantizers in them, computed by the sim (export/constants.py)
     constants = constant_values(sim, tables, float64)
@@ -633,7 +636,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
 
     folded: dict[fx.Node, object] = {}  # shape arithmetic, folded to Python values
     batch: set[fx.Node] = set()  # the folded values that hold the recorded batch size
-    flat: dict[fx.Node, list] = {}  # linear layers run on 2-D integers whose quantizer reshapes back: N-D shape
+    flat: dict[fx.Node, tuple] = {}  # linear layers run on 2-D integers whose quantizer reshapes back: (N-D shape, input)
 
     def generic(n, m, out):
         # with symbolic sizes, a size read from a tensor's shape (F.interpolate(x, size=y.shape[-2:])) is read at run time
@@ -924,9 +927,20 @@ def _quantized(b: _Builder, n: fx.Node, q: Quantizer, x: str, flat: dict, shape_
     if n.args[0] not in flat:
         return _activation_qdq(b, q, x, len(shape_of(n) or []))
     qv = _activation_qdq(b, q, x, 2)
-    shape = flat.pop(n.args[0])
-    qv.q = _reshape(b, qv.q, shape, b.fresh(f"{qv.name}_nd"), qv.name, [-1, shape[-1]])
+    shape, like = flat.pop(n.args[0])
+    qv.q = _back_to_nd(b, qv.q, like, shape, b.fresh(f"{qv.name}_nd"), qv.name)
     return qv
+
+
+def _back_to_nd(b: _Builder, y: str, like: str, shape, out: str, base: str) -> str:
+    """The 2-D rows ``y`` of a linear layer run on an N-D input reshaped back to its N-D output ``shape``; with
+    symbolic sizes the leading dimensions are read at run time from ``like`` (the layer's N-D input)."""
+    if not b.dynamic_size:
+        return _reshape(b, y, shape, out, base, [-1, shape[-1]])
+    lead = b.node("Shape", [like], base=f"{base}_lead", start=0, end=-1)
+    target = b.node("Concat", [lead, b.const(f"{base}_features", np.array(shape[-1:], dtype=np.int64))],
+                    base=f"{base}_nd_shape", axis=0)
+    return b.node("Reshape", [y, target], out=out, base=base)
 
 
 def _shape_or_selection(b: _Builder, n: fx.Node, val: dict, folded: dict, want: dict, shape_of, batch: set) -> bool:
@@ -1085,9 +1099,9 @@ def _linear_nd(b: _Builder, n: fx.Node, m: nn.Linear, src: "_Quantized", out: st
         x = _Quantized(x2, src.scale, src.zero_point, src.name).dequantized(b)
         y = _weighted(b, n, m, x, out if fused else b.fresh(f"{out}_2d"), modules, 2)
     if fused:
-        flat[act if act is not None else n] = out_shape
+        flat[act if act is not None else n] = (out_shape, src.q)
         return y
-    return _reshape(b, y, out_shape, out, n.target, [-1, out_shape[-1]])
+    return _back_to_nd(b, y, src.q, out_shape, out, n.target)
 
 
 def _matmul_integer(b: _Builder, n: fx.Node, m: nn.Linear, x2: str, src: "_Quantized", q_in: Quantizer, out: str) -> str:

@@ -49,6 +49,20 @@ class Segmenter(nn.Module):
         return F.interpolate(self.cls(p), size=size, mode="bilinear", align_corners=False)
 
 
+class ChannelsLast(nn.Module):
+    """ConvNeXt's block: a depthwise conv, then LayerNorm and linear layers on channels-last pixels (integers reshaped
+    to rows for the integer GEMM and back to the pixel grid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(3, 8, 3, padding=1), nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        return self.fc2(torch.relu(self.fc1(y))).permute(0, 3, 1, 2)
+
+
 class FixedGrid(nn.Module):
     """Pools to a fixed 2x2 grid: the kernel of the exported pool follows the input size."""
 
@@ -84,6 +98,18 @@ def test_one_file_runs_every_size_and_matches_the_exact_sim(tmp_path):
         assert [tuple(g.shape) for g in got] == [tuple(r.shape) for r in ref]
         for g, r in zip(got, ref):
             assert np.array_equal(g, r.numpy())
+
+
+def test_linear_layers_on_pixels_keep_the_grid_symbolic(tmp_path):
+    torch.manual_seed(0)
+    sim = _sim(ChannelsLast(), torch.randn(4, 3, 16, 16))
+    export_onnx(sim, tmp_path / "m.onnx", dynamic_size=True, float64=True)
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for h, w in [(16, 16), (24, 40)]:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad(), sim.integer_exact(float64=True):
+            ref = sim(x).numpy()
+        assert np.array_equal(s.run(None, {"x": x.numpy()})[0], ref)
 
 
 def test_sizes_read_from_shapes_are_read_at_run_time(tmp_path):

@@ -107,7 +107,7 @@ def _container(bits: int, signed: bool, opset: int):
 
 
 class _Builder:
-    def __init__(self, opset: int, unsigned_weights: bool = False):
+    def __init__(self, opset: int, unsigned_weights: bool = False, dynamic_size: bool = False):
         self.opset = opset
         self.unsigned_weights = unsigned_weights
         self.nodes: list[onnx.NodeProto] = []
@@ -117,7 +117,7 @@ class _Builder:
         self.dq_inits: set[str] = set()  # initializers that feed a DequantizeLinear
         self.prunable: set[int] = set()  # ids of nodes dropped when nothing reads them (a final LSTM cell state)
         self.weights: dict[tuple, tuple[str, str]] = {}  # (encoding name, dtype): integers, zero point (shared layers)
-        self.dynamic_size = False  # height and width symbolic: shapes that follow them are read at run time
+        self.dynamic_size = dynamic_size  # height and width symbolic: shapes that follow them are read at run time
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -619,8 +619,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
            float64: bool = False, dynamic_size: bool = False) -> onnx.ModelProto:
     gm = sim.model
     modules = dict(gm.named_modules())
-    b = _Builder(opset, unsigned_weights)
-    b.dynamic_size = dynamic_size
+    b = _Builder(opset, unsigned_weights, dynamic_size)
     val: dict[fx.Node, str] = {}
     # subgraphs on parameters and buffers with layers or quantizers in them, computed by the sim (export/constants.py)
     constants = constant_values(sim, tables, float64)

@@ -118,6 +118,7 @@ class _Builder:
         self.prunable: set[int] = set()  # ids of nodes dropped when nothing reads them (a final LSTM cell state)
         self.weights: dict[tuple, tuple[str, str]] = {}  # (encoding name, dtype): integers, zero point (shared layers)
         self.dynamic_size = dynamic_size  # height and width symbolic: shapes that follow them are read at run time
+        self.values: dict = {}  # fx node -> its ONNX value (a name, a _Quantized, a folded Python value)
 
     def fresh(self, base: str) -> str:
         name, k = base, 1
@@ -620,7 +621,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     gm = sim.model
     modules = dict(gm.named_modules())
     b = _Builder(opset, unsigned_weights, dynamic_size)
-    val: dict[fx.Node, str] = {}
+    val: dict[fx.Node, str] = b.values
     # subgraphs on parameters and buffers with layers or quantizers in them, computed by the sim (export/constants.py)
     constants = constant_values(sim, tables, float64)
     # values that a quantizer reads carry the quantizer's tensor name
@@ -1222,10 +1223,61 @@ def _shape_move(b: _Builder, n: fx.Node, t, a: list, out: str, base: str, shape_
             raise _NoMapping(base)
         return b.node("Tile", [a[0], b.const(f"{base}_repeats", np.array(reps, dtype=np.int64))], out=out, base=base)
     if t in ("view", "reshape", torch.reshape):
+        target = _runtime_target(b, n) if b.dynamic_size else None
+        if target is not None:  # x.view(b, g, c // g, h, w): sizes read from shapes at run time
+            return b.node("Reshape", [a[0], target], out=out, base=base)
         return _reshape(b, a[0], shape_of(n), out, base, shape_of(n.args[0]))
     if t in (torch.roll, "roll"):
         return _roll(b, n, a, out, base, shape_of(n.args[0]))
     return None
+
+
+_SHAPE_ARITHMETIC = {operator.mul: "Mul", operator.floordiv: "Div", operator.add: "Add", operator.sub: "Sub"}
+_END = np.iinfo(np.int64).max
+
+
+def _runtime_target(b: _Builder, n: fx.Node) -> Optional[str]:
+    """The target of reshape ``n`` as ONNX ops on the shapes it reads (``Shape``, ``Slice``, integer arithmetic,
+    ``Concat``), for an export whose sizes are symbolic; None when the target is all constants or holds a value
+    that is neither an int nor shape arithmetic on a graph value (the recorded shape is written then)."""
+    dims = n.kwargs.get("shape", n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (list, tuple)) else n.args[1:])
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if not any(isinstance(d, fx.Node) for d in dims):
+        return None
+    parts = [_shape_value(b, d) for d in dims]
+    if any(p is None for p in parts):
+        return None
+    return b.node("Concat", parts, base=f"{n.name}_target", axis=0)
+
+
+def _shape_value(b: _Builder, v) -> Optional[str]:
+    """A 1-D int64 ONNX value computing ``v``: an int, a tensor's shape (``x.shape``, ``x.size()``, ``x.size(d)``),
+    an element or slice of one, or ``*``, ``//``, ``+``, ``-`` of two such; None for anything else."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return b.const("dim", np.array([v], dtype=np.int64))
+    if not isinstance(v, fx.Node):
+        return None
+    if v.target in _SHAPE_ARITHMETIC:
+        left, right = (_shape_value(b, x) for x in v.args[:2])
+        return None if left is None or right is None else b.node(_SHAPE_ARITHMETIC[v.target], [left, right], base=v.name)
+    if v.target is operator.getitem and isinstance(v.args[0], fx.Node):
+        whole, idx = _shape_value(b, v.args[0]), v.args[1]
+        if whole is None or not (isinstance(idx, int) or isinstance(idx, slice) and idx.step in (None, 1)):
+            return None
+        start, end = (idx, idx + 1 if idx != -1 else _END) if isinstance(idx, int) else (idx.start or 0, idx.stop)
+        if not all(isinstance(x, int) for x in (start, _END if end is None else end)):
+            return None
+        return b.node("Slice", [whole, b.const("start", np.array([start], np.int64)),
+                                b.const("end", np.array([_END if end is None else end], np.int64))], base=v.name)
+    shaped = (v.target is getattr and v.args[1] == "shape") or (v.op == "call_method" and v.target == "size")
+    src = b.values.get(v.args[0]) if shaped else None
+    name = src.q if isinstance(src, _Quantized) else src
+    if not isinstance(name, str):
+        return None
+    if v.target == "size" and len(v.args) > 1 and isinstance(v.args[1], int):
+        d = v.args[1]
+        return b.node("Shape", [name], base=v.name, start=d, **({"end": d + 1} if d != -1 else {}))
+    return b.node("Shape", [name], base=v.name) if len(v.args) == (2 if v.target is getattr else 1) else None
 
 
 def _roll(b: _Builder, n: fx.Node, a: list, out: str, base: str, shape) -> str:

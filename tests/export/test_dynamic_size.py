@@ -63,6 +63,20 @@ class ChannelsLast(nn.Module):
         return self.fc2(torch.relu(self.fc1(y))).permute(0, 3, 1, 2)
 
 
+class Shuffle(nn.Module):
+    """ShuffleNet's channel shuffle: a reshape whose sizes come from ``x.size()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        n, c, h, w = x.size()
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.b(x)
+
+
 class FixedGrid(nn.Module):
     """Pools to a fixed 2x2 grid: the kernel of the exported pool follows the input size."""
 
@@ -108,6 +122,18 @@ def test_linear_layers_on_pixels_keep_the_grid_symbolic(tmp_path):
     for h, w in [(16, 16), (24, 40)]:
         x = torch.randn(2, 3, h, w)
         with torch.no_grad(), sim.integer_exact(float64=True):
+            ref = sim(x).numpy()
+        assert np.array_equal(s.run(None, {"x": x.numpy()})[0], ref)
+
+
+def test_reshapes_sized_by_shapes_compute_their_targets_at_run_time(tmp_path):
+    torch.manual_seed(0)
+    sim = _sim(Shuffle(), torch.randn(4, 3, 16, 16))
+    export_onnx(sim, tmp_path / "m.onnx", dynamic_size=True)
+    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for h, w in [(16, 16), (20, 36)]:
+        x = torch.randn(3, 3, h, w)
+        with torch.no_grad(), sim.integer_exact():
             ref = sim(x).numpy()
         assert np.array_equal(s.run(None, {"x": x.numpy()})[0], ref)
 

@@ -801,6 +801,9 @@ def _move(b: _Builder, n: fx.Node, m, src: "_Quantized", val: dict, want: dict, 
             y = _function(b, n, a, out, shape_of)
     except _NoMapping:
         return False
+    if isinstance(y, list):  # a split: each part on the input's grid
+        val[n] = [_Quantized(v, src.scale, src.zero_point, src.name) for v in y]
+        return True
     val[n] = _Quantized(y, src.scale, src.zero_point, src.name)
     if n in want:
         val[n] = b.node("Identity", [_resolve(b, val[n])], out=want[n])
@@ -1222,6 +1225,8 @@ def _shape_move(b: _Builder, n: fx.Node, t, a: list, out: str, base: str, shape_
         if len(reps) != in_ndim or not all(isinstance(r, int) for r in reps):  # repeat that adds dims, traced reps
             raise _NoMapping(base)
         return b.node("Tile", [a[0], b.const(f"{base}_repeats", np.array(reps, dtype=np.int64))], out=out, base=base)
+    if t in lowering.SPLITS:
+        return _split(b, n, a[0], base)
     if t in ("view", "reshape", torch.reshape):
         target = _runtime_target(b, n) if b.dynamic_size else None
         if target is not None:  # x.view(b, g, c // g, h, w): sizes read from shapes at run time
@@ -1230,6 +1235,18 @@ def _shape_move(b: _Builder, n: fx.Node, t, a: list, out: str, base: str, shape_
     if t in (torch.roll, "roll"):
         return _roll(b, n, a, out, base, shape_of(n.args[0]))
     return None
+
+
+def _split(b: _Builder, n: fx.Node, x: str, base: str) -> list[str]:
+    """``torch.split`` / ``chunk`` as one ONNX ``Split`` into the recorded part sizes."""
+    parts = n.meta.get("tensor_meta")
+    if not isinstance(parts, (tuple, list)) or not all(hasattr(p, "shape") for p in parts):
+        raise _NoMapping(base)
+    dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+    sizes = b.const(f"{base}_sizes", np.array([p.shape[dim] for p in parts], dtype=np.int64))
+    outs = [b.fresh(f"{base}_{i}") for i in range(len(parts))]
+    b.nodes.append(helper.make_node("Split", [x, sizes], outs, name=b.fresh(f"{base}/Split"), axis=int(dim)))
+    return outs
 
 
 _SHAPE_ARITHMETIC = {operator.mul: "Mul", operator.floordiv: "Div", operator.add: "Add", operator.sub: "Sub"}

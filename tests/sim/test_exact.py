@@ -300,3 +300,31 @@ def test_layers_reading_selected_tokens_run_on_the_integers(tmp_path):
         exact = sim(x)
     assert not {"conv", "head"} & set(mode.float_computed)  # their inputs' grids found through the selections
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _SplitHeads(nn.Module):
+    """TinyViT's attention: one projection split into q, k and v (``split`` with sizes), both products on their
+    integers."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(8, 24), nn.Linear(8, 8)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split([8, 8, 8], dim=-1)
+        a = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return self.out(a @ v)
+
+
+def test_products_of_split_projections_run_on_the_integers(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 6, 8) for _ in range(2)]
+    sim = QuantSim(_SplitHeads().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "s.onnx", float64=True)["onnx"]
+    x = torch.randn(32, 6, 8)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact(float64=True) as mode:
+        exact = sim(x)
+    assert not [n for n, kind in mode.float_computed.items() if kind == "matmul"], mode.float_computed
+    assert torch.equal(exact, torch.from_numpy(out))

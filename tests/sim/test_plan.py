@@ -125,5 +125,18 @@ def test_products_placement_quantizes_what_products_read():
     kept = QuantConfig(activation_placement="products", module_names={"add": Override(activation=QuantSpec(bits=16))})
     assert QuantSim(_Tokens(), x, kept).plan["add"].spec.bits == 16  # a named override wins
     assert QuantConfig.from_json(cfg.to_json()).activation_placement == "products"
+    assert "qk" in {n for n, e in QuantSim(_Split(), x, cfg).plan.quantized().items() if e.role == "activation"}
+
+
+class _Split(torch.nn.Module):
+    """A projection split into two halves that a matmul reads (TinyViT's qkv.split)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = torch.nn.Linear(8, 16)
+
+    def forward(self, x):
+        q, k = self.qk(x).split(8, dim=-1)
+        return q @ k.transpose(-1, -2)
     with pytest.raises(ValueError, match="activation_placement"):
         QuantConfig(activation_placement="inputs")

@@ -180,8 +180,8 @@ def _run(model_spec, weights, calib, eval_dir, holdout, recipe, config_file, inp
     extra_html = {"sim": sim, "compressed": compressed}
     if analyze_report:
         extra_html["analysis"], extra_html["histograms"] = sensitivity(sim, batches((eval_x if eval_x is not None else calib_x)[:batch_size], batch_size))
-    _write_outputs(out, sim, config, result, verdict, header, onnx and ("dynamic" if dynamic_size else "fixed"), eval_x,
-                   batch_size, threads, qat, extra_html)
+    _write_outputs(out, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat, extra_html,
+                   dynamic_size)
     header["total_seconds"] = round(time.perf_counter() - t0, 1)
     rows, extra = verdict[:2]
     print_table(rows, extra)
@@ -238,8 +238,8 @@ def _verdict(model, sim, eval_x, eval_fn, batch_size, device, original=None):
     return rows, extra, ref, out
 
 
-def _write_outputs(out: Path, sim, config, result, verdict, header, onnx, eval_x, batch_size, threads, qat=None,
-                   extra_html=None) -> None:
+def _write_outputs(out: Path, sim, config, result, verdict, header, onnx: bool, eval_x, batch_size, threads, qat=None,
+                   extra_html=None, dynamic_size: bool = False) -> None:
     """Everything into a fresh folder beside ``out``, swapped in at the end (a failed run changes nothing)."""
     import torch
 
@@ -261,7 +261,7 @@ def _write_outputs(out: Path, sim, config, result, verdict, header, onnx, eval_x
         atomic_write_text(tmp / "summary.txt", sim.summary() + "\n")
         sim.save(tmp / "sim")
         if onnx:
-            _export_and_check(tmp, sim, rows, header, ref, sim_out, eval_x, batch_size, threads, onnx == "dynamic")
+            _export_and_check(tmp, sim, rows, header, ref, sim_out, eval_x, batch_size, threads, dynamic_size)
         write_report(tmp, rows, header, extra, **(extra_html or {}))
 
     replace_folder(out, write)

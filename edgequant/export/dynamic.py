@@ -67,6 +67,11 @@ def _symbolic(infos, others) -> None:
                 d.dim_param = f"{vi.name}_dim{i}"
 
 
+def has_symbolic_size(model: onnx.ModelProto) -> bool:
+    """Whether an input of ``model`` has a symbolic dimension besides the batch (``N``)."""
+    return any(d.dim_param not in ("", "N") for vi in model.graph.input for d in vi.type.tensor_type.shape.dim)
+
+
 def with_dynamic_size(build: Callable[[object], onnx.ModelProto], example_inputs) -> onnx.ModelProto:
     """The model ``build(example_inputs)``, its input and output dimensions that follow the input size made symbolic;
     raises :class:`SizeDependent` when the graph itself depends on the size (see the module's docstring)."""
@@ -87,7 +92,7 @@ def with_dynamic_size(build: Callable[[object], onnx.ModelProto], example_inputs
                             "input size (example_inputs= sets it)")
     _symbolic(a.graph.input, b.graph.input)
     _symbolic(a.graph.output, b.graph.output)
-    if not any(d.dim_param and d.dim_param != "N" for vi in a.graph.input for d in vi.type.tensor_type.shape.dim):
+    if not has_symbolic_size(a):
         raise SizeDependent("no input of the model has a height or width to make symbolic (dynamic_size applies to "
                             "floating-point inputs of 3 to 5 dimensions)")
     return a

@@ -44,11 +44,11 @@ class _OneOp(nn.Module):
     def __init__(self, node: fx.Node, module: Optional[nn.Module], consts: dict, replayed: Optional[dict] = None):
         super().__init__()
         self.node, self.inner, self.consts, self.replayed = node, module, consts, replayed or {}
+        self.own = len(tensor_nodes(node, consts))  # the node's own tensors come first, then the shape sources
 
     def forward(self, *tensors):
         it = iter(tensors)
-        own = len(tensor_nodes(self.node, self.consts))
-        env = dict(zip(dict.fromkeys(self.replayed.values()), tensors[own:]))
+        env = dict(zip(shape_sources(self.replayed), tensors[self.own:]))
 
         def fill(v):
             if not isinstance(v, fx.Node):
@@ -111,6 +111,12 @@ def shape_reads(node: fx.Node, consts: dict) -> dict[fx.Node, fx.Node]:
     return found
 
 
+def shape_sources(replayed: dict) -> list[fx.Node]:
+    """The tensors whose shapes the ``replayed`` arguments (:func:`shape_reads`) read, once each, in order: the extra
+    inputs of a generically exported op after its own."""
+    return list(dict.fromkeys(replayed.values()))
+
+
 def _example(n: fx.Node) -> torch.Tensor:
     meta = recorded_meta(n)
     if meta is None or not hasattr(meta, "shape"):
@@ -141,7 +147,7 @@ def export_one(b, node: fx.Node, module: Optional[nn.Module], inputs: list[str],
     ``dynamic_size`` the dimensions after the channels of inputs and outputs of 3 to 5 dimensions are symbolic.
     Raises ExportError naming the op when torch's exporter cannot export it either."""
     replayed = replayed or {}
-    tnodes = tensor_nodes(node, consts) + list(dict.fromkeys(replayed.values()))
+    tnodes = tensor_nodes(node, consts) + shape_sources(replayed)
     if len(tnodes) != len(inputs):
         raise ExportError(f"{node.name}: {len(inputs)} ONNX inputs for {len(tnodes)} tensor arguments")
     examples = tuple(_example(t) for t in tnodes)

@@ -49,7 +49,7 @@ from ..nn.rnn import QuantizedRecurrentMixin
 from ..nn.scale import ChannelScale
 from . import generic as generic_export
 from .constants import constant_values, evaluate, folded_quantizers
-from .dynamic import SizeDependent, with_dynamic_size
+from .dynamic import SizeDependent, has_symbolic_size, with_dynamic_size
 
 #: methods that are no-ops in an exported graph (besides the identity ops)
 _NOOP_METHODS = {"to", "cpu", "cuda", "type_as", "contiguous", "float"}
@@ -459,8 +459,8 @@ def export_onnx(sim, path, *, opset: Optional[int] = None, weight_dtype: str = "
     text = json.dumps(to_edgequant(acts, params), indent=1)
     # the ONNX file and its encodings are replaced together or not at all
     write_files_together({path: lambda tmp: onnx.save(model, tmp), encodings_path: lambda tmp: Path(tmp).write_text(text)})
-    sized = any(d.dim_param not in ("", "N") for vi in model.graph.input for d in vi.type.tensor_type.shape.dim)
-    return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype, "dynamic_size": sized}
+    return {"onnx": path, "encodings": encodings_path, "opset": opset, "weight_dtype": weight_dtype,
+            "dynamic_size": has_symbolic_size(model)}
 
 
 def _builder(sim, example_inputs, unsigned_weights: bool, tables: bool, float64: bool, dynamic_size: Optional[bool]):
@@ -479,16 +479,9 @@ def _builder(sim, example_inputs, unsigned_weights: bool, tables: bool, float64:
 def _sized(build, example_inputs, dynamic_size: Optional[bool]) -> onnx.ModelProto:
     """``build(example_inputs, sized)`` with symbolic height and width (:func:`edgequant.export.dynamic.with_dynamic_size`);
     with ``dynamic_size=None``, where the graph allows, else at the example's size with a warning."""
-    try:
-        return with_dynamic_size(lambda example: build(example, True), example_inputs)
-    except SizeDependent as e:
-        if dynamic_size:
-            raise
-        import warnings
-
-        warnings.warn(f"{e.args[0].split(': export with')[0][:240]}; the export keeps the example's height and width",
-                      stacklevel=5)
-        return build(example_inputs)
+    return _or_static(lambda: with_dynamic_size(lambda example: build(example, True), example_inputs),
+                      lambda: build(example_inputs), dynamic_size, SizeDependent,
+                      "the export keeps the example's height and width")
 
 
 def _formats(qs: dict, opset: Optional[int], weight_dtype: str) -> tuple[int, str]:
@@ -547,16 +540,25 @@ def _build_at_opset(build, opset: int, auto_opset: bool, dynamic_batch: Optional
 def _with_batch(build, dynamic_batch: Optional[bool]) -> onnx.ModelProto:
     """``build(dynamic)``, falling back to the recorded batch size (with a warning) when ``dynamic_batch`` is None and
     the graph builds tensors from its batch size."""
+    if dynamic_batch is False:
+        return build(False)
+    return _or_static(lambda: build(True), lambda: build(False), dynamic_batch, _BakedBatch,
+                      "the export keeps the batch size of the example inputs. Export once per batch size "
+                      "(example_inputs=) or pass dynamic_batch=False to silence this")
+
+
+def _or_static(symbolic, static, strict: Optional[bool], error: type, note: str) -> onnx.ModelProto:
+    """``symbolic()``; where it raises ``error``, ``static()`` with a warning (the error's first clause, then ``note``),
+    or the error itself when ``strict`` (the option was ``True``, not ``None``)."""
     try:
-        return build(dynamic_batch is not False)
-    except _BakedBatch as e:
-        if dynamic_batch:
+        return symbolic()
+    except error as e:
+        if strict:
             raise
         import warnings
 
-        warnings.warn(f"{e.args[0].split(':')[0]}; the export keeps the batch size of the example inputs. Export once "
-                      "per batch size (example_inputs=) or pass dynamic_batch=False to silence this", stacklevel=4)
-        return build(False)
+        warnings.warn(f"{e.args[0].split(': export with')[0][:240]}; {note}", stacklevel=5)
+        return static()
 
 
 def _build_on(sim, example_inputs, opset: int, dynamic_batch: bool, unsigned_weights: bool,
@@ -641,7 +643,7 @@ def _build(sim, opset: int, dynamic_batch: bool, unsigned_weights: bool, tables:
     def generic(n, m, out):
         # with symbolic sizes, a size read from a tensor's shape (F.interpolate(x, size=y.shape[-2:])) is read at run time
         replayed = generic_export.shape_reads(n, folded) if dynamic_size else {}
-        ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded) + list(dict.fromkeys(replayed.values()))]
+        ins = [_resolve(b, val[x]) for x in generic_export.tensor_nodes(n, folded) + generic_export.shape_sources(replayed)]
         with Float64Norms() if float64 else contextlib.nullcontext():  # traced in float64, as integer_exact computes
             return generic_export.export_one(b, n, m, ins, out, dynamic_batch, folded, replayed, dynamic_size)
 
@@ -1225,7 +1227,7 @@ def _shape_move(b: _Builder, n: fx.Node, t, a: list, out: str, base: str, shape_
         if len(reps) != in_ndim or not all(isinstance(r, int) for r in reps):  # repeat that adds dims, traced reps
             raise _NoMapping(base)
         return b.node("Tile", [a[0], b.const(f"{base}_repeats", np.array(reps, dtype=np.int64))], out=out, base=base)
-    if t in lowering.SPLITS:
+    if t in ops.SPLITS:
         return _split(b, n, a[0], base)
     if t in ("view", "reshape", torch.reshape):
         target = _runtime_target(b, n) if b.dynamic_size else None
@@ -1278,14 +1280,15 @@ def _shape_value(b: _Builder, v) -> Optional[str]:
         left, right = (_shape_value(b, x) for x in v.args[:2])
         return None if left is None or right is None else b.node(_SHAPE_ARITHMETIC[v.target], [left, right], base=v.name)
     if v.target is operator.getitem and isinstance(v.args[0], fx.Node):
-        whole, idx = _shape_value(b, v.args[0]), v.args[1]
-        if whole is None or not (isinstance(idx, int) or isinstance(idx, slice) and idx.step in (None, 1)):
+        idx = v.args[1]
+        if isinstance(idx, int):  # one element, kept as a 1-element vector
+            idx = slice(idx, idx + 1 if idx != -1 else None)
+        whole = _shape_value(b, v.args[0])
+        if (whole is None or not isinstance(idx, slice) or idx.step not in (None, 1)
+                or not all(x is None or isinstance(x, int) for x in (idx.start, idx.stop))):
             return None
-        start, end = (idx, idx + 1 if idx != -1 else _END) if isinstance(idx, int) else (idx.start or 0, idx.stop)
-        if not all(isinstance(x, int) for x in (start, _END if end is None else end)):
-            return None
-        return b.node("Slice", [whole, b.const("start", np.array([start], np.int64)),
-                                b.const("end", np.array([_END if end is None else end], np.int64))], base=v.name)
+        bounds = [np.array([x], np.int64) for x in (idx.start or 0, _END if idx.stop is None else idx.stop)]
+        return b.node("Slice", [whole, b.const("start", bounds[0]), b.const("end", bounds[1])], base=v.name)
     shaped = (v.target is getattr and v.args[1] == "shape") or (v.op == "call_method" and v.target == "size")
     src = b.values.get(v.args[0]) if shaped else None
     name = src.q if isinstance(src, _Quantized) else src

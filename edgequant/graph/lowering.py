@@ -166,16 +166,12 @@ def empty_pad(n: fx.Node) -> bool:
     return hasattr(before, "shape") and hasattr(after, "shape") and tuple(before.shape) == tuple(after.shape)
 
 
-#: ops that cut a tensor into parts along one dimension (each part a selection of its integers)
-SPLITS = (torch.split, torch.chunk, "split", "chunk")
-
-
 def moves_integers(n: fx.Node, modules) -> bool:
     """Whether the export runs node ``n`` on stored integers: reshape-like ops, zero pads, rolls, splits and plain
     selections (``x[:, -1]``), which move values and never compute them (max-pools excepted: ORT fuses them otherwise)."""
     if n.target is operator.getitem:
         return len(n.args) == 2 and plain_index(n.args[1])
-    if n.target in SPLITS:  # parts along one dimension (TinyViT's qkv.split([d, d, e], dim=3)): ONNX Split
+    if n.target in ops.SPLITS:  # parts along one dimension (TinyViT's qkv.split([d, d, e], dim=3)): ONNX Split
         found: list = []
         fx.node.map_arg((n.args[1:], n.kwargs), found.append)
         return n.op in ("call_function", "call_method") and not found and all(

@@ -177,9 +177,6 @@ _PRODUCTS = (operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum, "
              F.linear, F.conv1d, F.conv2d, F.conv3d)
 
 
-_PARTS = (torch.split, torch.chunk, torch.unbind, "split", "chunk", "unbind")  # parts of a value, on its grid
-
-
 def read_by_product(node: fx.Node, modules: dict) -> bool:
     """Whether a product reads ``node``'s output -- a conv or linear layer, a matmul -- directly or through ops that
     move its values unchanged (reshape, permute, a selection, a split into q, k and v, ...)."""
@@ -191,7 +188,8 @@ def read_by_product(node: fx.Node, modules: dict) -> bool:
         seen.add(u)
         if is_linear_like(u, modules) or (u.op in ("call_function", "call_method") and u.target in _PRODUCTS):
             return True
-        if ops.keeps_grid(u, modules) or u.target in _PARTS or (u.target is operator.getitem and ops.kind(u, modules) == "pass"):
+        moves = ops.keeps_grid(u, modules) or u.target in ops.PARTS
+        if moves or (u.target is operator.getitem and ops.kind(u, modules) == "pass"):
             stack.extend(u.users)
     return False
 

@@ -114,28 +114,25 @@ def test_one_file_runs_every_size_and_matches_the_exact_sim(tmp_path):
             assert np.array_equal(g, r.numpy())
 
 
-def test_linear_layers_on_pixels_keep_the_grid_symbolic(tmp_path):
+def _exact_at_sizes(model_class, path, sizes, batch, **options):
+    """Export a sim of ``model_class()`` with symbolic sizes; ONNX Runtime must match ``integer_exact`` at each size."""
     torch.manual_seed(0)
-    sim = _sim(ChannelsLast(), torch.randn(4, 3, 16, 16))
-    export_onnx(sim, tmp_path / "m.onnx", dynamic_size=True, float64=True)
-    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    for h, w in [(16, 16), (24, 40)]:
-        x = torch.randn(2, 3, h, w)
-        with torch.no_grad(), sim.integer_exact(float64=True):
+    sim = _sim(model_class(), torch.randn(4, 3, 16, 16))
+    export_onnx(sim, path, dynamic_size=True, **options)
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for h, w in sizes:
+        x = torch.randn(batch, 3, h, w)
+        with torch.no_grad(), sim.integer_exact(**options):
             ref = sim(x).numpy()
         assert np.array_equal(s.run(None, {"x": x.numpy()})[0], ref)
+
+
+def test_linear_layers_on_pixels_keep_the_grid_symbolic(tmp_path):
+    _exact_at_sizes(ChannelsLast, tmp_path / "m.onnx", [(16, 16), (24, 40)], 2, float64=True)
 
 
 def test_reshapes_sized_by_shapes_compute_their_targets_at_run_time(tmp_path):
-    torch.manual_seed(0)
-    sim = _sim(Shuffle(), torch.randn(4, 3, 16, 16))
-    export_onnx(sim, tmp_path / "m.onnx", dynamic_size=True)
-    s = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    for h, w in [(16, 16), (20, 36)]:
-        x = torch.randn(3, 3, h, w)
-        with torch.no_grad(), sim.integer_exact():
-            ref = sim(x).numpy()
-        assert np.array_equal(s.run(None, {"x": x.numpy()})[0], ref)
+    _exact_at_sizes(Shuffle, tmp_path / "m.onnx", [(16, 16), (20, 36)], 3)
 
 
 def test_sizes_read_from_shapes_are_read_at_run_time(tmp_path):

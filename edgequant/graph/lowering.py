@@ -27,13 +27,18 @@ def source_quantizer(n, modules, through=ops.keeps_grid):
     """The activation quantizer whose grid the value of node ``n`` is on, looking back through the ops
     ``through`` accepts (grid-keeping ops by default; ``ops.is_identity`` for the same shape), or None.
     A selection from a quantized recurrent layer's outputs is on that layer's hidden-state grid; a plain selection
-    from a tensor (``x[:, 0]``, ``x[:, n:]``: PiT's class token and patch tokens) keeps its grid."""
+    from a tensor (``x[:, 0]``, ``x[:, n:]``: PiT's class token and patch tokens) keeps its grid, and so does each part
+    of a split the export runs on the integers (:func:`moves_integers`)."""
     while isinstance(n, fx.Node):
         m = patterns.module_of(n, modules)
         if isinstance(m, Quantizer):
             return m
         if n.target is operator.getitem:
             found = recurrent_source(n, modules)
+            src = n.args[0]
+            if found is None and isinstance(src, fx.Node) and src.target in ops.SPLITS and moves_integers(src, modules):
+                n = src.args[0]  # a part of a split (MixNet's channel groups, each read by its own conv)
+                continue
             if found is not None or not (len(n.args) == 2 and plain_index(n.args[1])
                                          and hasattr(patterns.recorded_meta(n.args[0]), "shape")):
                 return found

@@ -328,3 +328,31 @@ def test_products_of_split_projections_run_on_the_integers(tmp_path):
         exact = sim(x)
     assert not [n for n, kind in mode.float_computed.items() if kind == "matmul"], mode.float_computed
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _MixedConv(nn.Module):
+    """MixNet's mixed depthwise/pointwise conv: the channels split into groups, each read by its own conv, then
+    concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.a, self.b = nn.Conv2d(4, 16, 1, bias=False), nn.Conv2d(8, 16, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        parts = torch.split(self.stem(x), [4, 8], 1)
+        return torch.cat([self.a(parts[0]), self.b(parts[1])], 1)
+
+
+def test_convs_reading_split_parts_requantize_as_the_export(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    sim = QuantSim(_MixedConv().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    x = torch.randn(64, 3, 12, 12)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact() as mode:
+        exact = sim(x)
+    assert not {"a", "b"} & set(mode.float_computed)  # their input's grid found through the split
+    assert torch.equal(exact, torch.from_numpy(out))

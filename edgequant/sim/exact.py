@@ -195,9 +195,9 @@ class IntegerExactMode:
             if _per_tensor(qa) and _per_tensor(qb) and max(qa.spec.bits, qb.spec.bits) <= 8:
                 return lambda qq, x: self._matmul(qq, (qa, ca), (qb, cb), x)
         if patterns.is_global_pool(base, self.modules) and act is None:
-            qx = _identity_source(base.args[0], self.modules)
+            qx, moves = _moved_source(base.args[0], self.modules)  # through selections: BEiT's x[:, 1:].mean(1)
             if _per_tensor(qx):
-                return lambda qq, x: self._mean(qq, qx, base, x)
+                return lambda qq, x: self._mean(qq, (qx, moves), base, x)
         exact_float = self.float64 is not None and lowering.float64_op(base, self.modules)  # float64, rounded once
         if _computes_in_float(base, self.modules) and not exact_float and n not in self.constant:
             self.float_computed[q.tensor_name] = _op_name(base, self.modules)
@@ -267,14 +267,15 @@ class IntegerExactMode:
         y = rq.requantize(acc, s_a, torch.tensor([s_b], dtype=torch.float64), s_y, z_y, q.qmin, q.qmax, self.mode)
         return self._out(q, y.reshape(x.shape))
 
-    def _mean(self, q: Quantizer, qx: Quantizer, node, x) -> torch.Tensor:
-        v = self.tape[id(qx)]
-        dims, keep = patterns.pool_dims(node, self.modules, v.ndim)
+    def _mean(self, q: Quantizer, source, node, x) -> torch.Tensor:
+        qx, moves = source
         s_x, z_x = qx.scalar_grid()
+        v = _replay(self.tape[id(qx)] - z_x, moves)
+        dims, keep = patterns.pool_dims(node, self.modules, v.ndim)
         count = 1
         for d in dims:
             count *= v.shape[d]
-        acc = (v - z_x).sum(dim=dims, keepdim=keep)
+        acc = v.sum(dim=dims, keepdim=keep)
         s_y, z_y = q.scalar_grid()
         return self._out(q, rq.mean(acc, count, s_x, s_y, z_y, q.qmin, q.qmax, self.mode).reshape(x.shape))
 

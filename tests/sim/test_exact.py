@@ -356,3 +356,28 @@ def test_convs_reading_split_parts_requantize_as_the_export(tmp_path):
         exact = sim(x)
     assert not {"a", "b"} & set(mode.float_computed)  # their input's grid found through the split
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _PatchMean(nn.Module):
+    """BEiT's head: the mean of the patch tokens, the class token left out (``x[:, 1:].mean(dim=1)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.fc(x)[:, 1:].mean(dim=1))
+
+
+def test_a_mean_of_selected_tokens_averages_the_selection(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(8, 50, 16) for _ in range(2)]
+    sim = QuantSim(_PatchMean().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    x = torch.randn(32, 50, 16)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact():
+        exact = sim(x)
+    # the integer mean summed every token, the class token too, once its input grid was found through the selection
+    assert torch.equal(exact, torch.from_numpy(out))

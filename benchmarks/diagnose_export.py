@@ -8,7 +8,7 @@ the full model), and a binary search over the quantizers in the order the sim ru
 first that differs (a difference propagates). It prints that quantizer, the ONNX nodes that compute it
 and how many of its elements differ; ``--all`` compares every quantizer instead (slow on big models).
 
-    python benchmarks/diagnose_export.py --model regnet_y_8gf [--source torchvision|timm] [--size 224] [--all]
+    python benchmarks/diagnose_export.py --model regnet_y_8gf [--source torchvision|timm] [--size 224] [--all] [--options]
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--all", action="store_true")
     ap.add_argument("--at", default=None, help="compare this one quantizer only")
+    ap.add_argument("--options", action="store_true", help="export and compare with tables=True, float64=True")
     args = ap.parse_args()
     import onnx
     import onnxruntime as ort
@@ -88,13 +89,14 @@ def main():
         return fn
 
     hooks = [q.register_forward_hook(hook(n, q)) for n, q in acts.items()]
-    with torch.no_grad(), sim.integer_exact():
+    options = {"tables": True, "float64": True} if args.options else {}
+    with torch.no_grad(), sim.integer_exact(**options):
         sim(x)
     for h in hooks:
         h.remove()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.onnx"
-        export_onnx(sim, path)
+        export_onnx(sim, path, **options)
         onnx_model = onnx.load(str(path))
         q_out = _quantize_outputs(onnx_model)
         order = [n for n in order if n in q_out]

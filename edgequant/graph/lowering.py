@@ -28,7 +28,7 @@ def source_quantizer(n, modules, through=ops.keeps_grid):
     ``through`` accepts (grid-keeping ops by default; ``ops.is_identity`` for the same shape), or None.
     A selection from a quantized recurrent layer's outputs is on that layer's hidden-state grid; a plain selection
     from a tensor (``x[:, 0]``, ``x[:, n:]``: PiT's class token and patch tokens) keeps its grid, and so does each part
-    of a split the export runs on the integers (:func:`moves_integers`)."""
+    of a split the export runs on the integers (:func:`stored_integers`)."""
     while isinstance(n, fx.Node):
         m = patterns.module_of(n, modules)
         if isinstance(m, Quantizer):
@@ -36,7 +36,7 @@ def source_quantizer(n, modules, through=ops.keeps_grid):
         if n.target is operator.getitem:
             found = recurrent_source(n, modules)
             src = n.args[0]
-            if found is None and isinstance(src, fx.Node) and src.target in ops.SPLITS and moves_integers(src, modules):
+            if found is None and isinstance(src, fx.Node) and src.target in ops.SPLITS and stored_integers(src, modules):
                 n = src.args[0]  # a part of a split (MixNet's channel groups, each read by its own conv)
                 continue
             if found is not None or not (len(n.args) == 2 and plain_index(n.args[1])
@@ -48,6 +48,19 @@ def source_quantizer(n, modules, through=ops.keeps_grid):
             return None
         n = n.args[0]
     return None
+
+
+def stored_integers(n, modules) -> bool:
+    """Whether the export computes node ``n`` on stored integers: ``n`` and every op back to a quantizer are identity
+    ops or moves (:func:`moves_integers`). A max-pool keeps its input's grid but is exported on the dequantized values
+    (SKNet's ``maxpool -> split -> conv``: ORT then runs the conv in float)."""
+    while isinstance(n, fx.Node):
+        if isinstance(patterns.module_of(n, modules), Quantizer):
+            return True
+        if not (ops.is_identity(n, modules) or moves_integers(n, modules)):
+            return False
+        n = n.args[0]
+    return False
 
 
 def recurrent_source(n, modules) -> Optional[Quantizer]:

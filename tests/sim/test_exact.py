@@ -332,15 +332,16 @@ def test_products_of_split_projections_run_on_the_integers(tmp_path):
 
 class _MixedConv(nn.Module):
     """MixNet's mixed depthwise/pointwise conv: the channels split into groups, each read by its own conv, then
-    concatenated."""
+    concatenated (SKNet's paths split a max-pool's output instead)."""
 
-    def __init__(self):
+    def __init__(self, pool=False):
         super().__init__()
         self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.pool = nn.MaxPool2d(3, 1, 1) if pool else nn.Identity()
         self.a, self.b = nn.Conv2d(4, 16, 1, bias=False), nn.Conv2d(8, 16, 3, padding=1, bias=False)
 
     def forward(self, x):
-        parts = torch.split(self.stem(x), [4, 8], 1)
+        parts = torch.split(self.pool(self.stem(x)), [4, 8], 1)
         return torch.cat([self.a(parts[0]), self.b(parts[1])], 1)
 
 
@@ -381,3 +382,16 @@ def test_a_mean_of_selected_tokens_averages_the_selection(tmp_path):
         exact = sim(x)
     # the integer mean summed every token, the class token too, once its input grid was found through the selection
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+def test_split_parts_of_a_max_pool_are_not_on_stored_integers():
+    """The export runs a max-pool on the dequantized values, so a split of its output is a float split and ORT runs the
+    convs reading its parts in float: the exact mode must not requantize them as integer kernels."""
+    from edgequant.graph import lowering
+
+    x = torch.randn(2, 3, 12, 12)
+    for pool, integer in ((False, True), (True, False)):
+        sim = QuantSim(_MixedConv(pool).eval(), x, "w8a8")
+        modules = dict(sim.model.named_modules())
+        convs = [n for n in sim.model.graph.nodes if n.op == "call_module" and n.target in ("a", "b")]
+        assert [lowering.source_quantizer(c.args[0], modules) is not None for c in convs] == [integer] * 2

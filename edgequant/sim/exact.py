@@ -55,11 +55,6 @@ from ..nn.rnn import QuantizedRecurrentMixin
 from .quantsim import QuantSimWarning
 
 
-def _identity_source(n, modules):
-    """The quantizer behind ``n`` when only identity ops lie between them (same shape), else None."""
-    return lowering.source_quantizer(n, modules, through=ops.is_identity)
-
-
 def _per_tensor(q) -> bool:
     return isinstance(q, Quantizer) and isinstance(q.spec.granularity, PerTensor) and q.is_initialized
 
@@ -181,7 +176,11 @@ class IntegerExactMode:
         found = lowering.lookup_table(n, self.modules, q.scale.device) if self.tables else None
         if found is not None and _per_tensor(found[2]):
             t, src, q_in = found
-            return lambda qq, x: self._out(qq, lut.lookup(t, self.tape[id(q_in)], src).reshape(x.shape))
+            moved, moves = _moved_source(base.args[0], self.modules)  # the codes of a part (MambaOut's split gate)
+            if moved is q_in:
+                z = q_in.scalar_grid()[1]
+                return lambda qq, x: self._out(qq, lut.lookup(t, _replay(self.tape[id(q_in)] - z, moves) + z, src)
+                                               .reshape(x.shape))
         # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and fewer,
         # as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
         op = rq.add if patterns.is_add(base) and len(base.args) >= 2 else \

@@ -395,3 +395,30 @@ def test_split_parts_of_a_max_pool_are_not_on_stored_integers():
         modules = dict(sim.model.named_modules())
         convs = [n for n in sim.model.graph.nodes if n.op == "call_module" and n.target in ("a", "b")]
         assert [lowering.source_quantizer(c.args[0], modules) is not None for c in convs] == [integer] * 2
+
+
+class _GatedSplit(nn.Module):
+    """MambaOut's gated block: one projection split into a gate, which goes through GELU, and a value."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 24), nn.Linear(16, 8)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        g, v = torch.split(self.fc1(x), [8, 16], dim=-1)
+        return self.fc2(torch.cat([self.act(g), v[..., :8]], -1))
+
+
+def test_a_table_reads_the_codes_of_its_part_of_a_split(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 6, 8) for _ in range(2)]
+    sim = QuantSim(_GatedSplit().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "g.onnx", tables=True)["onnx"]
+    x = torch.randn(16, 6, 8)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact(tables=True) as mode:
+        exact = sim(x)  # looked the whole projection up in the GELU's table (a shape error)
+    assert "act" not in mode.float_computed
+    assert torch.equal(exact, torch.from_numpy(out))

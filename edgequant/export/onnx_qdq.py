@@ -1185,7 +1185,7 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
         return b.node("ReduceMean", [a[0], b.const(f"{base}_axes", np.array(dims, dtype=np.int64))], out=out, base=base,
                       keepdims=int(keep))
     if t is operator.getitem and lowering.plain_index(n.args[1]):
-        return _getitem(b, a[1], a[0], out, base)
+        return _getitem(b, a[1], a[0], out, base, len(shape_of(n.args[0]) or []))
     raise _NoMapping(base)
 
 
@@ -1321,10 +1321,17 @@ def _roll(b: _Builder, n: fx.Node, a: list, out: str, base: str, shape) -> str:
     return x
 
 
-def _getitem(b: _Builder, idx, x: str, out: str, base: str) -> str:
-    """``x[idx]`` for a :func:`_plain_index`: Gather for each int (the axis goes), Slice for each slice."""
+def _getitem(b: _Builder, idx, x: str, out: str, base: str, ndim: int) -> str:
+    """``x[idx]`` for a :func:`~edgequant.graph.lowering.plain_index` on an ``ndim``-D ``x``: Gather for each int (the
+    axis goes), Slice for each slice; an ``...`` stands for the full slices it covers."""
+    parts = list(idx) if isinstance(idx, tuple) else [idx]
+    if Ellipsis in parts:
+        if not ndim:
+            raise _NoMapping(base)
+        at = parts.index(Ellipsis)
+        parts[at:at + 1] = [slice(None)] * (ndim - len(parts) + 1)
     steps, axis = [], 0
-    for i in (idx if isinstance(idx, tuple) else (idx,)):
+    for i in parts:
         if isinstance(i, int):
             steps.append(("Gather", axis, i))
         else:

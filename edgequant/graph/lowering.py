@@ -160,8 +160,9 @@ def _int_like(v) -> bool:
 
 def plain_index(idx) -> bool:
     """An index of ints and slices of ints (``x[-1]``, ``x[:, -1]``, ``x[1:3]``, ``x[:, n:]`` with ``n`` read from a
-    shape): selection, no tensors."""
+    shape, ``x[..., :h, :w]``): selection, no tensors."""
     parts = idx if isinstance(idx, tuple) else (idx,)
+    parts = [i for i in parts if i is not Ellipsis] if list(parts).count(Ellipsis) == 1 else parts
     return bool(parts) and all(_int_like(i) or isinstance(i, slice)
                                and all(v is None or _int_like(v) for v in (i.start, i.stop, i.step))
                                and (i.step is None or isinstance(i.step, int) and i.step > 0) for i in parts)

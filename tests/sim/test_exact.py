@@ -3,6 +3,7 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -421,4 +422,30 @@ def test_a_table_reads_the_codes_of_its_part_of_a_split(tmp_path):
     with torch.no_grad(), sim.integer_exact(tables=True) as mode:
         exact = sim(x)  # looked the whole projection up in the GELU's table (a shape error)
     assert "act" not in mode.float_computed
+    assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _Cropped(nn.Module):
+    """LowFormer's crop after its upsampling, ``o[..., :h, :w]``, added to another branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        return self.a(x)[..., :10, :10] + self.b(x)[..., 2:, 2:]
+
+
+def test_crops_with_an_ellipsis_move_the_integers(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(8, 4, 12, 12) for _ in range(2)]
+    sim = QuantSim(_Cropped().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "c.onnx")["onnx"]
+    assert [n.op_type for n in onnx.load(path).graph.node].count("Slice") == 4  # on the stored integers
+    x = torch.randn(64, 4, 12, 12)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact() as mode:
+        exact = sim(x)
+    assert "add" not in mode.float_computed  # ORT fuses QLinearAdd: the exact mode adds the integers as it does
     assert torch.equal(exact, torch.from_numpy(out))

@@ -40,6 +40,7 @@ import warnings
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..core import lut
@@ -70,6 +71,10 @@ def _moved_source(n, modules):
         if ops.is_identity(n, modules) or lowering.empty_pad(n):
             n = n.args[0]
             continue
+        if _max_pool(n, modules):  # exported in float, but ORT moves the DequantizeLinear past it (QDQ propagation)
+            moves.append(n)
+            n = n.args[0]
+            continue
         found: list = []
         fx.node.map_arg((n.args[1:], n.kwargs), found.append)
         if n.op not in ("call_method", "call_function") or not lowering.moves_integers(n, modules) or (
@@ -80,12 +85,29 @@ def _moved_source(n, modules):
     return None, []
 
 
-def _replay(t: torch.Tensor, moves: list) -> torch.Tensor:
+_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
+
+
+def _max_pool(n, modules) -> bool:
+    """A max-pool the export writes as ONNX ``MaxPool`` (no indices returned)."""
+    m = patterns.module_of(n, modules)
+    if isinstance(m, _MAX_POOL_MODULES):
+        return not m.return_indices
+    return n.op == "call_function" and n.target in _MAX_POOL_FUNCTIONS and not n.kwargs.get("return_indices", False)
+
+
+def _replay(t: torch.Tensor, moves: list, modules=None) -> torch.Tensor:
     """Apply the recorded moves (:func:`_moved_source`) to integer tensor ``t``, centred on its zero point (a zero pad
-    then adds the real value 0)."""
+    then adds the real value 0; a max-pool pads with -inf and takes maxima of integers, exact in float64)."""
     for n in moves:
         shape = _reshaped_to(n)
-        if shape is not None:
+        m = patterns.module_of(n, modules) if n.op == "call_module" and modules is not None else None
+        if m is not None:
+            t = m(t.double()).round().long()
+        elif n.op == "call_function" and n.target in _MAX_POOL_FUNCTIONS:
+            t = n.target(t.double(), *n.args[1:], **n.kwargs).round().long()
+        elif shape is not None:
             t = t.reshape(shape)
         else:
             t = getattr(t, n.target)(*n.args[1:], **n.kwargs) if n.op == "call_method" else \
@@ -179,8 +201,8 @@ class IntegerExactMode:
             moved, moves = _moved_source(base.args[0], self.modules)  # the codes of a part (MambaOut's split gate)
             if moved is q_in:
                 z = q_in.scalar_grid()[1]
-                return lambda qq, x: self._out(qq, lut.lookup(t, _replay(self.tape[id(q_in)] - z, moves) + z, src)
-                                               .reshape(x.shape))
+                return lambda qq, x: self._out(qq, lut.lookup(
+                    t, _replay(self.tape[id(q_in)] - z, moves, self.modules) + z, src).reshape(x.shape))
         # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and fewer,
         # as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
         op = rq.add if patterns.is_add(base) and len(base.args) >= 2 else \
@@ -250,7 +272,8 @@ class IntegerExactMode:
         ``b``, moved as the graph moves them on the way."""
         (qa, ca), (qb, cb) = a, b
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
-        a, b = _replay(self.tape[id(qa)] - z_a, ca) + z_a, _replay(self.tape[id(qb)] - z_b, cb) + z_b
+        a = _replay(self.tape[id(qa)] - z_a, ca, self.modules) + z_a
+        b = _replay(self.tape[id(qb)] - z_b, cb, self.modules) + z_b
         ch = x.shape[1] if x.ndim > 1 else 1
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
@@ -260,7 +283,8 @@ class IntegerExactMode:
         """ONNX Runtime's ``QLinearMatMul``: the exact int32 product of the centred integers, requantized."""
         (qa, ca), (qb, cb) = a, b
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
-        ia, ib = _replay(self.tape[id(qa)] - z_a, ca), _replay(self.tape[id(qb)] - z_b, cb)
+        ia = _replay(self.tape[id(qa)] - z_a, ca, self.modules)
+        ib = _replay(self.tape[id(qb)] - z_b, cb, self.modules)
         acc = torch.matmul(ia.double(), ib.double()).round().long()  # integers below 2**53: exact
         acc = rq.wrap_int32(acc)
         y = rq.requantize(acc, s_a, torch.tensor([s_b], dtype=torch.float64), s_y, z_y, q.qmin, q.qmax, self.mode)
@@ -269,7 +293,7 @@ class IntegerExactMode:
     def _mean(self, q: Quantizer, source, node, x) -> torch.Tensor:
         qx, moves = source
         s_x, z_x = qx.scalar_grid()
-        v = _replay(self.tape[id(qx)] - z_x, moves)
+        v = _replay(self.tape[id(qx)] - z_x, moves, self.modules)
         dims, keep = patterns.pool_dims(node, self.modules, v.ndim)
         count = 1
         for d in dims:

@@ -449,3 +449,30 @@ def test_crops_with_an_ellipsis_move_the_integers(tmp_path):
         exact = sim(x)
     assert "add" not in mode.float_computed  # ORT fuses QLinearAdd: the exact mode adds the integers as it does
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _PooledShortcut(nn.Module):
+    """MViTv2's pooled residual: the shortcut max-pooled (and reshaped) before it is added to the attention output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        short = torch.nn.functional.max_pool2d(self.b(x), 3, 2, 1).flatten(2)
+        return self.a(x).flatten(2) + short
+
+
+def test_adds_reading_a_max_pool_add_its_integers(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(8, 4, 12, 12) for _ in range(2)]
+    sim = QuantSim(_PooledShortcut().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "p.onnx")["onnx"]
+    x = torch.randn(64, 4, 12, 12)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact() as mode:
+        exact = sim(x)
+    # ORT moves the DequantizeLinear past the float MaxPool and the Reshape and fuses QLinearAdd
+    assert "add" not in mode.float_computed
+    assert torch.equal(exact, torch.from_numpy(out))

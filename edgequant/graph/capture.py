@@ -14,7 +14,7 @@ from ..core.attention import attention_softmax
 from ..nn.attention import mha_mask
 from ..nn.registry import lookup
 from .exported import capture_exported
-from .ops import add_mask, is_leaf_module
+from .ops import add_mask, is_leaf_module, put_values
 
 
 class _Tracer(fx.Tracer):
@@ -35,7 +35,7 @@ def capture(model: nn.Module, args: Optional[tuple] = None, kwargs: Optional[dic
     source line where tracing stopped, and why ``torch.export`` failed too.
     """
     # each stays one node when a captured graph is traced again
-    tracer = _Tracer(autowrap_functions=(add_mask, attention_softmax, mha_mask))
+    tracer = _Tracer(autowrap_functions=(add_mask, attention_softmax, mha_mask, put_values))
     try:
         concrete = _defaults_left(model, args, kwargs)
         graph = tracer.trace(model, concrete_args=concrete)

@@ -1,4 +1,6 @@
-"""Arithmetic that changes nothing, taken out of a captured graph: ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``.
+"""Graph clean-ups after capture: arithmetic that changes nothing, and in-place writes made functional.
+
+:func:`drop_noops` takes out ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``.
 
 NF-ResNets scale each block's input by ``beta``, which is 1.0 for the first block of a stage. Kept, such a node
 gets a quantizer of its own: the value is rounded twice (a ReLU's unsigned grid, then a signed grid with half its
@@ -12,6 +14,8 @@ import operator
 
 import torch
 from torch import fx
+
+from . import ops
 
 #: op -> (neutral constant, whether the constant may come first)
 _NEUTRAL = {operator.mul: (1, True), torch.mul: (1, True), "mul": (1, True),
@@ -50,6 +54,78 @@ def drop_noops(gm: fx.GraphModule) -> int:
             continue
         n.replace_all_uses_with(x)
         gm.graph.erase_node(n)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
+_COPIES = ("copy_", torch.ops.aten.copy_.default, torch.Tensor.copy_)
+
+
+def _view(n) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem and len(n.users) == 1
+
+
+def _write(n: fx.Node):
+    """``(base, [(tensor, index), ...], values)`` when ``n`` writes ``values`` in place into a selection of ``base``:
+    ``t[idx] = v`` (fx's ``setitem``), ``t[i][j].copy_(v)`` (torch.export keeps writes as ``copy_`` into chains of
+    selections) or ``t.copy_(v)``; the list holds each selection from ``base`` outwards. None otherwise."""
+    if n.op not in ("call_function", "call_method") or n.users or n.kwargs:
+        return None
+    if n.target is operator.setitem and len(n.args) == 3:
+        return n.args[0], [(n.args[0], n.args[1])], n.args[2]
+    if n.target not in _COPIES or len(n.args) != 2 or not isinstance(n.args[0], fx.Node):
+        return None
+    chain, dst = [], n.args[0]
+    while _view(dst):
+        chain.insert(0, (dst.args[0], dst.args[1]))
+        dst = dst.args[0]
+    return dst, chain, n.args[1]
+
+
+def _whole(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p == slice(None) or p is Ellipsis for p in parts)
+
+
+def _shape(n):
+    return tuple(getattr(n.meta.get("tensor_meta"), "shape", ()) or ()) if isinstance(n, fx.Node) else None
+
+
+def functional_copies(gm: fx.GraphModule) -> int:
+    """Make the in-place writes of a shape-propagated graph functional (MViTv2's ``attn[:, :, s:, s:] = ...``,
+    captured as ``copy_``): the readers of the tensor after the write read a new node, the written value itself (a
+    whole, same-shaped write) or :func:`~edgequant.graph.ops.put_values` of it into each selection. Without it the
+    export, which writes each node as a function of its inputs, fed the tensor as it was before the write to the ops
+    after it. Needs propagated shapes (and again after); returns how many writes."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    count = 0
+    for n in list(gm.graph.nodes):
+        found = _write(n)
+        if found is None or not isinstance(found[2], fx.Node):
+            continue
+        base, chain, v = found
+        mb, mv = base.meta.get("tensor_meta"), v.meta.get("tensor_meta")
+        if not (hasattr(mb, "dtype") and hasattr(mv, "dtype") and mb.dtype == mv.dtype):
+            continue
+        new, at, shape = v, n, _shape(v)
+        for parent, index in reversed(chain):
+            if _whole(index) and _shape(parent) == shape:
+                continue
+            with gm.graph.inserting_after(at):
+                new = at = gm.graph.call_function(ops.put_values, (parent, index, new))
+            shape = _shape(parent)
+        if shape != _shape(base):
+            continue  # a broadcasting copy_: left as it is
+        for u in [u for u in base.users if order.get(u, -1) > order[n]]:
+            u.replace_input_with(base, new)
+        dst = n.args[0]
+        gm.graph.erase_node(n)
+        while dst is not base and isinstance(dst, fx.Node) and not dst.users:
+            up = dst.args[0]
+            gm.graph.erase_node(dst)
+            dst = up
         count += 1
     if count:
         gm.recompile()

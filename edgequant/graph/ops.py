@@ -117,6 +117,14 @@ def add_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x + mask
 
 
+def put_values(x: torch.Tensor, index, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` with ``x[index] = values``: the functional form of an in-place write into a tensor (MViTv2's
+    relative positions added into a view of the attention scores), which the export and the passes can follow."""
+    out = x.clone()
+    out[index] = values
+    return out
+
+
 FUNCTION_OPS: dict[Callable, Op] = _table([
     ((operator.sub, operator.mul, operator.truediv, operator.matmul, operator.neg, torch.sub, torch.mul, torch.div,
       torch.matmul, torch.bmm, torch.mm, torch.baddbmm, torch.addmm, torch.stack, torch.sum, torch.einsum,
@@ -138,6 +146,7 @@ FUNCTION_OPS: dict[Callable, Op] = _table([
       torch.index_select, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
       F.pixel_shuffle, F.pixel_unshuffle, torch.max_pool2d), PASS),
     ((add_mask, mha_mask), PASS),
+    ((put_values,), COMPUTE),
     ((attention_softmax,), Op("compute", nonneg=True, data_args=(0,))),  # the scores; never the mask
 ])
 

@@ -46,7 +46,7 @@ from ..errors import PlanError
 from ..graph import lowering, ops, patterns
 from ..graph.attention import decompose_sdpa, fuse_attention_softmax, prune_dead, select_unbound
 from ..graph.capture import capture
-from ..graph.noops import drop_noops
+from ..graph.noops import drop_noops, functional_copies
 from ..nn.modules import QuantizedModuleMixin
 from ..nn.quantizer import make_quantizer
 from ..nn.registry import lookup
@@ -456,6 +456,8 @@ def prepare_graph(model: nn.Module, args: tuple, kwargs: dict, config: QuantConf
     prune_dead(gm)
     select_unbound(gm)
     propagate_shapes(gm, args, kwargs)
+    if functional_copies(gm):
+        propagate_shapes(gm, args, kwargs)
     drop_noops(gm)
     if decompose_sdpa(gm) + fuse_attention_softmax(gm):  # both products of attention on integers, one float step
         propagate_shapes(gm, args, kwargs)

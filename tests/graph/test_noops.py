@@ -52,3 +52,39 @@ def test_a_real_scaling_keeps_its_quantizer_and_the_graph_computes_the_model():
         sim.disable()
         with torch.no_grad():
             torch.testing.assert_close(sim(x), model(x), rtol=0, atol=0)
+
+
+class _RelPos(nn.Module):
+    """MViTv2's attention: relative positions added in place into a view of the scores before the softmax."""
+
+    def __init__(self, whole):
+        super().__init__()
+        self.whole = whole
+        self.q, self.k, self.pos = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        attn = self.q(x) @ self.k(x).transpose(-2, -1)
+        if self.whole:
+            attn.copy_(attn + self.pos(x)[..., :1])
+        else:
+            attn[:, 1:, 1:] = attn[:, 1:, 1:] + self.pos(x)[:, 1:, 1:]
+        return attn.softmax(dim=-1)
+
+
+def test_in_place_writes_reach_the_ops_after_them_in_the_export(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(8, 6, 8)
+    for whole in (False, True):
+        model = _RelPos(whole).eval()
+        sim = QuantSim(model, x[:1], "w8a8")
+        sim.calibrate([x], progress=False)
+        export_onnx(sim, tmp_path / "r.onnx", float64=True)
+        s = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+        got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+        with torch.no_grad(), sim.integer_exact(float64=True):
+            ref = sim(x).numpy()
+        # the softmax read the scores as they were before the write
+        np.testing.assert_array_equal(got, ref)
+        sim.disable()
+        with torch.no_grad():
+            torch.testing.assert_close(sim(x), model(x))

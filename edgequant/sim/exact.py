@@ -78,11 +78,44 @@ def _moved_source(n, modules):
         found: list = []
         fx.node.map_arg((n.args[1:], n.kwargs), found.append)
         if n.op not in ("call_method", "call_function") or not lowering.moves_integers(n, modules) or (
-                found and _reshaped_to(n) is None):
+                found and _reshaped_to(n) is None and not (n.target is operator.getitem
+                                                           and all(_shape_read(f, modules) for f in found))):
             break
         moves.append(n)
         n = n.args[0]
     return None, []
+
+
+def _shape_owner(t, modules):
+    """The quantizer whose output has the shape of node ``t``'s value at run time: ``t`` itself, or the quantizer that
+    reads it (a model input, a layer's output); None otherwise."""
+    if isinstance(patterns.module_of(t, modules), Quantizer):
+        return patterns.module_of(t, modules)
+    return next((patterns.module_of(u, modules) for u in t.users
+                 if isinstance(patterns.module_of(u, modules), Quantizer)), None)
+
+
+def _shape_read(v, modules) -> bool:
+    """Whether node ``v`` reads a size from a shape the exact mode sees at run time (``x.shape[-2:][0]``,
+    ``x.size(2)``: LowFormer's crop ``o[..., :H, :W]`` to its input's size)."""
+    if not isinstance(v, fx.Node):
+        return True
+    if v.op == "call_function" and v.target is getattr and v.args[1:] == ("shape",) or (
+            v.op == "call_method" and v.target == "size"):
+        return isinstance(v.args[0], fx.Node) and _shape_owner(v.args[0], modules) is not None and all(
+            not isinstance(a, fx.Node) for a in v.args[1:])
+    return v.op == "call_function" and v.target is operator.getitem and not isinstance(v.args[1], fx.Node) and \
+        _shape_read(v.args[0], modules)
+
+
+def _read_shape(v, modules, tape):
+    """The value of a :func:`_shape_read` node in the running forward (shapes from the quantizers' recorded codes)."""
+    if not isinstance(v, fx.Node):
+        return v
+    if v.target is operator.getitem:
+        return _read_shape(v.args[0], modules, tape)[v.args[1]]
+    shape = tuple(tape[id(_shape_owner(v.args[0], modules))].shape)
+    return shape if v.target is getattr or len(v.args) == 1 else shape[v.args[1]]
 
 
 _MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
@@ -97,10 +130,14 @@ def _max_pool(n, modules) -> bool:
     return n.op == "call_function" and n.target in _MAX_POOL_FUNCTIONS and not n.kwargs.get("return_indices", False)
 
 
-def _replay(t: torch.Tensor, moves: list, modules=None) -> torch.Tensor:
+def _replay(t: torch.Tensor, moves: list, modules=None, tape=None) -> torch.Tensor:
     """Apply the recorded moves (:func:`_moved_source`) to integer tensor ``t``, centred on its zero point (a zero pad
-    then adds the real value 0; a max-pool pads with -inf and takes maxima of integers, exact in float64)."""
+    then adds the real value 0; a max-pool pads with -inf and takes maxima of integers, exact in float64; a selection's
+    sizes read from shapes are read from ``tape``)."""
     for n in moves:
+        if n.target is operator.getitem and tape is not None:
+            t = t[fx.node.map_arg(n.args[1], lambda v: _read_shape(v, modules, tape))]
+            continue
         shape = _reshaped_to(n)
         m = patterns.module_of(n, modules) if n.op == "call_module" and modules is not None else None
         if m is not None:
@@ -202,7 +239,7 @@ class IntegerExactMode:
             if moved is q_in:
                 z = q_in.scalar_grid()[1]
                 return lambda qq, x: self._out(qq, lut.lookup(
-                    t, _replay(self.tape[id(q_in)] - z, moves, self.modules) + z, src).reshape(x.shape))
+                    t, _replay(self.tape[id(q_in)] - z, moves, self.modules, self.tape) + z, src).reshape(x.shape))
         # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and fewer,
         # as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
         op = rq.add if patterns.is_add(base) and len(base.args) >= 2 else \
@@ -272,8 +309,8 @@ class IntegerExactMode:
         ``b``, moved as the graph moves them on the way."""
         (qa, ca), (qb, cb) = a, b
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
-        a = _replay(self.tape[id(qa)] - z_a, ca, self.modules) + z_a
-        b = _replay(self.tape[id(qb)] - z_b, cb, self.modules) + z_b
+        a = _replay(self.tape[id(qa)] - z_a, ca, self.modules, self.tape) + z_a
+        b = _replay(self.tape[id(qb)] - z_b, cb, self.modules, self.tape) + z_b
         ch = x.shape[1] if x.ndim > 1 else 1
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
@@ -283,8 +320,8 @@ class IntegerExactMode:
         """ONNX Runtime's ``QLinearMatMul``: the exact int32 product of the centred integers, requantized."""
         (qa, ca), (qb, cb) = a, b
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
-        ia = _replay(self.tape[id(qa)] - z_a, ca, self.modules)
-        ib = _replay(self.tape[id(qb)] - z_b, cb, self.modules)
+        ia = _replay(self.tape[id(qa)] - z_a, ca, self.modules, self.tape)
+        ib = _replay(self.tape[id(qb)] - z_b, cb, self.modules, self.tape)
         acc = torch.matmul(ia.double(), ib.double()).round().long()  # integers below 2**53: exact
         acc = rq.wrap_int32(acc)
         y = rq.requantize(acc, s_a, torch.tensor([s_b], dtype=torch.float64), s_y, z_y, q.qmin, q.qmax, self.mode)
@@ -293,7 +330,7 @@ class IntegerExactMode:
     def _mean(self, q: Quantizer, source, node, x) -> torch.Tensor:
         qx, moves = source
         s_x, z_x = qx.scalar_grid()
-        v = _replay(self.tape[id(qx)] - z_x, moves, self.modules)
+        v = _replay(self.tape[id(qx)] - z_x, moves, self.modules, self.tape)
         dims, keep = patterns.pool_dims(node, self.modules, v.ndim)
         count = 1
         for d in dims:

@@ -476,3 +476,29 @@ def test_adds_reading_a_max_pool_add_its_integers(tmp_path):
     # ORT moves the DequantizeLinear past the float MaxPool and the Reshape and fuses QLinearAdd
     assert "add" not in mode.float_computed
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _CropToInput(nn.Module):
+    """LowFormer's ``o[..., :H, :W]`` with ``H, W = x.shape[-2:]``: a crop whose sizes are read from a shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=2), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        return self.a(x)[..., :h, :w] + self.b(x)
+
+
+def test_crops_to_sizes_read_from_shapes_move_the_integers(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(8, 4, 12, 12) for _ in range(2)]
+    sim = QuantSim(_CropToInput().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "c.onnx")["onnx"]
+    x = torch.randn(64, 4, 12, 12)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact() as mode:
+        exact = sim(x)
+    assert "add" not in mode.float_computed  # the crop's sizes read from the input's codes as the forward runs
+    assert torch.equal(exact, torch.from_numpy(out))

@@ -44,8 +44,8 @@ def source_quantizer(n, modules, through=ops.keeps_grid):
                 return found
             n = n.args[0]
             continue
-        if not through(n, modules):
-            return None
+        if not through(n, modules) or (m is not None and own_forward(m)):
+            return None  # an own-forward pool (timm's MaxPool2dSame: a -inf Pad, then MaxPool) is exported in float
         n = n.args[0]
     return None
 

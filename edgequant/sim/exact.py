@@ -123,10 +123,11 @@ _MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
 
 
 def _max_pool(n, modules) -> bool:
-    """A max-pool the export writes as ONNX ``MaxPool`` (no indices returned)."""
+    """A max-pool the export writes as ONNX ``MaxPool`` (no indices returned; not timm's ``MaxPool2dSame``, whose own
+    forward pads with -inf first: ORT's QDQ propagation stops at that ``Pad``)."""
     m = patterns.module_of(n, modules)
     if isinstance(m, _MAX_POOL_MODULES):
-        return not m.return_indices
+        return not m.return_indices and not own_forward(m)
     return n.op == "call_function" and n.target in _MAX_POOL_FUNCTIONS and not n.kwargs.get("return_indices", False)
 
 

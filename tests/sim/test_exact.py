@@ -502,3 +502,37 @@ def test_crops_to_sizes_read_from_shapes_move_the_integers(tmp_path):
         exact = sim(x)
     assert "add" not in mode.float_computed  # the crop's sizes read from the input's codes as the forward runs
     assert torch.equal(exact, torch.from_numpy(out))
+
+
+class _SamePool(nn.MaxPool2d):
+    """timm's MaxPool2dSame: TensorFlow's "same" padding with -inf in its own forward, then a max-pool."""
+
+    def forward(self, x):
+        return torch.nn.functional.max_pool2d(torch.nn.functional.pad(x, (0, 1, 0, 1), value=-float("inf")), 3, 2)
+
+
+class _SamePoolNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pool, self.conv = nn.Conv2d(3, 8, 3, padding=1), _SamePool(3, 2), nn.Conv2d(8, 8, 1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.conv(self.pool(self.act(self.stem(x))))
+
+
+def test_a_layer_after_an_own_forward_pool_is_listed_as_float_computed(tmp_path):
+    """The pool is exported from its forward (Pad with -inf, then MaxPool) in float, and ORT's QDQ propagation stops at
+    the Pad, so ORT runs the conv after it in float: the exact mode requantized it as an integer QLinearConv."""
+    from edgequant.graph import lowering
+
+    torch.manual_seed(0)
+    cal = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    sim = QuantSim(_SamePoolNet().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    modules = dict(sim.model.named_modules())
+    conv = next(n for n in sim.model.graph.nodes if n.target == "conv")
+    assert lowering.source_quantizer(conv.args[0], modules) is None
+    with torch.no_grad(), sim.integer_exact() as mode:
+        sim(cal[0])
+    assert "conv" in mode.float_computed  # said, not silently different

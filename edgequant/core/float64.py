@@ -13,8 +13,9 @@ quantizer are even exact: every value is ``s * integer``, a 33-bit product that 
 rounding in any order.
 
 :class:`Float64Norms` is a ``TorchFunctionMode``: inside it, ``F.layer_norm``, ``F.group_norm`` and every
-softmax form, the L2 norm of ``F.normalize`` (Swin v2's cosine attention) and ``torch.einsum`` (a product in float,
-as MViTv2's relative positions) compute this way. The sim's integer-exact mode runs its forward inside it; the ONNX export
+softmax form, the L2 norm of ``F.normalize`` (Swin v2's cosine attention), ``torch.einsum`` (a product in float,
+as MViTv2's relative positions) and bilinear / bicubic resizes to an explicit size (:func:`resize`: segmentation heads,
+CrossViT's second branch) compute this way. The sim's integer-exact mode runs its forward inside it; the ONNX export
 traces the ops inside it, so the graph holds the same computation (``Cast`` to double, ``ReduceMean``,
 ``Sub``, ``Mul``, ``Sqrt``, ``Div``, ``Softmax`` in double, ``Cast`` back). The price is ORT time: a float64
 LayerNorm of 600k elements takes 1.4 ms against 0.18 ms for ORT's float32 kernel (2 threads).
@@ -31,8 +32,44 @@ _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
 _NORMS = {torch.linalg.vector_norm, torch.Tensor.norm}
 #: the functions (and tensor methods, by name, as fx records them) :class:`Float64Norms` computes in float64
+#: the resizes :class:`Float64Norms` computes as two float64 products with torch's own interpolation weights
+RESIZES = {torch.ops.aten.upsample_bilinear2d.vec: "bilinear", torch.ops.aten.upsample_bicubic2d.vec: "bicubic"}
 FUNCTIONS = (F.layer_norm, F.group_norm, F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax",
-             "log_softmax", attention_softmax, torch.linalg.vector_norm, F.normalize, torch.einsum)
+             "log_softmax", attention_softmax, torch.linalg.vector_norm, F.normalize, torch.einsum,
+             F.interpolate) + tuple(RESIZES)
+
+
+def _weights(n_in: int, n_out: int, mode: str, align_corners: bool) -> torch.Tensor:
+    """``(n_out, n_in)`` float64 matrix of torch's own 1-D interpolation weights (a constant to the ONNX tracer)."""
+    basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
+    w = F.interpolate(basis, size=(n_out, 1), mode=mode, align_corners=align_corners)[:, 0, :, 0].T
+    return torch.from_numpy(w.detach().cpu().numpy().copy()).to(basis.device)
+
+
+def resize(x: torch.Tensor, size, mode: str, align_corners: bool) -> torch.Tensor:
+    """Bilinear / bicubic resize of ``(N, C, H, W)`` to ``size`` as ``A_h @ x @ A_w^T`` in float64, rounded once: the
+    same weights as torch's kernel (it is separable), sums that ONNX Runtime's double ``MatMul`` reproduces (it has
+    no double ``Resize``)."""
+    (h, w), (oh, ow) = x.shape[-2:], size
+    a_h = _weights(h, oh, mode, align_corners).to(x.device)
+    a_w = _weights(w, ow, mode, align_corners).to(x.device)
+    return torch.matmul(torch.matmul(a_h, x.double()), a_w.T).to(x.dtype)
+
+
+def _resize_call(func, args, kwargs):
+    """``(mode, size, align_corners)`` of a 4-D bilinear / bicubic resize to an explicit size without antialiasing,
+    or None."""
+    if func is F.interpolate:
+        a = _bound(args, kwargs, ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                                  "antialias"), {"size": None, "mode": "nearest", "align_corners": None, "antialias": False})
+        mode, size, corners = a["mode"], a["size"], a["align_corners"]
+    else:
+        a = _bound(args, kwargs, ("input", "output_size", "align_corners", "scale_factors"), {"scale_factors": None})
+        mode, size, corners = RESIZES[func], a["output_size"], a["align_corners"]
+    if mode not in ("bilinear", "bicubic") or a.get("antialias") or size is None or a["input"].dim() != 4:
+        return None
+    size = tuple(int(v) for v in (size if isinstance(size, (list, tuple)) else (size, size)))
+    return mode, size, bool(corners)
 
 
 def layer_norm(x: torch.Tensor, normalized_shape, weight=None, bias=None, eps: float = 1e-5) -> torch.Tensor:
@@ -87,6 +124,9 @@ class Float64Norms(TorchFunctionMode):
         x = args[0] if args else kwargs.get("input")
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32):
             return func(*args, **kwargs)
+        if func is F.interpolate or func in RESIZES:
+            found = _resize_call(func, args, kwargs)
+            return func(*args, **kwargs) if found is None else resize(x, found[1], found[0], found[2])
         if func is F.layer_norm:
             a = _bound(args, kwargs, ("input", "normalized_shape", "weight", "bias", "eps"),
                        {"weight": None, "bias": None, "eps": 1e-5})

@@ -216,14 +216,14 @@ def integer_matmul_fits(q_in: Optional[Quantizer], q_w: Optional[Quantizer]) -> 
             and isinstance(q_w.spec.granularity, (PerTensor, PerChannel)))
 
 
-_FLOAT64_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax)
+_FLOAT64_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Softmax, nn.LogSoftmax, nn.Upsample)
 
 
 def float64_op(n: fx.Node, modules) -> bool:
     """Whether node ``n`` is a normalization or softmax that ``float64=True`` (export and integer-exact mode) computes
     in float64 and rounds to float32 once (:mod:`edgequant.core.float64`): LayerNorm (also subclasses with their own
     forward, such as a channels-first LayerNorm2d, whose inner ``F.layer_norm`` is what changes), GroupNorm, softmax,
-    log-softmax."""
+    log-softmax, L2 norms, einsum, bilinear / bicubic resizes."""
     m = patterns.module_of(n, modules)
     if m is not None:
         return isinstance(m, _FLOAT64_MODULES)

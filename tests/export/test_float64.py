@@ -82,3 +82,32 @@ def test_an_encoder_exported_with_float64_norms_is_bit_identical_with_the_exact_
     assert np.array_equal(out, exact)
     with sim.integer_exact() as plain:  # without float64 the same ops count as computed in float
         assert {"LayerNorm", "attention_softmax"} <= set(plain.float_computed.values())
+
+
+class _Heads(nn.Module):
+    """A segmentation head's bilinear upsampling to the input's size and CrossViT's bicubic resize of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, stride=2), nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x):
+        up = F.interpolate(self.a(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        small = F.interpolate(x, size=(11, 13), mode="bicubic", align_corners=False)
+        return up + self.b(x), self.b(small)
+
+
+def test_bilinear_and_bicubic_resizes_in_float64_are_bit_identical_in_ort(tmp_path):
+    torch.manual_seed(0)
+    cal = [torch.randn(8, 3, 17, 19) for _ in range(2)]
+    sim = QuantSim(_Heads().eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, tmp_path / "h.onnx", float64=True)["onnx"]
+    assert "Resize" not in {n.op_type for n in onnx.load(path).graph.node}  # ORT has no double Resize: two MatMuls
+    x = torch.randn(32, 3, 17, 19)
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad(), sim.integer_exact(float64=True) as mode:
+        ref = sim(x)
+    assert not [k for k in mode.float_computed.values() if "interpolate" in k], mode.float_computed
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r.numpy())

@@ -31,9 +31,9 @@ from .attention import attention_softmax
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 _LOG_SOFTMAX = {F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax}
 _NORMS = {torch.linalg.vector_norm, torch.Tensor.norm}
-#: the functions (and tensor methods, by name, as fx records them) :class:`Float64Norms` computes in float64
 #: the resizes :class:`Float64Norms` computes as two float64 products with torch's own interpolation weights
 RESIZES = {torch.ops.aten.upsample_bilinear2d.vec: "bilinear", torch.ops.aten.upsample_bicubic2d.vec: "bicubic"}
+#: the functions (and tensor methods, by name, as fx records them) :class:`Float64Norms` computes in float64
 FUNCTIONS = (F.layer_norm, F.group_norm, F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, "softmax",
              "log_softmax", attention_softmax, torch.linalg.vector_norm, F.normalize, torch.einsum,
              F.interpolate) + tuple(RESIZES)

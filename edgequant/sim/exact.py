@@ -63,7 +63,9 @@ def _per_tensor(q) -> bool:
 def _moved_source(n, modules):
     """``(quantizer, moves)``: the quantizer whose integers reach node ``n`` through identity ops and moves that the
     export runs on the stored integers (:func:`~edgequant.graph.lowering.moves_integers`: a transpose, a reshape, a
-    zero pad, a roll, a plain selection) with constant arguments, the moves in order; ``(None, [])`` otherwise."""
+    zero pad, a roll, a plain selection, a split part) with constant arguments or sizes read from shapes
+    (:func:`_shape_read`), and max-pools (exported in float, but ONNX Runtime moves the DequantizeLinear past them),
+    the moves in order; ``(None, [])`` otherwise."""
     moves = []
     while isinstance(n, fx.Node):
         if isinstance(patterns.module_of(n, modules), Quantizer):

@@ -52,8 +52,8 @@ def source_quantizer(n, modules, through=ops.keeps_grid):
 
 def stored_integers(n, modules) -> bool:
     """Whether the export computes node ``n`` on stored integers: ``n`` and every op back to a quantizer are identity
-    ops or moves (:func:`moves_integers`). A max-pool keeps its input's grid but is exported on the dequantized values
-    (SKNet's ``maxpool -> split -> conv``: ORT then runs the conv in float)."""
+    ops or moves (:func:`moves_integers`). A max-pool keeps its input's grid but is exported on the dequantized values,
+    unless a split reads it (SKNet's ``maxpool -> split -> conv``; ORT would run those convs in float)."""
     while isinstance(n, fx.Node):
         if isinstance(patterns.module_of(n, modules), Quantizer):
             return True
@@ -187,7 +187,8 @@ def empty_pad(n: fx.Node) -> bool:
 
 def moves_integers(n: fx.Node, modules) -> bool:
     """Whether the export runs node ``n`` on stored integers: reshape-like ops, zero pads, rolls, splits and plain
-    selections (``x[:, -1]``), which move values and never compute them (max-pools excepted: ORT fuses them otherwise)."""
+    selections (``x[:, -1]``), which move values and never compute them (max-pools excepted: ORT fuses them otherwise;
+    a max-pool a split reads is a move, :func:`_split_max_pool`)."""
     if n.target is operator.getitem:
         return len(n.args) == 2 and plain_index(n.args[1])
     if n.target in ops.SPLITS:  # parts along one dimension (TinyViT's qkv.split([d, d, e], dim=3)): ONNX Split
@@ -197,7 +198,18 @@ def moves_integers(n: fx.Node, modules) -> bool:
             u.target is operator.getitem for u in n.users)  # parts taken one by one (not the list passed on whole)
     if n.target is torch.nn.functional.pad and ops.pad_mode(n) not in ONNX_PAD_MODES:
         return False
+    if _split_max_pool(n, modules):
+        return True
     return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
+
+
+def _split_max_pool(n: fx.Node, modules) -> bool:
+    """A max-pool module whose output a split reads (SKNet's ``maxpool -> split -> convs``): ONNX Runtime moves a
+    DequantizeLinear past a float ``MaxPool`` but not past ``Split``, so the export pools the integers there."""
+    m = patterns.module_of(n, modules)
+    return (isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and not own_forward(m) and not m.return_indices
+            and m.dilation in (1, (1,), (1, 1), (1, 1, 1)) and bool(n.users)
+            and any(u.target in ops.SPLITS for u in n.users))
 
 
 def linear_on_tokens(n: fx.Node, m) -> bool:

@@ -385,17 +385,25 @@ def test_a_mean_of_selected_tokens_averages_the_selection(tmp_path):
     assert torch.equal(exact, torch.from_numpy(out))
 
 
-def test_split_parts_of_a_max_pool_are_not_on_stored_integers():
-    """The export runs a max-pool on the dequantized values, so a split of its output is a float split and ORT runs the
-    convs reading its parts in float: the exact mode must not requantize them as integer kernels."""
+def test_split_parts_of_a_max_pool_run_on_the_integers(tmp_path):
+    """SKNet's ``maxpool -> split -> convs``: ONNX Runtime moves a DequantizeLinear past a float MaxPool but not past a
+    Split, so the export pools the integers there, and the exact mode requantizes the convs as ORT's QLinearConv."""
     from edgequant.graph import lowering
 
-    x = torch.randn(2, 3, 12, 12)
-    for pool, integer in ((False, True), (True, False)):
-        sim = QuantSim(_MixedConv(pool).eval(), x, "w8a8")
-        modules = dict(sim.model.named_modules())
-        convs = [n for n in sim.model.graph.nodes if n.op == "call_module" and n.target in ("a", "b")]
-        assert [lowering.source_quantizer(c.args[0], modules) is not None for c in convs] == [integer] * 2
+    torch.manual_seed(0)
+    cal = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    sim = QuantSim(_MixedConv(pool=True).eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    modules = dict(sim.model.named_modules())
+    convs = [n for n in sim.model.graph.nodes if n.op == "call_module" and n.target in ("a", "b")]
+    assert all(lowering.source_quantizer(c.args[0], modules) is not None for c in convs)
+    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
+    x = torch.randn(64, 3, 12, 12)
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact() as mode:
+        exact = sim(x)
+    assert not {"a", "b"} & set(mode.float_computed)
+    assert torch.equal(exact, torch.from_numpy(out))
 
 
 class _GatedSplit(nn.Module):

@@ -1166,6 +1166,14 @@ def _function(b: _Builder, n: fx.Node, a: list, out: str, shape_of) -> str:
         return b.node("Clip", [a[0], b.const(f"{base}_min", np.float32(0)), b.const(f"{base}_max", np.float32(6))], out=out, base=base)
     if t in (torch.sigmoid, F.sigmoid, "sigmoid"):
         return b.node("Sigmoid", a[:1], out=out, base=base)
+    if t in (torch.ops.aten.fill.Tensor, torch.ops.aten.fill.Scalar) and len(a) == 2:  # a functional fill_
+        dtype = getattr(patterns.recorded_meta(n), "dtype", None)
+        if dtype is None:
+            raise _NoMapping(base)
+        to = helper.np_dtype_to_tensor_dtype(np.dtype(str(dtype).replace("torch.", "")))
+        value = a[1] if isinstance(a[1], str) else b.const(f"{base}_value", np.array(a[1]))
+        value = b.node("Cast", [value], base=f"{base}_value", to=to)
+        return b.node("Expand", [value, b.node("Shape", [a[0]], base=base)], out=out, base=base)
     if t in (torch.cat, torch.concat):
         dim = n.kwargs.get("dim", a[1] if len(a) > 1 else 0)
         return b.node("Concat", list(a[0]), out=out, base=base, axis=int(dim))

@@ -26,7 +26,7 @@ from ..core.attention import attention_softmax
 from ..nn.attention import DecomposedMultiheadAttention
 from . import ops, patterns
 from .ops import add_mask
-from .patterns import computes_the_same, first_calls, set_submodule
+from .patterns import computes_the_same, layer_calls, set_submodule
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
@@ -42,15 +42,8 @@ def decompose_mha(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]
     """Replace ``model``'s ``nn.MultiheadAttention`` layers in place by decomposed ones; returns ``{layer: what it
     became}``. Layers the example inputs do not call with batched (3-D) inputs, and those with ``add_bias_kv`` /
     ``add_zero_attn``, stay as they are; so does one whose decomposed output differs on the recorded call."""
-    todo = {name: m for name, m in model.named_modules() if type(m) is nn.MultiheadAttention}
-    if not todo:
-        return {}
-    calls = first_calls(model, todo, args, kwargs)
-    if calls is None:
-        return {}
     done = {}
-    for name, m in todo.items():
-        a, kw = calls.get(name, ((), {}))
+    for name, m, a, kw in layer_calls(model, lambda m: type(m) is nn.MultiheadAttention, args, kwargs):
         query = a[0] if a else kw.get("query")
         if not isinstance(query, torch.Tensor) or query.dim() != 3 or m.bias_k is not None or m.add_zero_attn:
             continue

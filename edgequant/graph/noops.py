@@ -1,6 +1,8 @@
 """Graph clean-ups after capture: arithmetic that changes nothing, and in-place writes made functional.
 
-:func:`drop_noops` takes out ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``.
+:func:`drop_noops` takes out ``x * 1``, ``x / 1``, ``x + 0``, ``x - 0``, and the empty inputs of a concatenation
+(a Hugging Face key/value cache starts as an empty tensor of shape ``(0,)``, which ``torch.cat`` skips but ONNX's
+``Concat`` rejects: its rank differs).
 
 NF-ResNets scale each block's input by ``beta``, which is 1.0 for the first block of a stage. Kept, such a node
 gets a quantizer of its own: the value is rounded twice (a ReLU's unsigned grid, then a signed grid with half its
@@ -44,11 +46,43 @@ def _data(n: fx.Node):
     return x if same else None
 
 
+_CATS = (torch.cat, torch.concat, "cat")
+
+
+def _empty(n) -> bool:
+    meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return shape is not None and any(int(d) == 0 for d in shape)
+
+
+def _drop_empty_cat_inputs(n: fx.Node) -> bool:
+    """Take the empty tensors out of a concatenation's inputs (they add nothing); True when it changed."""
+    if n.op not in ("call_function", "call_method") or n.target not in _CATS or not n.args:
+        return False
+    parts = n.args[0]
+    if not isinstance(parts, (list, tuple)) or _empty(n):
+        return False
+    kept = [p for p in parts if not _empty(p)]
+    if len(kept) == len(parts) or not kept:
+        return False
+    n.args = (type(parts)(kept),) + tuple(n.args[1:])
+    for p in parts:
+        if isinstance(p, fx.Node) and p.op == "get_attr" and not p.users:
+            n.graph.erase_node(p)
+    return True
+
+
 def drop_noops(gm: fx.GraphModule) -> int:
     """Remove the no-op arithmetic of a shape-propagated graph (see the module docstring): only float tensors whose
-    shape and dtype the op keeps. Returns how many nodes went."""
+    shape and dtype the op keeps, and empty concatenation inputs. Returns how many nodes went or changed."""
     count = 0
     for n in list(gm.graph.nodes):
+        if _drop_empty_cat_inputs(n):
+            count += 1
+            if len(n.args[0]) == 1 and _shape(n.args[0][0]) == _shape(n):
+                n.replace_all_uses_with(n.args[0][0])
+                gm.graph.erase_node(n)
+            continue
         x = _data(n)
         if x is None:
             continue
@@ -63,11 +97,15 @@ def drop_noops(gm: fx.GraphModule) -> int:
 _COPIES = ("copy_", torch.ops.aten.copy_.default, torch.Tensor.copy_)
 
 
-def _view(n) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem and len(n.users) == 1
+def _view(n, reader: fx.Node, write: fx.Node, order: dict) -> bool:
+    """Whether ``n`` is a selection that ``write`` writes through (``reader``, the next link of the chain, reads it):
+    its other readers all run before the write."""
+    if not (isinstance(n, fx.Node) and n.op == "call_function" and n.target is operator.getitem):
+        return False
+    return all(u is reader or order.get(u, -1) < order.get(write, 0) for u in n.users)
 
 
-def _write(n: fx.Node):
+def _write(n: fx.Node, order: dict):
     """``(base, [(tensor, index), ...], values)`` when ``n`` writes ``values`` in place into a selection of ``base``:
     ``t[idx] = v`` (fx's ``setitem``), ``t[i][j].copy_(v)`` (torch.export keeps writes as ``copy_`` into chains of
     selections) or ``t.copy_(v)``; the list holds each selection from ``base`` outwards. None otherwise."""
@@ -77,10 +115,10 @@ def _write(n: fx.Node):
         return n.args[0], [(n.args[0], n.args[1])], n.args[2]
     if n.target not in _COPIES or len(n.args) != 2 or not isinstance(n.args[0], fx.Node):
         return None
-    chain, dst = [], n.args[0]
-    while _view(dst):
+    chain, dst, reader = [], n.args[0], n
+    while _view(dst, reader, n, order):
         chain.insert(0, (dst.args[0], dst.args[1]))
-        dst = dst.args[0]
+        dst, reader = dst.args[0], dst
     return dst, chain, n.args[1]
 
 
@@ -93,16 +131,48 @@ def _shape(n):
     return tuple(getattr(n.meta.get("tensor_meta"), "shape", ()) or ()) if isinstance(n, fx.Node) else None
 
 
+def _functional_twin(n: fx.Node):
+    """The functional ATen overload of an in-place ATen op ``n`` (``fill_.Tensor`` -> ``fill.Tensor``,
+    ``masked_fill_.Scalar`` -> ``masked_fill.Scalar``), or None."""
+    t = n.target
+    if n.op != "call_function" or not isinstance(t, torch._ops.OpOverload) or t.namespace != "aten":
+        return None
+    name = t._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.endswith("__") or name == "copy_" or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    packet = getattr(torch.ops.aten, name[:-1], None)
+    return getattr(packet, t._overloadname, None) if packet is not None else None
+
+
+def _in_place_as_copies(gm: fx.GraphModule) -> int:
+    """Write every in-place ATen op (``t[:, 0].fill_(v)``, ``t.masked_fill_(m, v)``, ...) as its functional twin
+    followed by a ``copy_`` of the result into its input; readers of the op's result read the twin's."""
+    count = 0
+    for n in list(gm.graph.nodes):
+        twin = _functional_twin(n)
+        if twin is None:
+            continue
+        with gm.graph.inserting_before(n):
+            value = gm.graph.call_function(twin, n.args, n.kwargs)
+        value.meta.update({k: v for k, v in n.meta.items() if k in ("tensor_meta", "val")})
+        n.replace_all_uses_with(value)
+        n.target, n.args, n.kwargs = torch.ops.aten.copy_.default, (n.args[0], value), {}
+        count += 1
+    return count
+
+
 def functional_copies(gm: fx.GraphModule) -> int:
     """Make the in-place writes of a shape-propagated graph functional (MViTv2's ``attn[:, :, s:, s:] = ...``,
     captured as ``copy_``): the readers of the tensor after the write read a new node, the written value itself (a
     whole, same-shaped write) or :func:`~edgequant.graph.ops.put_values` of it into each selection. Without it the
     export, which writes each node as a function of its inputs, fed the tensor as it was before the write to the ops
-    after it. Needs propagated shapes (and again after); returns how many writes."""
+    after it. Other in-place ATen ops become a ``copy_`` of their functional twin's result first (BART's
+    ``shift_tokens_right`` fills column 0 of the decoder's ids with ``fill_`` on a selection). Needs propagated shapes
+    (and again after); returns how many writes."""
+    count = _in_place_as_copies(gm)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    count = 0
     for n in list(gm.graph.nodes):
-        found = _write(n)
+        found = _write(n, order)
         if found is None or not isinstance(found[2], fx.Node):
             continue
         base, chain, v = found
@@ -115,6 +185,8 @@ def functional_copies(gm: fx.GraphModule) -> int:
                 continue
             with gm.graph.inserting_after(at):
                 new = at = gm.graph.call_function(ops.put_values, (parent, index, new))
+            if "tensor_meta" in parent.meta:
+                new.meta["tensor_meta"] = parent.meta["tensor_meta"]
             shape = _shape(parent)
         if shape != _shape(base):
             continue  # a broadcasting copy_: left as it is

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..nn.modules import own_forward
 from ..nn.padded import PaddedConv2d
-from .patterns import computes_the_same, first_calls, set_submodule
+from .patterns import computes_the_same, first_calls, layer_calls, set_submodule
 
 _CONVS = {"conv2d"}
 _PADS = {"pad", "_pad", "constant_pad_nd"}
@@ -113,4 +113,70 @@ def plain_convs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
         new.train(m.training)
         set_submodule(model, name, new)
         done[name] = f"{type(m).__name__} -> {type(new).__name__}" + (f" pads {tuple(pads)}" if not symmetric else "")
+    return done
+
+
+#: torch functions a transposed linear layer computes with: ``addmm(bias, x, W)``, ``x @ W (+ b)``, ``F.linear``
+_PRODUCTS = {"addmm", "matmul", "mm", "linear", "__matmul__"}
+
+
+def _effective_linear(m: nn.Module, x: torch.Tensor):
+    """``(weight (out, in), bias or None)`` of the one affine map on the last dimension that ``m`` computes with its own
+    2-D ``weight`` on ``x`` (Hugging Face's transposed ``Conv1D``: ``addmm(bias, x.view(-1, nx), weight)``), or None."""
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return None
+    rec = _Record()
+    with torch.no_grad(), rec:
+        m(x)
+    found = [c for c in rec.calls if c[0] in _PRODUCTS and any(a is w for a in list(c[1]) + list(c[2].values()))]
+    if len(found) != 1 or sum(c[0] in _PRODUCTS for c in rec.calls) != 1:
+        return None
+    name, args, kwargs, _ = found[0]
+    b = getattr(m, "bias", None)
+    if name == "linear":  # F.linear(x, weight, bias): the weight as nn.Linear holds it
+        return w.detach().clone(), b if b is not None and any(a is b for a in list(args) + list(kwargs.values())) else None
+    # addmm(bias, x, W) / x @ W: the weight is (in, out)
+    return w.detach().t().contiguous(), b if b is not None and any(a is b for a in list(args) + list(kwargs.values())) else None
+
+
+def _linear_candidate(m: nn.Module) -> bool:
+    """A leaf layer of the model's own code (not torch's, not a registered one) whose parameters are a 2-D ``weight``
+    and maybe a 1-D ``bias``: it may be a linear layer written by hand."""
+    from ..nn.registry import lookup
+
+    if type(m).__module__.startswith("torch.") or lookup(type(m)) is not None or list(m.children()):
+        return False
+    params = dict(m.named_parameters(recurse=False))
+    w, b = params.get("weight"), params.get("bias")
+    return (w is not None and w.dim() == 2 and set(params) <= {"weight", "bias"} and (b is None or b.dim() == 1)
+            and not list(m.buffers(recurse=False)))
+
+
+def plain_linears(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
+    """Rewrite ``model``'s transposed linear layers in place as ``nn.Linear`` (Hugging Face's ``Conv1D`` in GPT-2 and
+    its relatives: a ``weight`` of shape (in, out) and ``addmm(bias, x, weight)`` in its forward), so that every pass
+    and the export see a linear layer with a quantized weight instead of float ``addmm`` nodes. Each rewrite is checked
+    to give the same output on the layer's input from the example inputs; returns ``{layer: what it became}``."""
+    done = {}
+    for name, m, a, _ in layer_calls(model, _linear_candidate, args, kwargs):
+        x = a[0].detach() if a and isinstance(a[0], torch.Tensor) else None
+        if x is None or not x.dtype.is_floating_point:
+            continue
+        found = _effective_linear(m, x)
+        if found is None:
+            continue
+        w, b = found
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if b is not None:
+                new.bias.copy_(b.detach())
+            ref, got = m(x), new(x)
+        if not computes_the_same(ref, got):
+            continue
+        new.weight.requires_grad_(m.weight.requires_grad)
+        new.train(m.training)
+        set_submodule(model, name, new)
+        done[name] = f"{type(m).__name__} -> Linear (weight transposed)"
     return done

@@ -68,6 +68,17 @@ def first_calls(model: nn.Module, layers: dict, args: tuple, kwargs: dict) -> Op
     return calls
 
 
+def layer_calls(model: nn.Module, select, args: tuple, kwargs: dict) -> list:
+    """``[(name, layer, args, kwargs), ...]``: each layer of ``model`` that ``select(layer)`` picks, with the arguments of
+    its first call when ``model`` runs on the example inputs (``()``, ``{}`` when it is not called); empty when none is
+    picked or the run fails."""
+    todo = {name: m for name, m in model.named_modules() if select(m)}
+    calls = first_calls(model, todo, args, kwargs) if todo else None
+    if calls is None:
+        return []
+    return [(name, m) + tuple(calls.get(name, ((), {}))) for name, m in todo.items()]
+
+
 def computes_the_same(ref: torch.Tensor, got: torch.Tensor) -> bool:
     """Whether a rewritten layer's output ``got`` is its original's ``ref`` up to float32 rounding (same shape; relative
     1e-4, absolute 1e-5 of the largest magnitude)."""

@@ -21,7 +21,7 @@ from ..core.encoding import Encoding
 from ..errors import DataError, GraphCaptureError, NotCalibratedError, PlanError
 from ..graph.bn_fold import FoldReport, fold_batch_norms, folded_replacement
 from ..graph.attention import decompose_mha
-from ..graph.own_conv import plain_convs
+from ..graph.own_conv import plain_convs, plain_linears
 from ..graph.ops import BN_MODULES
 from ..graph.patterns import set_submodule
 from ..io import encodings as enc_io
@@ -189,6 +189,7 @@ class QuantSim(nn.Module):
         args, kwargs = as_args(inputs)
         with evaluating(net):  # own-forward convs ("same" padding, weight standardization) as plain convs
             self.plain_convs = plain_convs(net, args, kwargs)
+            self.plain_convs.update(plain_linears(net, args, kwargs))  # Hugging Face's transposed Conv1D -> Linear
             self.plain_convs.update(decompose_mha(net, args, kwargs))  # MultiheadAttention -> linears + sdpa
         self.bn_folding = _fold_bn(net, inputs) if fold_bn else FoldReport()
         # the float architecture (batch norms folded; no data: meta tensors), for float_model() and sim.save()

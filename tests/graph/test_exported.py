@@ -433,3 +433,69 @@ def test_swin_v2_attention_is_quantized_and_bit_exact_in_ort(tmp_path):
     with warnings.catch_warnings(), torch.no_grad(), sim.integer_exact(tables=True, float64=True):
         warnings.simplefilter("ignore")
         assert torch.equal(torch.from_numpy(out), sim(x))
+
+
+class HFConv1D(nn.Module):
+    """Hugging Face's ``Conv1D`` (GPT-2): a linear layer with its weight stored transposed, ``(in, out)``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class TinyDecoder(nn.Module):
+    """What decoders and encoder-decoders add: BART's ``shift_tokens_right`` (in-place writes into a selection and a
+    ``masked_fill_``), GPT-2's transposed ``Conv1D`` layers and a key cache that starts as an empty tensor."""
+
+    def __init__(self, vocab=50, d=16, seq=12):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq, d)
+        self.register_buffer("position_ids", torch.arange(seq).unsqueeze(0), persistent=False)
+        self.register_buffer("cache", torch.tensor([]), persistent=False)
+        self.c_fc, self.c_proj = HFConv1D(32, d), HFConv1D(d, 32)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, input_ids):
+        n = input_ids.shape[1]
+        shifted = input_ids.new_zeros(input_ids.shape)
+        shifted[:, 1:] = input_ids[:, :-1].clone()
+        shifted[:, 0] = 7
+        shifted.masked_fill_(shifted == 3, 1)
+        h = self.tok(shifted) + self.pos(self.position_ids[:, :n])
+        h = torch.cat([self.cache, h], dim=-2)  # torch.cat skips a 1-D empty tensor; ONNX's Concat does not
+        h = self.c_proj(torch.relu(self.c_fc(h)))
+        return self.head(h.mean(1))
+
+
+def test_decoder_idioms_quantize_and_export_what_the_model_computes(tmp_path):
+    torch.manual_seed(0)
+    model = TinyDecoder().eval()
+    ids = _inputs(8)[0]
+    ids[:, 4] = 3  # masked_fill_ has something to replace
+    sim = QuantSim(model, ids[:1], "w8a8")
+    assert sim.capture_mode == "graph"
+    assert sim.plain_convs == {"c_fc": "HFConv1D -> Linear (weight transposed)",
+                               "c_proj": "HFConv1D -> Linear (weight transposed)"}
+    assert {"c_fc.weight", "c_proj.weight"} <= set(sim.quantizers())  # the transposed linears are quantized layers
+    with torch.no_grad(), sim.quantization_disabled():
+        torch.testing.assert_close(sim(ids), model(ids))
+        fp32 = export_onnx(sim, tmp_path / "f.onnx", dynamic_batch=False, example_inputs=(ids,))["onnx"]
+    s = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    # the export computes the decoder's ids after every in-place write (column 0 filled, 3 replaced)
+    torch.testing.assert_close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: ids.numpy()})[0]), model(ids).detach())
+    sim.calibrate([ids], progress=False)
+    path = export_onnx(sim, tmp_path / "q.onnx", dynamic_batch=False, example_inputs=(ids,))["onnx"]
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = s.run(None, {s.get_inputs()[0].name: ids.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact():
+        ref = sim(ids).numpy()
+    assert (got == ref).all()
+    with torch.no_grad():
+        torch.testing.assert_close(sim.float_model()(ids), model(ids))

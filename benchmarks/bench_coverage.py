@@ -18,12 +18,20 @@ standardization, normalizer-free nets -- at their configured input size; over 10
 into ``benchmarks/results/coverage_timm.md`` (raw results ``.peers/coverage_timm.jsonl``). timm is a benchmark
 dependency only (``pip install timm``); no weights are downloaded.
 
-Usage: python benchmarks/bench_coverage.py [--source torchvision|timm] [--models a,b,...] [--size 224]
+``--source hf`` sweeps Hugging Face ``transformers`` architectures built from their configs with random weights
+(``HF_TEXT``: encoders, decoders and encoder-decoders at 2 layers, hidden size 128, as sentence encoders -- masked mean
+of the last hidden state -- on two token sequences, one padded; ``HF_VISION``: image classifiers at their default
+configs) into ``benchmarks/results/coverage_hf.md``, all at W8A8 (every activation quantized, the embedding too: the
+preset ``w8a8_transformer``'s float residual stream is a choice for accuracy, measured in ``bench_transformers.py``). For the text models "ORT top-1 = sim" is "the ORT embeddings'
+cosine to the sim's >= 0.999" (there is no class).
+
+Usage: python benchmarks/bench_coverage.py [--source torchvision|timm|hf] [--models a,b,...] [--size 224]
        [--timeout 600] [--out benchmarks/results/coverage.md]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -55,6 +63,88 @@ TIMM_EXTRA = ("tf_efficientnet_b0", "efficientnet_b0", "tf_mobilenetv3_large_100
               "ese_vovnet19b_dw", "cspresnet50", "regnetz_b16", "lambda_resnet26t", "botnet26t_256",
               "ghostnetv2_100", "hrnet_w18_small", "mobileone_s0", "repvgg_a0", "dla46_c")
 TIMM_MAX_PARAMS_M, TIMM_MAX_SIZE = 100, 448
+#: Hugging Face text architectures (config kind -> its extra config) at 2 layers, hidden 128, 4 heads, vocabulary 1000
+HF_TEXT = {"bert": {}, "distilbert": {}, "roberta": {}, "xlm-roberta": {}, "albert": {"embedding_size": 64},
+           "electra": {}, "mpnet": {}, "deberta-v2": {"relative_attention": True, "position_buckets": 32,
+                                                     "pos_att_type": ["p2c", "c2p"]},
+           "mobilebert": {"embedding_size": 64, "intra_bottleneck_size": 64, "true_hidden_size": 64},
+           "convbert": {}, "squeezebert": {"embedding_size": 128}, "layoutlm": {}, "nystromformer": {},
+           "big_bird": {}, "rembert": {}, "ernie": {}, "megatron-bert": {},
+           "t5": {"d_model": 128, "d_ff": 256, "num_layers": 2, "num_heads": 4, "d_kv": 32},
+           "gpt2": {}, "llama": {"num_key_value_heads": 2, "head_dim": 32},
+           "qwen2": {"num_key_value_heads": 2, "head_dim": 32}, "bart": {}}
+#: Hugging Face image classifiers at their default configs
+HF_VISION = ("vit", "deit", "beit", "swin", "convnext", "mobilevit", "segformer", "dinov2", "levit", "resnet",
+             "regnet", "efficientnet", "poolformer", "mobilenet_v2", "convnextv2", "swinv2", "cvt", "focalnet", "pvt_v2")
+HF_SEQ = 32
+
+
+def _sentence_encoder(model):
+    """A transformers model as a sentence encoder: the masked mean of its last hidden state."""
+    import torch
+
+    class SentenceEncoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            h = self.m(input_ids=input_ids, attention_mask=attention_mask)[0]
+            w = attention_mask.unsqueeze(-1).to(h.dtype)
+            return (h * w).sum(1) / w.sum(1).clamp(min=1e-9)
+
+    return SentenceEncoder(model).eval()
+
+
+def _build_hf(name: str, out: dict):
+    """(model, example inputs) of a Hugging Face architecture with random weights (``HF_TEXT`` or ``HF_VISION``)."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if name in HF_TEXT:
+        small = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                     vocab_size=1000, max_position_embeddings=128)
+        cfg = AutoConfig.for_model(name, **small, **HF_TEXT[name])
+        if name == "t5":
+            from transformers import T5EncoderModel
+
+            model = T5EncoderModel(cfg)
+        else:
+            model = AutoModel.from_config(cfg, attn_implementation="eager")
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(5, cfg.vocab_size, (2, HF_SEQ), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, HF_SEQ // 2:] = 0
+        out["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+        return _sentence_encoder(model.eval()), (ids * mask, mask)
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    cfg = AutoConfig.for_model(name)
+    cls = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[name]  # a name, or a tuple of them (DeiT, LeViT: the first)
+    model = getattr(transformers, cls if isinstance(cls, str) else cls[0])(cfg).eval()
+    out["parameters_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+    if out["parameters_m"] > TIMM_MAX_PARAMS_M:
+        raise _Skip(f"{out['parameters_m']} M parameters")
+    size = getattr(cfg, "image_size", 224)
+    size = size if isinstance(size, int) else size[0]
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, pixel_values):
+            return self.m(pixel_values=pixel_values).logits
+
+    return Logits(model).eval(), torch.randn(1, getattr(cfg, "num_channels", 3), size, size)
 
 
 def timm_sample() -> list[str]:
@@ -83,6 +173,8 @@ def _build(name: str, size: int, source: str, out: dict):
     import torch
     import torchvision
 
+    if source == "hf":
+        return _build_hf(name, out)
     if source == "timm":
         import timm
 
@@ -119,22 +211,31 @@ def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> Non
     stage = "capture"
     try:
         model, x = _build(name, size, source, out)
+        text = isinstance(x, tuple)  # (token ids, attention mask): a sentence encoder
         sim = QuantSim(model, x, "w8a8")  # as built: the sim folds batch norms itself (fold_bn=True)
         out["capture_mode"] = sim.capture_mode
         out["bn_folded"], out["bn_left"] = len(sim.bn_folding.folded), len(sim.bn_folding.skipped)
         stage = "float = model"  # the sim with its quantizers off computes what the user's model computes
         with torch.no_grad(), sim.quantization_disabled():
-            yf = _first(sim(x))
+            yf = _first(_call(sim, x))
         with torch.no_grad():
-            y0 = _first(model(x))
+            y0 = _first(_call(model, x))
         out["float_sqnr_db"] = float(sqnr_db(y0.float(), yf.float()))
         if not out["float_sqnr_db"] > 40:
-            raise AssertionError(f"the sim with quantizers off is {out['float_sqnr_db']:.1f} dB from the model")
+            # a random-weight net can be chaotic in float32 itself (the BN folding's rounding is then amplified): the
+            # sim passes when it is as close to the model as the model's float32 run is to its float64 run
+            with torch.no_grad():
+                y64 = _first(_call(copy.deepcopy(model).double(), tuple(t.double() if t.is_floating_point() else t
+                                                                          for t in x) if isinstance(x, tuple) else x.double()))
+            out["model_fp32_vs_fp64_db"] = float(sqnr_db(y64.float(), y0.float()))
+            if not out["float_sqnr_db"] > min(40, out["model_fp32_vs_fp64_db"] - 3):
+                raise AssertionError(f"the sim with quantizers off is {out['float_sqnr_db']:.1f} dB from the model "
+                                     f"(the model in float32 vs float64: {out['model_fp32_vs_fp64_db']:.1f} dB)")
         stage = "calibrate"
         sim.calibrate([x], progress=False)
         stage = "sim forward"
         with torch.no_grad():
-            y = _first(sim(x))
+            y = _first(_call(sim, x))
         stage = "export"
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"
@@ -145,14 +246,18 @@ def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> Non
             o = _ort_output(path, x)
         stage = "integer-exact = ORT"  # computed first: it tells a top-1 flip of near-tied logits from an export error
         with torch.no_grad(), sim.integer_exact():
-            ye = _first(sim(x))
+            ye = _first(_call(sim, x))
         ye = ye.detach().float().numpy().reshape(o.shape)
         out["identical_fraction"] = float((ye == o).mean())
         exact = f"; integer-exact sim vs ORT: {out['identical_fraction']:.4f} identical"
         stage = "ORT top-1 = sim"
         yy = y.detach().float().numpy().reshape(o.shape)
         out["ort_sqnr_db"] = float(sqnr_db(torch.from_numpy(yy), torch.from_numpy(o)))
-        if yy.ndim == 4:  # segmentation: the class of every pixel
+        if text:  # sentence embeddings: no class; the direction of each embedding
+            out["cosine"] = float(torch.nn.functional.cosine_similarity(torch.from_numpy(yy), torch.from_numpy(o)).min())
+            if out["cosine"] < 0.999:
+                raise AssertionError(f"ORT vs sim cosine {out['cosine']:.5f} (SQNR {out['ort_sqnr_db']:.1f} dB){exact}")
+        elif yy.ndim == 4:  # segmentation: the class of every pixel
             out["pixel_agreement"] = float((yy.argmax(1) == o.argmax(1)).mean())
             if out["pixel_agreement"] < 0.99:
                 raise AssertionError(f"{out['pixel_agreement']:.4f} of the pixels get the same class (SQNR {out['ort_sqnr_db']:.1f} dB){exact}")
@@ -176,14 +281,20 @@ def run_one(name: str, size: int, out: dict, source: str = "torchvision") -> Non
     out["seconds"] = round(time.perf_counter() - t0, 1)
 
 
+def _call(f, x):
+    return f(*x) if isinstance(x, tuple) else f(x)
+
+
 def _ort_output(path, x):
-    """The first output of the ONNX model at ``path`` on input ``x`` in ONNX Runtime (2 threads)."""
+    """The first output of the ONNX model at ``path`` on input ``x`` (a tensor or a tuple of them) in ONNX Runtime
+    (2 threads)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    xs = x if isinstance(x, tuple) else (x,)
+    return sess.run(None, {i.name: v.numpy() for i, v in zip(sess.get_inputs(), xs)})[0]
 
 
 def _with_exact_options(sim, x, shape) -> float:
@@ -199,7 +310,7 @@ def _with_exact_options(sim, x, shape) -> float:
         export_onnx(sim, path, tables=True, float64=True)
         o = _ort_output(path, x)
     with torch.no_grad(), sim.integer_exact(tables=True, float64=True):
-        ye = _first(sim(x)).detach().float().numpy().reshape(shape)
+        ye = _first(_call(sim, x)).detach().float().numpy().reshape(shape)
     return float((ye == o).mean())
 
 
@@ -296,7 +407,7 @@ def main():
     import torchvision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", choices=("torchvision", "timm"), default="torchvision")
+    ap.add_argument("--source", choices=("torchvision", "timm", "hf"), default="torchvision")
     ap.add_argument("--models", default=None, help="comma-separated (default: every classification model, or timm's sample)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--timeout", type=int, default=600)
@@ -304,13 +415,15 @@ def main():
     ap.add_argument("--results", default=None, help="one JSON line per model, resumable (default .peers/coverage[_timm].jsonl)")
     ap.add_argument("--table-only", action="store_true", help="table the results already in --results, run nothing")
     args = ap.parse_args()
-    suffix = "_timm" if args.source == "timm" else ""
+    suffix = {"timm": "_timm", "hf": "_hf"}.get(args.source, "")
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"coverage{suffix}.md")
     args.results = args.results or str(REPO / ".peers" / f"coverage{suffix}.jsonl")
     if args.models:
         names = args.models.split(",")
     elif args.source == "timm":
         names = timm_sample()
+    elif args.source == "hf":
+        names = list(HF_TEXT) + list(HF_VISION)
     else:
         names = torchvision.models.list_models(module=torchvision.models) + list(DENSE)
     done = {}
@@ -342,7 +455,15 @@ def main():
     rows = [done[n] for n in names if n in done and done[n]["stage"] != "skipped"]
     passed = {s: sum(1 for r in rows if r["stage"] == "done" or (r["stage"] in STAGES and STAGES.index(r["stage"]) > i))
               for i, s in enumerate(STAGES)}  # a timeout or crash passed no stage it is counted for
-    if args.source == "timm":
+    if args.source == "hf":
+        import transformers
+
+        head = (f"Hugging Face transformers {transformers.__version__} architectures (random weights, from their configs): "
+                f"{len(rows)} models, {len(HF_TEXT)} text models (2 layers, hidden 128; "
+                f"two sequences of {HF_SEQ} tokens, one half padding; sentence embedding = masked mean; 'ORT top-1 = sim' "
+                f"is ORT-vs-sim cosine >= 0.999) and image classifiers at their default configs (W8A8, one image); "
+                f"skipped (over {TIMM_MAX_PARAMS_M} M parameters): {', '.join(r['model'] for r in skipped) or 'none'}.")
+    elif args.source == "timm":
         import timm
 
         head = (f"timm {timm.__version__} models at W8A8 (random weights, BN folded, one image at the model's configured "

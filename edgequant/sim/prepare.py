@@ -116,6 +116,15 @@ def _is_float(node: fx.Node) -> bool:
     return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
 
 
+def _holds_tensor(meta) -> bool:
+    """A tensor, or a tuple/list/dict holding one (not a shape, a size or another Python value)."""
+    if isinstance(meta, TensorMetadata):
+        return True
+    if isinstance(meta, (tuple, list)):
+        return any(_holds_tensor(m) for m in meta)
+    return isinstance(meta, dict) and any(_holds_tensor(m) for m in meta.values())
+
+
 def _has_float(meta) -> bool:
     """A float tensor, or a tuple/list/dict holding one (e.g. an LSTM's ``(output, (h, c))``)."""
     if isinstance(meta, TensorMetadata):
@@ -242,11 +251,12 @@ class _GraphPlanner:
     def visit(self, n: fx.Node) -> None:
         k = ops.kind(n, self.modules)
         floats_in = [a for a in n.all_input_nodes if _has_float(a.meta.get("tensor_meta"))]
-        # data: derived from float inputs or weights (not a mask or positions built from integer inputs, nor a constant
-        # folded by the torch.export capture)
+        # data: derived from float inputs or weights (not a mask or positions built from integer inputs or from sizes
+        # read off the data's shape, nor a constant folded by the torch.export capture)
         self.data[n] = (n.op == "call_module" or (n.op == "placeholder" and _has_float(n.meta.get("tensor_meta")))
                         or (n.op == "get_attr" and isinstance(_attr_of(self.gm, n.target), nn.Parameter))
-                        or any(self.data.get(a, False) for a in n.all_input_nodes))
+                        or any(self.data.get(a, False) and _holds_tensor(a.meta.get("tensor_meta"))
+                               for a in n.all_input_nodes))
         if k == "unknown" and _has_float(n.meta.get("tensor_meta")) and self.data[n]:
             t = self.modules[n.target] if n.op == "call_module" else n.target
             self.unsupported.append(f"{self.names[n]} ({type_names(t)[0]})")
@@ -256,6 +266,11 @@ class _GraphPlanner:
             if k == "weighted" and isinstance(x, fx.Node) and _is_float(x) and not self.on_grid.get(x, True):
                 self.add(x)  # a recurrent layer (its outputs are a tuple, on its own grids): its input goes on a grid
                 self.on_grid[x] = True
+        elif k == "compute" and not self.data[n]:
+            # computed from integer inputs and constants only (T5's and MPNet's relative-position buckets take the log
+            # of distances, -inf at 0, before a cast to integers): not data, no grid; a product that reads it as data
+            # puts it on a grid at its input
+            self.on_grid[n] = False
         elif k in ("weighted", "compute"):
             for a in _data_inputs(n, self.modules):
                 if _is_float(a) and not self.on_grid.get(a, True):

@@ -499,3 +499,37 @@ def test_decoder_idioms_quantize_and_export_what_the_model_computes(tmp_path):
     assert (got == ref).all()
     with torch.no_grad():
         torch.testing.assert_close(sim.float_model()(ids), model(ids))
+
+
+class BucketedPositions(nn.Module):
+    """T5's and MPNet's relative-position buckets: the log of token distances (``-inf`` at distance 0) cast to integers
+    and looked up in an embedding table whose rows are added to the attention scores."""
+
+    def __init__(self, d=16, buckets=8):
+        super().__init__()
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        self.rel = nn.Embedding(buckets, 1)
+        self.buckets = buckets
+
+    def forward(self, x):
+        n = x.shape[1]
+        pos = torch.arange(n, device=x.device)
+        dist = (pos[None, :] - pos[:, None]).abs().float()
+        bucket = (torch.log(dist / 2) * 3).clamp(min=0, max=self.buckets - 1).to(torch.long)
+        scores = self.q(x) @ self.k(x).transpose(1, 2) + self.rel(bucket)[..., 0]
+        return torch.softmax(scores, -1).mean(1)
+
+
+def test_float_positions_computed_from_integers_get_no_grid(tmp_path):
+    torch.manual_seed(0)
+    model = BucketedPositions().eval()
+    x = torch.randn(4, 10, 16)
+    sim = QuantSim(model, x[:1], "w8a8")
+    sim.calibrate([x], progress=False)  # the log's -inf at distance 0 is not calibration data
+    assert not any(n.startswith(("log", "truediv", "mul", "abs", "sub")) for n in sim.quantizers()), sorted(sim.quantizers())
+    path = export_onnx(sim, tmp_path / "b.onnx", float64=True)["onnx"]
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact(float64=True):
+        ref = sim(x).numpy()
+    assert (got == ref).all()

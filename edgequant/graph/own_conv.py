@@ -134,10 +134,9 @@ def _effective_linear(m: nn.Module, x: torch.Tensor):
         return None
     name, args, kwargs, _ = found[0]
     b = getattr(m, "bias", None)
-    if name == "linear":  # F.linear(x, weight, bias): the weight as nn.Linear holds it
-        return w.detach().clone(), b if b is not None and any(a is b for a in list(args) + list(kwargs.values())) else None
-    # addmm(bias, x, W) / x @ W: the weight is (in, out)
-    return w.detach().t().contiguous(), b if b is not None and any(a is b for a in list(args) + list(kwargs.values())) else None
+    b = b if b is not None and any(a is b for a in list(args) + list(kwargs.values())) else None  # added by the product
+    # F.linear(x, weight, bias) holds the weight as nn.Linear does; addmm(bias, x, W) and x @ W hold it (in, out)
+    return (w.detach().clone() if name == "linear" else w.detach().t().contiguous()), b
 
 
 def _linear_candidate(m: nn.Module) -> bool:

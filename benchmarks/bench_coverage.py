@@ -461,7 +461,7 @@ def main():
         head = (f"Hugging Face transformers {transformers.__version__} architectures (random weights, from their configs): "
                 f"{len(rows)} models, {len(HF_TEXT)} text models (2 layers, hidden 128; "
                 f"two sequences of {HF_SEQ} tokens, one half padding; sentence embedding = masked mean; 'ORT top-1 = sim' "
-                f"is ORT-vs-sim cosine >= 0.999) and image classifiers at their default configs (W8A8, one image); "
+                f"is ORT-vs-sim cosine >= 0.999) and {len(HF_VISION)} image classifiers at their default configs (W8A8, one image); "
                 f"skipped (over {TIMM_MAX_PARAMS_M} M parameters): {', '.join(r['model'] for r in skipped) or 'none'}.")
     elif args.source == "timm":
         import timm

@@ -37,6 +37,8 @@ from ..nn.modules import own_forward
 from .ops import add_mask
 
 aten = torch.ops.aten
+#: the name prefix of the constants the capture computed once (buffers of the captured module, not of the model)
+FOLDED = "_folded_"
 
 # aten overload -> (kind, target): "function" keeps positional args, "method" calls a tensor method
 _FUNCTIONS: dict[Any, tuple[str, Callable | str]] = {
@@ -485,7 +487,7 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
         elif n.op == "get_attr":
             env[n] = g.get_attr(str(n.target))
         elif n in constants:  # computed from constants and static sizes only: its value on the example
-            env[n] = g.get_attr(f"_folded_{n.name}")
+            env[n] = g.get_attr(f"{FOLDED}{n.name}")
         elif n.op == "output":
             g.output(load(n.args[0]))
         elif n.op == "call_module" or n.target is aten._assert_tensor_metadata.default or n in dropped:
@@ -501,7 +503,7 @@ def capture_exported(model: nn.Module, args: tuple, kwargs: dict) -> fx.GraphMod
     g._codegen = src.graph._codegen
     for n in [n for n in g.nodes if n.op == "get_attr" and not n.users]:  # the weights now inside layers
         g.erase_node(n)
-    folded = {f"_folded_{n.name}": v for n, v in constants.items()}
+    folded = {f"{FOLDED}{n.name}": v for n, v in constants.items()}
     root: dict[str, Any] = {n.target: folded[n.target] if n.target in folded else _attr(model, src, n.target)
                             for n in g.nodes if n.op == "get_attr"}
     root.update({n.target: layers[n.target] for n in g.nodes if n.op == "call_module"})

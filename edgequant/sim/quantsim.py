@@ -52,6 +52,17 @@ def _check_runs(net, args, kwargs, example_inputs) -> None:
         ) from e
 
 
+def rewrite_layers(net: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
+    """Rewrite in place the layers every pass should see as plain ones (own-forward convs -- "same" padding, weight
+    standardization -- as plain convs, Hugging Face's transposed ``Conv1D`` as ``nn.Linear``, ``nn.MultiheadAttention``
+    as linears around ``scaled_dot_product_attention``); returns ``{layer: what it became}``."""
+    with evaluating(net):
+        done = plain_convs(net, args, kwargs)
+        done.update(plain_linears(net, args, kwargs))
+        done.update(decompose_mha(net, args, kwargs))
+    return done
+
+
 def _check_device(net) -> None:
     if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):
         raise DataError("the model's weights are on the meta device (not materialized): load them first, e.g. "
@@ -187,10 +198,7 @@ class QuantSim(nn.Module):
         device = device_of(net)
         inputs = to_device(example_inputs, device)
         args, kwargs = as_args(inputs)
-        with evaluating(net):  # own-forward convs ("same" padding, weight standardization) as plain convs
-            self.plain_convs = plain_convs(net, args, kwargs)
-            self.plain_convs.update(plain_linears(net, args, kwargs))  # Hugging Face's transposed Conv1D -> Linear
-            self.plain_convs.update(decompose_mha(net, args, kwargs))  # MultiheadAttention -> linears + sdpa
+        self.plain_convs = rewrite_layers(net, args, kwargs)
         self.bn_folding = _fold_bn(net, inputs) if fold_bn else FoldReport()
         # the float architecture (batch norms folded; no data: meta tensors), for float_model() and sim.save()
         object.__setattr__(self, "_arch", meta_copy(net))

@@ -5,6 +5,8 @@
 * ``float_arch.pt`` -- the float model's structure, pickled with meta tensors (no data);
 * ``float_state.pt`` -- the float model's weights that go with the encodings (AdaRound's rounded weights,
   corrected biases, folded batch norms, CLE scales), a state_dict;
+* ``float_buffers.pt`` -- its non-persistent buffers, which a state_dict leaves out (Hugging Face's ``position_ids``,
+  the statistics BN folding records): the architecture is pickled without data;
 * ``example_inputs.pt``, ``config.json``, ``plan.json`` -- how the sim was built;
 * ``quantizer_state.pt`` -- every quantizer's state (disabled quantizers too);
 * ``encodings.json`` -- the encodings (when calibrated), for deployment;
@@ -27,6 +29,7 @@ from ..config.plan import QuantPlan
 from ..config.spec import QuantConfig
 from ..errors import GraphCaptureError, PlanError
 from ..graph.bn_fold import fold_batch_norms
+from ..graph.exported import FOLDED
 from ..graph.ops import BN_MODULES
 from ..io.encodings import atomic_write_text, file_mode, replace_folder
 
@@ -64,7 +67,8 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
                 continue
             if target._buffers.get(bname) is not None:
                 target._buffers[bname].copy_(b)
-            else:  # a buffer a pass added (BN folding's bn_mean / bn_std), with its own persistence
+            elif not (name == "" and bname.startswith(FOLDED)):  # not a constant the torch.export capture computed
+                # a buffer a pass added (BN folding's bn_mean / bn_std), with its own persistence
                 target.register_buffer(bname, b.detach().clone(), persistent=bname not in m._non_persistent_buffers_set)
     return dst
 
@@ -90,7 +94,9 @@ def save(sim, folder) -> Path:
         except Exception:  # noqa: BLE001 -- a model whose classes cannot be pickled: load needs model=
             (tmp / "float_arch.pt").unlink(missing_ok=True)
             pickled = False
-        _save_torch(float_model.state_dict(), tmp / "float_state.pt")
+        state = float_model.state_dict()
+        _save_torch(state, tmp / "float_state.pt")
+        _save_torch({n: b for n, b in float_model.named_buffers() if n not in state}, tmp / "float_buffers.pt")
         _save_torch(sim._example_inputs, tmp / "example_inputs.pt")
         _save_torch(_quantizer_state(sim), tmp / "quantizer_state.pt")
         atomic_write_text(tmp / "config.json", sim.config.to_json())
@@ -119,8 +125,9 @@ def _read_manifest(folder: Path) -> dict:
     return man
 
 
-def _float_model(folder: Path, man: dict, model, map_location) -> nn.Module:
-    """The float model: ``model``'s (or the saved) architecture with the saved float weights."""
+def _float_model(folder: Path, man: dict, model, map_location, example) -> nn.Module:
+    """The float model: ``model``'s (or the saved) architecture with the saved float weights (``model``'s layers that
+    the sim rewrote -- transposed linears, own-forward convs, multi-head attention -- rewritten alike first)."""
     if model is None:
         if not man.get("pickled_model"):
             raise ValueError(f"{folder}: the float model could not be pickled when it was saved; pass load(folder, model=...)")
@@ -130,7 +137,11 @@ def _float_model(folder: Path, man: dict, model, map_location) -> nn.Module:
             raise ValueError(f"{folder}/float_arch.pt cannot be unpickled here ({type(e).__name__}: {e}); pass the "
                              "architecture: edgequant.load(folder, model=YourModel())") from None
     else:
+        from ..batches import as_args
+        from .quantsim import rewrite_layers
+
         model = copy.deepcopy(model)
+        rewrite_layers(model, *as_args(example))
     state = torch.load(folder / "float_state.pt", map_location=map_location, weights_only=True)
     if set(model.state_dict()) - set(state) and any(isinstance(m, BN_MODULES) for m in model.modules()):
         model = _folded_like(model, state)  # the user's unfolded architecture of a sim that folded its batch norms
@@ -142,6 +153,11 @@ def _float_model(folder: Path, man: dict, model, map_location) -> nn.Module:
                         "have folded its batch norms or replaced activations): call edgequant.load(folder) "
                         "without model= to use the saved float model")
     model.load_state_dict(state, strict=True)
+    if (folder / "float_buffers.pt").exists():  # written since format version 1 files carry it
+        own = dict(model.named_buffers())
+        for n, b in torch.load(folder / "float_buffers.pt", map_location=map_location, weights_only=True).items():
+            if n in own and own[n].shape == b.shape:
+                own[n].copy_(b)
     return model
 
 
@@ -157,10 +173,10 @@ def load(folder, model: nn.Module = None, map_location="cpu"):
 
     folder = Path(folder)
     man = _read_manifest(folder)
-    net = _float_model(folder, man, model, map_location)
+    example = torch.load(folder / "example_inputs.pt", map_location=map_location, weights_only=True)
+    net = _float_model(folder, man, model, map_location, example)
     config = QuantConfig.from_json((folder / "config.json").read_text())
     plan = QuantPlan.from_json((folder / "plan.json").read_text())
-    example = torch.load(folder / "example_inputs.pt", map_location=map_location, weights_only=True)
     sim = QuantSim(net, example, config, plan=plan, inplace=True, fold_bn=man.get("fold_bn", False))
     sim.disable(man.get("disabled", []))
     state = torch.load(folder / "quantizer_state.pt", map_location=map_location, weights_only=True)

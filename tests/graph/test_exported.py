@@ -533,3 +533,19 @@ def test_float_positions_computed_from_integers_get_no_grid(tmp_path):
     with torch.no_grad(), sim.integer_exact(float64=True):
         ref = sim(x).numpy()
     assert (got == ref).all()
+
+
+def test_a_sim_captured_by_torch_export_saves_and_loads_bit_for_bit(tmp_path):
+    """The captured graph's folded constants are not the model's weights, non-persistent buffers (``position_ids``) are
+    saved with the architecture, and a user's architecture gets the sim's rewrites (``Conv1D`` -> ``nn.Linear``)."""
+    import edgequant
+
+    torch.manual_seed(0)
+    ids = _inputs(8)[0]
+    sim = QuantSim(TinyDecoder().eval(), ids[:1], "w8a8")
+    sim.calibrate([ids], progress=False)
+    sim.save(tmp_path / "s")
+    with torch.no_grad():
+        ref = sim(ids)
+        for loaded in (edgequant.load(tmp_path / "s"), edgequant.load(tmp_path / "s", model=TinyDecoder().eval())):
+            assert torch.equal(loaded(ids), ref)

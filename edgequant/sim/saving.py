@@ -153,7 +153,7 @@ def _float_model(folder: Path, man: dict, model, map_location, example) -> nn.Mo
                         "have folded its batch norms or replaced activations): call edgequant.load(folder) "
                         "without model= to use the saved float model")
     model.load_state_dict(state, strict=True)
-    if (folder / "float_buffers.pt").exists():  # written since format version 1 files carry it
+    if (folder / "float_buffers.pt").exists():  # absent from folders saved before it was written
         own = dict(model.named_buffers())
         for n, b in torch.load(folder / "float_buffers.pt", map_location=map_location, weights_only=True).items():
             if n in own and own[n].shape == b.shape:

@@ -22,8 +22,8 @@ dependency only (``pip install timm``); no weights are downloaded.
 (``HF_TEXT``: encoders, decoders and encoder-decoders at 2 layers, hidden size 128, as sentence encoders -- masked mean
 of the last hidden state -- on two token sequences, one padded; ``HF_VISION``: image classifiers at their default
 configs) into ``benchmarks/results/coverage_hf.md``, all at W8A8 (every activation quantized, the embedding too: the
-preset ``w8a8_transformer``'s float residual stream is a choice for accuracy, measured in ``bench_transformers.py``). For the text models "ORT top-1 = sim" is "the ORT embeddings'
-cosine to the sim's >= 0.999" (there is no class).
+preset ``w8a8_transformer``'s float residual stream is a choice for accuracy, measured in ``bench_transformers.py``).
+For the text models "ORT top-1 = sim" is "the ORT embeddings' cosine to the sim's >= 0.999" (there is no class).
 
 Usage: python benchmarks/bench_coverage.py [--source torchvision|timm|hf] [--models a,b,...] [--size 224]
        [--timeout 600] [--out benchmarks/results/coverage.md]

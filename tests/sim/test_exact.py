@@ -22,6 +22,18 @@ def _sim(model, x, cfg):
     return sim
 
 
+def _exact_and_ort(model, cal, x, path, **options):
+    """``(sim, mode, exact, ort_out, onnx_path)``: ``model`` quantized at W8A8 on ``cal``, exported with ``options``
+    (``tables=``, ``float64=``) and run on ``x`` by ONNX Runtime and by the integer-exact sim with the same options."""
+    sim = QuantSim(model.eval(), cal[0], "w8a8")
+    sim.calibrate(cal, progress=False)
+    path = export_onnx(sim, path, **options)["onnx"]
+    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad(), sim.integer_exact(**options) as mode:
+        exact = sim(x)
+    return sim, mode, exact, torch.from_numpy(out), path
+
+
 @pytest.mark.parametrize("cfg,cle", [("w8a8", False), ("w7a8", False), ("w8a8_per_tensor", False), ("w8a8_per_tensor", True)])
 def test_integer_exact_sim_is_bit_exact_with_onnx_runtime_and_the_engine(folded, tmp_path, cfg, cle):
     model, x = folded
@@ -292,15 +304,10 @@ class _ClassToken(nn.Module):
 def test_layers_reading_selected_tokens_run_on_the_integers(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(4, 17, 8) for _ in range(2)]
-    sim = QuantSim(_ClassToken().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "t.onnx")["onnx"]
     x = torch.randn(64, 17, 8)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact() as mode:
-        exact = sim(x)
+    _, mode, exact, out, _ = _exact_and_ort(_ClassToken(), cal, x, tmp_path / "t.onnx")
     assert not {"conv", "head"} & set(mode.float_computed)  # their inputs' grids found through the selections
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _SplitHeads(nn.Module):
@@ -320,15 +327,10 @@ class _SplitHeads(nn.Module):
 def test_products_of_split_projections_run_on_the_integers(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(4, 6, 8) for _ in range(2)]
-    sim = QuantSim(_SplitHeads().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "s.onnx", float64=True)["onnx"]
     x = torch.randn(32, 6, 8)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact(float64=True) as mode:
-        exact = sim(x)
+    _, mode, exact, out, _ = _exact_and_ort(_SplitHeads(), cal, x, tmp_path / "s.onnx", float64=True)
     assert not [n for n, kind in mode.float_computed.items() if kind == "matmul"], mode.float_computed
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _MixedConv(nn.Module):
@@ -349,15 +351,10 @@ class _MixedConv(nn.Module):
 def test_convs_reading_split_parts_requantize_as_the_export(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(4, 3, 12, 12) for _ in range(2)]
-    sim = QuantSim(_MixedConv().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
     x = torch.randn(64, 3, 12, 12)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact() as mode:
-        exact = sim(x)
+    _, mode, exact, out, _ = _exact_and_ort(_MixedConv(), cal, x, tmp_path / "m.onnx")
     assert not {"a", "b"} & set(mode.float_computed)  # their input's grid found through the split
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _PatchMean(nn.Module):
@@ -374,15 +371,10 @@ class _PatchMean(nn.Module):
 def test_a_mean_of_selected_tokens_averages_the_selection(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(8, 50, 16) for _ in range(2)]
-    sim = QuantSim(_PatchMean().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
     x = torch.randn(32, 50, 16)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact():
-        exact = sim(x)
+    _, _, exact, out, _ = _exact_and_ort(_PatchMean(), cal, x, tmp_path / "m.onnx")
     # the integer mean summed every token, the class token too, once its input grid was found through the selection
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 def test_split_parts_of_a_max_pool_run_on_the_integers(tmp_path):
@@ -392,18 +384,13 @@ def test_split_parts_of_a_max_pool_run_on_the_integers(tmp_path):
 
     torch.manual_seed(0)
     cal = [torch.randn(4, 3, 12, 12) for _ in range(2)]
-    sim = QuantSim(_MixedConv(pool=True).eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
+    x = torch.randn(64, 3, 12, 12)
+    sim, mode, exact, out, _ = _exact_and_ort(_MixedConv(pool=True), cal, x, tmp_path / "m.onnx")
     modules = dict(sim.model.named_modules())
     convs = [n for n in sim.model.graph.nodes if n.op == "call_module" and n.target in ("a", "b")]
     assert all(lowering.source_quantizer(c.args[0], modules) is not None for c in convs)
-    path = export_onnx(sim, tmp_path / "m.onnx")["onnx"]
-    x = torch.randn(64, 3, 12, 12)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact() as mode:
-        exact = sim(x)
     assert not {"a", "b"} & set(mode.float_computed)
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _GatedSplit(nn.Module):
@@ -422,15 +409,11 @@ class _GatedSplit(nn.Module):
 def test_a_table_reads_the_codes_of_its_part_of_a_split(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(4, 6, 8) for _ in range(2)]
-    sim = QuantSim(_GatedSplit().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "g.onnx", tables=True)["onnx"]
     x = torch.randn(16, 6, 8)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact(tables=True) as mode:
-        exact = sim(x)  # looked the whole projection up in the GELU's table (a shape error)
+    # the exact mode looked the whole projection up in the GELU's table (a shape error)
+    _, mode, exact, out, _ = _exact_and_ort(_GatedSplit(), cal, x, tmp_path / "g.onnx", tables=True)
     assert "act" not in mode.float_computed
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _Cropped(nn.Module):
@@ -447,16 +430,11 @@ class _Cropped(nn.Module):
 def test_crops_with_an_ellipsis_move_the_integers(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(8, 4, 12, 12) for _ in range(2)]
-    sim = QuantSim(_Cropped().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "c.onnx")["onnx"]
-    assert [n.op_type for n in onnx.load(path).graph.node].count("Slice") == 4  # on the stored integers
     x = torch.randn(64, 4, 12, 12)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact() as mode:
-        exact = sim(x)
+    _, mode, exact, out, path = _exact_and_ort(_Cropped(), cal, x, tmp_path / "c.onnx")
+    assert [n.op_type for n in onnx.load(path).graph.node].count("Slice") == 4  # on the stored integers
     assert "add" not in mode.float_computed  # ORT fuses QLinearAdd: the exact mode adds the integers as it does
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _PooledShortcut(nn.Module):
@@ -474,16 +452,11 @@ class _PooledShortcut(nn.Module):
 def test_adds_reading_a_max_pool_add_its_integers(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(8, 4, 12, 12) for _ in range(2)]
-    sim = QuantSim(_PooledShortcut().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "p.onnx")["onnx"]
     x = torch.randn(64, 4, 12, 12)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact() as mode:
-        exact = sim(x)
+    _, mode, exact, out, _ = _exact_and_ort(_PooledShortcut(), cal, x, tmp_path / "p.onnx")
     # ORT moves the DequantizeLinear past the float MaxPool and the Reshape and fuses QLinearAdd
     assert "add" not in mode.float_computed
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _CropToInput(nn.Module):
@@ -501,15 +474,10 @@ class _CropToInput(nn.Module):
 def test_crops_to_sizes_read_from_shapes_move_the_integers(tmp_path):
     torch.manual_seed(0)
     cal = [torch.randn(8, 4, 12, 12) for _ in range(2)]
-    sim = QuantSim(_CropToInput().eval(), cal[0], "w8a8")
-    sim.calibrate(cal, progress=False)
-    path = export_onnx(sim, tmp_path / "c.onnx")["onnx"]
     x = torch.randn(64, 4, 12, 12)
-    out = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad(), sim.integer_exact() as mode:
-        exact = sim(x)
+    _, mode, exact, out, _ = _exact_and_ort(_CropToInput(), cal, x, tmp_path / "c.onnx")
     assert "add" not in mode.float_computed  # the crop's sizes read from the input's codes as the forward runs
-    assert torch.equal(exact, torch.from_numpy(out))
+    assert torch.equal(exact, out)
 
 
 class _SamePool(nn.MaxPool2d):

@@ -11,6 +11,7 @@ import operator
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from ..core import float64, lut
@@ -203,12 +204,24 @@ def moves_integers(n: fx.Node, modules) -> bool:
     return ops.node_op(n, modules) is ops.MOVE and not patterns.is_pool(n, modules)
 
 
+MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
+
+
+def plain_max_pool(n: fx.Node, modules) -> bool:
+    """A max-pool the export writes as ONNX ``MaxPool`` (no indices returned; not timm's ``MaxPool2dSame``, whose own
+    forward pads with -inf first: ORT's QDQ propagation stops at that ``Pad``)."""
+    m = patterns.module_of(n, modules)
+    if isinstance(m, MAX_POOL_MODULES):
+        return not m.return_indices and not own_forward(m)
+    return n.op == "call_function" and n.target in MAX_POOL_FUNCTIONS and not n.kwargs.get("return_indices", False)
+
+
 def _split_max_pool(n: fx.Node, modules) -> bool:
     """A max-pool module whose output a split reads (SKNet's ``maxpool -> split -> convs``): ONNX Runtime moves a
     DequantizeLinear past a float ``MaxPool`` but not past ``Split``, so the export pools the integers there."""
     m = patterns.module_of(n, modules)
-    return (isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and not own_forward(m) and not m.return_indices
-            and m.dilation in (1, (1,), (1, 1), (1, 1, 1)) and bool(n.users)
+    return (isinstance(m, MAX_POOL_MODULES) and plain_max_pool(n, modules) and m.dilation in (1, (1,), (1, 1), (1, 1, 1))
             and any(u.target in ops.SPLITS for u in n.users))
 
 

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..nn.modules import own_forward
 from ..nn.padded import PaddedConv2d
-from .patterns import computes_the_same, first_calls, layer_calls, set_submodule
+from .patterns import computes_the_same, layer_calls, set_submodule
 
 _CONVS = {"conv2d"}
 _PADS = {"pad", "_pad", "constant_pad_nd"}
@@ -72,17 +72,12 @@ def _effective(m: nn.Module, x: torch.Tensor):
 def plain_convs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
     """Rewrite ``model``'s own-forward 2-D convs in place as plain ones (see the module docstring); returns
     ``{layer: what it became}``."""
-    todo = {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Conv2d) and type(m) not in (nn.Conv2d, PaddedConv2d) and own_forward(m)}
-    if not todo:
-        return {}
-    calls = first_calls(model, todo, args, kwargs)
-    if calls is None:
-        return {}
-    inputs = {name: a[0].detach() for name, (a, _) in calls.items() if a and isinstance(a[0], torch.Tensor)}
+    def own_conv(m):
+        return isinstance(m, nn.Conv2d) and type(m) not in (nn.Conv2d, PaddedConv2d) and own_forward(m)
+
     done = {}
-    for name, m in todo.items():
-        x = inputs.get(name)
+    for name, m, a, _ in layer_calls(model, own_conv, args, kwargs):
+        x = a[0].detach() if a and isinstance(a[0], torch.Tensor) else None
         if x is None or m.padding_mode != "zeros":
             continue
         flags = [(mod, mod.training) for mod in m.modules()]

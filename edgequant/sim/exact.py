@@ -40,7 +40,6 @@ import warnings
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..core import lut
@@ -73,7 +72,7 @@ def _moved_source(n, modules):
         if ops.is_identity(n, modules) or lowering.empty_pad(n):
             n = n.args[0]
             continue
-        if _max_pool(n, modules):  # exported in float, but ORT moves the DequantizeLinear past it (QDQ propagation)
+        if lowering.plain_max_pool(n, modules):  # exported in float, but ORT moves the DequantizeLinear past it (QDQ propagation)
             moves.append(n)
             n = n.args[0]
             continue
@@ -120,32 +119,19 @@ def _read_shape(v, modules, tape):
     return shape if v.target is getattr or len(v.args) == 1 else shape[v.args[1]]
 
 
-_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_MAX_POOL_FUNCTIONS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
-
-
-def _max_pool(n, modules) -> bool:
-    """A max-pool the export writes as ONNX ``MaxPool`` (no indices returned; not timm's ``MaxPool2dSame``, whose own
-    forward pads with -inf first: ORT's QDQ propagation stops at that ``Pad``)."""
-    m = patterns.module_of(n, modules)
-    if isinstance(m, _MAX_POOL_MODULES):
-        return not m.return_indices and not own_forward(m)
-    return n.op == "call_function" and n.target in _MAX_POOL_FUNCTIONS and not n.kwargs.get("return_indices", False)
-
-
-def _replay(t: torch.Tensor, moves: list, modules=None, tape=None) -> torch.Tensor:
+def _replay(t: torch.Tensor, moves: list, modules, tape) -> torch.Tensor:
     """Apply the recorded moves (:func:`_moved_source`) to integer tensor ``t``, centred on its zero point (a zero pad
     then adds the real value 0; a max-pool pads with -inf and takes maxima of integers, exact in float64; a selection's
     sizes read from shapes are read from ``tape``)."""
     for n in moves:
-        if n.target is operator.getitem and tape is not None:
+        if n.target is operator.getitem:
             t = t[fx.node.map_arg(n.args[1], lambda v: _read_shape(v, modules, tape))]
             continue
         shape = _reshaped_to(n)
-        m = patterns.module_of(n, modules) if n.op == "call_module" and modules is not None else None
+        m = patterns.module_of(n, modules) if n.op == "call_module" else None
         if m is not None:
             t = m(t.double()).round().long()
-        elif n.op == "call_function" and n.target in _MAX_POOL_FUNCTIONS:
+        elif n.op == "call_function" and n.target in lowering.MAX_POOL_FUNCTIONS:
             t = n.target(t.double(), *n.args[1:], **n.kwargs).round().long()
         elif shape is not None:
             t = t.reshape(shape)
@@ -242,7 +228,7 @@ class IntegerExactMode:
             if moved is q_in:
                 z = q_in.scalar_grid()[1]
                 return lambda qq, x: self._out(qq, lut.lookup(
-                    t, _replay(self.tape[id(q_in)] - z, moves, self.modules, self.tape) + z, src).reshape(x.shape))
+                    t, self._centred(q_in, moves) + z, src).reshape(x.shape))
         # ONNX Runtime fuses DQ -> Mul -> Q into QLinearMul when all three are stored as uint8 (8 bits and fewer,
         # as exported) and no Clip stands before the Q (an output grid narrower than 8 bits has one)
         op = rq.add if patterns.is_add(base) and len(base.args) >= 2 else \
@@ -312,8 +298,7 @@ class IntegerExactMode:
         ``b``, moved as the graph moves them on the way."""
         (qa, ca), (qb, cb) = a, b
         (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
-        a = _replay(self.tape[id(qa)] - z_a, ca, self.modules, self.tape) + z_a
-        b = _replay(self.tape[id(qb)] - z_b, cb, self.modules, self.tape) + z_b
+        a, b = self._centred(qa, ca) + z_a, self._centred(qb, cb) + z_b
         ch = x.shape[1] if x.ndim > 1 else 1
         lo, hi = lowering.act_bounds(act, self.modules, s_y, z_y, q.qmin, q.qmax, ch, max(x.ndim, 2))
         offsets = tuple(storage_offset(t.spec.bits, t.spec.signed) for t in (qa, qb, q))
@@ -322,18 +307,22 @@ class IntegerExactMode:
     def _matmul(self, q: Quantizer, a, b, x) -> torch.Tensor:
         """ONNX Runtime's ``QLinearMatMul``: the exact int32 product of the centred integers, requantized."""
         (qa, ca), (qb, cb) = a, b
-        (s_a, z_a), (s_b, z_b), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
-        ia = _replay(self.tape[id(qa)] - z_a, ca, self.modules, self.tape)
-        ib = _replay(self.tape[id(qb)] - z_b, cb, self.modules, self.tape)
+        (s_a, _), (s_b, _), (s_y, z_y) = qa.scalar_grid(), qb.scalar_grid(), q.scalar_grid()
+        ia, ib = self._centred(qa, ca), self._centred(qb, cb)
         acc = torch.matmul(ia.double(), ib.double()).round().long()  # integers below 2**53: exact
         acc = rq.wrap_int32(acc)
         y = rq.requantize(acc, s_a, torch.tensor([s_b], dtype=torch.float64), s_y, z_y, q.qmin, q.qmax, self.mode)
         return self._out(q, y.reshape(x.shape))
 
+    def _centred(self, q: Quantizer, moves: list) -> torch.Tensor:
+        """The integers ``q`` recorded in this forward less its zero point, moved as the graph moves them
+        (:func:`_replay`)."""
+        return _replay(self.tape[id(q)] - q.scalar_grid()[1], moves, self.modules, self.tape)
+
     def _mean(self, q: Quantizer, source, node, x) -> torch.Tensor:
         qx, moves = source
         s_x, z_x = qx.scalar_grid()
-        v = _replay(self.tape[id(qx)] - z_x, moves, self.modules, self.tape)
+        v = self._centred(qx, moves)
         dims, keep = patterns.pool_dims(node, self.modules, v.ndim)
         count = 1
         for d in dims:
